@@ -1,0 +1,145 @@
+/*
+ * CRC32C (Castagnoli, reflected polynomial 0x82F63B78). Hardware path: SSE4.2 crc32 on x86-64, the CRC extension on
+ * AArch64, chosen once at first use. Fallback: slicing-by-8 tables built at first use.
+ */
+#include "vd_crc32c.h"
+
+#include <string.h>
+
+#define VD_CRC32C_POLY 0x82F63B78u
+
+static uint32_t vd_table[8][256];
+static int vd_table_ready = 0;
+
+static void vd_build_tables(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) {
+            c = (c & 1u) ? (c >> 1) ^ VD_CRC32C_POLY : (c >> 1);
+        }
+        vd_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++) {
+        for (int t = 1; t < 8; t++) {
+            vd_table[t][i] = (vd_table[t - 1][i] >> 8) ^ vd_table[0][vd_table[t - 1][i] & 0xFFu];
+        }
+    }
+    __atomic_store_n(&vd_table_ready, 1, __ATOMIC_RELEASE);
+}
+
+static uint32_t vd_crc32c_software(uint32_t crc, const unsigned char *p, size_t n) {
+    if (!__atomic_load_n(&vd_table_ready, __ATOMIC_ACQUIRE)) {
+        vd_build_tables();
+    }
+    while (n > 0 && ((uintptr_t)p & 7u) != 0) {
+        crc = (crc >> 8) ^ vd_table[0][(crc ^ *p++) & 0xFFu];
+        n--;
+    }
+    while (n >= 8) {
+        uint64_t word;
+        memcpy(&word, p, 8);
+        uint32_t lo = (uint32_t)word ^ crc;
+        uint32_t hi = (uint32_t)(word >> 32);
+        crc = vd_table[7][lo & 0xFFu] ^ vd_table[6][(lo >> 8) & 0xFFu] ^ vd_table[5][(lo >> 16) & 0xFFu] ^
+              vd_table[4][lo >> 24] ^ vd_table[3][hi & 0xFFu] ^ vd_table[2][(hi >> 8) & 0xFFu] ^
+              vd_table[1][(hi >> 16) & 0xFFu] ^ vd_table[0][hi >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n-- > 0) {
+        crc = (crc >> 8) ^ vd_table[0][(crc ^ *p++) & 0xFFu];
+    }
+    return crc;
+}
+
+#if defined(__x86_64__)
+#include <nmmintrin.h>
+
+__attribute__((target("sse4.2"))) static uint32_t vd_crc32c_hardware(uint32_t crc, const unsigned char *p, size_t n) {
+    uint64_t c = crc;
+    while (n > 0 && ((uintptr_t)p & 7u) != 0) {
+        c = _mm_crc32_u8((uint32_t)c, *p++);
+        n--;
+    }
+    while (n >= 32) {
+        uint64_t w0, w1, w2, w3;
+        memcpy(&w0, p, 8);
+        memcpy(&w1, p + 8, 8);
+        memcpy(&w2, p + 16, 8);
+        memcpy(&w3, p + 24, 8);
+        c = _mm_crc32_u64(c, w0);
+        c = _mm_crc32_u64(c, w1);
+        c = _mm_crc32_u64(c, w2);
+        c = _mm_crc32_u64(c, w3);
+        p += 32;
+        n -= 32;
+    }
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        c = _mm_crc32_u64(c, w);
+        p += 8;
+        n -= 8;
+    }
+    while (n-- > 0) {
+        c = _mm_crc32_u8((uint32_t)c, *p++);
+    }
+    return (uint32_t)c;
+}
+
+static int vd_detect_hardware(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("sse4.2") ? 1 : 0;
+}
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_CRC32)
+#include <arm_acle.h>
+
+static uint32_t vd_crc32c_hardware(uint32_t crc, const unsigned char *p, size_t n) {
+    while (n > 0 && ((uintptr_t)p & 7u) != 0) {
+        crc = __crc32cb(crc, *p++);
+        n--;
+    }
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        crc = __crc32cd(crc, w);
+        p += 8;
+        n -= 8;
+    }
+    while (n-- > 0) {
+        crc = __crc32cb(crc, *p++);
+    }
+    return crc;
+}
+
+static int vd_detect_hardware(void) { return 1; }
+#else
+static uint32_t vd_crc32c_hardware(uint32_t crc, const unsigned char *p, size_t n) {
+    return vd_crc32c_software(crc, p, n);
+}
+
+static int vd_detect_hardware(void) { return 0; }
+#endif
+
+/* -1 unknown, 0 software, 1 hardware */
+static int vd_mode = -1;
+
+int vd_crc32c_is_hardware_accelerated(void) {
+    int mode = __atomic_load_n(&vd_mode, __ATOMIC_ACQUIRE);
+    if (mode < 0) {
+        mode = vd_detect_hardware();
+        __atomic_store_n(&vd_mode, mode, __ATOMIC_RELEASE);
+    }
+    return mode;
+}
+
+uint32_t vd_crc32c_update(uint32_t crc, const void *data, size_t length) {
+    const unsigned char *p = (const unsigned char *)data;
+    uint32_t c = ~crc;
+    if (vd_crc32c_is_hardware_accelerated()) {
+        c = vd_crc32c_hardware(c, p, length);
+    } else {
+        c = vd_crc32c_software(c, p, length);
+    }
+    return ~c;
+}

@@ -1,0 +1,1 @@
+#include <libs3.h>

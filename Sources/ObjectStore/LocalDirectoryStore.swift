@@ -1,0 +1,174 @@
+// The embedded default backend: objects are files under a directory (`name` a/b/c is ROOT/a/b/c). A PUT writes a
+// temporary file, fsyncs it, renames it into place and fsyncs the directory, so an object is either absent or whole
+// and durable, also across power loss. Blocking file I/O runs on the store's own thread pool, never on an event loop.
+
+import FlashIO
+public import NIOCore
+import NIOPosix
+public import VolumeCore
+
+public final class LocalDirectoryStore: ObjectStore {
+    public let root: String
+    private let pool: NIOThreadPool
+
+    /// Opens (and creates if needed) a store rooted at `root`. `threads` bounds concurrent file operations.
+    public init(root: String, threads: Int = 4) throws(VDError) {
+        var root = root
+        while root.count > 1 && root.hasSuffix("/") { root.removeLast() }
+        self.root = root
+        try Syscall.makeDirectories(root)
+        pool = NIOThreadPool(numberOfThreads: threads)
+        pool.start()
+    }
+
+    deinit {
+        pool.shutdownGracefully { _ in }
+    }
+
+    public var description: String { "local directory \(root)" }
+
+    private func path(_ name: String) throws(VDError) -> String {
+        try ObjectName.validate(name)
+        return root + "/" + name
+    }
+
+    private func run<T: Sendable>(_ body: @escaping @Sendable () throws(VDError) -> T) async throws(VDError) -> T {
+        let result: Result<T, VDError>
+        do {
+            result = try await pool.runIfActive { () -> Result<T, VDError> in
+                do throws(VDError) { return .success(try body()) } catch { return .failure(error) }
+            }
+        } catch {
+            throw VDError(.shutdown, "the local directory store at \(root) is shut down")
+        }
+        return try result.get()
+    }
+
+    public func put(_ name: String, data: ByteBuffer) async throws(VDError) {
+        let target = try path(name)
+        let directory = String(target[..<target.lastIndex(of: "/")!])
+        try await run { () throws(VDError) in
+            try Syscall.makeDirectories(directory)
+            let temporary = directory + "/.tmp-" + String(UInt64.random(in: 0...UInt64.max), radix: 16)
+            do throws(VDError) {
+                let file = try FlashFile(path: temporary, options: [.create, .exclusive])
+                defer { file.close() }
+                try data.withUnsafeReadableBytes { (bytes) throws(VDError) in try file.write(bytes, at: 0) }
+                try file.sync()
+                try Syscall.rename(temporary, target)
+            } catch {
+                try? Syscall.unlinkIfPresent(temporary)
+                throw error
+            }
+            try Syscall.syncDirectory(directory)
+        }
+    }
+
+    public func get(_ name: String) async throws(VDError) -> ByteBuffer {
+        let target = try path(name)
+        return try await run { () throws(VDError) -> ByteBuffer in
+            let file: FlashFile
+            do throws(VDError) {
+                file = try FlashFile(path: target, options: .readOnly)
+            } catch where error.code == .notFound {
+                throw .notFound("object \(name) does not exist in \(self.description)")
+            }
+            defer { file.close() }
+            let size = try file.size()
+            return try Self.read(file, range: 0..<size)
+        }
+    }
+
+    public func get(_ name: String, range: Range<UInt64>) async throws(VDError) -> ByteBuffer {
+        let target = try path(name)
+        return try await run { () throws(VDError) -> ByteBuffer in
+            let file: FlashFile
+            do throws(VDError) {
+                file = try FlashFile(path: target, options: .readOnly)
+            } catch where error.code == .notFound {
+                throw .notFound("object \(name) does not exist in \(self.description)")
+            }
+            defer { file.close() }
+            try ObjectName.checkRange(range, size: try file.size(), name: name)
+            return try Self.read(file, range: range)
+        }
+    }
+
+    private static func read(_ file: FlashFile, range: Range<UInt64>) throws(VDError) -> ByteBuffer {
+        var buffer = ByteBufferAllocator().buffer(capacity: range.count)
+        let n = try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: range.count) {
+            (raw) throws(VDError) -> Int in
+            try file.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<range.count]), at: range.lowerBound)
+        }
+        guard n == range.count else {
+            throw VDError(.corrupt, "\(file.path) is shorter than expected (\(n) of \(range.count) bytes)")
+        }
+        return buffer
+    }
+
+    public func head(_ name: String) async throws(VDError) -> ObjectInfo? {
+        let target = try path(name)
+        return try await run { () throws(VDError) -> ObjectInfo? in
+            let file: FlashFile
+            do throws(VDError) {
+                file = try FlashFile(path: target, options: .readOnly)
+            } catch where error.code == .notFound {
+                return nil
+            }
+            defer { file.close() }
+            return ObjectInfo(name: name, sizeBytes: try file.size())
+        }
+    }
+
+    public func list(prefix: String) async throws(VDError) -> [ObjectInfo] {
+        let root = self.root
+        return try await run { () throws(VDError) -> [ObjectInfo] in
+            // Walk only the directory that can hold the prefix.
+            let directoryPart = prefix.lastIndex(of: "/").map { String(prefix[..<$0]) } ?? ""
+            var results: [ObjectInfo] = []
+            try Self.walk(root: root, relative: directoryPart, prefix: prefix, into: &results)
+            return results.sorted { $0.name < $1.name }
+        }
+    }
+
+    private static func walk(root: String, relative: String, prefix: String, into results: inout [ObjectInfo])
+        throws(VDError)
+    {
+        let directory = relative.isEmpty ? root : root + "/" + relative
+        for entry in try Syscall.listDirectory(directory) where !entry.hasPrefix(".tmp-") {
+            let name = relative.isEmpty ? entry : relative + "/" + entry
+            let full = root + "/" + name
+            if Syscall.isDirectory(full) {
+                if name.hasPrefix(prefix) || prefix.hasPrefix(name + "/") {
+                    try walk(root: root, relative: name, prefix: prefix, into: &results)
+                }
+            } else if name.hasPrefix(prefix) {
+                let file = try FlashFile(path: full, options: .readOnly)
+                defer { file.close() }
+                results.append(ObjectInfo(name: name, sizeBytes: try file.size()))
+            }
+        }
+    }
+
+    public func delete(_ name: String) async throws(VDError) {
+        let target = try path(name)
+        try await run { () throws(VDError) in try Syscall.unlinkIfPresent(target) }
+    }
+
+    public func verifyAccess() async throws(VDError) {
+        let root = self.root
+        try await run { () throws(VDError) in
+            guard Syscall.isDirectory(root) else {
+                throw VDError(.configuration, "the backend directory \(root) does not exist or is not a directory")
+            }
+            let probe = root + "/.tmp-probe-" + String(UInt64.random(in: 0...UInt64.max), radix: 16)
+            do throws(VDError) {
+                let file = try FlashFile(path: probe, options: [.create, .exclusive])
+                file.close()
+                try Syscall.unlinkIfPresent(probe)
+            } catch {
+                throw VDError(error.code, "the backend directory \(root) is not writable: \(error.message)")
+            }
+        }
+    }
+}

@@ -1,0 +1,72 @@
+// The backend contract. Every store (a local directory, S3 through libs3, the in-memory twin) passes the same
+// contract suite. Object names are written once and never overwritten by VolumeDriver, which makes retries of a PUT
+// with an unknown outcome, caches and eventual consistency safe.
+
+public import NIOCore
+public import VolumeCore
+
+/// One object in a listing.
+public struct ObjectInfo: Sendable, Hashable {
+    public var name: String
+    public var sizeBytes: UInt64
+    public init(name: String, sizeBytes: UInt64) {
+        self.name = name
+        self.sizeBytes = sizeBytes
+    }
+}
+
+/// An object store. Names are `/`-separated paths of letters, digits and `._-` (see `ObjectName.validate`).
+///
+/// Errors: a missing object is `.notFound`; a range past the end of an object is `.outOfRange`; rejected credentials
+/// are `.authentication`; a backend that keeps failing past the store's deadline is `.backend` or `.timeout`, with a
+/// message naming the object.
+public protocol ObjectStore: Sendable {
+    /// For logs and messages: what and where the store is (never credentials).
+    var description: String { get }
+    /// Stores `data` under `name`. When this returns, the object is durable in the store.
+    func put(_ name: String, data: ByteBuffer) async throws(VDError)
+    /// The whole object.
+    func get(_ name: String) async throws(VDError) -> ByteBuffer
+    /// Bytes `range` of the object; exactly `range.count` bytes or an error.
+    func get(_ name: String, range: Range<UInt64>) async throws(VDError) -> ByteBuffer
+    /// Size of the object, or nil when it does not exist.
+    func head(_ name: String) async throws(VDError) -> ObjectInfo?
+    /// Every object whose name starts with `prefix`, sorted by name.
+    func list(prefix: String) async throws(VDError) -> [ObjectInfo]
+    /// Removes the object. Removing a missing object succeeds.
+    func delete(_ name: String) async throws(VDError)
+    /// Checks the store is reachable and usable (bucket exists, credentials accepted); the error says what to fix.
+    func verifyAccess() async throws(VDError)
+}
+
+public enum ObjectName {
+    public static let lengthMax = 512
+
+    /// Throws `.invalidArgument` unless `name` is a relative path of safe components.
+    public static func validate(_ name: String) throws(VDError) {
+        guard !name.isEmpty, name.utf8.count <= lengthMax else {
+            throw .invalidArgument("object name '\(name)' is empty or longer than \(lengthMax) bytes")
+        }
+        for component in name.split(separator: "/", omittingEmptySubsequences: false) {
+            guard !component.isEmpty, component != ".", component != ".." else {
+                throw .invalidArgument("object name '\(name)' has an empty, '.' or '..' component")
+            }
+            for byte in component.utf8 {
+                let ok =
+                    (byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "z"))
+                    || (byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z"))
+                    || (byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9"))
+                    || byte == UInt8(ascii: "-") || byte == UInt8(ascii: "_") || byte == UInt8(ascii: ".")
+                    || byte == UInt8(ascii: "@")
+                guard ok else { throw .invalidArgument("object name '\(name)' has a character other than [A-Za-z0-9._@-/]") }
+            }
+        }
+    }
+
+    /// Checks a range request against an object size.
+    public static func checkRange(_ range: Range<UInt64>, size: UInt64, name: String) throws(VDError) {
+        guard range.upperBound <= size else {
+            throw .outOfRange("range \(range.lowerBound)..<\(range.upperBound) is past the end of \(name) (\(size) bytes)")
+        }
+    }
+}

@@ -1,0 +1,84 @@
+// The contract between a protocol front end (the NBD server) and whatever stores the bytes (a volume, a snapshot,
+// an in-memory twin). Front ends check nothing about storage; devices check every request against their own size.
+
+public import NIOCore
+
+/// What a device tells its clients at connect time.
+public struct BlockDeviceInfo: Sendable, Hashable {
+    /// Size of the device in bytes (a multiple of 512).
+    public var sizeBytes: UInt64
+    /// Smallest request granularity the device handles without read-modify-write cost being the client's problem.
+    public var minimumBlockSizeBytes: UInt32
+    /// The device's natural block (the cluster size): requests aligned to it are fastest.
+    public var preferredBlockSizeBytes: UInt32
+    /// Largest payload of a single read or write request.
+    public var maximumPayloadBytes: UInt32
+    public var isReadOnly: Bool
+    /// TRIM frees space (unmapped ranges read as zeroes).
+    public var supportsTrim: Bool
+    /// WRITE_ZEROES is cheap (unmaps whole clusters).
+    public var supportsWriteZeroes: Bool
+    /// FLUSH makes every completed write durable, whichever connection it came from (multi-conn safe).
+    public var flushCoversAllConnections: Bool
+
+    public init(
+        sizeBytes: UInt64, minimumBlockSizeBytes: UInt32 = 512, preferredBlockSizeBytes: UInt32,
+        maximumPayloadBytes: UInt32 = Limits.requestBytesMax, isReadOnly: Bool = false, supportsTrim: Bool = true,
+        supportsWriteZeroes: Bool = true, flushCoversAllConnections: Bool = true
+    ) {
+        self.sizeBytes = sizeBytes
+        self.minimumBlockSizeBytes = minimumBlockSizeBytes
+        self.preferredBlockSizeBytes = preferredBlockSizeBytes
+        self.maximumPayloadBytes = maximumPayloadBytes
+        self.isReadOnly = isReadOnly
+        self.supportsTrim = supportsTrim
+        self.supportsWriteZeroes = supportsWriteZeroes
+        self.flushCoversAllConnections = flushCoversAllConnections
+    }
+}
+
+/// A run of bytes with the same allocation state, as reported by `BlockDevice.allocation`.
+public struct BlockExtent: Sendable, Hashable {
+    public var lengthBytes: UInt64
+    /// Not backed by stored data (reads as zeroes; writing will allocate).
+    public var isHole: Bool
+    /// Known to read as zeroes.
+    public var isZero: Bool
+    public init(lengthBytes: UInt64, isHole: Bool, isZero: Bool) {
+        self.lengthBytes = lengthBytes
+        self.isHole = isHole
+        self.isZero = isZero
+    }
+}
+
+/// A virtual disk. All methods may be called concurrently from many connections. Offsets and lengths are bytes and
+/// need not be aligned; a request reaching past `info.sizeBytes` fails with `.outOfRange` and changes nothing.
+///
+/// Durability contract: when `write`, `trim` or `writeZeroes` returns, the change survives a crash of the process;
+/// when `flush` returns (or a request with `fua: true` returns), every change that had returned before it survives
+/// power loss too.
+public protocol BlockDevice: AnyObject, Sendable {
+    var info: BlockDeviceInfo { get }
+    /// Reads `length` bytes. Unwritten ranges read as zeroes. Never returns data whose checksum did not verify.
+    func read(offset: UInt64, length: UInt32) async throws(VDError) -> ByteBuffer
+    func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws(VDError)
+    func flush() async throws(VDError)
+    /// Discards the range: whole clusters inside it read as zeroes afterwards and stop taking space.
+    func trim(offset: UInt64, length: UInt32, fua: Bool) async throws(VDError)
+    /// Makes the range read as zeroes. With `mayUnmap`, whole clusters are unmapped rather than written.
+    func writeZeroes(offset: UInt64, length: UInt32, fua: Bool, mayUnmap: Bool) async throws(VDError)
+    /// Allocation state of `[offset, offset+length)`, from metadata only (no data reads). The extents cover the range
+    /// from `offset` without gaps and may stop early (at least one extent is returned).
+    func allocation(offset: UInt64, length: UInt32) async throws(VDError) -> [BlockExtent]
+}
+
+extension BlockDevice {
+    /// Checks a request's range against the device size: `.outOfRange` if it reaches past the end.
+    @inlinable
+    public func checkRange(offset: UInt64, length: UInt64) throws(VDError) {
+        let size = info.sizeBytes
+        guard offset <= size, length <= size - offset else {
+            throw .outOfRange("request [\(offset), +\(length)) reaches past the end of the device (\(size) bytes)")
+        }
+    }
+}
