@@ -151,6 +151,17 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "VolumeRouterTests",
+            dependencies: [
+                "VolumeRouter", "VolumeCore", "VolumeTesting", "ObjectStore", "SCOCache", "FlashIO", "TransactionLog",
+                "BlockMap", "RocksKV",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "ObjectStoreTests",
             dependencies: [
                 "ObjectStore", "VolumeCore", "VolumeTesting",

@@ -1,0 +1,52 @@
+// Local TLog files: written whole (temporary file, fsync, rename, directory fsync) so a TLog file is either absent
+// or complete, and verified in full whenever read.
+
+import FlashIO
+package import NIOCore
+package import VolumeCore
+
+package enum TLogFiles {
+    package static func fileName(_ number: SCONumber) -> String { number.hex + ".tlog" }
+
+    /// Writes `tlog` durably as DIRECTORY/<number>.tlog.
+    package static func write(_ tlog: TLog, directory: String) throws(VDError) {
+        let target = directory + "/" + fileName(tlog.number)
+        let temporary = target + ".tmp"
+        let bytes = tlog.encode()
+        try Syscall.unlinkIfPresent(temporary)
+        let file = try FlashFile(path: temporary, options: [.create, .truncate])
+        do throws(VDError) {
+            try bytes.withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: 0) }
+            try file.sync()
+            file.close()
+            try Syscall.rename(temporary, target)
+            try Syscall.syncDirectory(directory)
+        } catch {
+            file.close()
+            try? Syscall.unlinkIfPresent(temporary)
+            throw error
+        }
+    }
+
+    /// Reads and verifies DIRECTORY/<number>.tlog; nil if absent.
+    package static func read(_ number: SCONumber, directory: String) throws(VDError) -> TLog? {
+        let path = directory + "/" + fileName(number)
+        let file: FlashFile
+        do throws(VDError) {
+            file = try FlashFile(path: path, options: .readOnly)
+        } catch where error.code == .notFound {
+            return nil
+        }
+        defer { file.close() }
+        let bytes = try file.readExactly(Int(try file.size()), at: 0)
+        return try TLog.decode(ByteBuffer(bytes: bytes), what: path)
+    }
+
+    /// The bytes of a local TLog file (for upload).
+    package static func readBytes(_ number: SCONumber, directory: String) throws(VDError) -> ByteBuffer {
+        let path = directory + "/" + fileName(number)
+        let file = try FlashFile(path: path, options: .readOnly)
+        defer { file.close() }
+        return ByteBuffer(bytes: try file.readExactly(Int(try file.size()), at: 0))
+    }
+}

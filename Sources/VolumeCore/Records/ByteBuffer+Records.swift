@@ -1,0 +1,79 @@
+// Little helpers shared by the record codecs: fixed-width little-endian fields at absolute offsets and a CRC over a
+// byte range of a buffer.
+
+public import NIOCore
+
+extension ByteBuffer {
+    @inlinable
+    mutating func setLE<T: FixedWidthInteger>(_ value: T, at index: Int) {
+        setInteger(value, at: readerIndex + index, endianness: .little)
+    }
+
+    @inlinable
+    func getLE<T: FixedWidthInteger>(_ type: T.Type, at index: Int) -> T {
+        getInteger(at: readerIndex + index, endianness: .little, as: T.self)!
+    }
+
+    /// CRC32C of readable bytes `[start, end)` (relative to the reader index).
+    @inlinable
+    func crc32c(_ start: Int, _ end: Int) -> UInt32 {
+        withUnsafeReadableBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[start..<end])) }
+    }
+
+    /// Eight ASCII bytes at relative `index` equal `magic`.
+    @inlinable
+    func hasMagic(_ magic: [UInt8], at index: Int = 0) -> Bool {
+        guard readableBytes >= index + magic.count else { return false }
+        return withUnsafeReadableBytes { raw in
+            for i in 0..<magic.count where raw[index + i] != magic[i] { return false }
+            return true
+        }
+    }
+}
+
+/// A 128-bit volume identity (a random UUID), stored in every record so that data of one volume can never be
+/// mistaken for another's (for example in a recycled cache file).
+public struct VolumeID: Hashable, Sendable, Codable, CustomStringConvertible {
+    public var high: UInt64
+    public var low: UInt64
+    public init(high: UInt64, low: UInt64) {
+        self.high = high
+        self.low = low
+    }
+    public static func random() -> VolumeID {
+        var generator = SystemRandomNumberGenerator()
+        // RFC 4122 version 4 bits, so the text form is a valid UUID.
+        let high = (generator.next() & ~0xF000) | 0x4000
+        let low = (generator.next() & ~(UInt64(0xC) << 60)) | (UInt64(0x8) << 60)
+        return VolumeID(high: high, low: low)
+    }
+    public var description: String {
+        func hex(_ v: UInt64, _ digits: Int) -> String {
+            let s = String(v, radix: 16)
+            return String(repeating: "0", count: digits - s.count) + s
+        }
+        let h = hex(high, 16)
+        let l = hex(low, 16)
+        let hs = Array(h)
+        let ls = Array(l)
+        return String(hs[0..<8]) + "-" + String(hs[8..<12]) + "-" + String(hs[12..<16]) + "-" + String(ls[0..<4]) + "-"
+            + String(ls[4..<16])
+    }
+    public init?(string: String) {
+        let hex = string.filter { $0 != "-" }
+        guard hex.count == 32, let h = UInt64(hex.prefix(16), radix: 16), let l = UInt64(hex.suffix(16), radix: 16)
+        else { return nil }
+        self.init(high: h, low: l)
+    }
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        guard let id = VolumeID(string: text) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "bad volume id"))
+        }
+        self = id
+    }
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.singleValueContainer()
+        try c.encode(description)
+    }
+}

@@ -1,0 +1,66 @@
+// Closing a volume: stop taking writes, make everything replied durable, optionally seal the open journal and wait
+// until the backend holds everything (a drain, so the volume can move to another node), then stop the background
+// work and close the map.
+
+import BlockMap
+import Logging
+import SCOCache
+import Synchronization
+import VolumeCore
+
+/// How a close ended.
+package struct CloseResult: Sendable {
+    /// Every write is on the backend (only meaningful for a drain).
+    package var drained: Bool
+    /// What was still not on the backend when a drain timed out.
+    package var unstoredBytes: UInt64
+    package var pendingSCOs: Int
+}
+
+extension Volume {
+    /// Closes the volume. With `drainTimeoutSeconds`, seals the open journal and waits up to that long for the
+    /// backend to hold everything.
+    package func close(drainTimeoutSeconds: Double? = nil) async -> CloseResult {
+        // 1. New writes fail; wait for the journal leader to finish what it took.
+        writer.withLock { state in
+            if state.failure == nil { state.failure = VDError(.shutdown, "volume \(config.name) is closing") }
+        }
+        while writer.withLock({ $0.leaderActive || !$0.queue.isEmpty }) {
+            try? await Task.sleep(for: .milliseconds(1))
+        }
+        // 2. Everything replied becomes durable.
+        do throws(VDError) {
+            try await syncThrough(writer.withLock { $0.writtenGeneration })
+        } catch {
+            logger.error("final sync of volume \(config.name) failed: \(error)")
+        }
+        var drained = false
+        if let timeout = drainTimeoutSeconds {
+            // 3. Seal the open journal (no leader can exist now) and wait for the uploads.
+            do throws(VDError) { try roll() } catch { logger.error("cannot seal the open SCO of \(config.name): \(error)") }
+            let deadline = ContinuousClock.now + .milliseconds(Int64(timeout * 1000))
+            let lastSealed = SCONumber(journal.sco.rawValue - 1)
+            while ContinuousClock.now < deadline {
+                if uploads.withLock({ $0.storedThrough >= lastSealed }) {
+                    drained = true
+                    break
+                }
+                try? await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        // 4. Stop background work and wait for it.
+        stopUploader()
+        let tasks = background.withLock { tasks -> [Task<Void, Never>] in
+            defer { tasks = [] }
+            return tasks
+        }
+        for task in tasks { await task.value }
+        let status = uploadStatus
+        do throws(VDError) { try map.persist() } catch { logger.error("cannot persist the map of \(config.name): \(error)") }
+        map.close()
+        journal.file.close()
+        return CloseResult(
+            drained: drained || (drainTimeoutSeconds != nil && status.pendingSCOs == 0 && status.unstoredBytes <= 8192),
+            unstoredBytes: status.unstoredBytes, pendingSCOs: status.pendingSCOs)
+    }
+}

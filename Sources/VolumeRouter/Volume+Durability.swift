@@ -1,0 +1,156 @@
+// Making writes durable: group-commit flushes and sealing.
+//
+// Flush: a flush covers every write replied before it. It records the write generation, and one flusher at a time
+// fdatasyncs the open journal (and any rolled journal not yet known durable); flushes arriving meanwhile wait for
+// the next round, so many flushes share one fdatasync. A failed fdatasync is fatal for the volume's writes (after
+// such a failure Linux may have dropped the dirty pages, so a retry could falsely succeed): writes and flushes fail
+// from then on, reads continue.
+//
+// Seal: after a roll, the old journal is fdatasynced, scanned and verified end to end, its TLog written (temporary
+// file, fsync, rename), the file trimmed to its length, the map persisted, and the SCO queued for upload.
+
+import BlockMap
+import FlashIO
+import Logging
+import NIOCore
+import NIOPosix
+import SCOCache
+import Synchronization
+import TransactionLog
+package import VolumeCore
+
+struct SyncState {
+    var syncedGeneration: UInt64 = 0
+    var inFlight = false
+    var waiters: [(generation: UInt64, continuation: UnsafeContinuation<Result<Void, VDError>, Never>)] = []
+}
+
+extension Volume {
+    package func flush() async throws(VDError) {
+        let (target, failure) = writer.withLock { ($0.writtenGeneration, $0.failure) }
+        if let failure, failure.code != .shutdown { throw failure }
+        try await syncThrough(target)
+    }
+
+    /// Waits until every write of generation `target` or older is on stable storage.
+    func syncThrough(_ target: UInt64) async throws(VDError) {
+        let result: Result<Void, VDError> = await withUnsafeContinuation { continuation in
+            let runNow = syncState.withLock { state -> Bool? in
+                if state.syncedGeneration >= target { return nil }
+                state.waiters.append((target, continuation))
+                if state.inFlight { return false }
+                state.inFlight = true
+                return true
+            }
+            switch runNow {
+            case nil: continuation.resume(returning: .success(()))
+            case true?: runSyncRounds()
+            case false?: break
+            }
+        }
+        try result.get()
+    }
+
+    /// Runs sync rounds until no flush is waiting. Runs on the thread of the flush that found no round in flight
+    /// (avoiding a thread hop at queue depth 1).
+    private func runSyncRounds() {
+        while true {
+            let (generation, files) = writer.withLock { state in
+                (state.writtenGeneration, state.unsyncedFiles + [state.currentFile])
+            }
+            var failure: VDError?
+            for file in files {
+                do throws(VDError) {
+                    try file.dataSync()
+                } catch {
+                    failure = VDError(
+                        error.code == .noSpace ? .noSpace : .io,
+                        "volume \(config.name): cannot make writes durable (fdatasync \(file.path)): \(error.message)")
+                    break
+                }
+            }
+            if let failure {
+                markFailed(failure)
+            } else {
+                writer.withLock { state in
+                    state.unsyncedFiles.removeAll { synced in
+                        synced !== state.currentFile && files.contains { $0 === synced }
+                    }
+                }
+            }
+            let (ready, more) = syncState.withLock { state -> ([UnsafeContinuation<Result<Void, VDError>, Never>], Bool) in
+                var ready: [UnsafeContinuation<Result<Void, VDError>, Never>] = []
+                if failure == nil { state.syncedGeneration = max(state.syncedGeneration, generation) }
+                var remaining: [(generation: UInt64, continuation: UnsafeContinuation<Result<Void, VDError>, Never>)] = []
+                for waiter in state.waiters {
+                    if failure != nil || waiter.generation <= state.syncedGeneration {
+                        ready.append(waiter.continuation)
+                    } else {
+                        remaining.append(waiter)
+                    }
+                }
+                state.waiters = remaining
+                if remaining.isEmpty { state.inFlight = false }
+                return (ready, !remaining.isEmpty)
+            }
+            let result: Result<Void, VDError> = failure.map { .failure($0) } ?? .success(())
+            for continuation in ready { continuation.resume(returning: result) }
+            if !more { return }
+        }
+    }
+
+    /// Stops writes for good after a failure that may have lost acknowledged data on local flash.
+    func markFailed(_ error: VDError) {
+        let first = writer.withLock { state -> Bool in
+            guard state.failure == nil || state.failure?.code == .shutdown else { return false }
+            state.failure = error
+            return true
+        }
+        if first { logger.critical("writes to volume \(config.name) are stopped: \(error)") }
+    }
+
+    /// Runs blocking file work on the router's I/O thread pool.
+    func blocking<T: Sendable>(_ body: @escaping @Sendable () throws(VDError) -> T) async throws(VDError) -> T {
+        let result: Result<T, VDError>
+        do {
+            result = try await pool.runIfActive { () -> Result<T, VDError> in
+                do throws(VDError) { return .success(try body()) } catch { return .failure(error) }
+            }
+        } catch {
+            throw VDError(.shutdown, "the I/O thread pool is shut down")
+        }
+        return try result.get()
+    }
+
+    /// Seals a rolled journal (see the file comment) and queues it for upload.
+    func seal(_ sco: SCONumber, file: FlashFile) async {
+        let config = self.config
+        let layout = self.layout
+        let map = self.map
+        do {
+            let length = try await blocking { () throws(VDError) -> UInt64 in
+                try file.dataSync()
+                let scan = try JournalScanner.scan(
+                    file: file, volumeID: config.id, sco: sco, clusterSizeBytes: config.clusterSizeBytes)
+                guard scan.isSealed else {
+                    throw VDError(
+                        .corrupt,
+                        "SCO \(sco.hex) of volume \(config.name) does not verify up to its seal marker (\(file.path)): local flash returned different data than was written"
+                    )
+                }
+                let tlog = TLog(
+                    volumeID: config.id, number: sco, clusterSizeBytes: config.clusterSizeBytes, records: scan.tlogRecords())
+                try TLogFiles.write(tlog, directory: layout.tlogDirectory)
+                try file.truncate(to: scan.validLength)
+                file.dropCache()
+                try map.persist()
+                return scan.validLength
+            }
+            writer.withLock { state in state.unsyncedFiles.removeAll { $0 === file } }
+            cache.sealed(cacheKey(sco), footprintBytes: length)
+            queueUpload(sco, lengthBytes: length)
+        } catch {
+            markFailed(VDError(error.code, "cannot seal SCO \(sco.hex) of volume \(config.name): \(error.message)"))
+        }
+    }
+}

@@ -1,0 +1,466 @@
+// The write path's core: requests are appended to the open SCO journal by one leader at a time. Whoever submits
+// while no leader is active becomes the leader; others queue. A leader takes every queued request (up to a bound),
+// writes them as chained batches with one pwritev, updates the map, replies to the followers and hands leadership to
+// the next queued request. Concurrent writers thus share system calls (group writes) without any added wait at
+// queue depth 1.
+//
+// Rolling (sealing the open SCO and starting the next) happens inside the leader too, so every journal operation
+// is ordered: a roll, or a snapshot later, falls between two writes, never through one.
+
+import BlockMap
+import Collections
+import FlashIO
+import Logging
+import NIOCore
+import SCOCache
+import Synchronization
+import TransactionLog
+import VolumeCore
+
+/// Full clusters to append: batch entries in address order, and for each data entry the index of its cluster in
+/// `buffer`.
+struct ClusterWrite: Sendable {
+    var entries: [BatchEntry]
+    var payloadIndex: [Int]
+    var buffer: ByteBuffer
+}
+
+enum JournalRequest: Sendable {
+    case write(ClusterWrite)
+    /// Seal the open SCO (if it holds anything) and start the next.
+    case roll
+}
+
+enum LeaderSignal: Sendable {
+    case done(Result<Void, VDError>)
+    case lead
+}
+
+struct QueuedRequest {
+    var request: JournalRequest
+    var continuation: UnsafeContinuation<LeaderSignal, Never>
+}
+
+/// The open journal. Only the current leader (or recovery/close, when no leader can exist) touches it.
+final class JournalState: @unchecked Sendable {
+    var sco: SCONumber
+    var file: FlashFile
+    /// Where the next batch header goes.
+    var writeOffset: UInt64
+    /// CRC the next batch must chain to.
+    var chainCRC: UInt32
+
+    init(sco: SCONumber, file: FlashFile, writeOffset: UInt64, chainCRC: UInt32) {
+        self.sco = sco
+        self.file = file
+        self.writeOffset = writeOffset
+        self.chainCRC = chainCRC
+    }
+}
+
+struct WriterState {
+    var queue = Deque<QueuedRequest>()
+    var leaderActive = false
+    /// Bumped after every journal write: a flush covers every write with a generation at or below the one it read.
+    var writtenGeneration: UInt64 = 0
+    /// The journal file being appended (what a flush must sync).
+    var currentFile: FlashFile
+    /// Rolled journals whose writes are not yet known durable.
+    var unsyncedFiles: [FlashFile] = []
+    /// When the first write went into the open journal (for age-based sealing).
+    var openJournalFirstWrite: ContinuousClock.Instant?
+    /// Writes are refused: the volume is closing or a fatal error (a failed fdatasync) happened.
+    var failure: VDError?
+}
+
+extension Volume {
+    /// Most bytes a leader writes in one round (the rest waits for the next leader).
+    static let leaderRoundBytesMax = 64 << 20
+
+    /// Appends a request to the journal, as leader or as a follower of the current leader.
+    func submit(_ request: JournalRequest) async throws(VDError) {
+        let signal: LeaderSignal = await withUnsafeContinuation { continuation in
+            let outcome = writer.withLock { state -> LeaderSignal? in
+                if let failure = state.failure { return .done(.failure(failure)) }
+                if !state.leaderActive {
+                    state.leaderActive = true
+                    return .lead
+                }
+                state.queue.append(QueuedRequest(request: request, continuation: continuation))
+                return nil
+            }
+            if let outcome { continuation.resume(returning: outcome) }
+        }
+        switch signal {
+        case .done(let result):
+            try result.get()
+        case .lead:
+            try lead(own: request)
+        }
+    }
+
+    private func lead(own: JournalRequest) throws(VDError) {
+        let followers = writer.withLock { state -> [QueuedRequest] in
+            var taken: [QueuedRequest] = []
+            var bytes = 0
+            while let next = state.queue.first, bytes < Self.leaderRoundBytesMax {
+                if case .write(let write) = next.request { bytes += write.payloadIndex.count * clusterBytes }
+                taken.append(state.queue.removeFirst())
+            }
+            return taken
+        }
+        let result: Result<Void, VDError>
+        do {
+            try perform([own] + followers.map(\.request))
+            result = .success(())
+        } catch {
+            result = .failure(error)
+        }
+        for follower in followers { follower.continuation.resume(returning: .done(result)) }
+        let next = writer.withLock { state -> QueuedRequest? in
+            if state.queue.isEmpty {
+                state.leaderActive = false
+                return nil
+            }
+            return state.queue.removeFirst()
+        }
+        next?.continuation.resume(returning: .lead)
+        try result.get()
+    }
+
+    /// Writes requests to the journal in order (leader only).
+    private func perform(_ requests: [JournalRequest]) throws(VDError) {
+        var pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+        for request in requests {
+            switch request {
+            case .roll:
+                try commit(&pending)
+                try roll()
+                pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+            case .write(let write):
+                var entryIndex = 0
+                var payloadCursor = 0
+                while entryIndex < write.entries.count {
+                    // As many entries as fit in one header and in the open SCO (keeping room for the seal marker).
+                    let room = Int64(options.scoSizeBytes) - Int64(pending.endOffset) - Int64(2 * SCOFormat.blockBytes)
+                    var take = 0
+                    var dataCount = 0
+                    while entryIndex + take < write.entries.count, take < BatchHeader.entriesMax {
+                        let isData: Bool
+                        if case .data = write.entries[entryIndex + take] { isData = true } else { isData = false }
+                        if Int64((dataCount + (isData ? 1 : 0)) * clusterBytes) > room { break }
+                        if isData { dataCount += 1 }
+                        take += 1
+                    }
+                    if take == 0 {
+                        // The open SCO is full: write what is pending, seal it and continue in the next one.
+                        try commit(&pending)
+                        try roll()
+                        pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+                        continue
+                    }
+                    let entries = Array(write.entries[entryIndex..<(entryIndex + take)])
+                    let indices = Array(write.payloadIndex[payloadCursor..<(payloadCursor + dataCount)])
+                    pending.append(entries: entries, buffer: write.buffer, payloadIndex: indices, volumeID: config.id)
+                    entryIndex += take
+                    payloadCursor += dataCount
+                }
+            }
+        }
+        try commit(&pending)
+    }
+
+    /// Writes the pending batches with one pwritev, then points the map at them.
+    private func commit(_ pending: inout PendingBatches) throws(VDError) {
+        guard !pending.batches.isEmpty else { return }
+        let headers = pending.encodeHeaders()
+        let file = journal.file
+        let start = pending.startOffset
+        do {
+            try withPointers(pending.buffers) { (pointers) throws(VDError) in
+                var iovecs: [UnsafeRawBufferPointer] = []
+                try headers.withUnsafeReadableBytes { (headerBytes) throws(VDError) in
+                    for (index, batch) in pending.batches.enumerated() {
+                        iovecs.append(
+                            UnsafeRawBufferPointer(
+                                rebasing: headerBytes[(index * SCOFormat.blockBytes)..<((index + 1) * SCOFormat.blockBytes)]))
+                        for run in batch.payloadRuns {
+                            let base = pointers[run.buffer]
+                            iovecs.append(UnsafeRawBufferPointer(rebasing: base[run.start..<(run.start + run.length)]))
+                        }
+                    }
+                    try file.writev(iovecs, at: start)
+                }
+            }
+        } catch {
+            // Nothing was replied; the journal position stays, so the next batch overwrites whatever reached the
+            // file (and the chain makes any stale batch beyond it unverifiable).
+            logger.error("journal write to \(file.path) failed: \(error)")
+            throw error
+        }
+        let written = pending.endOffset - pending.startOffset
+        journal.writeOffset = pending.endOffset
+        journal.chainCRC = pending.chainCRC
+        unstoredBytes.add(written, ordering: .relaxed)
+        var changes = MapChanges(map: map)
+        for batch in pending.batches {
+            try changes.add(
+                entries: batch.header.entries, sco: journal.sco,
+                payloadOffset: batch.header.offset + UInt64(SCOFormat.blockBytes), clusterBytes: clusterBytes)
+        }
+        try changes.finish(checkpoint: MapCheckpoint(sco: journal.sco, offset: journal.writeOffset, chainCRC: journal.chainCRC))
+        let now = ContinuousClock.now
+        writer.withLock { state in
+            state.writtenGeneration += 1
+            if state.openJournalFirstWrite == nil { state.openJournalFirstWrite = now }
+        }
+        pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+    }
+
+    /// Seals the open journal with a marker batch and opens the next SCO (leader only). The next SCO's file is
+    /// created first, so a failure leaves the open journal exactly as it was.
+    func roll() throws(VDError) {
+        guard journal.writeOffset > UInt64(SCOFormat.blockBytes) else { return }
+        let old = journal.sco
+        let oldFile = journal.file
+        let next = old.next
+        let (file, headerCRC) = try Self.createJournalFile(
+            layout: layout, volumeID: config.id, sco: next, clusterSizeBytes: config.clusterSizeBytes,
+            sizeBytes: options.scoSizeBytes)
+        let marker = BatchHeader(
+            volumeID: config.id, sco: old, offset: journal.writeOffset, previousCRC: journal.chainCRC,
+            flags: BatchHeader.flagSealed, entries: [])
+        do {
+            try marker.encode().withUnsafeReadableBytes { (raw) throws(VDError) in
+                try oldFile.write(raw, at: journal.writeOffset)
+            }
+        } catch {
+            file.close()
+            try? Syscall.unlinkIfPresent(file.path)
+            throw error
+        }
+        journal.writeOffset += UInt64(SCOFormat.blockBytes)
+        unstoredBytes.add(UInt64(2 * SCOFormat.blockBytes), ordering: .relaxed)
+        cache.add(cacheKey(next), file: file, footprintBytes: options.scoSizeBytes)
+        journal.sco = next
+        journal.file = file
+        journal.writeOffset = UInt64(SCOFormat.blockBytes)
+        journal.chainCRC = headerCRC
+        writer.withLock { state in
+            state.unsyncedFiles.append(oldFile)
+            state.currentFile = file
+            state.openJournalFirstWrite = nil
+            state.writtenGeneration += 1
+        }
+        var update = MapUpdate()
+        update.metadata.append(
+            (MapCheckpoint.key, MapCheckpoint(sco: next, offset: journal.writeOffset, chainCRC: headerCRC).encode()))
+        try map.apply(update)
+        logger.debug("sealing SCO \(old.hex); journal continues in SCO \(next.hex)")
+        startBackground { volume in await volume.seal(old, file: oldFile) }
+    }
+
+    /// Creates SCO file `sco` with its header, preallocated to `sizeBytes`, durable (file and directory entry).
+    static func createJournalFile(
+        layout: VolumeLayout, volumeID: VolumeID, sco: SCONumber, clusterSizeBytes: UInt32, sizeBytes: UInt64
+    ) throws(VDError) -> (FlashFile, UInt32) {
+        let path = layout.scoPath(sco)
+        let file = try FlashFile(path: path, options: [.create, .truncate])
+        do throws(VDError) {
+            try file.preallocate(sizeBytes, keepSize: false)
+        } catch where error.code != .noSpace {
+            // Some file systems cannot preallocate; appending still works.
+        }
+        let header = SCOHeader(volumeID: volumeID, sco: sco, clusterSizeBytes: clusterSizeBytes).encode()
+        try header.withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: 0) }
+        try file.sync()
+        try Syscall.syncDirectory(layout.scoDirectory)
+        return (file, BatchHeader.storedCRC(of: header))
+    }
+
+    /// Runs `body` as a tracked background task (cancelled and awaited on close).
+    func startBackground(_ body: @escaping @Sendable (Volume) async -> Void) {
+        let task = Task { [self] in await body(self) }
+        background.withLock { tasks in
+            tasks.removeAll { $0.isCancelled }
+            tasks.append(task)
+        }
+    }
+}
+
+/// Batches gathered by a leader before one pwritev.
+struct PendingBatches {
+    struct PayloadRun {
+        var buffer: Int
+        var start: Int
+        var length: Int
+    }
+
+    struct Batch {
+        var header: BatchHeader
+        var payloadRuns: [PayloadRun]
+    }
+
+    let startOffset: UInt64
+    var endOffset: UInt64
+    var chainCRC: UInt32
+    let sco: SCONumber
+    let clusterBytes: Int
+    var batches: [Batch] = []
+    var buffers: [ByteBuffer] = []
+    private var encodedHeaders: [ByteBuffer] = []
+
+    init(journal: JournalState, clusterBytes: Int) {
+        startOffset = journal.writeOffset
+        endOffset = journal.writeOffset
+        chainCRC = journal.chainCRC
+        sco = journal.sco
+        self.clusterBytes = clusterBytes
+    }
+
+    mutating func append(entries: [BatchEntry], buffer: ByteBuffer, payloadIndex: [Int], volumeID: VolumeID) {
+        let header = BatchHeader(volumeID: volumeID, sco: sco, offset: endOffset, previousCRC: chainCRC, entries: entries)
+        var runs: [PayloadRun] = []
+        if !payloadIndex.isEmpty {
+            let bufferIndex: Int
+            if let last = buffers.indices.last, buffers[last] == buffer {
+                bufferIndex = last
+            } else {
+                buffers.append(buffer)
+                bufferIndex = buffers.count - 1
+            }
+            for index in payloadIndex {
+                let start = index * clusterBytes
+                if let last = runs.last, last.start + last.length == start {
+                    runs[runs.count - 1].length += clusterBytes
+                } else {
+                    runs.append(PayloadRun(buffer: bufferIndex, start: start, length: clusterBytes))
+                }
+            }
+        }
+        let encoded = header.encode()
+        encodedHeaders.append(encoded)
+        chainCRC = BatchHeader.storedCRC(of: encoded)
+        endOffset += UInt64(SCOFormat.blockBytes + payloadIndex.count * clusterBytes)
+        batches.append(Batch(header: header, payloadRuns: runs))
+    }
+
+    func encodeHeaders() -> ByteBuffer {
+        var all = ByteBufferAllocator().buffer(capacity: encodedHeaders.count * SCOFormat.blockBytes)
+        for header in encodedHeaders { all.writeImmutableBuffer(header) }
+        return all
+    }
+}
+
+/// Calls `body` with stable pointers to the readable bytes of every buffer.
+func withPointers(
+    _ buffers: [ByteBuffer], _ body: ([UnsafeRawBufferPointer]) throws(VDError) -> Void
+) throws(VDError) {
+    var pointers: [UnsafeRawBufferPointer] = []
+    pointers.reserveCapacity(buffers.count)
+    try nest(buffers[...], &pointers, body)
+}
+
+private func nest(
+    _ rest: ArraySlice<ByteBuffer>, _ pointers: inout [UnsafeRawBufferPointer],
+    _ body: ([UnsafeRawBufferPointer]) throws(VDError) -> Void
+) throws(VDError) {
+    guard let first = rest.first else { return try body(pointers) }
+    try first.withUnsafeReadableBytes { (raw) throws(VDError) in
+        pointers.append(raw)
+        try nest(rest.dropFirst(), &pointers, body)
+    }
+}
+
+/// Builds map changes from journal entries or TLog records. Live writes, journal replay and TLog replay all go
+/// through here, so they build the same map. Unmaps need the map's current state, so pending changes are applied
+/// before an unmap is resolved (intermediate applies are safe: replay from the previous checkpoint is idempotent).
+struct MapChanges {
+    let map: BlockMap
+    var update = MapUpdate()
+
+    init(map: BlockMap) { self.map = map }
+
+    mutating func add(entries: [BatchEntry], sco: SCONumber, payloadOffset: UInt64, clusterBytes: Int) throws(VDError) {
+        var payload = payloadOffset
+        for entry in entries {
+            switch entry {
+            case .data(let address, let crc):
+                write(address, epoch: sco.rawValue, location: ClusterLocation(sco: sco, offset: UInt32(payload), crc: crc))
+                payload += UInt64(clusterBytes)
+            case .unmap(let address, let count):
+                try unmap(address, count: UInt64(count), epoch: sco.rawValue)
+            }
+        }
+    }
+
+    mutating func add(tlog: TLog) throws(VDError) {
+        for record in tlog.records {
+            switch record {
+            case .write(let address, let location):
+                write(address, epoch: tlog.number.rawValue, location: location)
+            case .unmap(let address, let count):
+                try unmap(address, count: UInt64(count), epoch: tlog.number.rawValue)
+            case .scoSealed, .snapshot:
+                break
+            }
+        }
+    }
+
+    mutating func write(_ address: ClusterAddress, epoch: UInt64, location: ClusterLocation) {
+        update.current.append((address, MapValue(epoch: epoch, location: location)))
+    }
+
+    /// Removes the current keys of written clusters in the run: they read as zeroes again.
+    mutating func unmap(_ address: ClusterAddress, count: UInt64, epoch: UInt64) throws(VDError) {
+        if !update.isEmpty {
+            try map.apply(update)
+            update = MapUpdate()
+        }
+        if count <= 256 {
+            for (index, value) in try map.current(from: address, count: Int(count)).enumerated() where value != nil {
+                update.current.append((address + UInt64(index), nil))
+            }
+        } else {
+            var start = address
+            let end = address + count
+            while start < end {
+                let found = try map.writtenAddresses(from: start, to: end, limit: 65536)
+                for (written, _) in found { update.current.append((written, nil)) }
+                guard found.count == 65536, let last = found.last else { break }
+                try map.apply(update)
+                update = MapUpdate()
+                start = last.0 + 1
+            }
+        }
+    }
+
+    mutating func finish(checkpoint: MapCheckpoint) throws(VDError) {
+        update.metadata.append((MapCheckpoint.key, checkpoint.encode()))
+        try map.apply(update)
+        update = MapUpdate()
+    }
+}
+
+/// Where the map's knowledge of the journal ends: replay resumes at (sco, offset) expecting `chainCRC`
+/// (offset 0: the start of that SCO).
+struct MapCheckpoint: Equatable {
+    static let key = "checkpoint"
+    var sco: SCONumber
+    var offset: UInt64
+    var chainCRC: UInt32
+
+    func encode() -> [UInt8] {
+        var bytes = [UInt8](littleEndian64: sco.rawValue)
+        bytes += [UInt8](littleEndian64: offset)
+        bytes += [UInt8](littleEndian64: UInt64(chainCRC))
+        return bytes
+    }
+
+    static func decode(_ bytes: [UInt8]) -> MapCheckpoint? {
+        guard bytes.count == 24, let sco = Array(bytes[0..<8]).littleEndianUInt64,
+            let offset = Array(bytes[8..<16]).littleEndianUInt64, let crc = Array(bytes[16..<24]).littleEndianUInt64
+        else { return nil }
+        return MapCheckpoint(sco: SCONumber(sco), offset: offset, chainCRC: UInt32(truncatingIfNeeded: crc))
+    }
+}

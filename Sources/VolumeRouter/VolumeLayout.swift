@@ -1,0 +1,45 @@
+// Where a volume's pieces live: its local flash directory and its namespace on the backend.
+//
+//   FLASH/NAME/map/          RocksDB map
+//   FLASH/NAME/sco/HEX.sco   SCO journals (open) and sealed SCOs
+//   FLASH/NAME/tlog/HEX.tlog TLogs of sealed SCOs
+//   backend: NAME/volume, NAME/sco/HEX, NAME/tlog/HEX
+
+package import VolumeCore
+
+package struct VolumeLayout: Sendable {
+    package var flashDirectory: String
+    package var namespace: String
+
+    package init(flashDirectory: String, namespace: String) {
+        self.flashDirectory = flashDirectory
+        self.namespace = namespace
+    }
+
+    package var mapDirectory: String { flashDirectory + "/map" }
+    package var scoDirectory: String { flashDirectory + "/sco" }
+    package var tlogDirectory: String { flashDirectory + "/tlog" }
+    package func scoPath(_ sco: SCONumber) -> String { scoDirectory + "/" + sco.hex + ".sco" }
+
+    package var configObject: String { namespace + "/volume" }
+    package var scoPrefix: String { namespace + "/sco/" }
+    package var tlogPrefix: String { namespace + "/tlog/" }
+    package func scoObject(_ sco: SCONumber) -> String { scoPrefix + sco.hex }
+    package func tlogObject(_ sco: SCONumber) -> String { tlogPrefix + sco.hex }
+
+    /// Parses the numbers of objects named PREFIX + 16 hex digits.
+    package static func numbers(in names: [String], prefix: String) -> [SCONumber] {
+        names.compactMap { name -> SCONumber? in
+            guard name.hasPrefix(prefix) else { return nil }
+            return SCONumber(hex: name.dropFirst(prefix.count))
+        }.sorted()
+    }
+
+    /// Parses local file names HEX.EXT.
+    package static func numbers(inFiles names: [String], suffix: String) -> [SCONumber] {
+        names.compactMap { name -> SCONumber? in
+            guard name.hasSuffix(suffix) else { return nil }
+            return SCONumber(hex: name.dropLast(suffix.count))
+        }.sorted()
+    }
+}

@@ -1,0 +1,44 @@
+// Runtime options of a volume (from the router configuration; they may change between restarts, unlike the
+// volume's identity and cluster size).
+
+package import VolumeCore
+
+package struct VolumeOptions: Sendable {
+    /// An SCO is sealed and queued for upload when it reaches this size.
+    package var scoSizeBytes: UInt64 = Limits.scoSizeBytesDefault
+    /// Un-uploaded data (open journal plus sealed SCOs not yet on the backend) above which writes slow down; at
+    /// this bound they wait for uploads.
+    package var uploadPendingBytesMax: UInt64 = 2 << 30
+    /// The open SCO is sealed once its first write is this old, bounding how much recent data exists only locally.
+    package var uploadAgeSecondsMax: Double = 30
+    /// SCO uploads in flight per volume (TLogs are uploaded one at a time, in order).
+    package var uploadConcurrency: Int = 4
+    /// First retry delay after a failed upload; doubles up to `uploadRetryDelaySecondsMax` (with jitter).
+    package var uploadRetryDelaySeconds: Double = 0.5
+    package var uploadRetryDelaySecondsMax: Double = 30
+    /// Whole clusters of zeroes are stored as unmapped (thin) instead of as data.
+    package var detectZeroes: Bool = true
+    /// Map entries cached in memory.
+    package var mapCacheEntries: Int = 1 << 20
+
+    package init() {}
+
+    package func validate() throws(VDError) {
+        guard scoSizeBytes >= Limits.scoSizeBytesMin, scoSizeBytes <= Limits.scoSizeBytesMax,
+            scoSizeBytes % UInt64(SCOFormat.blockBytes) == 0
+        else {
+            throw VDError(
+                .configuration,
+                "sco_size \(ByteSize.format(scoSizeBytes)) must be a multiple of 4 KiB from \(ByteSize.format(Limits.scoSizeBytesMin)) to \(ByteSize.format(Limits.scoSizeBytesMax))"
+            )
+        }
+        guard uploadPendingBytesMax >= 2 * scoSizeBytes else {
+            throw VDError(
+                .configuration,
+                "upload max_pending (\(ByteSize.format(uploadPendingBytesMax))) must be at least twice sco_size (\(ByteSize.format(scoSizeBytes)))"
+            )
+        }
+        guard uploadAgeSecondsMax > 0 else { throw VDError(.configuration, "upload max_age_seconds must be positive") }
+        guard (1...64).contains(uploadConcurrency) else { throw VDError(.configuration, "upload concurrency must be 1 to 64") }
+    }
+}

@@ -1,0 +1,190 @@
+import FlashIO
+import Foundation
+import NIOCore
+import ObjectStore
+import Testing
+import VolumeCore
+@testable import VolumeRouter
+
+@Suite struct VolumeTests {
+    @Test func unwrittenSpaceReadsAsZeroes() async throws {
+        let h = try await VolumeHarness()
+        defer { Task { await h.shutdown() } }
+        let data = try await h.volume.read(offset: 12345, length: 100_000)
+        #expect(data.readableBytes == 100_000)
+        #expect(data.readableBytesView.allSatisfy { $0 == 0 })
+    }
+
+    @Test func alignedAndUnalignedWritesReadBack() async throws {
+        let h = try await VolumeHarness()
+        defer { Task { await h.shutdown() } }
+        var model = [UInt8](repeating: 0, count: 1 << 20)
+        let writes: [(UInt64, Int)] = [(0, 4096), (4096 * 3, 8192), (100, 50), (5000, 10000), (4095, 2), (65536 - 10, 30)]
+        for (index, (offset, length)) in writes.enumerated() {
+            let data = pattern(length, seed: UInt64(index))
+            try await h.volume.write(offset: offset, data: data, fua: false)
+            model.replaceSubrange(Int(offset)..<(Int(offset) + length), with: data.readableBytesView)
+        }
+        let all = try await h.volume.read(offset: 0, length: 1 << 20)
+        #expect(Array(all.readableBytesView) == model)
+        let middle = try await h.volume.read(offset: 4000, length: 3000)
+        #expect(Array(middle.readableBytesView) == Array(model[4000..<7000]))
+    }
+
+    @Test func outOfRangeRequestsFailAndChangeNothing() async throws {
+        let h = try await VolumeHarness(sizeBytes: 1 << 20)
+        defer { Task { await h.shutdown() } }
+        await #expect(throws: VDError.self) {
+            try await h.volume.write(offset: (1 << 20) - 10, data: pattern(20, seed: 1), fua: false)
+        }
+        await #expect(throws: VDError.self) { _ = try await h.volume.read(offset: 1 << 20, length: 1) }
+        do {
+            _ = try await h.volume.read(offset: (1 << 20) - 1, length: 2)
+            Issue.record("expected out-of-range")
+        } catch {
+            #expect(error.code == .outOfRange)
+        }
+        let tail = try await h.volume.read(offset: (1 << 20) - 4096, length: 4096)
+        #expect(tail.readableBytesView.allSatisfy { $0 == 0 })
+    }
+
+    @Test func trimAndWriteZeroesUnmap() async throws {
+        let h = try await VolumeHarness()
+        defer { Task { await h.shutdown() } }
+        try await h.volume.write(offset: 0, data: pattern(64 * 1024, seed: 7), fua: false)
+        // Trim whole clusters 1..3; partial edges are left alone by trim.
+        try await h.volume.trim(offset: 4096 + 100, length: 4 * 4096, fua: false)
+        let afterTrim = try await h.volume.read(offset: 0, length: 64 * 1024)
+        let original = pattern(64 * 1024, seed: 7)
+        #expect(Array(afterTrim.readableBytesView[0..<8192]).allSatisfy { _ in true })
+        #expect(afterTrim.getSlice(at: 0, length: 4096 + 100) == original.getSlice(at: 0, length: 4096 + 100))
+        #expect(afterTrim.readableBytesView[(2 * 4096)..<(5 * 4096)].allSatisfy { $0 == 0 })
+        // Write zeroes over an unaligned range zeroes exactly that range.
+        try await h.volume.writeZeroes(offset: 10 * 4096 + 7, length: 3 * 4096, fua: true, mayUnmap: true)
+        let afterZero = try await h.volume.read(offset: 0, length: 64 * 1024)
+        #expect(afterZero.readableBytesView[(10 * 4096 + 7)..<(13 * 4096 + 7)].allSatisfy { $0 == 0 })
+        #expect(afterZero.getSlice(at: 10 * 4096, length: 7) == original.getSlice(at: 10 * 4096, length: 7))
+        #expect(afterZero.getSlice(at: 13 * 4096 + 7, length: 100) == original.getSlice(at: 13 * 4096 + 7, length: 100))
+        let extents = try await h.volume.allocation(offset: 0, length: 64 * 1024)
+        #expect(extents.reduce(0) { $0 + $1.lengthBytes } == 64 * 1024)
+        #expect(extents.contains { $0.isHole })
+    }
+
+    @Test func dataSurvivesCleanRestart() async throws {
+        let h = try await VolumeHarness()
+        defer { Task { await h.shutdown() } }
+        let data = pattern(3 << 20, seed: 42)
+        try await h.volume.write(offset: 1 << 20, data: data, fua: false)
+        try await h.restart()
+        let back = try await h.volume.read(offset: 1 << 20, length: 3 << 20)
+        #expect(back == data)
+    }
+
+    @Test func sealedSCOsReachTheBackendAndRestoreWithoutFlash() async throws {
+        let store = MemoryStore()
+        let h = try await VolumeHarness(sizeBytes: 32 << 20, backend: store)
+        defer { Task { await h.shutdown() } }
+        var model = [UInt8](repeating: 0, count: 32 << 20)
+        for i in 0..<40 {
+            let offset = UInt64((i * 7919 % 8000) * 4096)
+            let data = pattern(16384, seed: UInt64(i))
+            try await h.volume.write(offset: offset, data: data, fua: false)
+            model.replaceSubrange(Int(offset)..<(Int(offset) + 16384), with: data.readableBytesView)
+        }
+        try await h.volume.write(offset: 0, data: pattern(5 << 20, seed: 99), fua: false)
+        model.replaceSubrange(0..<(5 << 20), with: pattern(5 << 20, seed: 99).readableBytesView)
+        // Drain: everything sealed and uploaded.
+        _ = await h.volume.close(drainTimeoutSeconds: 30)
+        let tlogs = store.allNames.filter { $0.hasPrefix("vol1/tlog/") }
+        let scos = store.allNames.filter { $0.hasPrefix("vol1/sco/") }
+        #expect(tlogs.count >= 5)
+        #expect(tlogs.count == scos.count)
+        // Lose the local flash entirely.
+        try Syscall.removeTree(h.root + "/flash")
+        try await h.open()
+        let back = try await h.volume.read(offset: 0, length: 32 << 20)
+        #expect(Array(back.readableBytesView) == model)
+        // And it keeps working: new writes after the restore.
+        try await h.volume.write(offset: 4096, data: pattern(4096, seed: 5), fua: true)
+        let again = try await h.volume.read(offset: 4096, length: 4096)
+        #expect(again == pattern(4096, seed: 5))
+    }
+
+    @Test func evictedSCOsAreReadFromTheBackendAndCorruptionIsReported() async throws {
+        let store = MemoryStore()
+        let h = try await VolumeHarness(sizeBytes: 16 << 20, backend: store, cacheCapacityBytes: 2 << 20)
+        defer { Task { await h.shutdown() } }
+        let data = pattern(8 << 20, seed: 3)
+        try await h.volume.write(offset: 0, data: data, fua: false)
+        try await h.volume.submit(.roll)
+        try await h.waitUntilStored()
+        #expect(h.cache.statistics.evictedCount > 0)
+        let back = try await h.volume.read(offset: 0, length: 8 << 20)
+        #expect(back == data)
+        // Flip a byte in an evicted SCO on the backend: the read must fail, naming the object.
+        let firstSCO = store.allNames.first { $0.hasPrefix("vol1/sco/") }!
+        var object = try await store.get(firstSCO)
+        let flipAt = 4096 * 2 + 100
+        object.setInteger(object.getInteger(at: flipAt, as: UInt8.self)! ^ 0xFF, at: flipAt)
+        store.overwriteForTesting(firstSCO, data: object)
+        do {
+            _ = try await h.volume.read(offset: 0, length: 1 << 20)
+            Issue.record("a corrupted object was returned as data")
+        } catch {
+            #expect(error.code == .corrupt)
+            #expect(error.message.contains(firstSCO))
+        }
+    }
+
+    @Test func concurrentWritersMatchAModel() async throws {
+        let h = try await VolumeHarness(sizeBytes: 8 << 20, scoSizeBytes: 1 << 20)
+        defer { Task { await h.shutdown() } }
+        let clusters = (8 << 20) / 4096
+        // Each task owns a disjoint set of clusters (overlapping in-flight writes have no defined order).
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for worker in 0..<8 {
+                group.addTask {
+                    var generator = SeededGenerator(seed: UInt64(worker))
+                    for round in 0..<60 {
+                        let cluster = Int(generator.next() % UInt64(clusters / 8)) * 8 + worker
+                        let seed = UInt64(worker * 1000 + round)
+                        try await h.volume.write(offset: UInt64(cluster * 4096), data: pattern(4096, seed: seed), fua: round % 10 == 0)
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        // Rebuild the model deterministically: last write per cluster wins.
+        var expected: [Int: UInt64] = [:]
+        for worker in 0..<8 {
+            var generator = SeededGenerator(seed: UInt64(worker))
+            for round in 0..<60 {
+                let cluster = Int(generator.next() % UInt64(clusters / 8)) * 8 + worker
+                expected[cluster] = UInt64(worker * 1000 + round)
+            }
+        }
+        try await h.restart()
+        for (cluster, seed) in expected {
+            let back = try await h.volume.read(offset: UInt64(cluster * 4096), length: 4096)
+            #expect(back == pattern(4096, seed: seed), "cluster \(cluster)")
+        }
+    }
+
+    @Test func concurrentPartialWritesToOneClusterBothLand() async throws {
+        let h = try await VolumeHarness()
+        defer { Task { await h.shutdown() } }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for sector in 0..<8 {
+                group.addTask {
+                    try await h.volume.write(
+                        offset: UInt64(sector * 512), data: ByteBuffer(repeating: UInt8(sector + 1), count: 512), fua: false)
+                }
+            }
+            try await group.waitForAll()
+        }
+        let back = try await h.volume.read(offset: 0, length: 4096)
+        for sector in 0..<8 {
+            #expect(back.readableBytesView[(sector * 512)..<((sector + 1) * 512)].allSatisfy { $0 == UInt8(sector + 1) })
+        }
+    }
+}
