@@ -1,1 +1,4 @@
-print("vd")
+// vd: the VolumeDriver command line (see VDCommands).
+import VDCommands
+
+await VDCommand.main()

@@ -1,0 +1,217 @@
+// The vd configuration: a TOML file (documented example in conf/vd.toml), overridden by command-line options.
+// Every setting has a default, so no file is needed. Unknown keys are errors (a typo must not silently fall back
+// to a default), and every value is checked before anything starts.
+
+import FlashIO
+import Foundation
+import NBDServer
+import TOMLKit
+package import VolumeCore
+package import VolumeRouter
+
+/// The settings in effect, after defaults, the file and the command line.
+package struct VDConfiguration: Sendable {
+    package var dataDirectory: String
+    package var flashDirectory: String?
+    package var logLevel: String = "info"
+    package var nbdSocketPath: String?
+    package var nbdTCPHost: String = "127.0.0.1"
+    package var nbdTCPPort: Int?
+    package var nbdMaxConnections = 256
+    package var nbdMaxInFlightPerConnection = 64
+    package var clusterSizeBytes: UInt32 = Limits.clusterSizeBytesDefault
+    package var volumeOptions = VolumeOptions()
+    package var cacheCapacityBytes: UInt64 = 16 << 30
+    package var directIO = true
+    package var ioThreads = 4
+    package var drainTimeoutSeconds: Double = 120
+    /// Backend name -> URL (`file:///DIR`, `s3://BUCKET?endpoint=HOST:PORT`).
+    package var backends: [String: String] = [:]
+    package var defaultBackend = "local"
+
+    package init(dataDirectory: String) {
+        self.dataDirectory = dataDirectory
+    }
+
+    /// Where `vd serve` listens by default: DATA/nbd.sock.
+    package var effectiveSocketPath: String { nbdSocketPath ?? dataDirectory + "/nbd.sock" }
+    package var effectiveFlashDirectory: String { flashDirectory ?? dataDirectory + "/flash" }
+
+    /// The built-in backend: a local directory store under the data directory.
+    package var embeddedBackendURL: String { "file://" + dataDirectory + "/backend" }
+
+    package var backendURLs: [String: String] {
+        var all = backends
+        if all["local"] == nil { all["local"] = embeddedBackendURL }
+        return all
+    }
+
+    package var routerConfiguration: RouterConfiguration {
+        var router = RouterConfiguration(dataDirectory: dataDirectory)
+        router.flashDirectory = effectiveFlashDirectory
+        router.volumeOptions = volumeOptions
+        router.cacheCapacityBytes = cacheCapacityBytes
+        router.directIO = directIO
+        router.ioThreads = ioThreads
+        return router
+    }
+
+    /// The default data directory: $VD_DATA_DIR, else /var/lib/vd for root, else ~/.local/share/vd.
+    package static var defaultDataDirectory: String {
+        let environment = ProcessInfo.processInfo.environment
+        if let dir = environment["VD_DATA_DIR"], !dir.isEmpty { return dir }
+        if getuid() == 0 { return "/var/lib/vd" }
+        return (environment["HOME"] ?? "/tmp") + "/.local/share/vd"
+    }
+
+    package func validate() throws(VDError) {
+        try routerConfiguration.validate()
+        guard backendURLs[defaultBackend] != nil else {
+            throw VDError(
+                .configuration,
+                "default_backend '\(defaultBackend)' is not configured; known backends: \(backendURLs.keys.sorted().joined(separator: ", "))"
+            )
+        }
+        guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(logLevel) else {
+            throw VDError(.configuration, "log_level '\(logLevel)' must be one of trace, debug, info, notice, warning, error, critical")
+        }
+        guard drainTimeoutSeconds >= 0 else { throw VDError(.configuration, "shutdown drain_timeout_seconds must be >= 0") }
+        guard nbdMaxConnections >= 1, nbdMaxInFlightPerConnection >= 1 else {
+            throw VDError(.configuration, "nbd max_connections and max_in_flight must be at least 1")
+        }
+    }
+}
+
+/// The TOML file's shape (snake_case keys, every key optional).
+struct ConfigFile: Decodable {
+    struct NBD: Decodable {
+        var socket: String?
+        var tcp: String?
+        var max_connections: Int?
+        var max_in_flight: Int?
+    }
+    struct VolumeSection: Decodable { var cluster_size: SizeValue? }
+    struct SCOSection: Decodable { var size: SizeValue? }
+    struct Upload: Decodable {
+        var max_pending: SizeValue?
+        var max_age_seconds: Double?
+        var concurrency: Int?
+        var retry_delay_seconds: Double?
+        var retry_delay_max_seconds: Double?
+    }
+    struct Cache: Decodable {
+        var size: SizeValue?
+        var direct_io: Bool?
+        var detect_zeroes: Bool?
+    }
+    struct MapSection: Decodable { var cache_entries: Int? }
+    struct Shutdown: Decodable { var drain_timeout_seconds: Double? }
+    struct Backend: Decodable { var url: String }
+
+    var data_dir: String?
+    var flash_dir: String?
+    var log_level: String?
+    var io_threads: Int?
+    var default_backend: String?
+    var nbd: NBD?
+    var volume: VolumeSection?
+    var sco: SCOSection?
+    var upload: Upload?
+    var cache: Cache?
+    var map: MapSection?
+    var shutdown: Shutdown?
+    var backends: [String: Backend]?
+}
+
+/// A size written as a string with a suffix ("64M") or as a plain integer of bytes.
+struct SizeValue: Decodable {
+    var bytes: UInt64
+    init(from decoder: any Decoder) throws {
+        let container = try decoder.singleValueContainer()
+        if let number = try? container.decode(Int.self) {
+            guard number >= 0 else { throw VDError(.configuration, "a size cannot be negative (\(number))") }
+            bytes = UInt64(number)
+        } else {
+            bytes = try ByteSize.parse(try container.decode(String.self))
+        }
+    }
+}
+
+extension VDConfiguration {
+    /// Loads the file at `path` (if any) over the defaults.
+    package static func load(path: String?) throws(VDError) -> VDConfiguration {
+        var configuration = VDConfiguration(dataDirectory: defaultDataDirectory)
+        guard let path else { return configuration }
+        let text: String
+        do {
+            text = try String(contentsOfFile: path, encoding: .utf8)
+        } catch {
+            throw VDError(.configuration, "cannot read the configuration file \(path): \(error.localizedDescription)")
+        }
+        let file: ConfigFile
+        do {
+            var decoder = TOMLDecoder()
+            decoder.strictDecoding = true
+            file = try decoder.decode(ConfigFile.self, from: text)
+        } catch let error as VDError {
+            throw VDError(.configuration, "\(path): \(error.message)")
+        } catch let error as UnexpectedKeysError {
+            let keys = error.keys.map { key, path in (path.map(\.stringValue) + [key]).joined(separator: ".") }.sorted()
+            throw VDError(.configuration, "\(path): unknown setting(s): \(keys.joined(separator: ", "))")
+        } catch {
+            throw VDError(.configuration, "\(path): \(error)")
+        }
+        try configuration.apply(file, path: path)
+        return configuration
+    }
+
+    mutating func apply(_ file: ConfigFile, path: String) throws(VDError) {
+        if let dir = file.data_dir { dataDirectory = dir }
+        if let dir = file.flash_dir { flashDirectory = dir }
+        if let level = file.log_level { logLevel = level }
+        if let threads = file.io_threads { ioThreads = threads }
+        if let nbd = file.nbd {
+            if let socket = nbd.socket { nbdSocketPath = socket }
+            if let tcp = nbd.tcp {
+                let (host, port) = try Self.parseHostPort(tcp)
+                nbdTCPHost = host
+                nbdTCPPort = port
+            }
+            if let n = nbd.max_connections { nbdMaxConnections = n }
+            if let n = nbd.max_in_flight { nbdMaxInFlightPerConnection = n }
+        }
+        if let size = file.volume?.cluster_size {
+            guard size.bytes <= UInt64(UInt32.max) else { throw VDError(.configuration, "\(path): cluster_size is too large") }
+            clusterSizeBytes = UInt32(size.bytes)
+        }
+        if let size = file.sco?.size { volumeOptions.scoSizeBytes = size.bytes }
+        if let upload = file.upload {
+            if let v = upload.max_pending { volumeOptions.uploadPendingBytesMax = v.bytes }
+            if let v = upload.max_age_seconds { volumeOptions.uploadAgeSecondsMax = v }
+            if let v = upload.concurrency { volumeOptions.uploadConcurrency = v }
+            if let v = upload.retry_delay_seconds { volumeOptions.uploadRetryDelaySeconds = v }
+            if let v = upload.retry_delay_max_seconds { volumeOptions.uploadRetryDelaySecondsMax = v }
+        }
+        if let cache = file.cache {
+            if let v = cache.size { cacheCapacityBytes = v.bytes }
+            if let v = cache.direct_io { directIO = v }
+            if let v = cache.detect_zeroes { volumeOptions.detectZeroes = v }
+        }
+        if let entries = file.map?.cache_entries { volumeOptions.mapCacheEntries = entries }
+        if let timeout = file.shutdown?.drain_timeout_seconds { drainTimeoutSeconds = timeout }
+        if let backends = file.backends {
+            for (name, backend) in backends { self.backends[name] = backend.url }
+        }
+        if let name = file.default_backend { defaultBackend = name }
+    }
+
+    /// "HOST:PORT" or "[V6]:PORT".
+    package static func parseHostPort(_ text: String) throws(VDError) -> (String, Int) {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port)
+        else { throw VDError(.configuration, "'\(text)' is not HOST:PORT") }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        guard !host.isEmpty else { throw VDError(.configuration, "'\(text)' has no host") }
+        return (host, port)
+    }
+}

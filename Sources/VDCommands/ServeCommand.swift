@@ -1,0 +1,130 @@
+// `vd serve`: the volume router. Opens (recovering) every volume of the data directory, exports each over NBD, and
+// on SIGTERM or SIGINT stops taking I/O, makes everything durable, seals and uploads what is still only local
+// (bounded by shutdown.drain_timeout_seconds), and exits 0 only when the backend holds all of it.
+
+import ArgumentParser
+import Foundation
+import Logging
+import NBDServer
+import NIOCore
+import NIOPosix
+import UnixSignals
+import VolumeCore
+import VolumeRouter
+
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Run the volume router: export every volume of the data directory over NBD.",
+        discussion: """
+            Each volume is an NBD export named after it. Attach QEMU with
+              qemu-system-x86_64 -drive file=nbd+unix:///VOLUME?socket=SOCKET,format=raw ...
+            SIGTERM/SIGINT: stop taking I/O, upload everything still local, exit 0 once the backend holds it all
+            (exit 1 naming what is left if shutdown.drain_timeout_seconds passes first).
+            """)
+
+    @OptionGroup var global: GlobalOptions
+
+    @Option(name: .long, help: ArgumentHelp("Unix socket to serve NBD on (default DATA/nbd.sock).", valueName: "path"))
+    var nbdSocket: String?
+
+    @Option(name: .long, help: ArgumentHelp("Also serve NBD over TCP on HOST:PORT (loopback recommended).", valueName: "host:port"))
+    var nbdTcp: String?
+
+    @Option(name: .long, help: ArgumentHelp("Seconds to wait for uploads at shutdown.", valueName: "seconds"))
+    var drainTimeout: Double?
+
+    func run() async throws {
+        var configuration = try global.load()
+        if let nbdSocket { configuration.nbdSocketPath = GlobalOptions.absolute(nbdSocket) }
+        if let nbdTcp {
+            let (host, port) = try VDConfiguration.parseHostPort(nbdTcp)
+            configuration.nbdTCPHost = host
+            configuration.nbdTCPPort = port
+        }
+        if let drainTimeout { configuration.drainTimeoutSeconds = drainTimeout }
+        LoggingSetup.bootstrap(level: configuration.logLevel)
+        let logger = Logger(label: "vd")
+        let backends = ConfiguredBackends(configuration: configuration)
+
+        // Check every backend a volume uses before taking I/O: a wrong key or a missing bucket is said up front.
+        let registrations = try VolumeRegistry.list(dataDirectory: configuration.dataDirectory)
+        for name in Set(registrations.map(\.backend) + [configuration.defaultBackend]).sorted() {
+            let store = try backends.store(named: name)
+            do {
+                try await store.verifyAccess()
+            } catch {
+                throw VDError(error.code, "backend '\(name)' (\(store.description)) is not usable: \(error.message)")
+            }
+        }
+
+        let router = try Router(configuration: configuration.routerConfiguration, backends: backends, logger: logger)
+        let failures = await router.openAll { message in logger.info("\(message)") }
+        for (name, error) in failures { printError("volume \(name) is not served: \(error.message)") }
+
+        var nbdConfiguration = NBDServerConfiguration(
+            unixSocketPath: configuration.effectiveSocketPath, tcpHost: configuration.nbdTCPHost,
+            tcpPort: configuration.nbdTCPPort, maxConnections: configuration.nbdMaxConnections,
+            maxInFlightRequestsPerConnection: configuration.nbdMaxInFlightPerConnection)
+        nbdConfiguration.maximumPayloadBytes = Limits.requestBytesMax
+        let server = NBDServer(
+            configuration: nbdConfiguration, exports: RouterExports(router: router),
+            eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: logger)
+        do {
+            try await server.start()
+        } catch {
+            _ = await router.stop(drainTimeoutSeconds: nil)
+            throw error
+        }
+        printBanner(configuration: configuration, router: router, server: server, backends: backends)
+
+        // Wait for SIGTERM or SIGINT.
+        let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
+        var received: UnixSignal?
+        for await signal in signals {
+            received = signal
+            break
+        }
+        logger.notice("received \(received.map { "\($0)" } ?? "signal"); stopping: no new I/O, uploading what is still local")
+        await server.stop()
+        let results = await router.stop(drainTimeoutSeconds: configuration.drainTimeoutSeconds)
+        var left: [String] = []
+        for (name, result) in results where !result.drained {
+            left.append("\(name): \(ByteSize.format(result.unstoredBytes)) in \(result.pendingSCOs) SCO(s)")
+        }
+        if !left.isEmpty {
+            printError(
+                "stopped, but the backend does not hold everything yet (drain timeout \(Int(configuration.drainTimeoutSeconds)) s); still only on local flash: "
+                    + left.joined(separator: "; ") + ". Starting vd serve again on this data directory resumes the uploads.")
+            throw ExitCode(1)
+        }
+        print("vd serve stopped; the backend holds every write of \(results.count) volume(s).")
+    }
+
+    private func printBanner(
+        configuration: VDConfiguration, router: Router, server: NBDServer, backends: ConfiguredBackends
+    ) {
+        let socket = configuration.effectiveSocketPath
+        var lines = ["vd serve: data directory \(configuration.dataDirectory)"]
+        if let store = try? backends.store(named: configuration.defaultBackend) {
+            lines.append("  default backend '\(configuration.defaultBackend)': \(store.description)")
+        }
+        lines.append("  NBD: \(server.boundAddresses.map(\.description).joined(separator: ", "))")
+        let volumes = router.volumes
+        if volumes.isEmpty {
+            lines.append("  no volumes yet: create one with `vd volume create NAME --size 20G --data-dir \(configuration.dataDirectory)` and restart vd serve")
+        }
+        for volume in volumes {
+            lines.append("  volume \(volume.name) (\(ByteSize.format(volume.config.sizeBytes))):")
+            lines.append("    qemu-img info 'nbd+unix:///\(volume.name)?socket=\(socket)'")
+            lines.append("    qemu-system-x86_64 -drive file=nbd+unix:///\(volume.name)?socket=\(socket),format=raw ...")
+        }
+        lines.append("ready (SIGTERM or Ctrl-C to stop)")
+        print(lines.joined(separator: "\n"))
+        fflush(stdout)
+    }
+}
+
+func printError(_ message: String) {
+    FileHandle.standardError.write(Data(("vd: " + message + "\n").utf8))
+}

@@ -1,0 +1,273 @@
+// The volume router's storage side: one data directory, the volumes registered in it, their backends, and the
+// lock that makes this process their only owner.
+//
+//   DATA/vd.lock               flock held by the owner (vd serve, or a CLI command working offline)
+//   DATA/volumes/NAME.volume   registration: the volume's configuration and which backend holds it
+//   DATA/flash/NAME/           the volume's local flash (journal, sealed SCOs, TLogs, map)
+//   DATA/backend/              the embedded default backend (a local-directory object store)
+//
+// Volume creation writes the configuration to the backend first (NAME/volume), then the registration, so a volume
+// that is registered always exists on its backend. Deletion removes the registration first, then the backend
+// namespace and the flash directory, so a half-finished deletion never leaves a volume that looks usable.
+
+import BlockMap
+import FlashIO
+package import Logging
+import NIOCore
+import NIOPosix
+package import ObjectStore
+package import SCOCache
+import Synchronization
+import TransactionLog
+package import VolumeCore
+
+/// A volume's entry in the data directory.
+package struct VolumeRegistration: Codable, Sendable, Hashable {
+    package var config: VolumeConfig
+    /// Name of the backend (in the router configuration) that holds the volume's namespace.
+    package var backend: String
+    package var namespace: String
+
+    package init(config: VolumeConfig, backend: String, namespace: String) {
+        self.config = config
+        self.backend = backend
+        self.namespace = namespace
+    }
+}
+
+/// Resolves backend names from the configuration to object stores.
+package protocol BackendResolver: Sendable {
+    func store(named name: String) throws(VDError) -> any ObjectStore
+    var defaultBackendName: String { get }
+}
+
+package struct RouterConfiguration: Sendable {
+    package var dataDirectory: String
+    /// Where volumes keep their local flash (default DATA/flash).
+    package var flashDirectory: String
+    package var volumeOptions = VolumeOptions()
+    /// Most bytes of SCOs kept on local flash across all volumes (un-uploaded data is never evicted).
+    package var cacheCapacityBytes: UInt64 = 16 << 30
+    /// Read sealed SCOs with O_DIRECT through Linux AIO.
+    package var directIO = true
+    /// Threads for blocking file work (syncs of sealed SCOs, upload reads).
+    package var ioThreads = 4
+
+    package init(dataDirectory: String) {
+        self.dataDirectory = dataDirectory
+        flashDirectory = dataDirectory + "/flash"
+    }
+
+    package func validate() throws(VDError) {
+        try volumeOptions.validate()
+        guard cacheCapacityBytes >= 2 * volumeOptions.uploadPendingBytesMax else {
+            throw VDError(
+                .configuration,
+                "cache size (\(ByteSize.format(cacheCapacityBytes))) must be at least twice upload max_pending (\(ByteSize.format(volumeOptions.uploadPendingBytesMax))): un-uploaded data cannot be evicted"
+            )
+        }
+        guard (1...64).contains(ioThreads) else { throw VDError(.configuration, "io_threads must be 1 to 64") }
+    }
+}
+
+/// The registrations of a data directory (usable without owning it, for read-only listing).
+package enum VolumeRegistry {
+    package static func directory(_ data: String) -> String { data + "/volumes" }
+    package static func path(_ data: String, _ name: VolumeName) -> String { directory(data) + "/" + name.rawValue + ".volume" }
+
+    package static func list(dataDirectory: String) throws(VDError) -> [VolumeRegistration] {
+        var result: [VolumeRegistration] = []
+        for file in try Syscall.listDirectory(directory(dataDirectory)).sorted() where file.hasSuffix(".volume") {
+            guard let name = VolumeName(rawValue: String(file.dropLast(".volume".count))) else { continue }
+            if let registration = try read(dataDirectory: dataDirectory, name: name) { result.append(registration) }
+        }
+        return result
+    }
+
+    package static func read(dataDirectory: String, name: VolumeName) throws(VDError) -> VolumeRegistration? {
+        let path = path(dataDirectory, name)
+        let file: FlashFile
+        do throws(VDError) {
+            file = try FlashFile(path: path, options: .readOnly)
+        } catch where error.code == .notFound {
+            return nil
+        }
+        defer { file.close() }
+        let bytes = try file.readExactly(Int(try file.size()), at: 0)
+        return try MetadataRecord.decode(
+            VolumeRegistration.self, from: ByteBuffer(bytes: bytes), kind: .volumeRegistration, what: path)
+    }
+
+    package static func write(_ registration: VolumeRegistration, dataDirectory: String) throws(VDError) {
+        let directory = directory(dataDirectory)
+        try Syscall.makeDirectories(directory)
+        let path = path(dataDirectory, registration.config.name)
+        let temporary = path + ".tmp"
+        let bytes = try MetadataRecord.encode(registration, kind: .volumeRegistration)
+        let file = try FlashFile(path: temporary, options: [.create, .truncate])
+        do throws(VDError) {
+            try bytes.withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: 0) }
+            try file.sync()
+            file.close()
+            try Syscall.rename(temporary, path)
+            try Syscall.syncDirectory(directory)
+        } catch {
+            file.close()
+            try? Syscall.unlinkIfPresent(temporary)
+            throw error
+        }
+    }
+
+    package static func remove(dataDirectory: String, name: VolumeName) throws(VDError) {
+        try Syscall.unlinkIfPresent(path(dataDirectory, name))
+        try Syscall.syncDirectory(directory(dataDirectory))
+    }
+}
+
+/// Volume lifecycle operations that need the data directory lock (offline, or inside the router).
+package enum VolumeAdministration {
+    /// Creates a volume: configuration on the backend, then the registration.
+    package static func create(
+        dataDirectory: String, name: VolumeName, sizeBytes: UInt64, clusterSizeBytes: UInt32, backendName: String,
+        backend: any ObjectStore, parent: VolumeConfig.Parent? = nil
+    ) async throws(VDError) -> VolumeConfig {
+        try VolumeConfig.validate(sizeBytes: sizeBytes, clusterSizeBytes: clusterSizeBytes)
+        if try VolumeRegistry.read(dataDirectory: dataDirectory, name: name) != nil {
+            throw VDError(.alreadyExists, "volume \(name) already exists")
+        }
+        let config = VolumeConfig(name: name, sizeBytes: sizeBytes, clusterSizeBytes: clusterSizeBytes, parent: parent)
+        let layout = VolumeLayout(flashDirectory: "", namespace: name.rawValue)
+        let existingConfig = try await backend.head(layout.configObject)
+        let existingObjects = try await backend.list(prefix: layout.namespace + "/")
+        if existingConfig != nil || !existingObjects.isEmpty {
+            throw VDError(
+                .alreadyExists,
+                "the backend (\(backend.description)) already holds a namespace named \(name); attach it with `vd volume attach \(name)` or pick another name"
+            )
+        }
+        try await backend.put(layout.configObject, data: try MetadataRecord.encode(config, kind: .volumeConfig))
+        try VolumeRegistry.write(
+            VolumeRegistration(config: config, backend: backendName, namespace: name.rawValue), dataDirectory: dataDirectory)
+        return config
+    }
+
+    /// Deletes a volume everywhere: registration, backend namespace, local flash.
+    package static func delete(
+        dataDirectory: String, flashDirectory: String, registration: VolumeRegistration, backend: any ObjectStore
+    ) async throws(VDError) {
+        let name = registration.config.name
+        try VolumeRegistry.remove(dataDirectory: dataDirectory, name: name)
+        // Data first, the configuration last: an interrupted delete leaves a namespace `attach` can still see.
+        let objects = try await backend.list(prefix: registration.namespace + "/")
+        let configObject = registration.namespace + "/volume"
+        for object in objects where object.name != configObject { try await backend.delete(object.name) }
+        try await backend.delete(configObject)
+        try Syscall.removeTree(flashDirectory + "/" + name.rawValue)
+    }
+}
+
+/// Owns the volumes of a data directory while `vd serve` runs.
+package final class Router: Sendable {
+    package let configuration: RouterConfiguration
+    package let backends: any BackendResolver
+    package let cache: FlashCache
+    let pool: NIOThreadPool
+    let aio: AIOQueue?
+    let logger: Logger
+    private let lock: DirectoryLock
+    private let state = Mutex<[VolumeName: Volume]>([:])
+
+    /// Takes the data directory lock (or fails naming its holder) and prepares the shared cache and I/O threads.
+    package init(configuration: RouterConfiguration, backends: any BackendResolver, logger: Logger) throws(VDError) {
+        try configuration.validate()
+        try Syscall.makeDirectories(configuration.dataDirectory)
+        try Syscall.makeDirectories(configuration.flashDirectory)
+        lock = try DirectoryLock(directory: configuration.dataDirectory, holder: "vd serve")
+        self.configuration = configuration
+        self.backends = backends
+        self.logger = logger
+        var aio: AIOQueue?
+        if configuration.directIO {
+            do throws(VDError) {
+                aio = try AIOQueue()
+            } catch {
+                logger.warning("Linux AIO is unavailable (\(error)); reading the flash cache through the page cache")
+            }
+        }
+        self.aio = aio
+        cache = FlashCache(capacityBytes: configuration.cacheCapacityBytes, aio: aio, logger: logger)
+        pool = NIOThreadPool(numberOfThreads: configuration.ioThreads)
+        pool.start()
+    }
+
+    package func layout(for registration: VolumeRegistration) -> VolumeLayout {
+        VolumeLayout(
+            flashDirectory: configuration.flashDirectory + "/" + registration.config.name.rawValue,
+            namespace: registration.namespace)
+    }
+
+    /// Opens every registered volume (recovering each). A volume that cannot open is reported and skipped; the
+    /// others are served.
+    package func openAll(progress: @escaping @Sendable (String) -> Void) async -> [(VolumeName, VDError)] {
+        var failures: [(VolumeName, VDError)] = []
+        let registrations: [VolumeRegistration]
+        do throws(VDError) {
+            registrations = try VolumeRegistry.list(dataDirectory: configuration.dataDirectory)
+        } catch {
+            return [(VolumeName(rawValue: "registry")!, error)]
+        }
+        for registration in registrations {
+            do throws(VDError) {
+                _ = try await open(registration, progress: progress)
+            } catch {
+                logger.error("cannot open volume \(registration.config.name): \(error)")
+                failures.append((registration.config.name, error))
+            }
+        }
+        return failures
+    }
+
+    @discardableResult
+    package func open(_ registration: VolumeRegistration, progress: @escaping @Sendable (String) -> Void) async throws(VDError)
+        -> Volume
+    {
+        if let existing = volume(named: registration.config.name) { return existing }
+        let backend = try backends.store(named: registration.backend)
+        let volume = try await Volume.open(
+            config: registration.config, layout: layout(for: registration), options: configuration.volumeOptions,
+            backend: backend, cache: cache, pool: pool, logger: logger, progress: progress)
+        state.withLock { $0[registration.config.name] = volume }
+        return volume
+    }
+
+    package func volume(named name: VolumeName) -> Volume? { state.withLock { $0[name] } }
+    package var volumes: [Volume] { state.withLock { $0.values.sorted { $0.name < $1.name } } }
+
+    /// Closes one volume (for delete).
+    package func closeVolume(_ name: VolumeName) async -> CloseResult? {
+        guard let volume = state.withLock({ $0.removeValue(forKey: name) }) else { return nil }
+        let result = await volume.close()
+        cache.forget(volume: volume.config.id)
+        return result
+    }
+
+    /// Closes every volume. With a drain timeout, each volume's data is sealed and uploaded first (in parallel).
+    package func stop(drainTimeoutSeconds: Double?) async -> [(VolumeName, CloseResult)] {
+        let volumes = state.withLock { volumes -> [Volume] in
+            defer { volumes = [:] }
+            return Array(volumes.values)
+        }
+        let results = await withTaskGroup(of: (VolumeName, CloseResult).self) { group in
+            for volume in volumes {
+                group.addTask { (volume.name, await volume.close(drainTimeoutSeconds: drainTimeoutSeconds)) }
+            }
+            var results: [(VolumeName, CloseResult)] = []
+            for await result in group { results.append(result) }
+            return results.sorted { $0.0 < $1.0 }
+        }
+        aio?.close()
+        try? await pool.shutdownGracefully()
+        lock.release()
+        return results
+    }
+}
