@@ -20,8 +20,8 @@
 // - Back-pressure: when the in-flight bounds (requests, bytes) are reached the handler stops decoding and holds back
 //   `read()` (autoRead then stops), resuming when a completion brings the counts under the bounds.
 
-import Logging
-import NIOCore
+package import Logging
+package import NIOCore
 import VolumeCore
 
 #if canImport(Glibc)
@@ -41,30 +41,42 @@ public enum NBDDeviceExecution: Sendable, Hashable {
 }
 
 /// Per-connection settings derived from the server configuration.
-struct NBDConnectionSettings: Sendable {
-    var stateMachine: NBDServerConnectionStateMachine.Configuration
-    var handshakeTimeout: TimeAmount?
-    var idleTimeout: TimeAmount?
-    var shutdownGracePeriod: TimeAmount
-    var deviceExecution: NBDDeviceExecution
-    var optionDataBytesMax: UInt32 = NBDHandshakeDecoder.optionDataBytesMaxDefault
-    var optionDiscardBytesMax: UInt32 = NBDHandshakeDecoder.optionDiscardBytesMaxDefault
+package struct NBDConnectionSettings: Sendable {
+    package var stateMachine: NBDServerConnectionStateMachine.Configuration
+    package var handshakeTimeout: TimeAmount?
+    package var idleTimeout: TimeAmount?
+    package var shutdownGracePeriod: TimeAmount
+    package var deviceExecution: NBDDeviceExecution
+    package var optionDataBytesMax: UInt32 = NBDHandshakeDecoder.optionDataBytesMaxDefault
+    package var optionDiscardBytesMax: UInt32 = NBDHandshakeDecoder.optionDiscardBytesMaxDefault
+
+    package init(
+        stateMachine: NBDServerConnectionStateMachine.Configuration = .init(), handshakeTimeout: TimeAmount? = nil,
+        idleTimeout: TimeAmount? = nil, shutdownGracePeriod: TimeAmount = .seconds(10),
+        deviceExecution: NBDDeviceExecution = .eventLoop
+    ) {
+        self.stateMachine = stateMachine
+        self.handshakeTimeout = handshakeTimeout
+        self.idleTimeout = idleTimeout
+        self.shutdownGracePeriod = shutdownGracePeriod
+        self.deviceExecution = deviceExecution
+    }
     /// WRITE payloads above the advertised maximum and up to this many bytes are read and discarded (then refused
     /// with EINVAL); larger ones end the connection. The spec says payloads up to 32 MiB should not be taken for a
     /// denial of service, so this is at least that.
-    static let oversizedWriteDiscardBytesMax: UInt32 = 64 << 20
+    package static let oversizedWriteDiscardBytesMax: UInt32 = 64 << 20
 }
 
 /// Observes connection life for the server's registry (connection counts per export, disconnecting an export).
-protocol NBDConnectionObserver: Sendable {
+package protocol NBDConnectionObserver: Sendable {
     func connection(_ id: Int, enteredTransmissionWith exportName: String)
     func connectionQuiesced(_ id: Int)
 }
 
-final class NBDConnectionHandler: ChannelDuplexHandler {
-    typealias InboundIn = ByteBuffer
-    typealias OutboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
+package final class NBDConnectionHandler: ChannelDuplexHandler {
+    package typealias InboundIn = ByteBuffer
+    package typealias OutboundIn = ByteBuffer
+    package typealias OutboundOut = ByteBuffer
 
     private enum Phase {
         case handshake(NBDHandshakeDecoder)
@@ -104,9 +116,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private let quiescedPromise: EventLoopPromise<Void>
 
     /// Succeeds when the connection is closed and no device command of it is still running.
-    var quiesced: EventLoopFuture<Void> { quiescedPromise.futureResult }
+    package var quiesced: EventLoopFuture<Void> { quiescedPromise.futureResult }
 
-    init(
+    package init(
         id: Int, eventLoop: any EventLoop, settings: NBDConnectionSettings, exports: any NBDExportProvider,
         observer: (any NBDConnectionObserver)?, logger: Logger, allocator: ByteBufferAllocator
     ) {
@@ -128,17 +140,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     // MARK: - Channel events
 
-    func handlerAdded(context: ChannelHandlerContext) {
+    package func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         if context.channel.isActive { activate(context: context) }
     }
 
-    func handlerRemoved(context: ChannelHandlerContext) {
+    package func handlerRemoved(context: ChannelHandlerContext) {
         connectionEnded()
         self.context = nil
     }
 
-    func channelActive(context: ChannelHandlerContext) {
+    package func channelActive(context: ChannelHandlerContext) {
         activate(context: context)
         context.fireChannelActive()
     }
@@ -158,7 +170,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    package func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = unwrapInboundIn(data)
         guard !stateMachine.isClosed else { return }
         if settings.idleTimeout != nil { lastActivity = .now() }
@@ -168,12 +180,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         inChannelRead = false
     }
 
-    func channelReadComplete(context: ChannelHandlerContext) {
+    package func channelReadComplete(context: ChannelHandlerContext) {
         flushOutbound()
         context.fireChannelReadComplete()
     }
 
-    func read(context: ChannelHandlerContext) {
+    package func read(context: ChannelHandlerContext) {
         if stateMachine.holdsReads {
             readHeldBack = true
         } else {
@@ -181,12 +193,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
+    package func channelInactive(context: ChannelHandlerContext) {
         connectionEnded()
         context.fireChannelInactive()
     }
 
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+    package func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if let ioError = error as? IOError, ioError.errnoCode == ECONNRESET || ioError.errnoCode == EPIPE {
             logger.debug("NBD client reset the connection")
         } else {
@@ -195,7 +207,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         hardClose()
     }
 
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+    package func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let event = event as? ChannelEvent, event == .inputClosed {
             // The client half-closed: nothing more will arrive. Finish what is in flight, then close.
             if stateMachine.beginShutdown() { closeAfterFlushing() }
@@ -473,7 +485,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Ends the connection for a server stop or an export being taken away: requests in flight finish (new ones get
     /// NBD_ESHUTDOWN), then it closes; after the grace period it closes regardless. Must run on the event loop.
-    func shutdown() {
+    package func shutdown() {
         guard let context, !closeRequested else { return }
         if stateMachine.beginShutdown() {
             closeAfterFlushing()
@@ -491,14 +503,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// The handler never made it into a pipeline: release its slot. Must run on the event loop.
-    func abandon() {
+    package func abandon() {
         phase = .closed
         stateMachine.connectionClosed()
         checkQuiesced()
     }
 
     /// Closes now (in-flight device commands still finish; their replies are dropped). Must run on the event loop.
-    func forceClose() {
+    package func forceClose() {
         stateMachine.connectionClosed()
         hardClose()
     }

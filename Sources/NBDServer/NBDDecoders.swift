@@ -86,13 +86,15 @@ package struct NBDHandshakeDecoder: NBDFrameDecoder {
     package let optionDiscardBytesMax: UInt32
     private var state = State.clientFlags
 
+    /// - Parameter expectClientFlags: false to start with option frames (tests of the option framing alone).
     package init(
         optionDataBytesMax: UInt32 = optionDataBytesMaxDefault,
-        optionDiscardBytesMax: UInt32 = optionDiscardBytesMaxDefault
+        optionDiscardBytesMax: UInt32 = optionDiscardBytesMaxDefault, expectClientFlags: Bool = true
     ) {
         precondition(optionDataBytesMax <= optionDiscardBytesMax)
         self.optionDataBytesMax = optionDataBytesMax
         self.optionDiscardBytesMax = optionDiscardBytesMax
+        self.state = expectClientFlags ? .clientFlags : .options
     }
 
     package mutating func decode(_ buffer: inout ByteBuffer) throws(NBDDecodingError) -> NBDDecodeStep<
