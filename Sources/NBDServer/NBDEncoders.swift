@@ -1,0 +1,123 @@
+// NBDEncoders
+// Writes what the server sends: option replies of the handshake and simple / structured replies of the transmission
+// phase. Encoding is separate from deciding (the state machine decides), so each byte layout is tested on its own.
+//
+// Faults it must survive: strings from devices or exports longer than the protocol allows (cut to 4096 bytes on a
+// character boundary), READ data that must not be copied (the header is written into one buffer, the data buffer is
+// handed back untouched so the channel writes both with one writev).
+
+package import NIOCore
+
+/// A run of blocks with one allocation status, as sent in an `NBD_REPLY_TYPE_BLOCK_STATUS` chunk.
+package struct NBDBlockDescriptor: Hashable, Sendable {
+    package var length: UInt32
+    package var flags: UInt32
+    package init(length: UInt32, flags: UInt32) {
+        self.length = length
+        self.flags = flags
+    }
+}
+
+/// A reply of the transmission phase.
+package enum NBDReply: Hashable, Sendable {
+    /// A simple reply without data: success (`error` 0) or failure.
+    case simple(cookie: UInt64, error: UInt32)
+    /// A successful READ: a simple reply followed by the data, or (structured) one `NBD_REPLY_TYPE_OFFSET_DATA` chunk
+    /// flagged done.
+    case readData(cookie: UInt64, offset: UInt64, data: ByteBuffer, structured: Bool)
+    /// A structured `NBD_REPLY_TYPE_ERROR` chunk flagged done.
+    case structuredError(cookie: UInt64, error: UInt32, message: String)
+    /// A structured `NBD_REPLY_TYPE_BLOCK_STATUS` chunk flagged done.
+    case blockStatus(cookie: UInt64, contextID: UInt32, descriptors: [NBDBlockDescriptor])
+
+    package var cookie: UInt64 {
+        switch self {
+        case .simple(let cookie, _), .readData(let cookie, _, _, _), .structuredError(let cookie, _, _),
+            .blockStatus(let cookie, _, _):
+            return cookie
+        }
+    }
+}
+
+package enum NBDReplyEncoder {
+    /// Appends the reply's header bytes to `buffer` and returns the data buffer that must follow them on the wire
+    /// (READ data, passed through without copying), if any.
+    package static func encode(_ reply: NBDReply, into buffer: inout ByteBuffer) -> ByteBuffer? {
+        switch reply {
+        case .simple(let cookie, let error):
+            buffer.writeMultipleIntegers(NBDMagic.simpleReply, error, cookie)
+            return nil
+        case .readData(let cookie, let offset, let data, let structured):
+            if structured {
+                buffer.writeMultipleIntegers(
+                    NBDMagic.structuredReply, NBDReplyChunk.flagDone, NBDReplyChunk.typeOffsetData, cookie,
+                    UInt32(8 + data.readableBytes), offset)
+            } else {
+                buffer.writeMultipleIntegers(NBDMagic.simpleReply, UInt32(0), cookie)
+            }
+            return data
+        case .structuredError(let cookie, let error, let message):
+            let text = truncatedUTF8(message, maxBytes: NBDWire.stringBytesMax)
+            buffer.writeMultipleIntegers(
+                NBDMagic.structuredReply, NBDReplyChunk.flagDone, NBDReplyChunk.typeError, cookie,
+                UInt32(6 + text.count), error, UInt16(text.count))
+            buffer.writeBytes(text)
+            return nil
+        case .blockStatus(let cookie, let contextID, let descriptors):
+            buffer.writeMultipleIntegers(
+                NBDMagic.structuredReply, NBDReplyChunk.flagDone, NBDReplyChunk.typeBlockStatus, cookie,
+                UInt32(4 + 8 * descriptors.count), contextID)
+            for descriptor in descriptors {
+                buffer.writeMultipleIntegers(descriptor.length, descriptor.flags)
+            }
+            return nil
+        }
+    }
+
+    /// The whole reply as one buffer (tests and cold paths).
+    package static func encode(_ reply: NBDReply, allocator: ByteBufferAllocator = ByteBufferAllocator()) -> ByteBuffer
+    {
+        var buffer = allocator.buffer(capacity: 64)
+        if var data = encode(reply, into: &buffer) {
+            buffer.writeBuffer(&data)
+        }
+        return buffer
+    }
+
+    /// The server's greeting: `NBDMAGIC`, `IHAVEOPT`, handshake flags.
+    package static func greeting(handshakeFlags: UInt16, allocator: ByteBufferAllocator) -> ByteBuffer {
+        var buffer = allocator.buffer(capacity: NBDWire.greetingBytes)
+        buffer.writeMultipleIntegers(NBDMagic.initPassword, NBDMagic.option, handshakeFlags)
+        return buffer
+    }
+
+    /// Appends one option reply: magic, option, reply type, length, then what `body` writes.
+    package static func appendOptionReply(
+        to buffer: inout ByteBuffer, option: UInt32, type: UInt32, body: (inout ByteBuffer) -> Void = { _ in }
+    ) {
+        buffer.writeMultipleIntegers(NBDMagic.optionReply, option, type)
+        let lengthIndex = buffer.writerIndex
+        buffer.writeInteger(UInt32(0))
+        let start = buffer.writerIndex
+        body(&buffer)
+        buffer.setInteger(UInt32(buffer.writerIndex - start), at: lengthIndex)
+    }
+
+    /// Appends an error option reply whose data is a message for humans.
+    package static func appendOptionError(
+        to buffer: inout ByteBuffer, option: UInt32, type: UInt32, message: String
+    ) {
+        precondition(type & 0x8000_0000 != 0, "option error replies have bit 31 set")
+        appendOptionReply(to: &buffer, option: option, type: type) { $0.writeBytes(truncatedUTF8(message)) }
+    }
+
+    /// `string` as UTF-8, cut to at most `maxBytes` bytes without splitting a character.
+    package static func truncatedUTF8(_ string: String, maxBytes: Int = NBDWire.stringBytesMax) -> ArraySlice<UInt8> {
+        let bytes = Array(string.utf8)
+        guard bytes.count > maxBytes else { return bytes[...] }
+        var end = maxBytes
+        // Back off continuation bytes (10xxxxxx) so the cut falls before the start of a character.
+        while end > 0 && bytes[end] & 0xC0 == 0x80 { end -= 1 }
+        return bytes[..<end]
+    }
+}
