@@ -1,10 +1,10 @@
 // Backends by name: each configured URL becomes one object store, created on first use and shared.
 
 import Foundation
-import ObjectStore
+package import ObjectStore
 import Synchronization
-import VolumeCore
-package import VolumeRouter
+package import VolumeCore
+import VolumeRouter
 
 package final class ConfiguredBackends: BackendResolver {
     private let urls: [String: String]

@@ -121,7 +121,7 @@ struct ServeCommand: AsyncParsableCommand {
         }
         lines.append("ready (SIGTERM or Ctrl-C to stop)")
         print(lines.joined(separator: "\n"))
-        fflush(stdout)
+        fflush(nil)
     }
 }
 

@@ -3,7 +3,7 @@
 package import ArgumentParser
 import Foundation
 import Logging
-import VolumeCore
+package import VolumeCore
 
 /// `vd`: the VolumeDriver command line.
 package struct VDCommand: AsyncParsableCommand {
@@ -21,6 +21,21 @@ package struct VDCommand: AsyncParsableCommand {
     )
 
     package init() {}
+
+    /// Parses the process arguments and runs the chosen command (what `@main` would do; the executable target
+    /// stays a one-line file).
+    package static func runFromCommandLine() async {
+        do {
+            var command = try parseAsRoot(nil)
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            exit(withError: error)
+        }
+    }
 }
 
 package enum VDVersion {

@@ -55,8 +55,9 @@ public struct VolumeConfig: Codable, Sendable, Hashable {
         guard sizeBytes % UInt64(clusterSizeBytes) == 0 else {
             let down = sizeBytes / UInt64(clusterSizeBytes) * UInt64(clusterSizeBytes)
             let up = down + UInt64(clusterSizeBytes)
+            let suggestion = down == 0 ? "\(up)" : "\(down) or \(up)"
             throw .invalidArgument(
-                "the volume size \(sizeBytes) is not a multiple of the cluster size \(clusterSizeBytes); use \(down) or \(up)")
+                "the volume size \(sizeBytes) is not a multiple of the cluster size \(clusterSizeBytes); use \(suggestion)")
         }
     }
 }

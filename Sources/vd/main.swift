@@ -1,4 +1,4 @@
 // vd: the VolumeDriver command line (see VDCommands).
 import VDCommands
 
-await VDCommand.main()
+await VDCommand.runFromCommandLine()
