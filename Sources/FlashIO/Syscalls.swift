@@ -168,6 +168,28 @@ package enum Syscall {
         try fsync(fd, path: path)
     }
 
+    /// Hard-links `from` as `to`; false when the file systems differ or links are not supported.
+    package static func link(_ from: String, _ to: String) -> Bool {
+        Glibc.link(from, to) == 0
+    }
+
+    /// Copies `length` bytes from the start of one descriptor to another (in the kernel when possible).
+    package static func copyFile(from source: Int32, to target: Int32, length: UInt64, path: String) throws(VDError) {
+        var sourceOffset = off_t(0)
+        var targetOffset = off_t(0)
+        var left = length
+        while left > 0 {
+            let n = CLibAIO.copy_file_range(source, &sourceOffset, target, &targetOffset, Int(min(left, 1 << 30)), 0)
+            if n > 0 {
+                left -= UInt64(n)
+                continue
+            }
+            if n == 0 { throw VDError(.io, "copy to \(path): source ended \(left) bytes early") }
+            if errno == EINTR { continue }
+            throw error("copy to", path, errno: errno)
+        }
+    }
+
     package static func fileExists(_ path: String) -> Bool {
         var st = stat()
         return stat(path, &st) == 0

@@ -64,6 +64,35 @@ public final class LocalDirectoryStore: ObjectStore {
         }
     }
 
+    /// A hard link when the file is on the store's file system (no copy: the file is immutable), else a copy;
+    /// either way fsynced and renamed into place like `put`.
+    public func put(_ name: String, contentsOf path: String, length: UInt64) async throws(VDError) {
+        let target = try self.path(name)
+        let directory = String(target[..<target.lastIndex(of: "/")!])
+        try await run { () throws(VDError) in
+            try Syscall.makeDirectories(directory)
+            let source = try FlashFile(path: path, options: .readOnly)
+            defer { source.close() }
+            guard try source.size() == length else {
+                throw VDError(.invalidArgument, "\(path) is not \(length) bytes long; only whole sealed files are uploaded")
+            }
+            let temporary = directory + "/.tmp-" + String(UInt64.random(in: 0...UInt64.max), radix: 16)
+            do throws(VDError) {
+                if !Syscall.link(path, temporary) {
+                    let copy = try FlashFile(path: temporary, options: [.create, .exclusive])
+                    defer { copy.close() }
+                    try Syscall.copyFile(from: source.fd, to: copy.fd, length: length, path: temporary)
+                    try copy.sync()
+                }
+                try Syscall.rename(temporary, target)
+            } catch {
+                try? Syscall.unlinkIfPresent(temporary)
+                throw error
+            }
+            try Syscall.syncDirectory(directory)
+        }
+    }
+
     public func get(_ name: String) async throws(VDError) -> ByteBuffer {
         let target = try path(name)
         return try await run { () throws(VDError) -> ByteBuffer in

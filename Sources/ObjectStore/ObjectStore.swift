@@ -2,7 +2,9 @@
 // contract suite. Object names are written once and never overwritten by VolumeDriver, which makes retries of a PUT
 // with an unknown outcome, caches and eventual consistency safe.
 
+import FlashIO
 public import NIOCore
+import NIOPosix
 public import VolumeCore
 
 /// One object in a listing.
@@ -37,6 +39,46 @@ public protocol ObjectStore: Sendable {
     func delete(_ name: String) async throws(VDError)
     /// Checks the store is reachable and usable (bucket exists, credentials accepted); the error says what to fix.
     func verifyAccess() async throws(VDError)
+    /// Stores the first `length` bytes of the local file at `path` under `name`. The file must not change until
+    /// this returns (VolumeDriver only uploads sealed, immutable files). The default reads the file into memory and
+    /// calls `put`; stores that can do better (a hard link on the same file system) override it.
+    func put(_ name: String, contentsOf path: String, length: UInt64) async throws(VDError)
+}
+
+extension ObjectStore {
+    public func put(_ name: String, contentsOf path: String, length: UInt64) async throws(VDError) {
+        let data = try await LocalFileReader.read(path: path, length: length)
+        try await put(name, data: data)
+    }
+}
+
+/// Reads local files off the caller's thread.
+enum LocalFileReader {
+    static func read(path: String, length: UInt64) async throws(VDError) -> ByteBuffer {
+        let result: Result<ByteBuffer, VDError>
+        do {
+            result = try await NIOThreadPool.singleton.runIfActive { () -> Result<ByteBuffer, VDError> in
+                do throws(VDError) {
+                    let file = try FlashFile(path: path, options: .readOnly)
+                    defer { file.close() }
+                    var buffer = ByteBufferAllocator().buffer(capacity: Int(length))
+                    let n = try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) {
+                        (raw) throws(VDError) -> Int in
+                        try file.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<Int(length)]), at: 0)
+                    }
+                    guard n == Int(length) else {
+                        throw VDError(.corrupt, "\(path) is \(n) bytes, expected \(length)")
+                    }
+                    return .success(buffer)
+                } catch {
+                    return .failure(error)
+                }
+            }
+        } catch {
+            throw VDError(.shutdown, "cannot read \(path): the I/O thread pool is shut down")
+        }
+        return try result.get()
+    }
 }
 
 public enum ObjectName {

@@ -124,12 +124,7 @@ extension Volume {
         let path = layout.scoPath(sco)
         let object = layout.scoObject(sco)
         let succeeded = await retrying("upload of \(object)") { () async throws(VDError) in
-            let data = try await self.blocking { () throws(VDError) -> ByteBuffer in
-                let file = try FlashFile(path: path, options: .readOnly)
-                defer { file.close() }
-                return ByteBuffer(bytes: try file.readExactly(Int(lengthBytes), at: 0))
-            }
-            try await self.backend.put(object, data: data)
+            try await self.backend.put(object, contentsOf: path, length: lengthBytes)
         }
         uploads.withLock { state in
             state.scoUploading.remove(sco)
