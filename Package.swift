@@ -164,6 +164,11 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "IntegrationTests",
+            dependencies: ["vd", "VolumeTesting", "VolumeCore"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "ObjectStoreTests",
             dependencies: [
                 "ObjectStore", "VolumeCore", "VolumeTesting",

@@ -94,10 +94,10 @@ struct ConfigFile: Decodable {
     struct SCOSection: Decodable { var size: SizeValue? }
     struct Upload: Decodable {
         var max_pending: SizeValue?
-        var max_age_seconds: Double?
+        var max_age_seconds: NumberValue?
         var concurrency: Int?
-        var retry_delay_seconds: Double?
-        var retry_delay_max_seconds: Double?
+        var retry_delay_seconds: NumberValue?
+        var retry_delay_max_seconds: NumberValue?
     }
     struct Cache: Decodable {
         var size: SizeValue?
@@ -105,7 +105,7 @@ struct ConfigFile: Decodable {
         var detect_zeroes: Bool?
     }
     struct MapSection: Decodable { var cache_entries: Int? }
-    struct Shutdown: Decodable { var drain_timeout_seconds: Double? }
+    struct Shutdown: Decodable { var drain_timeout_seconds: NumberValue? }
     struct Backend: Decodable { var url: String }
 
     var data_dir: String?
@@ -121,6 +121,19 @@ struct ConfigFile: Decodable {
     var map: MapSection?
     var shutdown: Shutdown?
     var backends: [String: Backend]?
+}
+
+/// A number written as an integer or a float (TOML distinguishes them; users should not have to).
+struct NumberValue: Decodable {
+    var value: Double
+    init(from decoder: any Decoder) throws {
+        let container = try decoder.singleValueContainer()
+        if let integer = try? container.decode(Int.self) {
+            value = Double(integer)
+        } else {
+            value = try container.decode(Double.self)
+        }
+    }
 }
 
 /// A size written as a string with a suffix ("64M") or as a plain integer of bytes.
@@ -158,11 +171,21 @@ extension VDConfiguration {
         } catch let error as UnexpectedKeysError {
             let keys = error.keys.map { key, path in (path.map(\.stringValue) + [key]).joined(separator: ".") }.sorted()
             throw VDError(.configuration, "\(path): unknown setting(s): \(keys.joined(separator: ", "))")
+        } catch let DecodingError.typeMismatch(_, context) {
+            throw VDError(.configuration, "\(path): \(Self.keyPath(context)) has the wrong type: \(context.debugDescription)")
+        } catch let DecodingError.keyNotFound(_, context) {
+            throw VDError(.configuration, "\(path): \(Self.keyPath(context)) has the wrong type or is missing: \(context.debugDescription)")
+        } catch let DecodingError.dataCorrupted(context) {
+            throw VDError(.configuration, "\(path): \(Self.keyPath(context)): \(context.debugDescription)")
         } catch {
             throw VDError(.configuration, "\(path): \(error)")
         }
         try configuration.apply(file, path: path)
         return configuration
+    }
+
+    static func keyPath(_ context: DecodingError.Context) -> String {
+        context.codingPath.map(\.stringValue).joined(separator: ".")
     }
 
     mutating func apply(_ file: ConfigFile, path: String) throws(VDError) {
@@ -187,10 +210,10 @@ extension VDConfiguration {
         if let size = file.sco?.size { volumeOptions.scoSizeBytes = size.bytes }
         if let upload = file.upload {
             if let v = upload.max_pending { volumeOptions.uploadPendingBytesMax = v.bytes }
-            if let v = upload.max_age_seconds { volumeOptions.uploadAgeSecondsMax = v }
+            if let v = upload.max_age_seconds { volumeOptions.uploadAgeSecondsMax = v.value }
             if let v = upload.concurrency { volumeOptions.uploadConcurrency = v }
-            if let v = upload.retry_delay_seconds { volumeOptions.uploadRetryDelaySeconds = v }
-            if let v = upload.retry_delay_max_seconds { volumeOptions.uploadRetryDelaySecondsMax = v }
+            if let v = upload.retry_delay_seconds { volumeOptions.uploadRetryDelaySeconds = v.value }
+            if let v = upload.retry_delay_max_seconds { volumeOptions.uploadRetryDelaySecondsMax = v.value }
         }
         if let cache = file.cache {
             if let v = cache.size { cacheCapacityBytes = v.bytes }
@@ -198,7 +221,7 @@ extension VDConfiguration {
             if let v = cache.detect_zeroes { volumeOptions.detectZeroes = v }
         }
         if let entries = file.map?.cache_entries { volumeOptions.mapCacheEntries = entries }
-        if let timeout = file.shutdown?.drain_timeout_seconds { drainTimeoutSeconds = timeout }
+        if let timeout = file.shutdown?.drain_timeout_seconds { drainTimeoutSeconds = timeout.value }
         if let backends = file.backends {
             for (name, backend) in backends { self.backends[name] = backend.url }
         }

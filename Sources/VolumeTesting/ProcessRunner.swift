@@ -1,0 +1,200 @@
+// Running real programs from tests: the vd binary under test and the NBD clients (qemu-io, qemu-img, nbdinfo,
+// nbdcopy, fio). A missing tool is a test failure that names the Debian package, never a silent skip.
+
+public import Foundation
+
+/// The outcome of a finished program.
+public struct ProcessResult: Sendable {
+    public var status: Int32
+    public var output: String
+    public var error: String
+    public var succeeded: Bool { status == 0 }
+}
+
+public enum ProcessRunner {
+    /// Debian packages that provide the tools tests use.
+    public static let packages: [String: String] = [
+        "qemu-io": "qemu-utils", "qemu-img": "qemu-utils", "qemu-nbd": "qemu-utils", "nbdinfo": "libnbd-bin",
+        "nbdcopy": "libnbd-bin", "fio": "fio",
+    ]
+
+    /// Absolute path of `tool` on PATH, or an error naming the package to install.
+    public static func which(_ tool: String) throws -> String {
+        if tool.hasPrefix("/") { return tool }
+        for directory in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":") {
+            let candidate = "\(directory)/\(tool)"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        let package = packages[tool].map { " (apt-get install \($0))" } ?? ""
+        throw TestToolError(message: "\(tool) is not installed\(package); run the README's test command")
+    }
+
+    /// Runs a program to completion (with a timeout) and captures its output.
+    @discardableResult
+    public static func run(
+        _ tool: String, _ arguments: [String], currentDirectory: String? = nil, environment: [String: String] = [:],
+        timeoutSeconds: Double = 300
+    ) throws -> ProcessResult {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try which(tool))
+        process.arguments = arguments
+        if let currentDirectory { process.currentDirectoryURL = URL(fileURLWithPath: currentDirectory) }
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
+        let out = Pipe()
+        let err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        let outData = LockedData()
+        let errData = LockedData()
+        out.fileHandleForReading.readabilityHandler = { outData.append($0.availableData) }
+        err.fileHandleForReading.readabilityHandler = { errData.append($0.availableData) }
+        try process.run()
+        let deadline = Date().addingTimeInterval(timeoutSeconds)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning {
+            process.terminate()
+            process.waitUntilExit()
+            throw TestToolError(message: "\(tool) \(arguments.joined(separator: " ")) timed out after \(timeoutSeconds) s")
+        }
+        process.waitUntilExit()
+        out.fileHandleForReading.readabilityHandler = nil
+        err.fileHandleForReading.readabilityHandler = nil
+        outData.append(out.fileHandleForReading.readDataToEndOfFile())
+        errData.append(err.fileHandleForReading.readDataToEndOfFile())
+        return ProcessResult(
+            status: process.terminationStatus, output: outData.string, error: errData.string)
+    }
+}
+
+public struct TestToolError: Error, CustomStringConvertible {
+    public var message: String
+    public init(message: String) { self.message = message }
+    public var description: String { message }
+}
+
+final class LockedData: @unchecked Sendable {
+    private let lock = NSLock()
+    private var data = Data()
+    func append(_ more: Data) {
+        lock.lock()
+        data.append(more)
+        lock.unlock()
+    }
+    var string: String {
+        lock.lock()
+        defer { lock.unlock() }
+        return String(decoding: data, as: UTF8.self)
+    }
+}
+
+/// A `vd serve` process under test.
+public final class VDServer: @unchecked Sendable {
+    public let binary: String
+    public let dataDirectory: String
+    public let socketPath: String
+    public let extraArguments: [String]
+    public private(set) var process: Process?
+    private var log = LockedData()
+    public let logPath: String
+
+    /// The vd binary next to the test bundle (built by `swift build`), or $VD_BIN.
+    public static func defaultBinary() throws -> String {
+        if let bin = ProcessInfo.processInfo.environment["VD_BIN"], !bin.isEmpty { return bin }
+        var directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        for _ in 0..<3 {
+            let candidate = directory.appendingPathComponent("vd").path
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+            directory = directory.deletingLastPathComponent()
+        }
+        for build in [".build/debug/vd", ".build/release/vd"] where FileManager.default.isExecutableFile(atPath: build) {
+            return FileManager.default.currentDirectoryPath + "/" + build
+        }
+        throw TestToolError(message: "cannot find the vd binary: run `swift build` first or set VD_BIN")
+    }
+
+    public init(dataDirectory: String, socketPath: String? = nil, extraArguments: [String] = []) throws {
+        binary = try Self.defaultBinary()
+        self.dataDirectory = dataDirectory
+        self.socketPath = socketPath ?? dataDirectory + "/nbd.sock"
+        self.extraArguments = extraArguments
+        logPath = dataDirectory + ".serve.log"
+    }
+
+    public func uri(_ export: String) -> String { "nbd+unix:///\(export)?socket=\(socketPath)" }
+
+    /// Runs `vd ARGS --data-dir DATA`.
+    @discardableResult
+    public func cli(_ arguments: [String]) throws -> ProcessResult {
+        try ProcessRunner.run(binary, arguments + ["--data-dir", dataDirectory])
+    }
+
+    /// Starts `vd serve` and waits until it prints "ready" (or fails).
+    public func start(timeoutSeconds: Double = 60) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = ["serve", "--data-dir", dataDirectory, "--nbd-socket", socketPath] + extraArguments
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = pipe
+        let log = LockedData()
+        self.log = log
+        let logPath = self.logPath
+        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
+        let logHandle = FileHandle(forWritingAtPath: logPath)
+        logHandle?.seekToEndOfFile()
+        pipe.fileHandleForReading.readabilityHandler = { handle in
+            let data = handle.availableData
+            log.append(data)
+            logHandle?.write(data)
+        }
+        try process.run()
+        self.process = process
+        let deadline = Date().addingTimeInterval(timeoutSeconds)
+        while Date() < deadline {
+            if log.string.contains("\nready") || log.string.hasPrefix("ready") { return }
+            if !process.isRunning {
+                throw TestToolError(message: "vd serve exited with \(process.terminationStatus):\n\(log.string)")
+            }
+            usleep(20_000)
+        }
+        throw TestToolError(message: "vd serve did not become ready in \(timeoutSeconds) s:\n\(log.string)")
+    }
+
+    public var output: String { log.string }
+    public var pid: Int32 { process?.processIdentifier ?? 0 }
+
+    /// kill -9.
+    public func kill9() {
+        guard let process, process.isRunning else { return }
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    @discardableResult
+    public func stop(timeoutSeconds: Double = 120) throws -> Int32 {
+        guard let process else { return 0 }
+        if process.isRunning { kill(process.processIdentifier, SIGTERM) }
+        let deadline = Date().addingTimeInterval(timeoutSeconds)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+            throw TestToolError(message: "vd serve did not stop within \(timeoutSeconds) s after SIGTERM")
+        }
+        return process.terminationStatus
+    }
+}
+
+/// A temporary directory removed on `remove()`.
+public struct TemporaryDirectory: Sendable {
+    public let path: String
+    public init(_ label: String = "vd") throws {
+        let base = ProcessInfo.processInfo.environment["VD_TEST_TMP"] ?? NSTemporaryDirectory()
+        path = base + (base.hasSuffix("/") ? "" : "/") + "\(label)-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+    public func remove() { try? FileManager.default.removeItem(atPath: path) }
+}
