@@ -58,6 +58,8 @@ struct ServeCommand: AsyncParsableCommand {
             }
         }
 
+        let socketDirectory = (configuration.effectiveSocketPath as NSString).deletingLastPathComponent
+        if !socketDirectory.isEmpty { try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true) }
         let router = try Router(configuration: configuration.routerConfiguration, backends: backends, logger: logger)
         let failures = await router.openAll { message in logger.info("\(message)") }
         for (name, error) in failures { printError("volume \(name) is not served: \(error.message)") }
