@@ -143,3 +143,47 @@ uint32_t vd_crc32c_update(uint32_t crc, const void *data, size_t length) {
     }
     return ~c;
 }
+
+/*
+ * CRC combination. Appending n zero bytes to a message multiplies its (reflected) CRC register by x^(8n) modulo the
+ * polynomial, so CRC(A||B) = CRC(A) * x^(8*len(B)) mod P  XOR  CRC(B) (the pre- and post-inversions cancel out).
+ * Polynomials are 32-bit values in reflected order: bit 31 is x^0.
+ */
+static uint32_t vd_gf2_multiply_mod(uint32_t a, uint32_t b) {
+    uint32_t product = 0;
+    for (uint32_t bit = 1u << 31; bit != 0; bit >>= 1) {
+        if (a & bit) {
+            product ^= b;
+        }
+        b = (b & 1u) ? (b >> 1) ^ VD_CRC32C_POLY : (b >> 1);
+    }
+    return product;
+}
+
+/* x^(2^k) mod P for k = 0..63, built at first use. */
+static uint32_t vd_x_power_table[64];
+static int vd_x_power_ready = 0;
+
+static void vd_build_x_powers(void) {
+    uint32_t p = 1u << 30; /* x^1 */
+    for (int k = 0; k < 64; k++) {
+        vd_x_power_table[k] = p;
+        p = vd_gf2_multiply_mod(p, p);
+    }
+    __atomic_store_n(&vd_x_power_ready, 1, __ATOMIC_RELEASE);
+}
+
+uint32_t vd_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) {
+    if (!__atomic_load_n(&vd_x_power_ready, __ATOMIC_ACQUIRE)) {
+        vd_build_x_powers();
+    }
+    /* x^(8 * length_b) mod P, by squaring: bit i of length_b contributes x^(2^(i+3)). */
+    uint32_t shift = 1u << 31; /* x^0 */
+    int k = 3;
+    for (uint64_t n = length_b; n != 0 && k < 64; n >>= 1, k++) {
+        if (n & 1u) {
+            shift = vd_gf2_multiply_mod(vd_x_power_table[k], shift);
+        }
+    }
+    return vd_gf2_multiply_mod(shift, crc_a) ^ crc_b;
+}

@@ -55,9 +55,13 @@ package enum JournalScanner {
     /// Scans the journal in `file`. The SCO header must name this volume, SCO and cluster size (else `.corrupt`:
     /// the file is not this volume's SCO). With `startOffset` > 0 the scan starts at that batch boundary expecting
     /// `startChain` (and `contentCRC` then covers only the header and the scanned batches).
+    ///
+    /// With `verifyPayloads` false only batch headers are read: payload CRCs are taken from the headers and
+    /// `contentCRC` is derived from them by CRC combination. Use that only for a journal this process wrote and
+    /// synced (sealing); recovery must verify payloads, since a torn batch can have a valid header.
     package static func scan(
         file: FlashFile, volumeID: VolumeID, sco: SCONumber, clusterSizeBytes: UInt32, startOffset: UInt64 = 0,
-        startChain: UInt32 = 0
+        startChain: UInt32 = 0, verifyPayloads: Bool = true
     ) throws(VDError) -> JournalScan {
         let fileLength = try file.size()
         let what = file.path
@@ -95,6 +99,20 @@ package enum JournalScanner {
             let payloadBytes = batch.payloadClusters * clusterBytes
             let payloadStart = offset + UInt64(SCOFormat.blockBytes)
             guard payloadStart + UInt64(payloadBytes) <= fileLength else { break }
+            if !verifyPayloads {
+                let stored = BatchHeader.storedCRC(of: blockBuffer)
+                contentCRC = CRC32C.combine(contentCRC, CRC32C.checksum(block), lengthB: UInt64(SCOFormat.blockBytes))
+                for entry in batch.entries {
+                    if case .data(_, let crc) = entry {
+                        contentCRC = CRC32C.combine(contentCRC, crc, lengthB: UInt64(clusterBytes))
+                    }
+                }
+                batches.append(ScannedBatch(offset: offset, header: batch, storedCRC: stored))
+                chain = stored
+                offset = payloadStart + UInt64(payloadBytes)
+                sealed = batch.isSealed
+                continue
+            }
             if payload.count < payloadBytes { payload = [UInt8](repeating: 0, count: payloadBytes) }
             if payloadBytes > 0 {
                 let got = try VDError.catching {

@@ -27,6 +27,12 @@ public enum CRC32C {
         buffer.withUnsafeReadableBytes { checksum($0, seed: seed) }
     }
 
+    /// The CRC32C of A followed by B, from the CRCs of A and B and the length of B (no data is read).
+    @inlinable
+    public static func combine(_ crcA: UInt32, _ crcB: UInt32, lengthB: UInt64) -> UInt32 {
+        vd_crc32c_combine(crcA, crcB, lengthB)
+    }
+
     /// Whether the hardware path is in use (reported in `vd serve` start-up logs).
     public static var isHardwareAccelerated: Bool { vd_crc32c_is_hardware_accelerated() != 0 }
 }

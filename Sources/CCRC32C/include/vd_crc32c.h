@@ -19,6 +19,9 @@ extern "C" {
 /// Extends `crc` (the CRC32C of the bytes before `data`, or 0 for none) with `length` bytes at `data`.
 uint32_t vd_crc32c_update(uint32_t crc, const void *data, size_t length);
 
+/// The CRC32C of A||B from crc_a = CRC32C(A), crc_b = CRC32C(B) and the length of B, without reading A or B.
+uint32_t vd_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b);
+
 /// 1 when the hardware instruction path is in use, 0 for the table fallback.
 int vd_crc32c_is_hardware_accelerated(void);
 
