@@ -30,13 +30,15 @@ package struct MapValue: Hashable, Sendable {
 
     func encode() -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: MapValue.encodedBytes)
-        bytes.withUnsafeMutableBytes { raw in
-            raw.storeBytes(of: epoch.littleEndian, toByteOffset: 0, as: UInt64.self)
-            raw.storeBytes(of: (location?.sco.rawValue ?? 0).littleEndian, toByteOffset: 8, as: UInt64.self)
-            raw.storeBytes(of: (location?.offset ?? 0).littleEndian, toByteOffset: 16, as: UInt32.self)
-            raw.storeBytes(of: (location?.crc ?? 0).littleEndian, toByteOffset: 20, as: UInt32.self)
-        }
+        bytes.withUnsafeMutableBytes { encode(into: $0) }
         return bytes
+    }
+
+    func encode(into raw: UnsafeMutableRawBufferPointer) {
+        raw.storeBytes(of: epoch.littleEndian, toByteOffset: 0, as: UInt64.self)
+        raw.storeBytes(of: (location?.sco.rawValue ?? 0).littleEndian, toByteOffset: 8, as: UInt64.self)
+        raw.storeBytes(of: (location?.offset ?? 0).littleEndian, toByteOffset: 16, as: UInt32.self)
+        raw.storeBytes(of: (location?.crc ?? 0).littleEndian, toByteOffset: 20, as: UInt32.self)
     }
 
     static func decode(_ raw: UnsafeRawBufferPointer, key: String, path: String) throws(VDError) -> MapValue {
@@ -225,8 +227,20 @@ package final class BlockMap: Sendable {
     package func apply(_ update: MapUpdate) throws(VDError) {
         guard !update.isEmpty else { return }
         let batch = RocksWriteBatch()
-        for (address, value) in update.current {
-            if let value { batch.put(Self.currentKey(address), value.encode()) } else { batch.delete(Self.currentKey(address)) }
+        // Keys and values are built in one stack buffer per entry: no heap allocation per cluster.
+        withUnsafeTemporaryAllocation(byteCount: 9 + MapValue.encodedBytes, alignment: 8) { scratch in
+            let key = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<9])
+            let encoded = UnsafeMutableRawBufferPointer(rebasing: scratch[9...])
+            key.storeBytes(of: UInt8(ascii: "c"), toByteOffset: 0, as: UInt8.self)
+            for (address, value) in update.current {
+                key.storeBytes(of: address.bigEndian, toByteOffset: 1, as: UInt64.self)
+                if let value {
+                    value.encode(into: encoded)
+                    batch.put(UnsafeRawBufferPointer(key), UnsafeRawBufferPointer(encoded))
+                } else {
+                    batch.delete(UnsafeRawBufferPointer(key))
+                }
+            }
         }
         for (address, value) in update.history { batch.put(Self.historyKey(address, epoch: value.epoch), value.encode()) }
         for (address, epoch) in update.dropHistory { batch.delete(Self.historyKey(address, epoch: epoch)) }

@@ -95,6 +95,9 @@ extension Volume {
         case .done(let result):
             try result.get()
         case .lead:
+            // Let requests that are already runnable (typically the rest of what the NBD server decoded from the
+            // same socket read, on the same event loop) queue behind this one, so one pwritev carries them all.
+            await Task.yield()
             try lead(own: request)
         }
     }
