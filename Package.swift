@@ -57,7 +57,11 @@ let package = Package(
             dependencies: ["VolumeCore", "CLibAIO", .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),
-        .target(name: "SnappyCodec", dependencies: ["VolumeCore", "CSnappy"], swiftSettings: swiftSettings),
+        .target(
+            name: "SnappyCodec",
+            dependencies: ["VolumeCore", "CSnappy", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: swiftSettings
+        ),
         .target(name: "RocksKV", dependencies: ["VolumeCore", "CRocksDB"], swiftSettings: swiftSettings),
 
         // MARK: storage components

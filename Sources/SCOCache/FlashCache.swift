@@ -29,6 +29,20 @@ package final class FlashCache: Sendable {
         var footprintBytes: UInt64
         var evictable = false
         var lastAccess: UInt64 = 0
+        /// For a copy of backend data filled as it is read: which 4096-byte blocks are present (nil: all).
+        var present: [UInt64]? = nil
+
+        func covers(_ offset: UInt64, _ length: Int) -> Bool {
+            guard let present else { return true }
+            var block = offset / 4096
+            let end = (offset + UInt64(length) + 4095) / 4096
+            while block < end {
+                let word = Int(block / 64)
+                guard word < present.count, present[word] & (1 << (block % 64)) != 0 else { return false }
+                block += 1
+            }
+            return true
+        }
     }
 
     private struct State {
@@ -99,10 +113,10 @@ package final class FlashCache: Sendable {
 
     package func contains(_ key: Key) -> Bool { state.withLock { $0.entries[key] != nil } }
 
-    /// Reads `length` bytes at `offset` of a local SCO, or returns nil when it is not on local flash.
+    /// Reads `length` bytes at `offset` of a local SCO, or returns nil when those bytes are not on local flash.
     package func read(_ key: Key, offset: UInt64, length: Int) async throws(VDError) -> ByteBuffer? {
         let files = state.withLock { state -> (FlashFile, FlashFile?)? in
-            guard var entry = state.entries[key] else { return nil }
+            guard var entry = state.entries[key], entry.covers(offset, length) else { return nil }
             state.clock += 1
             entry.lastAccess = state.clock
             state.entries[key] = entry
@@ -120,6 +134,45 @@ package final class FlashCache: Sendable {
             throw VDError(.corrupt, "\(file.path) ends before offset \(offset + UInt64(length)) (read \(n) of \(length) bytes)")
         }
         return buffer
+    }
+
+    /// Keeps bytes fetched from the backend (4096-aligned, at their offset in the SCO) in a sparse local file at
+    /// `path`, so later reads of them stay local. Best effort: a failure only costs a later refetch.
+    package func storeFetched(_ key: Key, path: String, offset: UInt64, bytes: ByteBuffer) {
+        guard offset % 4096 == 0, bytes.readableBytes % 4096 == 0, bytes.readableBytes > 0 else { return }
+        let file = state.withLock { state -> FlashFile? in
+            if let entry = state.entries[key] { return entry.present == nil ? nil : entry.file }
+            guard let file = try? FlashFile(path: path, options: [.create, .truncate]) else { return nil }
+            state.clock += 1
+            state.entries[key] = Entry(file: file, footprintBytes: 0, evictable: true, lastAccess: state.clock, present: [])
+            return file
+        }
+        guard let file else { return }
+        do {
+            try bytes.withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: offset) }
+        } catch {
+            logger.debug("cannot keep fetched data in \(path): \(error)")
+            return
+        }
+        state.withLock { state in
+            guard var entry = state.entries[key], entry.file === file, var present = entry.present else { return }
+            var added: UInt64 = 0
+            let first = offset / 4096
+            let end = first + UInt64(bytes.readableBytes / 4096)
+            for block in first..<end {
+                let word = Int(block / 64)
+                if word >= present.count { present += [UInt64](repeating: 0, count: word - present.count + 1) }
+                if present[word] & (1 << (block % 64)) == 0 {
+                    present[word] |= 1 << (block % 64)
+                    added += 4096
+                }
+            }
+            entry.present = present
+            entry.footprintBytes += added
+            state.footprintBytes += added
+            state.entries[key] = entry
+        }
+        evictIfNeeded()
     }
 
     /// Removes an SCO file from the cache and from flash (volume deletion, or a discarded journal).
