@@ -292,9 +292,12 @@ final class ProxySession {
                     if offset + body.readableBytes > keep {
                         let kept = max(keep - offset, 0)
                         out.append(body.getSlice(at: body.readerIndex, length: kept)!)
-                        send(out, to: client)
-                        out.removeAll()
                         halt()
+                        // The client sees the connection close before the body is complete.
+                        guard let client else { return }
+                        for buffer in out { client.write(buffer, promise: nil) }
+                        client.writeAndFlush(ByteBuffer()).whenComplete { _ in client.close(promise: nil) }
+                        upstream?.close(promise: nil)
                         return
                     }
                 case .flipResponseBodyByte(let at) where !isFramed:
@@ -392,15 +395,13 @@ final class ProxySession {
         if channel.isWritable { other?.read() }
     }
 
-    func clientInactive() { if isHalted { isClosed = true; upstream?.close(promise: nil) } else { closeAll() } }
+    func clientInactive() { closeAll() }
     func upstreamInactive() {
-        // Let the client read what was already written, then close.
-        if let client, !isHalted {
-            isHalted = true
-            client.flush()
-        }
+        // Let the client receive what was already written, then close it.
+        isHalted = true
         isClosed = true
-        client?.close(promise: nil)
+        guard let client else { return }
+        client.writeAndFlush(ByteBuffer()).whenComplete { _ in client.close(promise: nil) }
     }
 }
 

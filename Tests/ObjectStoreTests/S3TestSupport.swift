@@ -69,19 +69,30 @@ enum S3TestEnvironment {
     }
 }
 
-/// Deterministic test data: `count` bytes from `seed`.
+/// Deterministic test data: `count` bytes from `seed`. A 64 KiB pseudo-random block, repeated, with each block's
+/// first 16 bytes replaced by its index and the seed (so misplaced blocks are caught), fast even in debug builds.
 func testBytes(_ count: Int, seed: UInt64) -> ByteBuffer {
-    var buffer = ByteBufferAllocator().buffer(capacity: count)
+    let blockBytes = 65_536
+    var block = [UInt8](repeating: 0, count: blockBytes)
     var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
-    var left = count
-    while left >= 8 {
-        state ^= state << 13
-        state ^= state >> 7
-        state ^= state << 17
-        buffer.writeInteger(state, as: UInt64.self)
-        left -= 8
+    block.withUnsafeMutableBytes { raw in
+        let words = raw.bindMemory(to: UInt64.self)
+        for index in words.indices {
+            state ^= state << 13
+            state ^= state >> 7
+            state ^= state << 17
+            words[index] = state
+        }
     }
-    for _ in 0..<left { buffer.writeInteger(UInt8(truncatingIfNeeded: state >> 5)) }
+    var buffer = ByteBufferAllocator().buffer(capacity: count)
+    var blockIndex: UInt64 = 0
+    while buffer.readableBytes < count {
+        let take = min(blockBytes, count - buffer.readableBytes)
+        withUnsafeBytes(of: blockIndex.littleEndian) { block.replaceSubrange(0..<8, with: $0) }
+        withUnsafeBytes(of: seed.littleEndian) { block.replaceSubrange(8..<16, with: $0) }
+        buffer.writeBytes(block[0..<take])
+        blockIndex += 1
+    }
     return buffer
 }
 
