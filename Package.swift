@@ -124,6 +124,11 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .executableTarget(name: "vd", dependencies: ["VDCommands"], swiftSettings: swiftSettings),
+        .executableTarget(
+            name: "vd-bench-s3",
+            dependencies: ["ObjectStore", "VolumeCore", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: swiftSettings
+        ),
 
         // MARK: test support
         .target(

@@ -161,12 +161,17 @@ final class S3RequestLoop: @unchecked Sendable {
     /// libs3 is initialised once per process and never deinitialised (other stores may still use it).
     private static let libraryStatus: UInt32 = S3_initialize("VolumeDriver", Int32(S3_INIT_ALL), nil).rawValue
 
-    init(target: S3Target, inFlightMax: Int, queuedMax: Int) throws(VDError) {
-        let status = Self.libraryStatus
+    /// Initialises libs3 for the process (once; later calls only report the outcome).
+    static func initializeLibrary() throws(VDError) {
+        let status = libraryStatus
         guard status == S3StatusOK.rawValue else {
             throw VDError(
                 .backend, "libs3 failed to initialise: \(String(cString: S3_get_status_name(S3Status(rawValue: status))))")
         }
+    }
+
+    init(target: S3Target, inFlightMax: Int, queuedMax: Int) throws(VDError) {
+        try Self.initializeLibrary()
         self.target = target
         self.inFlightMax = inFlightMax
         self.queuedMax = queuedMax

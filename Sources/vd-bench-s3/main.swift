@@ -1,0 +1,187 @@
+// vd-bench-s3: upload throughput of S3Store against raw libs3 S3_put_object, in one run against one server.
+//
+//   vd-bench-s3 [--objects N] [--size BYTES] [--concurrency K] [--endpoint HOST:PORT] [--bucket NAME]
+//
+// Reads the server and credentials from VD_TEST_S3_ENDPOINT, VD_TEST_S3_ACCESS_KEY, VD_TEST_S3_SECRET_KEY (as written
+// by tools/s3/rgw.sh). Prints MB/s (10^6 bytes per second) of: raw libs3 one at a time, raw libs3 K in flight in one
+// request context, S3Store one at a time and S3Store K at once, and the S3Store/raw ratios. Every phase uploads the
+// same N objects of the same size (new names each phase) and deletes them afterwards (memstore keeps them in RAM).
+
+import NIOCore
+import ObjectStore
+import VolumeCore
+
+#if canImport(Glibc)
+    @preconcurrency import Glibc
+#endif
+
+struct Options {
+    var objects = 8
+    var sizeBytes = 64 << 20
+    var concurrency = 4
+    var endpoint = ""
+    var bucket = "vd-bench"
+    var accessKey = ""
+    var secretKey = ""
+}
+
+func environment(_ name: String) -> String? { getenv(name).map { String(cString: $0) } }
+
+func fail(_ message: String) -> Never {
+    fputs("vd-bench-s3: \(message)\n", stderr)
+    exit(1)
+}
+
+func parseOptions() -> Options {
+    var options = Options()
+    options.endpoint = environment("VD_TEST_S3_ENDPOINT") ?? ""
+    options.accessKey = environment("VD_TEST_S3_ACCESS_KEY") ?? environment("AWS_ACCESS_KEY_ID") ?? ""
+    options.secretKey = environment("VD_TEST_S3_SECRET_KEY") ?? environment("AWS_SECRET_ACCESS_KEY") ?? ""
+    var arguments = CommandLine.arguments.dropFirst()
+    while let flag = arguments.popFirst() {
+        guard let value = arguments.popFirst() else { fail("\(flag) needs a value") }
+        switch flag {
+        case "--objects":
+            guard let number = Int(value) else { fail("--objects takes a number") }
+            options.objects = number
+        case "--size":
+            options.sizeBytes = Int((try? ByteSize.parse(value)) ?? 0)
+            if options.sizeBytes <= 0 { fail("--size takes a size such as 64M") }
+        case "--concurrency":
+            guard let number = Int(value) else { fail("--concurrency takes a number") }
+            options.concurrency = number
+        case "--endpoint": options.endpoint = value
+        case "--bucket": options.bucket = value
+        default: fail("unknown option \(flag); use --objects N --size 64M --concurrency K --endpoint H:P --bucket B")
+        }
+    }
+    if options.endpoint.isEmpty { fail("no server: set VD_TEST_S3_ENDPOINT (tools/s3/rgw.sh start DIR) or --endpoint") }
+    if options.accessKey.isEmpty || options.secretKey.isEmpty { fail("set VD_TEST_S3_ACCESS_KEY and VD_TEST_S3_SECRET_KEY") }
+    if options.objects < 1 || options.concurrency < 1 { fail("--objects and --concurrency must be at least 1") }
+    return options
+}
+
+func megabytesPerSecond(_ options: Options, _ seconds: Double) -> Double {
+    Double(options.objects * options.sizeBytes) / seconds / 1e6
+}
+
+func format(_ value: Double) -> String {
+    let rounded = (value * 10).rounded() / 10
+    return String(rounded)
+}
+
+/// Runs the blocking raw benchmark on a thread of its own (never on the cooperative pool).
+func runRaw(_ configuration: S3Configuration, names: [String], body: ByteBuffer, concurrency: Int) async throws -> Double {
+    try await withCheckedThrowingContinuation { continuation in
+        let box = Unmanaged.passRetained(
+            RawJob(configuration: configuration, names: names, body: body, concurrency: concurrency) {
+                continuation.resume(with: $0)
+            })
+        var thread = pthread_t()
+        pthread_create(
+            &thread, nil,
+            { argument in
+                let job = Unmanaged<RawJob>.fromOpaque(argument!).takeRetainedValue()
+                job.run()
+                return nil
+            }, box.toOpaque())
+        pthread_detach(thread)
+    }
+}
+
+final class RawJob: @unchecked Sendable {
+    let configuration: S3Configuration
+    let names: [String]
+    let body: ByteBuffer
+    let concurrency: Int
+    let done: (Result<Double, any Error>) -> Void
+    init(
+        configuration: S3Configuration, names: [String], body: ByteBuffer, concurrency: Int,
+        done: @escaping (Result<Double, any Error>) -> Void
+    ) {
+        self.configuration = configuration
+        self.names = names
+        self.body = body
+        self.concurrency = concurrency
+        self.done = done
+    }
+    func run() {
+        do {
+            let seconds = try S3RawPutBenchmark.run(
+                configuration: configuration, names: names, body: body, concurrency: concurrency,
+                sendsContentMD5: true)
+            done(.success(seconds))
+        } catch {
+            done(.failure(error))
+        }
+    }
+}
+
+func runStore(_ store: S3Store, names: [String], body: ByteBuffer, concurrency: Int) async throws -> Double {
+    let start = ContinuousClock.now
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for (index, name) in names.enumerated() {
+            if index >= concurrency { try await group.next() }
+            group.addTask { try await store.put(name, data: body) }
+        }
+        try await group.waitForAll()
+    }
+    let elapsed = ContinuousClock.now - start
+    return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+}
+
+func deleteAll(_ store: S3Store, _ names: [String]) async throws {
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for name in names { group.addTask { try await store.delete(name) } }
+        try await group.waitForAll()
+    }
+}
+
+let options = parseOptions()
+let configuration = S3Configuration(
+    endpoint: options.endpoint, bucket: options.bucket, uriStyle: .path, scheme: .http,
+    accessKeyID: options.accessKey, secretAccessKey: S3Secret(options.secretKey),
+    inFlightRequestsMax: max(16, options.concurrency))
+do {
+    let store = try S3Store(configuration: configuration)
+    try await store.createBucketIfMissing()
+    var body = ByteBufferAllocator().buffer(capacity: options.sizeBytes)
+    var state: UInt64 = 0x1234_5678_9ABC_DEF1
+    while body.readableBytes < options.sizeBytes {
+        state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+        body.writeInteger(state, as: UInt64.self)
+    }
+    body.moveWriterIndex(to: options.sizeBytes)
+    let run = String(UInt32.random(in: 0...UInt32.max), radix: 16)
+    func names(_ phase: String) -> [String] { (0..<options.objects).map { "bench/\(run)/\(phase)/\($0)" } }
+
+    print(
+        "S3 upload benchmark: \(options.objects) objects of \(ByteSize.format(UInt64(options.sizeBytes))), "
+            + "concurrency \(options.concurrency), server \(options.endpoint) (\(configuration.bucket))")
+    var results: [(String, Double)] = []
+    for (phase, concurrency, raw) in [
+        ("raw libs3 sequential", 1, true), ("raw libs3 concurrent", options.concurrency, true),
+        ("S3Store sequential", 1, false), ("S3Store concurrent", options.concurrency, false),
+    ] {
+        let phaseNames = names(phase.replacingSpaces())
+        let seconds =
+            raw
+            ? try await runRaw(configuration, names: phaseNames, body: body, concurrency: concurrency)
+            : try await runStore(store, names: phaseNames, body: body, concurrency: concurrency)
+        let rate = megabytesPerSecond(options, seconds)
+        results.append((phase, rate))
+        print("  \(phase) (K=\(concurrency)): \(format(rate)) MB/s (\(format(seconds)) s)")
+        try await deleteAll(store, phaseNames)
+    }
+    let rates = Dictionary(uniqueKeysWithValues: results)
+    print(
+        "  ratio S3Store/raw sequential: \(format(rates["S3Store sequential"]! / rates["raw libs3 sequential"]!)); "
+            + "concurrent: \(format(rates["S3Store concurrent"]! / rates["raw libs3 concurrent"]!))")
+    store.shutdown()
+} catch {
+    fail("\(error)")
+}
+
+extension String {
+    func replacingSpaces() -> String { String(map { $0 == " " ? "-" : $0 }) }
+}
