@@ -403,11 +403,11 @@ public final class S3Store: ObjectStore {
 }
 
 /// Encodings S3 needs: base64 for Content-MD5, hex for ETags.
-enum S3Encoding {
+package enum S3Encoding {
     private static let base64Alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
     private static let hexDigits = Array("0123456789abcdef".utf8)
 
-    static func md5(_ buffer: ByteBuffer) -> [UInt8] {
+    package static func md5(_ buffer: ByteBuffer) -> [UInt8] {
         var hasher = Insecure.MD5()
         buffer.withUnsafeReadableBytes { hasher.update(bufferPointer: $0) }
         return Array(hasher.finalize())
