@@ -77,6 +77,19 @@ struct S3StoreErrorTests {
         #expect(elapsed < 3, "took \(elapsed) s")
     }
 
+    @Test func operationsAfterShutdownFail() async throws {
+        let store = try await S3TestEnvironment.makeStore()
+        try await store.put("a", data: ByteBuffer(string: "a"))
+        store.shutdown()
+        store.shutdown()  // idempotent
+        let error = await vdError { _ = try await store.get("a") }
+        #expect(error?.code == .shutdown)
+    }
+}
+
+/// Configuration checks that need no server.
+@Suite("S3 configuration")
+struct S3ConfigurationTests {
     @Test func secretNeverShows() throws {
         let secret = "super-secret-value-that-must-not-leak"
         let configuration = S3Configuration(
@@ -93,15 +106,6 @@ struct S3StoreErrorTests {
         defer { store.shutdown() }
         #expect(!store.description.contains(secret))
         #expect(store.description.contains("AKIDVISIBLE"))
-    }
-
-    @Test func operationsAfterShutdownFail() async throws {
-        let store = try await S3TestEnvironment.makeStore()
-        try await store.put("a", data: ByteBuffer(string: "a"))
-        store.shutdown()
-        store.shutdown()  // idempotent
-        let error = await vdError { _ = try await store.get("a") }
-        #expect(error?.code == .shutdown)
     }
 
     @Test func badConfigurationIsRejected() {

@@ -34,12 +34,9 @@ enum S3TestEnvironment {
         return Server(endpoint: endpoint, accessKey: accessKey, secretKey: secretKey, bucketPrefix: prefix)
     }
 
-    /// The server, or a recorded test failure saying how to start one.
-    static func requireServer(sourceLocation: SourceLocation = #_sourceLocation) throws -> Server {
-        guard let server else {
-            Issue.record(Comment(rawValue: instructions), sourceLocation: sourceLocation)
-            throw VDError(.configuration, instructions)
-        }
+    /// The server, or an error (failing the test) saying how to start one.
+    static func requireServer() throws -> Server {
+        guard let server else { throw VDError(.configuration, instructions) }
         return server
     }
 
