@@ -21,14 +21,25 @@ package enum S3RawPutBenchmark {
         init(body: UnsafeRawBufferPointer) { self.body = body }
     }
 
+    /// How the raw uploads carry Content-MD5.
+    package enum ContentMD5: Sendable {
+        /// No Content-MD5 header.
+        case none
+        /// The header, computed once before timing starts.
+        case precomputed
+        /// The header, computed for every object inside the timed run (on the submitting thread), like S3Store.
+        case perObject
+    }
+
     /// Uploads `names.count` copies of `body` with `concurrency` requests in flight (1 = blocking calls, one after
     /// another) and returns the seconds it took. Throws `.backend` naming the first failed object.
     package static func run(
-        configuration: S3Configuration, names: [String], body: ByteBuffer, concurrency: Int, sendsContentMD5: Bool
+        configuration: S3Configuration, names: [String], body: ByteBuffer, concurrency: Int, contentMD5: ContentMD5
     ) throws(VDError) -> Double {
         try configuration.validate()
         try S3RequestLoop.initializeLibrary()
-        let md5 = sendsContentMD5 ? S3Encoding.base64(S3Encoding.md5(body)) : nil
+        let precomputed = contentMD5 == .none ? nil : S3Encoding.base64(S3Encoding.md5(body))
+        func md5() -> String? { contentMD5 == .perObject ? S3Encoding.base64(S3Encoding.md5(body)) : precomputed }
         let storage = UnsafeMutableRawBufferPointer.allocate(byteCount: max(body.readableBytes, 1), alignment: 16)
         defer { storage.deallocate() }
         body.withUnsafeReadableBytes { storage.copyMemory(from: $0) }
@@ -38,7 +49,7 @@ package enum S3RawPutBenchmark {
             if concurrency <= 1 {
                 for name in names {
                     let upload = Upload(body: raw)
-                    put(name, upload, configuration: configuration, md5: md5, context: nil)
+                    put(name, upload, configuration: configuration, md5: md5(), context: nil)
                     guard upload.status == S3StatusOK else { throw failure(name, upload.status) }
                 }
             } else {
@@ -52,7 +63,7 @@ package enum S3RawPutBenchmark {
                 while next < names.count || !inFlight.isEmpty {
                     while inFlight.count < concurrency && next < names.count {
                         let upload = Upload(body: raw)
-                        put(names[next], upload, configuration: configuration, md5: md5, context: context)
+                        put(names[next], upload, configuration: configuration, md5: md5(), context: context)
                         inFlight.append((names[next], upload))
                         next += 1
                     }

@@ -1,11 +1,13 @@
 // vd-bench-s3: upload throughput of S3Store against raw libs3 S3_put_object, in one run against one server.
 //
-//   vd-bench-s3 [--objects N] [--size BYTES] [--concurrency K] [--endpoint HOST:PORT] [--bucket NAME]
+//   vd-bench-s3 [--objects N] [--size BYTES] [--concurrency K] [--repeat R] [--endpoint HOST:PORT] [--bucket NAME]
 //
 // Reads the server and credentials from VD_TEST_S3_ENDPOINT, VD_TEST_S3_ACCESS_KEY, VD_TEST_S3_SECRET_KEY (as written
 // by tools/s3/rgw.sh). Prints MB/s (10^6 bytes per second) of: raw libs3 one at a time, raw libs3 K in flight in one
-// request context, S3Store one at a time and S3Store K at once, and the S3Store/raw ratios. Every phase uploads the
-// same N objects of the same size (new names each phase) and deletes them afterwards (memstore keeps them in RAM).
+// request context (with Content-MD5 computed once, or per PUT like S3Store does), S3Store one at a time and S3Store K
+// at once, and the S3Store/raw ratios. Every phase uploads the same N objects of the same size (new names each time)
+// and deletes them afterwards (memstore keeps them in RAM). The phases run R rounds, interleaved, and the medians are
+// reported with the range: on a small machine the server shares the cores and single runs vary by tens of percent.
 
 import NIOCore
 import ObjectStore
@@ -19,6 +21,7 @@ struct Options {
     var objects = 8
     var sizeBytes = 64 << 20
     var concurrency = 4
+    var repeats = 3
     var endpoint = ""
     var bucket = "vd-bench"
     var accessKey = ""
@@ -50,9 +53,12 @@ func parseOptions() -> Options {
         case "--concurrency":
             guard let number = Int(value) else { fail("--concurrency takes a number") }
             options.concurrency = number
+        case "--repeat":
+            guard let number = Int(value), number >= 1 else { fail("--repeat takes a number >= 1") }
+            options.repeats = number
         case "--endpoint": options.endpoint = value
         case "--bucket": options.bucket = value
-        default: fail("unknown option \(flag); use --objects N --size 64M --concurrency K --endpoint H:P --bucket B")
+        default: fail("unknown option \(flag); use --objects N --size 64M --concurrency K --repeat R --endpoint H:P --bucket B")
         }
     }
     if options.endpoint.isEmpty { fail("no server: set VD_TEST_S3_ENDPOINT (tools/s3/rgw.sh start DIR) or --endpoint") }
@@ -71,10 +77,16 @@ func format(_ value: Double) -> String {
 }
 
 /// Runs the blocking raw benchmark on a thread of its own (never on the cooperative pool).
-func runRaw(_ configuration: S3Configuration, names: [String], body: ByteBuffer, concurrency: Int) async throws -> Double {
+func runRaw(
+    _ configuration: S3Configuration, names: [String], body: ByteBuffer, concurrency: Int,
+    contentMD5: S3RawPutBenchmark.ContentMD5
+) async throws -> Double {
     try await withCheckedThrowingContinuation { continuation in
         let box = Unmanaged.passRetained(
-            RawJob(configuration: configuration, names: names, body: body, concurrency: concurrency) {
+            RawJob(
+                configuration: configuration, names: names, body: body, concurrency: concurrency,
+                contentMD5: contentMD5
+            ) {
                 continuation.resume(with: $0)
             })
         var thread = pthread_t()
@@ -94,22 +106,24 @@ final class RawJob: @unchecked Sendable {
     let names: [String]
     let body: ByteBuffer
     let concurrency: Int
+    let contentMD5: S3RawPutBenchmark.ContentMD5
     let done: (Result<Double, any Error>) -> Void
     init(
         configuration: S3Configuration, names: [String], body: ByteBuffer, concurrency: Int,
-        done: @escaping (Result<Double, any Error>) -> Void
+        contentMD5: S3RawPutBenchmark.ContentMD5, done: @escaping (Result<Double, any Error>) -> Void
     ) {
         self.configuration = configuration
         self.names = names
         self.body = body
         self.concurrency = concurrency
+        self.contentMD5 = contentMD5
         self.done = done
     }
     func run() {
         do {
             let seconds = try S3RawPutBenchmark.run(
                 configuration: configuration, names: names, body: body, concurrency: concurrency,
-                sendsContentMD5: true)
+                contentMD5: contentMD5)
             done(.success(seconds))
         } catch {
             done(.failure(error))
@@ -157,7 +171,8 @@ do {
 
     print(
         "S3 upload benchmark: \(options.objects) objects of \(ByteSize.format(UInt64(options.sizeBytes))), "
-            + "concurrency \(options.concurrency), server \(options.endpoint) (\(configuration.bucket))")
+            + "concurrency \(options.concurrency), \(options.repeats) rounds, server \(options.endpoint) "
+            + "(\(configuration.bucket))")
     let md5Start = ContinuousClock.now
     for _ in 0..<4 { _ = S3Encoding.md5(body) }
     let md5Elapsed = ContinuousClock.now - md5Start
@@ -165,30 +180,53 @@ do {
     print(
         "  Content-MD5 of one object (S3Store computes it per PUT; the raw runs send one computed beforehand): "
             + "\(format(md5Seconds * 1000)) ms, \(format(Double(options.sizeBytes) / md5Seconds / 1e6)) MB/s")
-    var results: [(String, Double)] = []
-    for (phase, concurrency, raw) in [
-        ("raw libs3 sequential", 1, true), ("raw libs3 concurrent", options.concurrency, true),
-        ("S3Store sequential", 1, false), ("S3Store concurrent", options.concurrency, false),
-    ] {
-        let phaseNames = names(phase.replacingSpaces())
-        let seconds =
-            raw
-            ? try await runRaw(configuration, names: phaseNames, body: body, concurrency: concurrency)
-            : try await runStore(store, names: phaseNames, body: body, concurrency: concurrency)
-        let rate = megabytesPerSecond(options, seconds)
-        results.append((phase, rate))
-        print("  \(phase) (K=\(concurrency)): \(format(rate)) MB/s (\(format(seconds)) s)")
-        try await deleteAll(store, phaseNames)
+    let phases: [(name: String, concurrency: Int, raw: S3RawPutBenchmark.ContentMD5?)] = [
+        ("raw libs3 sequential", 1, .precomputed),
+        ("raw libs3 concurrent", options.concurrency, .precomputed),
+        ("raw libs3 concurrent, MD5 per PUT", options.concurrency, .perObject),
+        ("S3Store sequential", 1, nil),
+        ("S3Store concurrent", options.concurrency, nil),
+    ]
+    var rates: [String: [Double]] = [:]
+    for round in 1...options.repeats {
+        var line = "  round \(round):"
+        for phase in phases {
+            let phaseNames = names("\(round)-" + phase.name.replacingSpaces())
+            let seconds: Double
+            if let contentMD5 = phase.raw {
+                seconds = try await runRaw(
+                    configuration, names: phaseNames, body: body, concurrency: phase.concurrency,
+                    contentMD5: contentMD5)
+            } else {
+                seconds = try await runStore(store, names: phaseNames, body: body, concurrency: phase.concurrency)
+            }
+            rates[phase.name, default: []].append(megabytesPerSecond(options, seconds))
+            line += " \(format(megabytesPerSecond(options, seconds)))"
+            try await deleteAll(store, phaseNames)
+        }
+        print(line + " MB/s")
     }
-    let rates = Dictionary(uniqueKeysWithValues: results)
+    func median(_ name: String) -> Double {
+        let sorted = rates[name]!.sorted()
+        return sorted.count % 2 == 1
+            ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
+    }
+    for phase in phases {
+        let values = rates[phase.name]!
+        print(
+            "  \(phase.name) (K=\(phase.concurrency)): median \(format(median(phase.name))) MB/s "
+                + "(range \(format(values.min()!))-\(format(values.max()!)))")
+    }
     print(
-        "  ratio S3Store/raw sequential: \(format(rates["S3Store sequential"]! / rates["raw libs3 sequential"]!)); "
-            + "concurrent: \(format(rates["S3Store concurrent"]! / rates["raw libs3 concurrent"]!))")
+        "  ratio of medians S3Store/raw: sequential \(format(median("S3Store sequential") / median("raw libs3 sequential"))), "
+            + "concurrent \(format(median("S3Store concurrent") / median("raw libs3 concurrent"))), "
+            + "concurrent vs raw with MD5 per PUT "
+            + "\(format(median("S3Store concurrent") / median("raw libs3 concurrent, MD5 per PUT")))")
     store.shutdown()
 } catch {
     fail("\(error)")
 }
 
 extension String {
-    func replacingSpaces() -> String { String(map { $0 == " " ? "-" : $0 }) }
+    func replacingSpaces() -> String { String(compactMap { $0 == "," ? nil : $0 == " " ? "-" : $0 }) }
 }
