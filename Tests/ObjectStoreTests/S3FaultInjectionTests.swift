@@ -223,4 +223,43 @@ struct S3FaultInjectionTests {
             #expect(seconds(since: start) < 1)
         }
     }
+
+    @Test func cancellationAbortsAStalledRequest() async throws {
+        try await withProxiedS3({ $0.stallTimeoutSeconds = 30 }) { s3 in
+            s3.proxy.inject(.stall(seconds: 30), count: 1, method: "GET")
+            let store = s3.store
+            let pending = Task { await vdError { _ = try await store.get("anything") } }
+            try await Task.sleep(nanoseconds: 300_000_000)
+            let start = ContinuousClock.now
+            pending.cancel()
+            let error = await pending.value
+            #expect(error != nil, "a cancelled GET must not succeed")
+            #expect(seconds(since: start) < 1)
+            // The store keeps working for others.
+            try await store.put("after-cancel", data: ByteBuffer(string: "ok"))
+            #expect(String(buffer: try await store.get("after-cancel")) == "ok")
+        }
+    }
+
+    @Test func waitingQueueIsBounded() async throws {
+        try await withProxiedS3({
+            $0.inFlightRequestsMax = 1
+            $0.queuedRequestsMax = 2
+            $0.stallTimeoutSeconds = 1
+        }) { s3 in
+            s3.proxy.inject(.stall(seconds: 5), count: 1, method: "GET")
+            try await s3.direct.put("queued", data: ByteBuffer(string: "q"))
+            let store = s3.store
+            let first = Task { await vdError { _ = try await store.get("queued") } }
+            try await Task.sleep(nanoseconds: 200_000_000)  // the first GET holds the only slot
+            let rest = (0..<4).map { _ in Task { await vdError { _ = try await store.get("queued") } } }
+            var busy = 0
+            for task in rest {
+                let error = await task.value
+                if error?.code == .busy { busy += 1 } else { #expect(error == nil, "\(String(describing: error))") }
+            }
+            #expect(busy >= 2, "at most 2 requests may wait for the one slot")
+            #expect(await first.value == nil, "the stalled GET is retried and succeeds")
+        }
+    }
 }
