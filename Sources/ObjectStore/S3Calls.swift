@@ -74,12 +74,10 @@ enum S3Calls {
                                 }
                             case .testBucket:
                                 var handler = responseHandler
-                                let size = Int32(request.locationBuffer.count)
-                                request.locationBuffer.withUnsafeMutableBufferPointer { location in
-                                    S3_test_bucket(
-                                        protocolValue, style, accessKeyID, secret, host, bucket, size,
-                                        location.baseAddress, context, &handler, callbackData)
-                                }
+                                S3_test_bucket(
+                                    protocolValue, style, accessKeyID, secret, host, bucket,
+                                    Int32(request.locationBuffer.count), request.locationBuffer.baseAddress, context,
+                                    &handler, callbackData)
                             case .createBucket:
                                 var handler = responseHandler
                                 S3_create_bucket(

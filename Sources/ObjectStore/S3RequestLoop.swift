@@ -112,7 +112,9 @@ final class S3Request: @unchecked Sendable {
     var lastProgressNanoseconds: UInt64 = 0
     var putOffset = 0
     var isFinished = false
-    var locationBuffer = [CChar](repeating: 0, count: 64)
+    /// Where S3_test_bucket writes the bucket's location constraint: libs3 writes it while parsing the response,
+    /// after the submitting call has returned, so it must live as long as the request (freed in deinit).
+    let locationBuffer = UnsafeMutableBufferPointer<CChar>.allocate(capacity: 64)
 
     init(
         operation: S3Operation, key: String, timeoutSeconds: Double, stallTimeoutSeconds: Double,
@@ -123,6 +125,11 @@ final class S3Request: @unchecked Sendable {
         self.timeoutNanoseconds = UInt64(max(timeoutSeconds, 0.001) * 1e9)
         self.stallTimeoutNanoseconds = UInt64(max(stallTimeoutSeconds, 0.001) * 1e9)
         self.bodySizeBytesMax = bodySizeBytesMax
+        locationBuffer.initialize(repeating: 0)
+    }
+
+    deinit {
+        locationBuffer.deallocate()
     }
 
     /// Hands the result to the waiting task, once.
