@@ -32,6 +32,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
         .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
     ],
     targets: [
         // MARK: C libraries (system) and our one C helper
@@ -72,6 +73,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -128,6 +130,11 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .executableTarget(name: "vd", dependencies: ["VDCommands"], swiftSettings: swiftSettings),
+        .executableTarget(
+            name: "vd-bench-s3",
+            dependencies: ["ObjectStore", "VolumeCore", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: swiftSettings
+        ),
 
         // MARK: test support
         .target(
@@ -135,6 +142,7 @@ let package = Package(
             dependencies: [
                 "VolumeCore", "ObjectStore", "FlashIO",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),
