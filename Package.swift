@@ -168,7 +168,7 @@ let package = Package(
             name: "VolumeRouterTests",
             dependencies: [
                 "VolumeRouter", "VolumeCore", "VolumeTesting", "ObjectStore", "SCOCache", "FlashIO", "TransactionLog",
-                "BlockMap", "RocksKV",
+                "BlockMap", "RocksKV", "SnappyCodec",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

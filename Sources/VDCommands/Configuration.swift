@@ -27,6 +27,8 @@ package struct VDConfiguration: Sendable {
     package var drainTimeoutSeconds: Double = 120
     /// Backend name -> URL (`file:///DIR`, `s3://BUCKET?endpoint=HOST:PORT`).
     package var backends: [String: String] = [:]
+    /// Backend name -> whether SCOs are compressed on upload (default: yes for s3, no for a local directory).
+    package var backendCompression: [String: Bool] = [:]
     package var defaultBackend = "local"
 
     package init(dataDirectory: String) {
@@ -106,7 +108,10 @@ struct ConfigFile: Decodable {
     }
     struct MapSection: Decodable { var cache_entries: Int? }
     struct Shutdown: Decodable { var drain_timeout_seconds: NumberValue? }
-    struct Backend: Decodable { var url: String }
+    struct Backend: Decodable {
+        var url: String
+        var compression: Bool?
+    }
 
     var data_dir: String?
     var flash_dir: String?
@@ -223,7 +228,13 @@ extension VDConfiguration {
         if let entries = file.map?.cache_entries { volumeOptions.mapCacheEntries = entries }
         if let timeout = file.shutdown?.drain_timeout_seconds { drainTimeoutSeconds = timeout.value }
         if let backends = file.backends {
-            for (name, backend) in backends { self.backends[name] = backend.url }
+            for (name, backend) in backends {
+                guard !name.contains("://"), !name.isEmpty else {
+                    throw VDError(.configuration, "\(path): backend name '\(name)' may not contain '://'")
+                }
+                self.backends[name] = backend.url
+                if let compression = backend.compression { backendCompression[name] = compression }
+            }
         }
         if let name = file.default_backend { defaultBackend = name }
     }

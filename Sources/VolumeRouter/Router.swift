@@ -39,6 +39,8 @@ package struct VolumeRegistration: Codable, Sendable, Hashable {
 package protocol BackendResolver: Sendable {
     func store(named name: String) throws(VDError) -> any ObjectStore
     var defaultBackendName: String { get }
+    /// Whether SCOs uploaded to this backend are compressed.
+    func compressesUploads(_ name: String) -> Bool
 }
 
 package struct RouterConfiguration: Sendable {
@@ -233,8 +235,10 @@ package final class Router: Sendable {
     {
         if let existing = volume(named: registration.config.name) { return existing }
         let backend = try backends.store(named: registration.backend)
+        var options = configuration.volumeOptions
+        options.compressUploads = backends.compressesUploads(registration.backend)
         let volume = try await Volume.open(
-            config: registration.config, layout: layout(for: registration), options: configuration.volumeOptions,
+            config: registration.config, layout: layout(for: registration), options: options,
             backend: backend, cache: cache, pool: pool, logger: logger, progress: progress)
         state.withLock { $0[registration.config.name] = volume }
         return volume

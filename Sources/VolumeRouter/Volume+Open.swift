@@ -33,6 +33,9 @@ extension Volume {
         try options.validate()
         try Syscall.makeDirectories(layout.scoDirectory)
         try Syscall.makeDirectories(layout.tlogDirectory)
+        // Fetched backend data is tracked in memory only: start empty.
+        try Syscall.removeTree(layout.fetchedDirectory)
+        try Syscall.makeDirectories(layout.fetchedDirectory)
         let hadMap = Syscall.fileExists(layout.mapDirectory + "/CURRENT")
         var database = try RocksDatabase(path: layout.mapDirectory)
         do {

@@ -121,10 +121,9 @@ extension Volume {
     }
 
     private func uploadSCO(_ sco: SCONumber, lengthBytes: UInt64) async {
-        let path = layout.scoPath(sco)
         let object = layout.scoObject(sco)
         let succeeded = await retrying("upload of \(object)") { () async throws(VDError) in
-            try await self.backend.put(object, contentsOf: path, length: lengthBytes)
+            try await self.putSCO(sco, lengthBytes: lengthBytes)
         }
         uploads.withLock { state in
             state.scoUploading.remove(sco)

@@ -41,6 +41,7 @@ package final class Volume: BlockDevice {
     /// Bytes of every SCO not yet stored on the backend (open journal included): the back-pressure measure.
     let unstoredBytes: Atomic<UInt64>
     let background = Mutex<[Task<Void, Never>]>([])
+    let backendFormats = Mutex(BackendFormats())
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore,
@@ -137,7 +138,7 @@ package final class Volume: BlockDevice {
             logger.error("\(message); reading it from the backend instead")
         }
         let object = layout.scoObject(sco)
-        let remote = try await backend.get(object, range: UInt64(offset)..<(UInt64(offset) + UInt64(length)))
+        let remote = try await fetchFromBackend(sco, range: UInt64(offset)..<(UInt64(offset) + UInt64(length)))
         if let bad = firstMismatch(remote, crcs) {
             throw .corrupt(
                 "volume \(config.name) cluster \(firstAddress + UInt64(bad)): checksum mismatch in backend object \(object) at offset \(UInt64(offset) + UInt64(bad * clusterBytes))"

@@ -20,6 +20,9 @@ package struct VolumeLayout: Sendable {
     package var scoDirectory: String { flashDirectory + "/sco" }
     package var tlogDirectory: String { flashDirectory + "/tlog" }
     package func scoPath(_ sco: SCONumber) -> String { scoDirectory + "/" + sco.hex + ".sco" }
+    /// Backend data kept locally after a read (sparse copies of evicted or never-local SCOs).
+    package var fetchedDirectory: String { flashDirectory + "/fetched" }
+    package func fetchedPath(_ sco: SCONumber) -> String { fetchedDirectory + "/" + sco.hex + ".sco" }
 
     package var configObject: String { namespace + "/volume" }
     package var scoPrefix: String { namespace + "/sco/" }

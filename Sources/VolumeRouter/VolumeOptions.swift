@@ -18,6 +18,10 @@ package struct VolumeOptions: Sendable {
     package var uploadRetryDelaySecondsMax: Double = 30
     /// Whole clusters of zeroes are stored as unmapped (thin) instead of as data.
     package var detectZeroes: Bool = true
+    /// SCOs are compressed (snappy, per 4 KiB chunk) on their way to the backend.
+    package var compressUploads: Bool = false
+    /// Reads from the backend fetch at least this much around the requested clusters (kept in the flash cache).
+    package var readAheadBytes: UInt64 = 256 << 10
     /// Map entries cached in memory.
     package var mapCacheEntries: Int = 1 << 20
 

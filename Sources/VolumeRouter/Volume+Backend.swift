@@ -1,0 +1,118 @@
+// Reading SCOs from the backend, and writing them to it compressed.
+//
+// The first read of an SCO on the backend probes its format once: the first 4096 bytes say whether it is a plain SCO
+// (then a HEAD gives its length) or a compressed one (then its chunk index is fetched and verified). Reads then fetch
+// a window around the requested clusters (read-ahead, clamped to the SCO) with one range GET, decompress if needed,
+// keep the window in the flash cache and return the requested part. Nothing here trusts the bytes: the caller
+// verifies every cluster against the map's CRC.
+
+import FlashIO
+import Logging
+import NIOCore
+import ObjectStore
+import SCOCache
+import SnappyCodec
+import Synchronization
+import VolumeCore
+
+enum BackendSCOFormat: Sendable {
+    case plain(lengthBytes: UInt64)
+    case compressed(header: CompressedSCOHeader, offsets: [UInt64])
+
+    var lengthBytes: UInt64 {
+        switch self {
+        case .plain(let length): length
+        case .compressed(let header, _): header.originalLength
+        }
+    }
+}
+
+/// Probed formats of backend SCOs (bounded; an evicted entry is probed again).
+struct BackendFormats {
+    static let entriesMax = 4096
+    var formats: [SCONumber: BackendSCOFormat] = [:]
+
+    mutating func insert(_ sco: SCONumber, _ format: BackendSCOFormat) {
+        if formats.count >= Self.entriesMax, let victim = formats.keys.randomElement() { formats[victim] = nil }
+        formats[sco] = format
+    }
+}
+
+extension Volume {
+    /// Bytes `range` (4096-aligned, in the SCO's own layout) of SCO `sco` from the backend.
+    func fetchFromBackend(_ sco: SCONumber, range: Range<UInt64>) async throws(VDError) -> ByteBuffer {
+        let format = try await backendFormat(sco)
+        let object = layout.scoObject(sco)
+        guard range.upperBound <= format.lengthBytes else {
+            throw .corrupt(
+                "volume \(config.name): the map points past the end of backend object \(object) (\(range.upperBound) > \(format.lengthBytes))")
+        }
+        let window = readAheadWindow(range, lengthBytes: format.lengthBytes)
+        var bytes: ByteBuffer
+        switch format {
+        case .plain:
+            bytes = try await backend.get(object, range: window)
+        case .compressed(_, let offsets):
+            let compressed = try await backend.get(object, range: CompressedSCO.objectRange(of: window, offsets: offsets))
+            bytes = try CompressedSCO.decompress(compressed, range: window, offsets: offsets, what: object)
+        }
+        cache.storeFetched(cacheKey(sco), path: layout.fetchedPath(sco), offset: window.lowerBound, bytes: bytes)
+        bytes.moveReaderIndex(forwardBy: Int(range.lowerBound - window.lowerBound))
+        return bytes.getSlice(at: bytes.readerIndex, length: range.count)!
+    }
+
+    private func readAheadWindow(_ range: Range<UInt64>, lengthBytes: UInt64) -> Range<UInt64> {
+        let unit = max(UInt64(SCOFormat.blockBytes), options.readAheadBytes)
+        let start = range.lowerBound / unit * unit
+        let end = min((range.upperBound + unit - 1) / unit * unit, lengthBytes)
+        return start..<max(end, range.upperBound)
+    }
+
+    func backendFormat(_ sco: SCONumber) async throws(VDError) -> BackendSCOFormat {
+        if let known = backendFormats.withLock({ $0.formats[sco] }) { return known }
+        let object = layout.scoObject(sco)
+        let first = try await backend.get(object, range: 0..<UInt64(SCOFormat.blockBytes))
+        let format: BackendSCOFormat
+        if CompressedSCOHeader.isCompressed(first) {
+            let header = try CompressedSCOHeader.decode(first, what: object)
+            guard header.volumeID == config.id, header.sco == sco else {
+                throw .corrupt("\(object) belongs to volume \(header.volumeID) SCO \(header.sco.hex)")
+            }
+            let index = try await backend.get(
+                object, range: header.indexOffset..<(header.indexOffset + UInt64(header.indexBytes)))
+            format = .compressed(header: header, offsets: try CompressedSCO.decodeIndex(index, header: header, what: object))
+        } else {
+            let header = try SCOHeader.decode(first, what: object)
+            guard header.volumeID == config.id, header.sco == sco else {
+                throw .corrupt("\(object) belongs to volume \(header.volumeID) SCO \(header.sco.hex)")
+            }
+            guard let info = try await backend.head(object) else { throw .notFound("backend object \(object) is gone") }
+            format = .plain(lengthBytes: info.sizeBytes)
+        }
+        backendFormats.withLock { $0.insert(sco, format) }
+        return format
+    }
+
+    /// Uploads a sealed SCO: a hard link or copy for stores that can, compressed in memory when configured.
+    func putSCO(_ sco: SCONumber, lengthBytes: UInt64) async throws(VDError) {
+        let path = layout.scoPath(sco)
+        let object = layout.scoObject(sco)
+        guard options.compressUploads else {
+            try await backend.put(object, contentsOf: path, length: lengthBytes)
+            return
+        }
+        let id = config.id
+        let compressed = try await blocking { () throws(VDError) -> ByteBuffer in
+            let file = try FlashFile(path: path, options: .readOnly)
+            defer { file.close() }
+            var data = ByteBufferAllocator().buffer(capacity: Int(lengthBytes))
+            let n = try data.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(lengthBytes)) {
+                (raw) throws(VDError) -> Int in
+                try file.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<Int(lengthBytes)]), at: 0)
+            }
+            guard n == Int(lengthBytes) else { throw VDError(.corrupt, "\(path) is shorter than its sealed length") }
+            return CompressedSCO.compress(data, volumeID: id, number: sco, originalCRC: CRC32C.checksum(data))
+        }
+        try await backend.put(object, data: compressed)
+    }
+}
