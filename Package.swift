@@ -177,7 +177,7 @@ let package = Package(
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["vd", "VolumeTesting", "VolumeCore"],
+            dependencies: ["vd", "VolumeTesting", "VolumeCore", "ObjectStore", .product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: swiftSettings
         ),
         .testTarget(

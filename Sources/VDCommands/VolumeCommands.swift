@@ -12,7 +12,7 @@ struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "volume",
         abstract: "Create, list, inspect and delete volumes.",
-        subcommands: [Create.self, List.self, Info.self, Delete.self])
+        subcommands: [Create.self, List.self, Info.self, Delete.self, Attach.self])
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -29,7 +29,11 @@ struct VolumeCommand: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("Cluster size, a power of two from 4K to 64K (default 4K).", valueName: "size"))
         var clusterSize: String?
 
-        @Option(name: .long, help: ArgumentHelp("Backend name from the configuration (default: default_backend).", valueName: "name"))
+        @Option(
+            name: .long,
+            help: ArgumentHelp(
+                "Backend: a configured name (default: default_backend) or a URL (file:///DIR, s3://BUCKET?endpoint=HOST:PORT&scheme=http).",
+                valueName: "name|url"))
         var backend: String?
 
         func validate() throws {
@@ -145,6 +149,44 @@ struct VolumeCommand: AsyncParsableCommand {
                   on the backend: \(summary.backendSCOs) SCOs, \(ByteSize.format(summary.backendSCOBytes)); \(summary.backendTLogs) TLogs
                   local flash:    \(summary.localFlashDirectory), \(ByteSize.format(summary.localSCOBytes)) of SCOs
                 """)
+        }
+    }
+
+    struct Attach: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Register a volume that exists on a backend (move it to this node, or recover a lost disk).",
+            discussion: """
+                Reads the volume's configuration from its namespace on the backend and registers it here; the next
+                `vd serve` rebuilds its map from the backend's TLogs (with progress) and serves it, up to the last
+                TLog uploaded. Stop the router that owned the volume first (SIGTERM uploads everything): two routers
+                writing one namespace would damage it.
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Argument(help: "Volume name (its namespace on the backend).")
+        var name: String
+
+        @Option(
+            name: .long,
+            help: ArgumentHelp(
+                "Backend: a configured name or a URL (s3://BUCKET?endpoint=HOST:PORT, file:///DIR).", valueName: "name|url"))
+        var backend: String?
+
+        func run() async throws {
+            let configuration = try global.load()
+            let volumeName = try VolumeName(validating: name)
+            let lock = try takeLock(configuration, holder: "vd volume attach")
+            defer { lock.release() }
+            let backendName = backend ?? configuration.defaultBackend
+            let store = try ConfiguredBackends(configuration: configuration).store(named: backendName)
+            try await store.verifyAccess()
+            let attached = try await VolumeAdministration.attach(
+                dataDirectory: configuration.dataDirectory, flashDirectory: configuration.effectiveFlashDirectory,
+                name: volumeName, backendName: backendName, backend: store)
+            print(
+                "attached volume \(attached.config.name) (\(ByteSize.format(attached.config.sizeBytes))) from \(store.description): \(attached.tlogs) TLogs, \(ByteSize.format(attached.bytes)) of SCOs; `vd serve` rebuilds its map and serves it"
+            )
         }
     }
 

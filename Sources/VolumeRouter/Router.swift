@@ -153,6 +153,38 @@ package enum VolumeAdministration {
         return config
     }
 
+    /// Registers a volume that exists on a backend (restart on another node, or after losing the local disk).
+    /// `vd serve` then rebuilds its map from the TLogs in the namespace.
+    package static func attach(
+        dataDirectory: String, flashDirectory: String, name: VolumeName, backendName: String, backend: any ObjectStore
+    ) async throws(VDError) -> (config: VolumeConfig, tlogs: Int, bytes: UInt64) {
+        if try VolumeRegistry.read(dataDirectory: dataDirectory, name: name) != nil {
+            throw VDError(.alreadyExists, "volume \(name) is already registered in \(dataDirectory)")
+        }
+        let layout = VolumeLayout(flashDirectory: "", namespace: name.rawValue)
+        let raw: ByteBuffer
+        do {
+            raw = try await backend.get(layout.configObject)
+        } catch where error.code == .notFound {
+            throw VDError(.notFound, "the backend (\(backend.description)) has no volume named \(name) (no \(layout.configObject))")
+        }
+        let config = try MetadataRecord.decode(VolumeConfig.self, from: raw, kind: .volumeConfig, what: layout.configObject)
+        guard config.name == name else {
+            throw VDError(.corrupt, "\(layout.configObject) describes volume \(config.name), not \(name)")
+        }
+        let tlogs = try await backend.list(prefix: layout.tlogPrefix)
+        let scos = try await backend.list(prefix: layout.scoPrefix)
+        // A local flash directory left from an earlier life of this volume here would be trusted by recovery:
+        // move it aside so the backend is the only source.
+        let flash = flashDirectory + "/" + name.rawValue
+        if Syscall.fileExists(flash) {
+            try Syscall.rename(flash, flash + ".before-attach-" + String(UInt64.random(in: 0...UInt64.max), radix: 16))
+        }
+        try VolumeRegistry.write(
+            VolumeRegistration(config: config, backend: backendName, namespace: name.rawValue), dataDirectory: dataDirectory)
+        return (config, tlogs.count, scos.reduce(0) { $0 + $1.sizeBytes })
+    }
+
     /// Deletes a volume everywhere: registration, backend namespace, local flash.
     package static func delete(
         dataDirectory: String, flashDirectory: String, registration: VolumeRegistration, backend: any ObjectStore

@@ -95,6 +95,8 @@ public final class VDServer: @unchecked Sendable {
     public let dataDirectory: String
     public let socketPath: String
     public let extraArguments: [String]
+    /// Extra environment for vd (e.g. AWS_ACCESS_KEY_ID for s3:// backends).
+    public let environment: [String: String]
     public private(set) var process: Process?
     private var log = LockedData()
     public let logPath: String
@@ -114,11 +116,14 @@ public final class VDServer: @unchecked Sendable {
         throw TestToolError(message: "cannot find the vd binary: run `swift build` first or set VD_BIN")
     }
 
-    public init(dataDirectory: String, socketPath: String? = nil, extraArguments: [String] = []) throws {
+    public init(
+        dataDirectory: String, socketPath: String? = nil, extraArguments: [String] = [], environment: [String: String] = [:]
+    ) throws {
         binary = try Self.defaultBinary()
         self.dataDirectory = dataDirectory
         self.socketPath = socketPath ?? dataDirectory + "/nbd.sock"
         self.extraArguments = extraArguments
+        self.environment = environment
         logPath = dataDirectory + ".serve.log"
     }
 
@@ -127,7 +132,7 @@ public final class VDServer: @unchecked Sendable {
     /// Runs `vd ARGS --data-dir DATA`.
     @discardableResult
     public func cli(_ arguments: [String]) throws -> ProcessResult {
-        try ProcessRunner.run(binary, arguments + ["--data-dir", dataDirectory])
+        try ProcessRunner.run(binary, arguments + ["--data-dir", dataDirectory], environment: environment)
     }
 
     /// Starts `vd serve` and waits until it prints "ready" (or fails).
@@ -135,6 +140,7 @@ public final class VDServer: @unchecked Sendable {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = ["serve", "--data-dir", dataDirectory, "--nbd-socket", socketPath] + extraArguments
+        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         let pipe = Pipe()
         process.standardOutput = pipe
         process.standardError = pipe
