@@ -4,6 +4,7 @@ import NIOCore
 import ObjectStore
 import SnappyCodec
 import Testing
+import VolumeTesting
 import VolumeCore
 @testable import VolumeRouter
 
@@ -241,5 +242,50 @@ import VolumeCore
         #expect(back.getSlice(at: 2 << 20, length: 2 << 20) == pattern(2 << 20, seed: 77))
         // The reads warmed the flash cache: a second read needs no backend.
         #expect(h.cache.statistics.footprintBytes > 0)
+    }
+}
+
+@Suite struct BackendOutageTests {
+    /// With the backend refusing every upload: writes keep landing on flash up to the pending bound, then wait;
+    /// flush still works (local durability); when the backend returns, uploads resume, the waiting writes finish,
+    /// and the backend alone restores every acknowledged write.
+    @Test func writesWaitAtTheBoundAndResumeWhenTheBackendReturns() async throws {
+        let memory = MemoryStore()
+        let faulty = FaultyObjectStore(wrapping: memory)
+        let h = try await VolumeHarness(sizeBytes: 64 << 20, scoSizeBytes: 1 << 20, backend: faulty) {
+            $0.uploadPendingBytesMax = 8 << 20
+        }
+        defer { Task { await h.shutdown() } }
+        faulty.failRandomly(probability: 1, with: VDError(.backend, "HTTP 503 SlowDown"), on: [.put])
+        // Below the bound: writes and flushes complete although nothing reaches the backend.
+        for i in 0..<5 {
+            try await h.volume.write(offset: UInt64(i) << 20, data: pattern(1 << 20, seed: UInt64(i)), fua: false)
+        }
+        try await h.volume.flush()
+        #expect(memory.allNames.filter { $0.contains("/tlog/") }.isEmpty)
+        // Past the bound: a write waits.
+        let blocked = Task {
+            for i in 5..<16 {
+                try await h.volume.write(offset: UInt64(i) << 20, data: pattern(1 << 20, seed: UInt64(i)), fua: false)
+            }
+        }
+        try await Task.sleep(for: .seconds(1))
+        #expect(h.volume.uploadStatus.unstoredBytes >= 6 << 20)
+        #expect(h.volume.uploadStatus.lastError != nil)
+        let progressWhileDown = h.volume.uploadStatus.unstoredBytes
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(h.volume.uploadStatus.unstoredBytes <= (8 << 20) + (1 << 20) + 8192, "writes did not stop at the bound")
+        #expect(h.volume.uploadStatus.unstoredBytes == progressWhileDown)
+        // The backend comes back.
+        faulty.clearFaults()
+        try await blocked.value
+        try await h.volume.flush()
+        _ = await h.volume.close(drainTimeoutSeconds: 30)
+        try Syscall.removeTree(h.root + "/flash")
+        try await h.open()
+        for i in 0..<16 {
+            let back = try await h.volume.read(offset: UInt64(i) << 20, length: 1 << 20)
+            #expect(back == pattern(1 << 20, seed: UInt64(i)), "MiB \(i)")
+        }
     }
 }
