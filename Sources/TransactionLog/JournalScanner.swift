@@ -43,6 +43,8 @@ package struct JournalScan: Sendable {
                     payload += clusterBytes
                 case .unmap(let address, let count):
                     records.append(.unmap(address: address, count: count))
+                case .rollback(let epoch):
+                    records.append(.rollback(toEpoch: epoch))
                 }
             }
         }

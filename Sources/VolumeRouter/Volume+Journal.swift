@@ -29,6 +29,8 @@ enum JournalRequest: Sendable {
     case write(ClusterWrite)
     /// Seal the open SCO (if it holds anything) and start the next.
     case roll
+    /// Take a snapshot or roll back (see Volume+Snapshots.swift).
+    case snapshot(SnapshotRequest)
 }
 
 enum LeaderSignal: Sendable {
@@ -140,6 +142,10 @@ extension Volume {
                 try commit(&pending)
                 try roll()
                 pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+            case .snapshot(let request):
+                try commit(&pending)
+                try performSnapshotRequest(request)
+                pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
             case .write(let write):
                 var entryIndex = 0
                 var payloadCursor = 0
@@ -174,7 +180,7 @@ extension Volume {
     }
 
     /// Writes the pending batches with one pwritev, then points the map at them.
-    private func commit(_ pending: inout PendingBatches) throws(VDError) {
+    func commit(_ pending: inout PendingBatches) throws(VDError) {
         guard !pending.batches.isEmpty else { return }
         let headers = pending.encodeHeaders()
         let file = journal.file
@@ -205,7 +211,7 @@ extension Volume {
         journal.writeOffset = pending.endOffset
         journal.chainCRC = pending.chainCRC
         unstoredBytes.add(written, ordering: .relaxed)
-        var changes = MapChanges(map: map)
+        var changes = mapChanges()
         for batch in pending.batches {
             try changes.add(
                 entries: batch.header.entries, sco: journal.sco,
@@ -218,6 +224,17 @@ extension Volume {
             if state.openJournalFirstWrite == nil { state.openJournalFirstWrite = now }
         }
         pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+    }
+
+    /// Writes entries without payloads (unmaps, a rollback) as one batch and applies them (leader only).
+    func writeEntries(_ entries: [BatchEntry]) throws(VDError) {
+        var pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+        if Int64(options.scoSizeBytes) - Int64(pending.endOffset) < Int64(2 * SCOFormat.blockBytes) {
+            try roll()
+            pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+        }
+        pending.append(entries: entries, buffer: ByteBuffer(), payloadIndex: [], volumeID: config.id)
+        try commit(&pending)
     }
 
     /// Seals the open journal with a marker batch and opens the next SCO (leader only). The next SCO's file is
@@ -372,76 +389,6 @@ private func nest(
     try first.withUnsafeReadableBytes { (raw) throws(VDError) in
         pointers.append(raw)
         try nest(rest.dropFirst(), &pointers, body)
-    }
-}
-
-/// Builds map changes from journal entries or TLog records. Live writes, journal replay and TLog replay all go
-/// through here, so they build the same map. Unmaps need the map's current state, so pending changes are applied
-/// before an unmap is resolved (intermediate applies are safe: replay from the previous checkpoint is idempotent).
-struct MapChanges {
-    let map: BlockMap
-    var update = MapUpdate()
-
-    init(map: BlockMap) { self.map = map }
-
-    mutating func add(entries: [BatchEntry], sco: SCONumber, payloadOffset: UInt64, clusterBytes: Int) throws(VDError) {
-        var payload = payloadOffset
-        for entry in entries {
-            switch entry {
-            case .data(let address, let crc):
-                write(address, epoch: sco.rawValue, location: ClusterLocation(sco: sco, offset: UInt32(payload), crc: crc))
-                payload += UInt64(clusterBytes)
-            case .unmap(let address, let count):
-                try unmap(address, count: UInt64(count), epoch: sco.rawValue)
-            }
-        }
-    }
-
-    mutating func add(tlog: TLog) throws(VDError) {
-        for record in tlog.records {
-            switch record {
-            case .write(let address, let location):
-                write(address, epoch: tlog.number.rawValue, location: location)
-            case .unmap(let address, let count):
-                try unmap(address, count: UInt64(count), epoch: tlog.number.rawValue)
-            case .scoSealed, .snapshot:
-                break
-            }
-        }
-    }
-
-    mutating func write(_ address: ClusterAddress, epoch: UInt64, location: ClusterLocation) {
-        update.current.append((address, MapValue(epoch: epoch, location: location)))
-    }
-
-    /// Removes the current keys of written clusters in the run: they read as zeroes again.
-    mutating func unmap(_ address: ClusterAddress, count: UInt64, epoch: UInt64) throws(VDError) {
-        if !update.isEmpty {
-            try map.apply(update)
-            update = MapUpdate()
-        }
-        if count <= 256 {
-            for (index, value) in try map.current(from: address, count: Int(count)).enumerated() where value != nil {
-                update.current.append((address + UInt64(index), nil))
-            }
-        } else {
-            var start = address
-            let end = address + count
-            while start < end {
-                let found = try map.writtenAddresses(from: start, to: end, limit: 65536)
-                for (written, _) in found { update.current.append((written, nil)) }
-                guard found.count == 65536, let last = found.last else { break }
-                try map.apply(update)
-                update = MapUpdate()
-                start = last.0 + 1
-            }
-        }
-    }
-
-    mutating func finish(checkpoint: MapCheckpoint) throws(VDError) {
-        update.metadata.append((MapCheckpoint.key, checkpoint.encode()))
-        try map.apply(update)
-        update = MapUpdate()
     }
 }
 

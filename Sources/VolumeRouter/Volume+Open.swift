@@ -28,9 +28,21 @@ extension Volume {
     /// Opens (recovering as needed) a volume. `progress` receives human-readable progress of long rebuilds.
     package static func open(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, cache: FlashCache,
-        pool: NIOThreadPool, logger: Logger, progress: @escaping @Sendable (String) -> Void = { _ in }
+        pool: NIOThreadPool, logger: Logger, parent: Volume? = nil,
+        progress: @escaping @Sendable (String) -> Void = { _ in }
     ) async throws(VDError) -> Volume {
         try options.validate()
+        if let link = config.parent {
+            guard let parent, parent.name == link.volume else {
+                throw VDError(
+                    .notFound,
+                    "volume \(config.name) is a clone of \(link.volume)@\(link.snapshot), which is not open on this router (attach it first)")
+            }
+            guard parent.snapshotTable.snapshot(named: link.snapshot)?.epoch == link.epoch else {
+                throw VDError(
+                    .corrupt, "volume \(config.name) reads through \(link.volume)@\(link.snapshot), which no longer exists")
+            }
+        }
         try Syscall.makeDirectories(layout.scoDirectory)
         try Syscall.makeDirectories(layout.tlogDirectory)
         // Fetched backend data is tracked in memory only: start empty.
@@ -42,6 +54,7 @@ extension Volume {
             var recovery = Recovery(
                 config: config, layout: layout, options: options, backend: backend, logger: logger, progress: progress)
             try await recovery.discover()
+            try await recovery.loadSnapshots()
             var map = BlockMap(database: database, cacheEntries: options.mapCacheEntries)
             if try !recovery.checkpointIsTrustworthy(map: map, hadMap: hadMap) {
                 if hadMap { logger.warning("the map of volume \(config.name) is ahead of its durable journal; rebuilding it") }
@@ -57,7 +70,9 @@ extension Volume {
             for (_, length) in pending { unstored += length }
             let volume = Volume(
                 config: config, layout: layout, options: options, backend: backend, cache: cache, map: map, pool: pool,
-                logger: logger, journal: journal, storedThrough: storedThrough, unstoredBytes: unstored)
+                logger: logger, journal: journal, storedThrough: storedThrough, unstoredBytes: unstored,
+                snapshots: recovery.snapshots, snapshotsUploadedVersion: recovery.snapshotsUploadedVersion,
+                parent: parent.map { ($0, config.parent!.epoch) })
             recovery.registerCache(cache, volume: volume, storedThrough: storedThrough)
             cache.add(volume.cacheKey(journal.sco), file: journal.file, footprintBytes: options.scoSizeBytes)
             volume.uploads.withLock { state in
@@ -94,6 +109,8 @@ struct Recovery {
     var scans: [SCONumber: JournalScan] = [:]
     var checkpoint: MapCheckpoint?
     var sealedNow: [SCONumber: UInt64] = [:]
+    var snapshots = SnapshotTable()
+    var snapshotsUploadedVersion: UInt64 = 0
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, logger: Logger,
@@ -153,6 +170,25 @@ struct Recovery {
         }
     }
 
+    /// The snapshot table: the local copy, else the backend's newest; snapshots past the history are dropped.
+    mutating func loadSnapshots() async throws(VDError) {
+        if let local = try Volume.loadLocalTable(layout: layout) {
+            snapshots = local
+        } else if let remote = try await Volume.loadBackendTable(layout: layout, backend: backend) {
+            snapshots = remote
+            snapshotsUploadedVersion = remote.version
+        }
+        let last = lastEpoch?.rawValue ?? 0
+        let beyond = snapshots.snapshots.filter { $0.epoch > last }
+        if !beyond.isEmpty {
+            logger.warning(
+                "volume \(config.name): snapshots past the end of its history are dropped: \(beyond.map(\.name).joined(separator: ", "))")
+            snapshots.snapshots.removeAll { $0.epoch > last }
+            snapshots.version += 1
+        }
+        try Volume.saveTable(snapshots, layout: layout)
+    }
+
     /// Step 2: the map may be reused only if its checkpoint lies within the durable history.
     mutating func checkpointIsTrustworthy(map: BlockMap, hadMap: Bool) throws(VDError) -> Bool {
         guard hadMap else { return false }
@@ -182,7 +218,8 @@ struct Recovery {
         var done: UInt64 = 0
         var lastReport = ContinuousClock.now
         while epoch <= lastEpoch {
-            var changes = MapChanges(map: map)
+            var changes = MapChanges(
+                map: map, retainedEpochs: snapshots.retainedEpochs, isClone: config.parent != nil)
             if let scan = scans[epoch] {
                 for batch in scan.batches where batch.offset >= startOffset {
                     try changes.add(

@@ -56,6 +56,10 @@ extension Volume {
         wake?.resume()
     }
 
+    func wakeUploaderForTable() { wakeUploader() }
+
+    private var tableNeedsUpload: Bool { snapshotState.withLock { $0.table.version > $0.uploadedVersion } }
+
     private func wakeUploader() {
         uploads.withLock { state -> UnsafeContinuation<Void, Never>? in
             defer { state.wake = nil }
@@ -73,6 +77,9 @@ extension Volume {
                 }
                 while let sco = nextTLogReady() {
                     guard await uploadTLog(sco) else { break }
+                }
+                if tableNeedsUpload && !uploads.withLock({ $0.stopping }) {
+                    if !(await uploadTableIfNeeded()) { await sleepUnlessStopping(seconds: options.uploadRetryDelaySeconds) }
                 }
                 if running > 0 {
                     await group.next()
@@ -110,7 +117,7 @@ extension Volume {
                 if state.stopping { return true }
                 let hasWork =
                     state.sealed.keys.contains { !state.scoUploading.contains($0) && !state.scoUploaded.contains($0) }
-                    || state.scoUploaded.contains(state.storedThrough.next)
+                    || state.scoUploaded.contains(state.storedThrough.next) || tableNeedsUpload
                 if hasWork { return true }
                 state.wake = continuation
                 return false

@@ -42,12 +42,18 @@ package final class Volume: BlockDevice {
     let unstoredBytes: Atomic<UInt64>
     let background = Mutex<[Task<Void, Never>]>([])
     let backendFormats = Mutex(BackendFormats())
+    let snapshotState: Mutex<SnapshotState>
+    /// For a clone: the parent volume and the epoch of the snapshot it reads through.
+    package let parent: (volume: Volume, epoch: UInt64)?
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore,
         cache: FlashCache, map: BlockMap, pool: NIOThreadPool, logger: Logger, journal: JournalState,
-        storedThrough: SCONumber, unstoredBytes: UInt64
+        storedThrough: SCONumber, unstoredBytes: UInt64, snapshots: SnapshotTable, snapshotsUploadedVersion: UInt64,
+        parent: (volume: Volume, epoch: UInt64)?
     ) {
+        self.parent = parent
+        self.snapshotState = Mutex(SnapshotState(table: snapshots, uploadedVersion: snapshotsUploadedVersion))
         self.config = config
         self.layout = layout
         self.options = options
@@ -87,18 +93,61 @@ package final class Volume: BlockDevice {
         guard length > 0 else { return ByteBuffer() }
         let cs = UInt64(clusterBytes)
         let first = offset / cs
-        let last = (offset + UInt64(length) - 1) / cs
-        let count = Int(last - first + 1)
-        let values = try map.current(from: first, count: count)
-        if count == 1 && offset % cs == 0 && length == UInt32(clusterBytes) {
+        let count = Int((offset + UInt64(length) - 1) / cs - first + 1)
+        return try await assemble(values: try map.current(from: first, count: count), first: first, offset: offset, length: length)
+    }
+
+    /// Reads the volume as it was at the end of `epoch` (a snapshot, or a clone's view of its parent).
+    package func read(offset: UInt64, length: UInt32, atEpoch epoch: UInt64) async throws(VDError) -> ByteBuffer {
+        try checkRange(offset: offset, length: UInt64(length))
+        guard length > 0 else { return ByteBuffer() }
+        let cs = UInt64(clusterBytes)
+        let first = offset / cs
+        let count = Int((offset + UInt64(length) - 1) / cs - first + 1)
+        var values: [MapValue?] = []
+        values.reserveCapacity(count)
+        for index in 0..<count { values.append(try map.value(first + UInt64(index), atEpoch: epoch)) }
+        return try await assemble(values: values, first: first, offset: offset, length: length)
+    }
+
+    /// Builds the bytes of `[offset, offset+length)` from the map values of its clusters: located clusters are read
+    /// (runs in one SCO at a time), unmapped ones are zeroes, never-written ones come from the parent snapshot of a
+    /// clone (zeroes otherwise).
+    private func assemble(values: [MapValue?], first: ClusterAddress, offset: UInt64, length: UInt32)
+        async throws(VDError) -> ByteBuffer
+    {
+        let cs = UInt64(clusterBytes)
+        let count = values.count
+        if count == 1 && offset % cs == 0 && length == UInt32(clusterBytes), parent == nil || values[0] != nil {
             guard let location = values[0]?.location else { return ByteBuffer(repeating: 0, count: clusterBytes) }
             return try await readClusters(
                 sco: location.sco, offset: location.offset, crcs: [location.crc], firstAddress: first)
         }
         var result = ByteBuffer(repeating: 0, count: Int(length))
+        func place(_ bytes: ByteBuffer, runStart: UInt64, runEnd: UInt64) {
+            let copyStart = max(runStart, offset)
+            let copyEnd = min(runEnd, offset + UInt64(length))
+            result.setBuffer(
+                bytes.getSlice(at: bytes.readerIndex + Int(copyStart - runStart), length: Int(copyEnd - copyStart))!,
+                at: result.readerIndex + Int(copyStart - offset))
+        }
         var i = 0
         while i < count {
-            guard let location = values[i]?.location else {
+            guard let value = values[i] else {
+                // Never written here: a clone reads its parent's snapshot.
+                var j = i + 1
+                while j < count, values[j] == nil { j += 1 }
+                if let parent {
+                    let runStart = (first + UInt64(i)) * cs
+                    let runEnd = (first + UInt64(j)) * cs
+                    let bytes = try await parent.volume.read(
+                        offset: runStart, length: UInt32(runEnd - runStart), atEpoch: parent.epoch)
+                    place(bytes, runStart: runStart, runEnd: runEnd)
+                }
+                i = j
+                continue
+            }
+            guard let location = value.location else {
                 i += 1
                 continue
             }
@@ -111,13 +160,7 @@ package final class Volume: BlockDevice {
             let crcs = values[i..<j].map { $0!.location!.crc }
             let bytes = try await readClusters(
                 sco: location.sco, offset: location.offset, crcs: crcs, firstAddress: first + UInt64(i))
-            let runStart = (first + UInt64(i)) * cs
-            let runEnd = (first + UInt64(j)) * cs
-            let copyStart = max(runStart, offset)
-            let copyEnd = min(runEnd, offset + UInt64(length))
-            result.setBuffer(
-                bytes.getSlice(at: bytes.readerIndex + Int(copyStart - runStart), length: Int(copyEnd - copyStart))!,
-                at: result.readerIndex + Int(copyStart - offset))
+            place(bytes, runStart: (first + UInt64(i)) * cs, runEnd: (first + UInt64(j)) * cs)
             i = j
         }
         return result
@@ -293,37 +336,73 @@ package final class Volume: BlockDevice {
 
     package func allocation(offset: UInt64, length: UInt32) async throws(VDError) -> [BlockExtent] {
         try checkRange(offset: offset, length: UInt64(length))
+        return try await allocation(offset: offset, length: UInt64(length), atEpoch: nil)
+    }
+
+    /// Allocation from the map only: data where a cluster is located, holes (reading as zeroes) where it is unmapped,
+    /// and for clones the parent snapshot's allocation where the clone never wrote. Covers `[offset, ...)` without
+    /// gaps; may stop before `offset + length` (at least one extent).
+    package func allocation(offset: UInt64, length: UInt64, atEpoch epoch: UInt64?) async throws(VDError) -> [BlockExtent] {
         guard length > 0 else { return [BlockExtent(lengthBytes: 0, isHole: true, isZero: true)] }
         let cs = UInt64(clusterBytes)
+        let end = offset + length
         let first = offset / cs
-        let end = offset + UInt64(length)
         let last = (end - 1) / cs
-        // Which clusters hold data, from the map only.
-        var mapped: [(ClusterAddress, Bool)] = []
-        if last - first < 1024 {
-            let values = try map.current(from: first, count: Int(last - first + 1))
-            mapped = values.enumerated().map { (first + UInt64($0.offset), $0.element?.location != nil) }
-        } else {
-            var previous = first
-            for (address, value) in try map.writtenAddresses(from: first, to: last + 1) where value.location != nil {
-                if address > previous { mapped.append((previous, false)) }
-                mapped.append((address, true))
-                previous = address + 1
-            }
-            if previous <= last { mapped.append((previous, false)) }
-        }
-        // Turn per-cluster (or run-start) states into byte extents clipped to the request.
         var extents: [BlockExtent] = []
-        for (index, (address, isData)) in mapped.enumerated() {
-            let runEndCluster = index + 1 < mapped.count ? mapped[index + 1].0 : last + 1
-            let start = max(address * cs, offset)
-            let stop = min(runEndCluster * cs, end)
-            guard stop > start else { continue }
-            if let previous = extents.last, previous.isHole == !isData {
-                extents[extents.count - 1].lengthBytes += stop - start
+        func add(_ bytes: UInt64, hole: Bool) {
+            guard bytes > 0 else { return }
+            if let previous = extents.last, previous.isHole == hole {
+                extents[extents.count - 1].lengthBytes += bytes
             } else {
-                extents.append(BlockExtent(lengthBytes: stop - start, isHole: !isData, isZero: !isData))
+                extents.append(BlockExtent(lengthBytes: bytes, isHole: hole, isZero: hole))
             }
+        }
+        if epoch == nil && parent == nil && last - first >= 1024 {
+            // Large ranges of a plain volume: one scan of the written clusters.
+            var position = offset
+            for (address, value) in try map.writtenAddresses(from: first, to: last + 1) where value.location != nil {
+                let start = max(address * cs, offset)
+                add(start - position, hole: true)
+                let stop = min((address + 1) * cs, end)
+                add(stop - start, hole: false)
+                position = stop
+            }
+            add(end - position, hole: true)
+            return extents
+        }
+        // Otherwise cluster by cluster, at most 1024 clusters per call.
+        let count = Int(min(last - first + 1, 1024))
+        var values: [MapValue?] = []
+        if let epoch {
+            for index in 0..<count { values.append(try map.value(first + UInt64(index), atEpoch: epoch)) }
+        } else {
+            values = try map.current(from: first, count: count)
+        }
+        let stopAt = min(end, (first + UInt64(count)) * cs)
+        var i = 0
+        while i < count {
+            let start = max((first + UInt64(i)) * cs, offset)
+            if values[i] == nil, let parent {
+                var j = i + 1
+                while j < count, values[j] == nil { j += 1 }
+                let runEnd = min((first + UInt64(j)) * cs, stopAt)
+                var position = start
+                while position < runEnd {
+                    let sub = try await parent.volume.allocation(
+                        offset: position, length: runEnd - position, atEpoch: parent.epoch)
+                    for extent in sub {
+                        let take = min(extent.lengthBytes, runEnd - position)
+                        add(take, hole: extent.isHole)
+                        position += take
+                        if position >= runEnd { break }
+                    }
+                }
+                i = j
+                continue
+            }
+            let stop = min((first + UInt64(i) + 1) * cs, stopAt)
+            add(stop - start, hole: values[i]?.location == nil)
+            i += 1
         }
         return extents
     }

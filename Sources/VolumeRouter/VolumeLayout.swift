@@ -27,6 +27,7 @@ package struct VolumeLayout: Sendable {
     package var configObject: String { namespace + "/volume" }
     package var scoPrefix: String { namespace + "/sco/" }
     package var tlogPrefix: String { namespace + "/tlog/" }
+    package var snapshotsPrefix: String { namespace + "/snapshots/" }
     package func scoObject(_ sco: SCONumber) -> String { scoPrefix + sco.hex }
     package func tlogObject(_ sco: SCONumber) -> String { tlogPrefix + sco.hex }
 

@@ -70,9 +70,12 @@ public enum BatchEntry: Sendable, Hashable {
     case data(address: ClusterAddress, crc: UInt32)
     /// `count` clusters from `address` now read as zeroes.
     case unmap(address: ClusterAddress, count: UInt32)
+    /// The volume's content becomes what it was at the end of epoch `toEpoch` (a snapshot).
+    case rollback(toEpoch: UInt64)
 
     static let dataKind: UInt32 = 1
     static let unmapKind: UInt32 = 2
+    static let rollbackKind: UInt32 = 3
     static let entryBytes = 16
 }
 
@@ -142,6 +145,9 @@ public struct BatchHeader: Sendable, Hashable {
                 b.setLE(address, at: position)
                 b.setLE(count, at: position + 8)
                 b.setLE(BatchEntry.unmapKind, at: position + 12)
+            case .rollback(let epoch):
+                b.setLE(epoch, at: position)
+                b.setLE(BatchEntry.rollbackKind, at: position + 12)
             }
             position += BatchEntry.entryBytes
         }
@@ -175,6 +181,7 @@ public struct BatchHeader: Sendable, Hashable {
             switch b.getLE(UInt32.self, at: position + 12) {
             case BatchEntry.dataKind: entries.append(.data(address: address, crc: value))
             case BatchEntry.unmapKind: entries.append(.unmap(address: address, count: value))
+            case BatchEntry.rollbackKind: entries.append(.rollback(toEpoch: address))
             default: return nil
             }
             position += BatchEntry.entryBytes

@@ -21,11 +21,14 @@ public enum TLogRecord: Sendable, Hashable {
     case scoSealed(sco: SCONumber, lengthBytes: UInt64, crc: UInt32)
     /// A snapshot was taken after everything before this record: `snapshotID` refers to the volume's snapshot table.
     case snapshot(snapshotID: UInt64)
+    /// The volume's content became what it was at the end of epoch `toEpoch`.
+    case rollback(toEpoch: UInt64)
 
     static let writeKind: UInt8 = 1
     static let unmapKind: UInt8 = 2
     static let sealedKind: UInt8 = 3
     static let snapshotKind: UInt8 = 4
+    static let rollbackKind: UInt8 = 5
     static let endKind: UInt8 = 0xFF
 }
 
@@ -81,6 +84,9 @@ public struct TLog: Sendable, Hashable {
             case .snapshot(let id):
                 b.setLE(TLogRecord.snapshotKind, at: position)
                 b.setLE(id, at: position + 8)
+            case .rollback(let epoch):
+                b.setLE(TLogRecord.rollbackKind, at: position)
+                b.setLE(epoch, at: position + 8)
             }
             b.setLE(b.crc32c(position, position + 28), at: position + 28)
             position += TLog.recordBytes
@@ -133,6 +139,8 @@ public struct TLog: Sendable, Hashable {
                         lengthBytes: b.getLE(UInt64.self, at: position + 16), crc: b.getLE(UInt32.self, at: position + 24)))
             case TLogRecord.snapshotKind:
                 records.append(.snapshot(snapshotID: b.getLE(UInt64.self, at: position + 8)))
+            case TLogRecord.rollbackKind:
+                records.append(.rollback(toEpoch: b.getLE(UInt64.self, at: position + 8)))
             case let kind:
                 throw .corrupt("\(what): TLog record \(index) has unknown kind \(kind)")
             }

@@ -1,0 +1,163 @@
+// Builds map changes from journal entries or TLog records. Live writes, journal replay and TLog replay all go
+// through here, so they build the same map.
+//
+// Versions: when a cluster changes at epoch e and its previous value (epoch p) is still what some retained epoch s
+// sees (p <= s < e: a snapshot, or a rollback target), the previous value moves to the history keys first. Unmapping
+// leaves a tombstone (a value with no location) when the volume is a clone (where "never written" means "read the
+// parent") or keeps snapshots (so a snapshot after the unmap does not see older history); otherwise the key goes.
+//
+// Unmaps and rollbacks need the map's current state, so pending changes are applied first (intermediate applies are
+// safe: replay from the previous checkpoint is idempotent).
+
+import BlockMap
+import VolumeCore
+
+struct MapChanges {
+    let map: BlockMap
+    /// Sorted epochs whose state must stay readable.
+    let retainedEpochs: [UInt64]
+    let keepTombstones: Bool
+    /// A clone: clusters it never wrote read its parent, so an unmap must tombstone every cluster of the range.
+    let isClone: Bool
+    var update = MapUpdate()
+    private var pending: Set<ClusterAddress> = []
+
+    init(map: BlockMap, retainedEpochs: [UInt64] = [], isClone: Bool = false) {
+        self.map = map
+        self.retainedEpochs = retainedEpochs
+        self.isClone = isClone
+        self.keepTombstones = isClone || !retainedEpochs.isEmpty
+    }
+
+    /// Whether a value written at epoch `previous` is still what a retained epoch sees once epoch `next` changes it.
+    func mustRetain(previous: UInt64, next: UInt64) -> Bool {
+        guard previous < next, !retainedEpochs.isEmpty else { return false }
+        // First retained epoch >= previous.
+        var low = 0
+        var high = retainedEpochs.count
+        while low < high {
+            let mid = (low + high) / 2
+            if retainedEpochs[mid] < previous { low = mid + 1 } else { high = mid }
+        }
+        return low < retainedEpochs.count && retainedEpochs[low] < next
+    }
+
+    mutating func add(entries: [BatchEntry], sco: SCONumber, payloadOffset: UInt64, clusterBytes: Int) throws(VDError) {
+        var payload = payloadOffset
+        for entry in entries {
+            switch entry {
+            case .data(let address, let crc):
+                try write(address, epoch: sco.rawValue, location: ClusterLocation(sco: sco, offset: UInt32(payload), crc: crc))
+                payload += UInt64(clusterBytes)
+            case .unmap(let address, let count):
+                try unmap(address, count: UInt64(count), epoch: sco.rawValue)
+            case .rollback(let epoch):
+                try rollback(toEpoch: epoch)
+            }
+        }
+    }
+
+    mutating func add(tlog: TLog) throws(VDError) {
+        for record in tlog.records {
+            switch record {
+            case .write(let address, let location):
+                try write(address, epoch: tlog.number.rawValue, location: location)
+            case .unmap(let address, let count):
+                try unmap(address, count: UInt64(count), epoch: tlog.number.rawValue)
+            case .rollback(let epoch):
+                try rollback(toEpoch: epoch)
+            case .scoSealed, .snapshot:
+                break
+            }
+        }
+    }
+
+    mutating func write(_ address: ClusterAddress, epoch: UInt64, location: ClusterLocation) throws(VDError) {
+        if !retainedEpochs.isEmpty, !pending.contains(address), let previous = try map.current(address),
+            mustRetain(previous: previous.epoch, next: epoch)
+        {
+            update.history.append((address, previous))
+        }
+        if !retainedEpochs.isEmpty { pending.insert(address) }
+        update.current.append((address, MapValue(epoch: epoch, location: location)))
+    }
+
+    private mutating func flush() throws(VDError) {
+        guard !update.isEmpty else { return }
+        try map.apply(update)
+        update = MapUpdate()
+        pending.removeAll(keepingCapacity: true)
+    }
+
+    /// Unmaps the written clusters of the run: they read as zeroes again.
+    mutating func unmap(_ address: ClusterAddress, count: UInt64, epoch: UInt64) throws(VDError) {
+        try flush()
+        var start = address
+        let end = address + count
+        if isClone {
+            // Every cluster of the range gets a tombstone (or keeps the one it has).
+            while start < end {
+                let chunkEnd = min(end, start + 65536)
+                var written: [ClusterAddress: MapValue] = [:]
+                for (a, value) in try map.writtenAddresses(from: start, to: chunkEnd) { written[a] = value }
+                for a in start..<chunkEnd {
+                    if let previous = written[a] {
+                        let retain = mustRetain(previous: previous.epoch, next: epoch)
+                        if previous.location == nil && !retain { continue }
+                        if retain { update.history.append((a, previous)) }
+                    }
+                    update.current.append((a, MapValue(epoch: epoch, location: nil)))
+                }
+                try flush()
+                start = chunkEnd
+            }
+            return
+        }
+        while start < end {
+            var found: [(ClusterAddress, MapValue)] = []
+            if count <= 256 {
+                for (index, value) in try map.current(from: address, count: Int(count)).enumerated() {
+                    if let value { found.append((address + UInt64(index), value)) }
+                }
+                start = end
+            } else {
+                found = try map.writtenAddresses(from: start, to: end, limit: 65536)
+                start = found.count == 65536 ? found.last!.0 + 1 : end
+            }
+            for (written, previous) in found {
+                if previous.location == nil && !mustRetain(previous: previous.epoch, next: epoch) { continue }
+                if mustRetain(previous: previous.epoch, next: epoch) { update.history.append((written, previous)) }
+                update.current.append((written, keepTombstones ? MapValue(epoch: epoch, location: nil) : nil))
+            }
+            if start < end { try flush() }
+        }
+    }
+
+    /// Every cluster changed after `toEpoch` returns to its value at `toEpoch`; versions after it are dropped.
+    mutating func rollback(toEpoch target: UInt64) throws(VDError) {
+        try flush()
+        var start: ClusterAddress = 0
+        while true {
+            let found = try map.writtenAddresses(from: start, to: .max, limit: 65536)
+            for (address, value) in found where value.epoch > target {
+                update.current.append((address, try map.value(address, atEpoch: target)))
+            }
+            try flush()
+            guard found.count == 65536, let last = found.last else { break }
+            start = last.0 + 1
+        }
+        var drop: [(ClusterAddress, UInt64)] = []
+        try map.forEachHistory { (address, value) throws(VDError) in
+            if value.epoch > target { drop.append((address, value.epoch)) }
+        }
+        for chunk in stride(from: 0, to: drop.count, by: 65536) {
+            update.dropHistory = Array(drop[chunk..<min(chunk + 65536, drop.count)])
+            try flush()
+        }
+    }
+
+    mutating func finish(checkpoint: MapCheckpoint) throws(VDError) {
+        update.metadata.append((MapCheckpoint.key, checkpoint.encode()))
+        try flush()
+    }
+}

@@ -1,0 +1,222 @@
+// Snapshots, rollback and the snapshot table of a volume.
+//
+// A snapshot is an epoch boundary: the request goes through the journal leader like a write, the leader seals the
+// open SCO, and the snapshot covers every epoch up to the one just sealed. So every write replied before the request
+// is in it and none issued after; it costs one roll whatever the volume's size.
+//
+// A rollback writes a rollback entry into the journal (so the TLogs, and any replay of them, carry it) and the map
+// returns every cluster changed since the snapshot to its value at the snapshot. Snapshots taken after it go.
+//
+// The table lives in a local file (FLASH/NAME/snapshots, written atomically) and on the backend as versioned
+// objects NAME/snapshots/<version>, uploaded by the uploader; a restore takes the newest and keeps the snapshots
+// its TLogs reach.
+
+import FlashIO
+import Logging
+import NIOCore
+import ObjectStore
+import Synchronization
+import TransactionLog
+package import VolumeCore
+
+final class SnapshotRequest: @unchecked Sendable {
+    enum Kind {
+        case create(name: String)
+        case rollback(name: String)
+    }
+    let kind: Kind
+    var result: Result<SnapshotRecord, VDError> = .failure(VDError(.shutdown, "the request was not processed"))
+    init(_ kind: Kind) { self.kind = kind }
+}
+
+struct SnapshotState {
+    var table: SnapshotTable
+    var uploadedVersion: UInt64
+}
+
+extension Volume {
+    static let snapshotTableFile = "snapshots"
+
+    package var snapshotTable: SnapshotTable { snapshotState.withLock { $0.table } }
+
+    func mapChanges() -> MapChanges {
+        MapChanges(
+            map: map, retainedEpochs: snapshotState.withLock { $0.table.retainedEpochs }, isClone: config.parent != nil)
+    }
+
+    // MARK: operations
+
+    package func createSnapshot(named name: String) async throws(VDError) -> SnapshotRecord {
+        try SnapshotTable.validateName(name)
+        if snapshotTable.snapshot(named: name) != nil {
+            throw VDError(.alreadyExists, "volume \(config.name) already has a snapshot named \(name)")
+        }
+        let request = SnapshotRequest(.create(name: name))
+        try await submit(.snapshot(request))
+        let record = try request.result.get()
+        // A snapshot that was replied to survives power loss, so its epoch must be on stable storage.
+        try await flush()
+        logger.info("snapshot \(name) of \(config.name) taken at epoch \(record.epoch)")
+        return record
+    }
+
+    package func rollback(toSnapshot name: String) async throws(VDError) -> SnapshotRecord {
+        guard let target = snapshotTable.snapshot(named: name) else {
+            throw VDError(.notFound, "volume \(config.name) has no snapshot named \(name)")
+        }
+        let blocking = snapshotTable.snapshots.filter { $0.epoch > target.epoch && !$0.clones.isEmpty }
+        if !blocking.isEmpty {
+            let clones = blocking.flatMap { snapshot in snapshot.clones.map { "\($0) (of \(snapshot.name))" } }
+            throw VDError(
+                .busy,
+                "rolling \(config.name) back to \(name) would delete later snapshots that clones read through: \(clones.joined(separator: ", ")); delete those clones first"
+            )
+        }
+        let request = SnapshotRequest(.rollback(name: name))
+        try await submit(.snapshot(request))
+        let record = try request.result.get()
+        try await flush()
+        logger.notice("volume \(config.name) rolled back to snapshot \(name) (epoch \(record.epoch))")
+        return record
+    }
+
+    /// Removes a snapshot from the table. Frees nothing by itself: the scrubber reclaims what only it referenced.
+    package func deleteSnapshot(named name: String) throws(VDError) {
+        try updateTable { table throws(VDError) in
+            guard let index = table.snapshots.firstIndex(where: { $0.name == name }) else {
+                throw VDError(.notFound, "volume \(config.name) has no snapshot named \(name)")
+            }
+            let clones = table.snapshots[index].clones
+            guard clones.isEmpty else {
+                throw VDError(
+                    .busy,
+                    "snapshot \(name) of \(config.name) has clones: \(clones.joined(separator: ", ")); delete them first")
+            }
+            table.snapshots.remove(at: index)
+        }
+    }
+
+    /// Records that `clone` reads through snapshot `name` (or no longer does).
+    package func setClone(_ clone: String, ofSnapshot name: String, present: Bool) throws(VDError) {
+        try updateTable { table throws(VDError) in
+            guard let index = table.snapshots.firstIndex(where: { $0.name == name }) else {
+                throw VDError(.notFound, "volume \(config.name) has no snapshot named \(name)")
+            }
+            table.snapshots[index].clones.removeAll { $0 == clone }
+            if present { table.snapshots[index].clones.append(clone) }
+        }
+    }
+
+    // MARK: leader side
+
+    /// Runs a snapshot request inside the journal leader (after `pending` writes were committed).
+    func performSnapshotRequest(_ request: SnapshotRequest) throws(VDError) {
+        switch request.kind {
+        case .create(let name):
+            try roll()
+            let epoch = journal.sco.rawValue - 1
+            var created: SnapshotRecord?
+            do {
+                try updateTable { table throws(VDError) in
+                    guard table.snapshot(named: name) == nil else {
+                        throw VDError(.alreadyExists, "volume \(config.name) already has a snapshot named \(name)")
+                    }
+                    let record = SnapshotRecord(id: table.nextID, name: name, epoch: epoch)
+                    table.nextID += 1
+                    table.snapshots.append(record)
+                    created = record
+                }
+                request.result = .success(created!)
+            } catch {
+                request.result = .failure(error)
+            }
+        case .rollback(let name):
+            guard let target = snapshotTable.snapshot(named: name) else {
+                request.result = .failure(VDError(.notFound, "volume \(config.name) has no snapshot named \(name)"))
+                return
+            }
+            // The table first: if the journal entry never lands, the table only keeps more history than needed.
+            let at = journal.sco.rawValue
+            try updateTable { table throws(VDError) in
+                table.snapshots.removeAll { $0.epoch > target.epoch }
+                table.rollbacks.append(RollbackRecord(atEpoch: at, toEpoch: target.epoch))
+            }
+            try writeEntries([.rollback(toEpoch: target.epoch)])
+            try roll()
+            request.result = .success(target)
+        }
+    }
+
+    /// Changes the table, saves it locally (atomically, durably) and queues it for upload.
+    func updateTable(_ change: (inout SnapshotTable) throws(VDError) -> Void) throws(VDError) {
+        try snapshotState.withLock { (state) throws(VDError) in
+            var table = state.table
+            try change(&table)
+            table.version += 1
+            try Self.saveTable(table, layout: layout)
+            state.table = table
+        }
+        wakeUploaderForTable()
+    }
+
+    static func saveTable(_ table: SnapshotTable, layout: VolumeLayout) throws(VDError) {
+        let path = layout.flashDirectory + "/" + snapshotTableFile
+        let temporary = path + ".tmp"
+        let bytes = try MetadataRecord.encode(table, kind: .snapshotTable)
+        let file = try FlashFile(path: temporary, options: [.create, .truncate])
+        do throws(VDError) {
+            try bytes.withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: 0) }
+            try file.sync()
+            file.close()
+            try Syscall.rename(temporary, path)
+            try Syscall.syncDirectory(layout.flashDirectory)
+        } catch {
+            file.close()
+            throw error
+        }
+    }
+
+    static func loadLocalTable(layout: VolumeLayout) throws(VDError) -> SnapshotTable? {
+        let path = layout.flashDirectory + "/" + snapshotTableFile
+        let file: FlashFile
+        do throws(VDError) {
+            file = try FlashFile(path: path, options: .readOnly)
+        } catch where error.code == .notFound {
+            return nil
+        }
+        defer { file.close() }
+        let bytes = try file.readExactly(Int(try file.size()), at: 0)
+        return try MetadataRecord.decode(SnapshotTable.self, from: ByteBuffer(bytes: bytes), kind: .snapshotTable, what: path)
+    }
+
+    /// The newest snapshot table on the backend (nil when there is none).
+    static func loadBackendTable(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) -> SnapshotTable? {
+        let names = try await backend.list(prefix: layout.snapshotsPrefix).map(\.name)
+        for name in names.sorted(by: >) {
+            do throws(VDError) {
+                return try MetadataRecord.decode(
+                    SnapshotTable.self, from: try await backend.get(name), kind: .snapshotTable, what: name)
+            } catch where error.code == .corrupt || error.code == .notFound {
+                continue
+            }
+        }
+        return nil
+    }
+
+    /// Uploads the table if it changed since the last upload, then removes older copies (keeping one).
+    func uploadTableIfNeeded() async -> Bool {
+        let (table, uploaded) = snapshotState.withLock { ($0.table, $0.uploadedVersion) }
+        guard table.version > uploaded else { return true }
+        do throws(VDError) {
+            let object = layout.snapshotsPrefix + SCONumber(table.version).hex
+            try await backend.put(object, data: try MetadataRecord.encode(table, kind: .snapshotTable))
+            snapshotState.withLock { $0.uploadedVersion = max($0.uploadedVersion, table.version) }
+            let old = try await backend.list(prefix: layout.snapshotsPrefix).map(\.name).sorted().dropLast(2)
+            for name in old { try await backend.delete(name) }
+            return true
+        } catch {
+            logger.warning("cannot upload the snapshot table of \(config.name): \(error); retrying")
+            return false
+        }
+    }
+}
