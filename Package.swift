@@ -115,11 +115,24 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
+        // MARK: management API (HTTP/JSON over a Unix socket)
+        .target(
+            name: "ManagementAPI",
+            dependencies: [
+                "VolumeCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
         // MARK: command line
         .target(
             name: "VDCommands",
             dependencies: [
-                "VolumeCore", "VolumeRouter", "NBDServer", "ObjectStore", "FlashIO",
+                "VolumeCore", "VolumeRouter", "NBDServer", "ObjectStore", "FlashIO", "ManagementAPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -221,6 +221,34 @@ package final class BlockMap: Sendable {
         }
     }
 
+    /// Clusters with data in the current map and in the kept history (what the volume and its snapshots read).
+    package func referencedClusterCount() throws(VDError) -> (current: UInt64, history: UInt64) {
+        var current: UInt64 = 0
+        var history: UInt64 = 0
+        try database.scan(from: [UInt8(ascii: "c")], to: [UInt8(ascii: "d")]) { (_, value) throws(VDError) -> Bool in
+            if value.count == MapValue.encodedBytes, value.loadUnaligned(fromByteOffset: 8, as: UInt64.self) != 0 { current += 1 }
+            return true
+        }
+        try database.scan(from: [UInt8(ascii: "h")], to: [UInt8(ascii: "i")]) { (_, value) throws(VDError) -> Bool in
+            if value.count == MapValue.encodedBytes, value.loadUnaligned(fromByteOffset: 8, as: UInt64.self) != 0 { history += 1 }
+            return true
+        }
+        return (current, history)
+    }
+
+    /// Metadata values whose names start with `prefix`, in name order.
+    package func metadata(withPrefix prefix: String) throws(VDError) -> [(String, [UInt8])] {
+        var result: [(String, [UInt8])] = []
+        let start = Self.metadataKey(prefix)
+        var end = start
+        end[end.count - 1] &+= 1
+        try database.scan(from: start, to: end) { (key, value) throws(VDError) -> Bool in
+            result.append((String(decoding: key.dropFirst(), as: UTF8.self), Array(value)))
+            return true
+        }
+        return result
+    }
+
     // MARK: updates
 
     /// Applies `update` atomically to the database, then to the cache.

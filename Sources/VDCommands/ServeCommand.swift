@@ -5,6 +5,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import ManagementAPI
 import NBDServer
 import NIOCore
 import NIOPosix
@@ -78,6 +79,18 @@ struct ServeCommand: AsyncParsableCommand {
             _ = await router.stop(drainTimeoutSeconds: nil)
             throw error
         }
+        let service = RouterService(router: router, backends: backends, configuration: configuration, online: true)
+        service.nbd.withLock { $0 = server }
+        let api = ManagementServer(
+            socketPath: configuration.apiSocketPath, service: service, group: MultiThreadedEventLoopGroup.singleton,
+            logger: logger)
+        do {
+            try await api.start()
+        } catch {
+            await server.stop()
+            _ = await router.stop(drainTimeoutSeconds: nil)
+            throw error
+        }
         printBanner(configuration: configuration, router: router, server: server, backends: backends)
 
         // Wait for SIGTERM or SIGINT.
@@ -88,6 +101,7 @@ struct ServeCommand: AsyncParsableCommand {
             break
         }
         logger.notice("received \(received.map { "\($0)" } ?? "signal"); stopping: no new I/O, uploading what is still local")
+        await api.stop()
         await server.stop()
         let results = await router.stop(drainTimeoutSeconds: configuration.drainTimeoutSeconds)
         var left: [String] = []
@@ -112,9 +126,10 @@ struct ServeCommand: AsyncParsableCommand {
             lines.append("  default backend '\(configuration.defaultBackend)': \(store.description)")
         }
         lines.append("  NBD: \(server.boundAddresses.map(\.description).joined(separator: ", "))")
+        lines.append("  management API: \(configuration.apiSocketPath) (vd volume/snapshot/clone commands use it)")
         let volumes = router.volumes
         if volumes.isEmpty {
-            lines.append("  no volumes yet: create one with `vd volume create NAME --size 20G --data-dir \(configuration.dataDirectory)` and restart vd serve")
+            lines.append("  no volumes yet: create one with `vd volume create NAME --size 20G --data-dir \(configuration.dataDirectory)`")
         }
         for volume in volumes {
             lines.append("  volume \(volume.name) (\(ByteSize.format(volume.config.sizeBytes))):")

@@ -1,22 +1,22 @@
-// `vd volume create|list|info|delete`. They work on the data directory directly and take its lock, so they are
-// refused (naming the holder) while `vd serve` owns it.
+// `vd volume create|list|info|delete|attach`: through the running router, or offline (see ServiceAccess).
 
 import ArgumentParser
 import FlashIO
 import Foundation
-import ObjectStore
+import ManagementAPI
 import VolumeCore
 import VolumeRouter
 
 struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "volume",
-        abstract: "Create, list, inspect and delete volumes.",
+        abstract: "Create, list, inspect, attach and delete volumes.",
         subcommands: [Create.self, List.self, Info.self, Delete.self, Attach.self])
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Create a thin-provisioned volume (it uses no space until written).")
+            abstract: "Create a thin-provisioned volume (it uses no space until written).",
+            discussion: "With a router running, the new volume is exported at once.")
 
         @OptionGroup var global: GlobalOptions
 
@@ -48,25 +48,20 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let configuration = try global.load()
-            let volumeName = try VolumeName(validating: name)
             let sizeBytes = try ByteSize.parse(size)
-            let clusterBytes = try clusterSize.map { (text) throws(VDError) -> UInt32 in
-                let value = try ByteSize.parse(text)
-                guard value <= UInt64(UInt32.max) else { throw VDError.invalidArgument("cluster size \(text) is too large") }
-                return UInt32(value)
-            } ?? configuration.clusterSizeBytes
-            let lock = try takeLock(configuration, holder: "vd volume create")
-            defer { lock.release() }
-            let backendName = backend ?? configuration.defaultBackend
-            let backends = ConfiguredBackends(configuration: configuration)
-            let store = try backends.store(named: backendName)
-            try await store.verifyAccess()
-            let config = try await VolumeAdministration.create(
-                dataDirectory: configuration.dataDirectory, name: volumeName, sizeBytes: sizeBytes,
-                clusterSizeBytes: clusterBytes, backendName: backendName, backend: store)
+            var clusterBytes: UInt32?
+            if let clusterSize {
+                let value = try ByteSize.parse(clusterSize)
+                guard value <= UInt64(UInt32.max) else { throw VDError.invalidArgument("cluster size \(clusterSize) is too large") }
+                clusterBytes = UInt32(value)
+            }
+            let request = CreateVolumeRequest(name: name, sizeBytes: sizeBytes, clusterSizeBytes: clusterBytes, backend: backend)
+            let status = try await ServiceAccess.with(configuration, command: "vd volume create") { (service) throws(VDError) in
+                try await service.createVolume(request)
+            }
             print(
-                "created volume \(config.name): \(ByteSize.format(config.sizeBytes)), cluster \(ByteSize.format(UInt64(config.clusterSizeBytes))), backend '\(backendName)'"
-            )
+                "created volume \(status.name): \(ByteSize.format(status.sizeBytes)), cluster \(ByteSize.format(UInt64(status.clusterSizeBytes))), backend '\(status.backend)'"
+                    + (status.online ? "; exported as nbd+unix:///\(status.name)?socket=\(configuration.effectiveSocketPath)" : ""))
         }
     }
 
@@ -80,25 +75,23 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let configuration = try global.load()
-            let registrations = try VolumeRegistry.list(dataDirectory: configuration.dataDirectory)
+            let volumes = try await ServiceAccess.with(configuration, command: "vd volume list", quiet: true) {
+                (service) throws(VDError) in try await service.listVolumes()
+            }
             if json {
-                let items = registrations.map {
-                    VolumeSummary(
-                        name: $0.config.name.rawValue, sizeBytes: $0.config.sizeBytes,
-                        clusterSizeBytes: $0.config.clusterSizeBytes, backend: $0.backend, id: $0.config.id.description)
-                }
-                print(try jsonString(items))
+                print(try jsonString(volumes))
                 return
             }
-            if registrations.isEmpty {
+            if volumes.isEmpty {
                 print("no volumes in \(configuration.dataDirectory)")
                 return
             }
-            var rows = [["NAME", "SIZE", "CLUSTER", "BACKEND"]]
-            for r in registrations {
+            var rows = [["NAME", "SIZE", "CLUSTER", "BACKEND", "PARENT", "SNAPSHOTS", "STATE"]]
+            for v in volumes {
                 rows.append([
-                    r.config.name.rawValue, ByteSize.format(r.config.sizeBytes),
-                    ByteSize.format(UInt64(r.config.clusterSizeBytes)), r.backend,
+                    v.name, ByteSize.format(v.sizeBytes), ByteSize.format(UInt64(v.clusterSizeBytes)), v.backend,
+                    v.parent.map { "\($0.volume)@\($0.snapshot)" } ?? "-", v.online ? "\(v.snapshots.count)" : "-",
+                    v.online ? "served" : "stopped",
                 ])
             }
             print(table(rows))
@@ -106,7 +99,8 @@ struct VolumeCommand: AsyncParsableCommand {
     }
 
     struct Info: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show a volume's configuration and space use.")
+        static let configuration = CommandConfiguration(
+            abstract: "Show a volume: configuration, parent, snapshots, space written and referenced.")
 
         @OptionGroup var global: GlobalOptions
 
@@ -118,37 +112,55 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let configuration = try global.load()
-            let volumeName = try VolumeName(validating: name)
-            guard let registration = try VolumeRegistry.read(dataDirectory: configuration.dataDirectory, name: volumeName)
-            else { throw unknownVolume(volumeName, configuration) }
-            let backends = ConfiguredBackends(configuration: configuration)
-            let store = try backends.store(named: registration.backend)
-            let objects = try await store.list(prefix: registration.namespace + "/")
-            let scos = objects.filter { $0.name.hasPrefix(registration.namespace + "/sco/") }
-            let tlogs = objects.filter { $0.name.hasPrefix(registration.namespace + "/tlog/") }
-            let flash = configuration.effectiveFlashDirectory + "/" + volumeName.rawValue
-            let localSCOBytes = directoryBytes(flash + "/sco")
-            let summary = VolumeDetails(
-                name: volumeName.rawValue, id: registration.config.id.description, sizeBytes: registration.config.sizeBytes,
-                clusterSizeBytes: registration.config.clusterSizeBytes, createdAt: registration.config.createdAt,
-                backend: registration.backend, backendDescription: store.description, namespace: registration.namespace,
-                backendSCOs: scos.count, backendSCOBytes: scos.reduce(0) { $0 + $1.sizeBytes }, backendTLogs: tlogs.count,
-                localFlashDirectory: flash, localSCOBytes: localSCOBytes)
+            let volume = try await ServiceAccess.with(configuration, command: "vd volume info", quiet: json) {
+                (service) throws(VDError) in try await service.volumeStatus(name)
+            }
             if json {
-                print(try jsonString(summary))
+                print(try jsonString(volume))
                 return
             }
-            print(
-                """
-                volume \(summary.name)
-                  id:             \(summary.id)
-                  size:           \(ByteSize.format(summary.sizeBytes)) (\(summary.sizeBytes) bytes)
-                  cluster size:   \(ByteSize.format(UInt64(summary.clusterSizeBytes)))
-                  created:        \(ISO8601DateFormatter().string(from: summary.createdAt))
-                  backend:        '\(summary.backend)' (\(summary.backendDescription)), namespace \(summary.namespace)/
-                  on the backend: \(summary.backendSCOs) SCOs, \(ByteSize.format(summary.backendSCOBytes)); \(summary.backendTLogs) TLogs
-                  local flash:    \(summary.localFlashDirectory), \(ByteSize.format(summary.localSCOBytes)) of SCOs
-                """)
+            var lines = [
+                "volume \(volume.name)",
+                "  id:            \(volume.id)",
+                "  size:          \(ByteSize.format(volume.sizeBytes)) (\(volume.sizeBytes) bytes), cluster \(ByteSize.format(UInt64(volume.clusterSizeBytes)))",
+                "  created:       \(ISO8601DateFormatter().string(from: volume.createdAt))",
+                "  backend:       \(volume.backend)",
+                "  parent:        \(volume.parent.map { "\($0.volume)@\($0.snapshot) (thin clone)" } ?? "none")",
+                "  state:         \(volume.online ? "served by vd serve, \(volume.connections ?? 0) NBD connection(s)" : "not served")",
+            ]
+            if let space = volume.space {
+                lines.append("  written:       \(ByteSize.format(space.writtenBytes)) (all SCOs over the volume's life)")
+                lines.append("  referenced:    \(ByteSize.format(space.referencedBytes)) (read by the volume or its snapshots)")
+                lines.append("  reclaimable:   \(ByteSize.format(space.reclaimableBytes)) (vd scrub gives it back)")
+                lines.append("  local flash:   \(ByteSize.format(space.localFlashBytes)); not yet on the backend: \(ByteSize.format(space.unstoredBytes))")
+            }
+            if let error = volume.lastUploadError { lines.append("  upload error:  \(error)") }
+            lines.append("  snapshots:     \(volume.snapshots.isEmpty ? "none" : "")")
+            for snapshot in volume.snapshots {
+                lines.append(
+                    "    \(snapshot.name)  \(ISO8601DateFormatter().string(from: snapshot.createdAt))  +\(ByteSize.format(snapshot.writtenSincePreviousBytes))  \(snapshot.onBackend ? "on backend" : "local only")\(snapshot.clones.isEmpty ? "" : "  clones: " + snapshot.clones.joined(separator: ", "))"
+                )
+            }
+            print(lines.joined(separator: "\n"))
+        }
+    }
+
+    struct Delete: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Delete a volume: its data on the backend and on local flash. This cannot be undone.",
+            discussion: "Refused while clones of it exist; its NBD clients are disconnected.")
+
+        @OptionGroup var global: GlobalOptions
+
+        @Argument(help: "Volume name.")
+        var name: String
+
+        func run() async throws {
+            let configuration = try global.load()
+            try await ServiceAccess.with(configuration, command: "vd volume delete") { (service) throws(VDError) in
+                try await service.deleteVolume(name)
+            }
+            print("deleted volume \(name)")
         }
     }
 
@@ -156,10 +168,10 @@ struct VolumeCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Register a volume that exists on a backend (move it to this node, or recover a lost disk).",
             discussion: """
-                Reads the volume's configuration from its namespace on the backend and registers it here; the next
-                `vd serve` rebuilds its map from the backend's TLogs (with progress) and serves it, up to the last
-                TLog uploaded. Stop the router that owned the volume first (SIGTERM uploads everything): two routers
-                writing one namespace would damage it.
+                Reads the volume's configuration from its namespace on the backend, registers it here and rebuilds
+                its map from the backend's TLogs (with progress), up to the last TLog uploaded. A clone needs its
+                parent attached first. Stop the router that owned the volume first (SIGTERM uploads everything):
+                two routers writing one namespace would damage it.
                 """)
 
         @OptionGroup var global: GlobalOptions
@@ -175,81 +187,14 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             let configuration = try global.load()
-            let volumeName = try VolumeName(validating: name)
-            let lock = try takeLock(configuration, holder: "vd volume attach")
-            defer { lock.release() }
-            let backendName = backend ?? configuration.defaultBackend
-            let store = try ConfiguredBackends(configuration: configuration).store(named: backendName)
-            try await store.verifyAccess()
-            let attached = try await VolumeAdministration.attach(
-                dataDirectory: configuration.dataDirectory, flashDirectory: configuration.effectiveFlashDirectory,
-                name: volumeName, backendName: backendName, backend: store)
+            let request = AttachVolumeRequest(name: name, backend: backend)
+            let status = try await ServiceAccess.with(configuration, command: "vd volume attach") { (service) throws(VDError) in
+                try await service.attachVolume(request)
+            }
             print(
-                "attached volume \(attached.config.name) (\(ByteSize.format(attached.config.sizeBytes))) from \(store.description): \(attached.tlogs) TLogs, \(ByteSize.format(attached.bytes)) of SCOs; `vd serve` rebuilds its map and serves it"
+                "attached volume \(status.name) (\(ByteSize.format(status.sizeBytes))) from backend '\(status.backend)' with \(status.snapshots.count) snapshot(s)"
             )
         }
-    }
-
-    struct Delete: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(
-            abstract: "Delete a volume: its data on the backend and on local flash. This cannot be undone.")
-
-        @OptionGroup var global: GlobalOptions
-
-        @Argument(help: "Volume name.")
-        var name: String
-
-        func run() async throws {
-            let configuration = try global.load()
-            let volumeName = try VolumeName(validating: name)
-            let lock = try takeLock(configuration, holder: "vd volume delete")
-            defer { lock.release() }
-            guard let registration = try VolumeRegistry.read(dataDirectory: configuration.dataDirectory, name: volumeName)
-            else { throw unknownVolume(volumeName, configuration) }
-            let store = try ConfiguredBackends(configuration: configuration).store(named: registration.backend)
-            try await VolumeAdministration.delete(
-                dataDirectory: configuration.dataDirectory, flashDirectory: configuration.effectiveFlashDirectory,
-                registration: registration, backend: store)
-            print("deleted volume \(volumeName)")
-        }
-    }
-}
-
-struct VolumeSummary: Codable {
-    var name: String
-    var sizeBytes: UInt64
-    var clusterSizeBytes: UInt32
-    var backend: String
-    var id: String
-}
-
-struct VolumeDetails: Codable {
-    var name: String
-    var id: String
-    var sizeBytes: UInt64
-    var clusterSizeBytes: UInt32
-    var createdAt: Date
-    var backend: String
-    var backendDescription: String
-    var namespace: String
-    var backendSCOs: Int
-    var backendSCOBytes: UInt64
-    var backendTLogs: Int
-    var localFlashDirectory: String
-    var localSCOBytes: UInt64
-}
-
-func unknownVolume(_ name: VolumeName, _ configuration: VDConfiguration) -> VDError {
-    VDError(.notFound, "no volume named \(name) in \(configuration.dataDirectory) (see `vd volume list`)")
-}
-
-/// Takes the data directory lock for an offline command, explaining what to do if `vd serve` holds it.
-func takeLock(_ configuration: VDConfiguration, holder: String) throws(VDError) -> DirectoryLock {
-    try Syscall.makeDirectories(configuration.dataDirectory)
-    do {
-        return try DirectoryLock(directory: configuration.dataDirectory, holder: holder)
-    } catch where error.code == .busy {
-        throw VDError(.busy, "\(error.message); stop it first (this command works on the data directory directly)")
     }
 }
 

@@ -66,7 +66,9 @@ struct MapChanges {
                 try unmap(address, count: UInt64(count), epoch: tlog.number.rawValue)
             case .rollback(let epoch):
                 try rollback(toEpoch: epoch)
-            case .scoSealed, .snapshot:
+            case .scoSealed(let sco, let length, _):
+                update.metadata.append((MapChanges.epochBytesKey(sco), [UInt8](littleEndian64: length)))
+            case .snapshot:
                 break
             }
         }
@@ -155,6 +157,9 @@ struct MapChanges {
             try flush()
         }
     }
+
+    /// Metadata key recording the length of epoch `sco`'s SCO.
+    static func epochBytesKey(_ sco: SCONumber) -> String { "epoch-bytes-" + sco.hex }
 
     mutating func finish(checkpoint: MapCheckpoint) throws(VDError) {
         update.metadata.append((MapCheckpoint.key, checkpoint.encode()))

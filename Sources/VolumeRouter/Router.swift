@@ -212,11 +212,14 @@ package final class Router: Sendable {
     private let state = Mutex<[VolumeName: Volume]>([:])
 
     /// Takes the data directory lock (or fails naming its holder) and prepares the shared cache and I/O threads.
-    package init(configuration: RouterConfiguration, backends: any BackendResolver, logger: Logger) throws(VDError) {
+    /// `holder` names this process in the lock ("vd serve", or the CLI command working offline).
+    package init(
+        configuration: RouterConfiguration, backends: any BackendResolver, logger: Logger, holder: String = "vd serve"
+    ) throws(VDError) {
         try configuration.validate()
         try Syscall.makeDirectories(configuration.dataDirectory)
         try Syscall.makeDirectories(configuration.flashDirectory)
-        lock = try DirectoryLock(directory: configuration.dataDirectory, holder: "vd serve")
+        lock = try DirectoryLock(directory: configuration.dataDirectory, holder: holder)
         self.configuration = configuration
         self.backends = backends
         self.logger = logger
@@ -250,7 +253,9 @@ package final class Router: Sendable {
         } catch {
             return [(VolumeName(rawValue: "registry")!, error)]
         }
-        for registration in registrations {
+        // Parents before their clones.
+        let ordered = registrations.sorted { depth($0, in: registrations) < depth($1, in: registrations) }
+        for registration in ordered {
             do throws(VDError) {
                 _ = try await open(registration, progress: progress)
             } catch {
@@ -261,22 +266,55 @@ package final class Router: Sendable {
         return failures
     }
 
+    private func depth(_ registration: VolumeRegistration, in all: [VolumeRegistration]) -> Int {
+        var depth = 0
+        var current = registration
+        while let parent = current.config.parent, depth < 64,
+            let next = all.first(where: { $0.config.name == parent.volume })
+        {
+            depth += 1
+            current = next
+        }
+        return depth
+    }
+
+    /// Opens a registered volume (its parent first, for a clone) if it is not open yet.
     @discardableResult
     package func open(_ registration: VolumeRegistration, progress: @escaping @Sendable (String) -> Void) async throws(VDError)
         -> Volume
     {
         if let existing = volume(named: registration.config.name) { return existing }
+        var parent: Volume?
+        if let link = registration.config.parent {
+            guard let parentRegistration = try VolumeRegistry.read(dataDirectory: configuration.dataDirectory, name: link.volume)
+            else {
+                throw VDError(
+                    .notFound,
+                    "volume \(registration.config.name) is a clone of \(link.volume), which is not registered here; attach \(link.volume) first")
+            }
+            parent = try await open(parentRegistration, progress: progress)
+        }
         let backend = try backends.store(named: registration.backend)
         var options = configuration.volumeOptions
         options.compressUploads = backends.compressesUploads(registration.backend)
         let volume = try await Volume.open(
             config: registration.config, layout: layout(for: registration), options: options,
-            backend: backend, cache: cache, pool: pool, logger: logger, progress: progress)
+            backend: backend, cache: cache, pool: pool, logger: logger, parent: parent, progress: progress)
         state.withLock { $0[registration.config.name] = volume }
         return volume
     }
 
     package func volume(named name: VolumeName) -> Volume? { state.withLock { $0[name] } }
+
+    /// The open volume, opening it (and its parents) on demand.
+    package func openVolume(named name: VolumeName) async throws(VDError) -> Volume {
+        if let volume = volume(named: name) { return volume }
+        guard let registration = try VolumeRegistry.read(dataDirectory: configuration.dataDirectory, name: name) else {
+            throw VDError(.notFound, "no volume named \(name) in \(configuration.dataDirectory) (see `vd volume list`)")
+        }
+        let logger = self.logger
+        return try await open(registration) { logger.info("\($0)") }
+    }
     package var volumes: [Volume] { state.withLock { $0.values.sorted { $0.name < $1.name } } }
 
     /// Closes one volume (for delete).

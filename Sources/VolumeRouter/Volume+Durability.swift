@@ -145,6 +145,9 @@ extension Volume {
                 try TLogFiles.write(tlog, directory: layout.tlogDirectory)
                 try file.truncate(to: scan.validLength)
                 file.dropCache()
+                var update = MapUpdate()
+                update.metadata.append((MapChanges.epochBytesKey(sco), [UInt8](littleEndian64: scan.validLength)))
+                try map.apply(update)
                 try map.persist()
                 return scan.validLength
             }

@@ -71,6 +71,8 @@ struct WriterState {
     var unsyncedFiles: [FlashFile] = []
     /// When the first write went into the open journal (for age-based sealing).
     var openJournalFirstWrite: ContinuousClock.Instant?
+    /// Bytes in the open journal.
+    var openJournalBytes: UInt64 = UInt64(SCOFormat.blockBytes)
     /// Writes are refused: the volume is closing or a fatal error (a failed fdatasync) happened.
     var failure: VDError?
 }
@@ -219,8 +221,10 @@ extension Volume {
         }
         try changes.finish(checkpoint: MapCheckpoint(sco: journal.sco, offset: journal.writeOffset, chainCRC: journal.chainCRC))
         let now = ContinuousClock.now
+        let openBytes = journal.writeOffset
         writer.withLock { state in
             state.writtenGeneration += 1
+            state.openJournalBytes = openBytes
             if state.openJournalFirstWrite == nil { state.openJournalFirstWrite = now }
         }
         pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
@@ -270,6 +274,7 @@ extension Volume {
             state.unsyncedFiles.append(oldFile)
             state.currentFile = file
             state.openJournalFirstWrite = nil
+            state.openJournalBytes = UInt64(SCOFormat.blockBytes)
             state.writtenGeneration += 1
         }
         var update = MapUpdate()

@@ -288,6 +288,9 @@ struct Recovery {
                 volumeID: config.id, number: epoch, clusterSizeBytes: config.clusterSizeBytes, records: scan.tlogRecords())
             try TLogFiles.write(tlog, directory: layout.tlogDirectory)
             try file.truncate(to: scan.validLength)
+            var update = MapUpdate()
+            update.metadata.append((MapChanges.epochBytesKey(epoch), [UInt8](littleEndian64: scan.validLength)))
+            try map.apply(update)
             localTLogs.insert(epoch)
             sealedNow[epoch] = scan.validLength
         }

@@ -220,3 +220,28 @@ extension Volume {
         }
     }
 }
+
+/// Space figures of a volume, from its map and epoch records.
+package struct VolumeSpace: Sendable {
+    /// Bytes of SCOs written over the volume's life.
+    package var writtenBytes: UInt64
+    /// Bytes of clusters the volume reads now plus those only its snapshots read.
+    package var referencedBytes: UInt64
+    package var epochBytes: [(epoch: UInt64, bytes: UInt64)]
+}
+
+extension Volume {
+    package func space() throws(VDError) -> VolumeSpace {
+        var epochs: [(UInt64, UInt64)] = []
+        for (key, value) in try map.metadata(withPrefix: "epoch-bytes-") {
+            guard let sco = SCONumber(hex: key.dropFirst("epoch-bytes-".count)), let bytes = value.littleEndianUInt64
+            else { continue }
+            epochs.append((sco.rawValue, bytes))
+        }
+        let counts = try map.referencedClusterCount()
+        let open = writer.withLock { $0.openJournalBytes }
+        return VolumeSpace(
+            writtenBytes: epochs.reduce(open) { $0 + $1.1 },
+            referencedBytes: (counts.current + counts.history) * UInt64(clusterBytes), epochBytes: epochs)
+    }
+}

@@ -1,0 +1,164 @@
+// The management API's resources and the service behind them. `vd serve` implements `ManagementService` over its
+// router and serves it as HTTP/JSON on a Unix socket; the CLI talks to it with `ManagementClient`, which implements
+// the same protocol, or, when no router runs, uses an in-process implementation: the commands do not care which.
+
+public import FoundationEssentials
+public import VolumeCore
+
+public struct SnapshotStatus: Codable, Sendable, Hashable {
+    public var name: String
+    public var createdAt: Date
+    public var epoch: UInt64
+    /// Bytes of SCOs written between the previous snapshot and this one.
+    public var writtenSincePreviousBytes: UInt64
+    /// The backend holds everything up to this snapshot.
+    public var onBackend: Bool
+    public var clones: [String]
+
+    public init(
+        name: String, createdAt: Date, epoch: UInt64, writtenSincePreviousBytes: UInt64, onBackend: Bool, clones: [String]
+    ) {
+        self.name = name
+        self.createdAt = createdAt
+        self.epoch = epoch
+        self.writtenSincePreviousBytes = writtenSincePreviousBytes
+        self.onBackend = onBackend
+        self.clones = clones
+    }
+}
+
+public struct SpaceStatus: Codable, Sendable, Hashable {
+    /// Bytes of data written to the volume's SCOs over its life (what the backend stores before reclamation).
+    public var writtenBytes: UInt64
+    /// Bytes of clusters the volume or one of its snapshots still reads.
+    public var referencedBytes: UInt64
+    /// Written but no longer referenced: what the scrubber can give back.
+    public var reclaimableBytes: UInt64
+    /// SCOs on local flash.
+    public var localFlashBytes: UInt64
+    /// Written but not yet on the backend.
+    public var unstoredBytes: UInt64
+
+    public init(writtenBytes: UInt64, referencedBytes: UInt64, reclaimableBytes: UInt64, localFlashBytes: UInt64, unstoredBytes: UInt64) {
+        self.writtenBytes = writtenBytes
+        self.referencedBytes = referencedBytes
+        self.reclaimableBytes = reclaimableBytes
+        self.localFlashBytes = localFlashBytes
+        self.unstoredBytes = unstoredBytes
+    }
+}
+
+public struct VolumeStatus: Codable, Sendable, Hashable {
+    public struct Parent: Codable, Sendable, Hashable {
+        public var volume: String
+        public var snapshot: String
+        public init(volume: String, snapshot: String) {
+            self.volume = volume
+            self.snapshot = snapshot
+        }
+    }
+
+    public var name: String
+    public var id: String
+    public var sizeBytes: UInt64
+    public var clusterSizeBytes: UInt32
+    public var createdAt: Date
+    public var backend: String
+    public var parent: Parent?
+    /// Served by a running router (else the figures below come from local files).
+    public var online: Bool
+    public var snapshots: [SnapshotStatus]
+    public var space: SpaceStatus?
+    public var lastUploadError: String?
+    public var connections: Int?
+
+    public init(
+        name: String, id: String, sizeBytes: UInt64, clusterSizeBytes: UInt32, createdAt: Date, backend: String,
+        parent: Parent?, online: Bool, snapshots: [SnapshotStatus], space: SpaceStatus?, lastUploadError: String?,
+        connections: Int?
+    ) {
+        self.name = name
+        self.id = id
+        self.sizeBytes = sizeBytes
+        self.clusterSizeBytes = clusterSizeBytes
+        self.createdAt = createdAt
+        self.backend = backend
+        self.parent = parent
+        self.online = online
+        self.snapshots = snapshots
+        self.space = space
+        self.lastUploadError = lastUploadError
+        self.connections = connections
+    }
+}
+
+public struct CreateVolumeRequest: Codable, Sendable, Hashable {
+    public var name: String
+    public var sizeBytes: UInt64
+    public var clusterSizeBytes: UInt32?
+    public var backend: String?
+    public init(name: String, sizeBytes: UInt64, clusterSizeBytes: UInt32? = nil, backend: String? = nil) {
+        self.name = name
+        self.sizeBytes = sizeBytes
+        self.clusterSizeBytes = clusterSizeBytes
+        self.backend = backend
+    }
+}
+
+public struct AttachVolumeRequest: Codable, Sendable, Hashable {
+    public var name: String
+    public var backend: String?
+    public init(name: String, backend: String? = nil) {
+        self.name = name
+        self.backend = backend
+    }
+}
+
+public struct CreateSnapshotRequest: Codable, Sendable, Hashable {
+    public var name: String
+    public init(name: String) { self.name = name }
+}
+
+public struct RollbackRequest: Codable, Sendable, Hashable {
+    /// Disconnect the volume's clients instead of refusing while they are connected.
+    public var force: Bool
+    public init(force: Bool) { self.force = force }
+}
+
+public struct CreateCloneRequest: Codable, Sendable, Hashable {
+    public var parent: String
+    public var snapshot: String
+    public var name: String
+    public init(parent: String, snapshot: String, name: String) {
+        self.parent = parent
+        self.snapshot = snapshot
+        self.name = name
+    }
+}
+
+/// An error as the API sends it.
+public struct APIError: Codable, Sendable, Hashable {
+    public var code: String
+    public var message: String
+    public init(_ error: VDError) {
+        code = error.code.rawValue
+        message = error.message
+    }
+    public var vdError: VDError { VDError(VDError.Code(rawValue: code), message) }
+}
+
+/// What the router can be asked to do. Every method throws VDError with an operator-readable message.
+public protocol ManagementService: Sendable {
+    func listVolumes() async throws(VDError) -> [VolumeStatus]
+    func volumeStatus(_ name: String) async throws(VDError) -> VolumeStatus
+    func createVolume(_ request: CreateVolumeRequest) async throws(VDError) -> VolumeStatus
+    func attachVolume(_ request: AttachVolumeRequest) async throws(VDError) -> VolumeStatus
+    func deleteVolume(_ name: String) async throws(VDError)
+    func listSnapshots(_ volume: String) async throws(VDError) -> [SnapshotStatus]
+    func createSnapshot(_ volume: String, _ request: CreateSnapshotRequest) async throws(VDError) -> SnapshotStatus
+    func deleteSnapshot(_ volume: String, _ snapshot: String) async throws(VDError)
+    func rollback(_ volume: String, _ snapshot: String, _ request: RollbackRequest) async throws(VDError) -> SnapshotStatus
+    func createClone(_ request: CreateCloneRequest) async throws(VDError) -> VolumeStatus
+    /// Prometheus text exposition.
+    func metrics() async throws(VDError) -> String
+}

@@ -1,0 +1,98 @@
+// The API's routes: a pure function from (method, path, body) to a response, so it is tested without sockets.
+//
+//   GET    /v1/volumes                                  list
+//   POST   /v1/volumes                                  create        CreateVolumeRequest
+//   POST   /v1/volumes/attach                           attach        AttachVolumeRequest
+//   GET    /v1/volumes/NAME                             status
+//   DELETE /v1/volumes/NAME                             delete
+//   GET    /v1/volumes/NAME/snapshots                   list snapshots
+//   POST   /v1/volumes/NAME/snapshots                   create        CreateSnapshotRequest
+//   DELETE /v1/volumes/NAME/snapshots/SNAP              delete
+//   POST   /v1/volumes/NAME/snapshots/SNAP/rollback     rollback      RollbackRequest
+//   POST   /v1/clones                                   clone         CreateCloneRequest
+//   GET    /metrics                                     Prometheus text
+// Errors: JSON {"code", "message"} with 400 (bad request), 404 (not found), 409 (exists, busy), 500 (the rest).
+
+import FoundationEssentials
+import VolumeCore
+
+public struct APIResponse: Sendable {
+    public var status: Int
+    public var contentType: String
+    public var body: [UInt8]
+
+    static func json<T: Encodable>(_ value: T, status: Int = 200) -> APIResponse {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+        guard let data = try? encoder.encode(value) else { return .error(VDError(.io, "cannot encode the response")) }
+        return APIResponse(status: status, contentType: "application/json", body: Array(data))
+    }
+
+    static func error(_ error: VDError) -> APIResponse {
+        let status: Int
+        switch error.code {
+        case .notFound: status = 404
+        case .alreadyExists, .busy: status = 409
+        case .invalidArgument, .outOfRange, .configuration: status = 400
+        case .readOnly: status = 403
+        case .unsupported: status = 405
+        default: status = 500
+        }
+        return .json(APIError(error), status: status)
+    }
+
+    static let empty = APIResponse(status: 204, contentType: "application/json", body: [])
+}
+
+struct Empty: Codable {}
+
+public enum APIRoutes {
+    public static func handle(method: String, path: String, body: [UInt8], service: any ManagementService) async
+        -> APIResponse
+    {
+        let parts = path.split(separator: "?").first.map { $0.split(separator: "/").map(String.init) } ?? []
+        do throws(VDError) {
+            switch (method, parts) {
+            case ("GET", ["v1", "volumes"]):
+                return .json(try await service.listVolumes())
+            case ("POST", ["v1", "volumes"]):
+                return .json(try await service.createVolume(try decode(body)), status: 201)
+            case ("POST", ["v1", "volumes", "attach"]):
+                return .json(try await service.attachVolume(try decode(body)), status: 201)
+            case ("GET", let p) where p.count == 3 && p[0] == "v1" && p[1] == "volumes":
+                return .json(try await service.volumeStatus(p[2]))
+            case ("DELETE", let p) where p.count == 3 && p[0] == "v1" && p[1] == "volumes":
+                try await service.deleteVolume(p[2])
+                return .empty
+            case ("GET", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "snapshots":
+                return .json(try await service.listSnapshots(p[2]))
+            case ("POST", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "snapshots":
+                return .json(try await service.createSnapshot(p[2], try decode(body)), status: 201)
+            case ("DELETE", let p) where p.count == 5 && p[0] == "v1" && p[1] == "volumes" && p[3] == "snapshots":
+                try await service.deleteSnapshot(p[2], p[4])
+                return .empty
+            case ("POST", let p)
+            where p.count == 6 && p[0] == "v1" && p[1] == "volumes" && p[3] == "snapshots" && p[5] == "rollback":
+                return .json(try await service.rollback(p[2], p[4], try decode(body)))
+            case ("POST", ["v1", "clones"]):
+                return .json(try await service.createClone(try decode(body)), status: 201)
+            case ("GET", ["metrics"]):
+                return APIResponse(
+                    status: 200, contentType: "text/plain; version=0.0.4", body: Array(try await service.metrics().utf8))
+            default:
+                return .error(VDError(.notFound, "no such API endpoint: \(method) \(path)"))
+            }
+        } catch {
+            return .error(error)
+        }
+    }
+
+    static func decode<T: Decodable>(_ body: [UInt8]) throws(VDError) -> T {
+        do {
+            return try JSONDecoder().decode(T.self, from: Data(body))
+        } catch {
+            throw VDError(.invalidArgument, "the request body is not a valid \(T.self): \(error)")
+        }
+    }
+}

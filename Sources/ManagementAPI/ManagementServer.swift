@@ -1,0 +1,136 @@
+// Serves the management API as HTTP/1.1 on a Unix socket. Access control is the socket's permissions: it is created
+// 0600, so only its owner (and root) can manage volumes. Request bodies are bounded; a malformed request gets a 400
+// and its connection closes; nothing a client sends stops the server.
+
+public import Logging
+public import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Synchronization
+public import VolumeCore
+
+#if canImport(Glibc)
+    @preconcurrency import Glibc
+#endif
+
+public final class ManagementServer: Sendable {
+    public static let requestBodyBytesMax = 1 << 20
+
+    public let socketPath: String
+    private let service: any ManagementService
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let channel = Mutex<(any Channel)?>(nil)
+
+    public init(socketPath: String, service: any ManagementService, group: any EventLoopGroup, logger: Logger) {
+        self.socketPath = socketPath
+        self.service = service
+        self.group = group
+        self.logger = logger
+    }
+
+    public func start() async throws(VDError) {
+        // A socket file left by a dead router is removed; a live one means another router serves this directory.
+        if await ManagementClient.isListening(socketPath: socketPath) {
+            throw VDError(.busy, "another router answers on \(socketPath)")
+        }
+        unlink(socketPath)
+        let service = self.service
+        let logger = self.logger
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 64)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(APIHandler(service: service, logger: logger))
+                }
+            }
+        do {
+            let listener = try await bootstrap.bind(unixDomainSocketPath: socketPath).get()
+            chmod(socketPath, 0o600)
+            channel.withLock { $0 = listener }
+        } catch {
+            throw VDError(.io, "cannot listen on \(socketPath): \(error)")
+        }
+    }
+
+    public func stop() async {
+        let listener = channel.withLock { channel -> (any Channel)? in
+            defer { channel = nil }
+            return channel
+        }
+        try? await listener?.close()
+        unlink(socketPath)
+    }
+}
+
+final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    let service: any ManagementService
+    let logger: Logger
+    private var head: HTTPRequestHead?
+    private var body: [UInt8] = []
+    private var tooLarge = false
+
+    init(service: any ManagementService, logger: Logger) {
+        self.service = service
+        self.logger = logger
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            self.head = head
+            body = []
+            tooLarge = false
+        case .body(let buffer):
+            if body.count + buffer.readableBytes > ManagementServer.requestBodyBytesMax {
+                tooLarge = true
+            } else {
+                body += buffer.readableBytesView
+            }
+        case .end:
+            guard let head else { return }
+            self.head = nil
+            let keepAlive = head.isKeepAlive
+            let channel = context.channel
+            if tooLarge {
+                Self.respond(
+                    channel: channel, head: head,
+                    response: .error(VDError(.invalidArgument, "request body over \(ManagementServer.requestBodyBytesMax) bytes")),
+                    keepAlive: false)
+                return
+            }
+            Self.dispatch(channel: channel, head: head, body: body, service: service, keepAlive: keepAlive)
+        }
+    }
+
+    private static func dispatch(
+        channel: any Channel, head: HTTPRequestHead, body: [UInt8], service: any ManagementService, keepAlive: Bool
+    ) {
+        Task {
+            let response = await APIRoutes.handle(method: head.method.rawValue, path: head.uri, body: body, service: service)
+            respond(channel: channel, head: head, response: response, keepAlive: keepAlive)
+        }
+    }
+
+    private static func respond(channel: any Channel, head: HTTPRequestHead, response: APIResponse, keepAlive: Bool) {
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: response.contentType)
+        headers.add(name: "Content-Length", value: "\(response.body.count)")
+        headers.add(name: "Connection", value: keepAlive ? "keep-alive" : "close")
+        let responseHead = HTTPResponseHead(
+            version: head.version, status: HTTPResponseStatus(statusCode: response.status), headers: headers)
+        let body = response.body
+        channel.eventLoop.execute {
+            channel.write(HTTPServerResponsePart.head(responseHead), promise: nil)
+            if !body.isEmpty {
+                channel.write(HTTPServerResponsePart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil)
+            }
+            let done = channel.writeAndFlush(HTTPServerResponsePart.end(nil))
+            if !keepAlive { done.whenComplete { _ in channel.close(promise: nil) } }
+        }
+    }
+}

@@ -1,0 +1,298 @@
+// The management operations over a router: what `vd serve` serves on its API socket, and what the CLI runs
+// in-process when no router owns the data directory. Volumes are opened on demand (offline, only those a command
+// touches are recovered).
+
+import FlashIO
+import Foundation
+import Logging
+import ManagementAPI
+import NBDServer
+import ObjectStore
+import Synchronization
+import VolumeCore
+import VolumeRouter
+
+final class RouterService: ManagementService {
+    let router: Router
+    let backends: ConfiguredBackends
+    let configuration: VDConfiguration
+    let online: Bool
+    /// Set once the NBD server runs (for connection counts and disconnects).
+    let nbd = Mutex<NBDServer?>(nil)
+    /// Serializes operations that change the set of volumes or their relationships.
+    private let lifecycle = AsyncLock()
+
+    init(router: Router, backends: ConfiguredBackends, configuration: VDConfiguration, online: Bool) {
+        self.router = router
+        self.backends = backends
+        self.configuration = configuration
+        self.online = online
+    }
+
+    private var dataDirectory: String { configuration.dataDirectory }
+
+    private func name(_ text: String) throws(VDError) -> VolumeName { try VolumeName(validating: text) }
+
+    private func registration(_ name: VolumeName) throws(VDError) -> VolumeRegistration {
+        guard let registration = try VolumeRegistry.read(dataDirectory: dataDirectory, name: name) else {
+            throw VDError(.notFound, "no volume named \(name) in \(dataDirectory) (see `vd volume list`)")
+        }
+        return registration
+    }
+
+    private func connections(_ export: String) -> Int { nbd.withLock { $0?.connectionCount(export: export) ?? 0 } }
+
+    private func disconnect(_ export: String) async {
+        if let server = nbd.withLock({ $0 }) { await server.disconnectClients(export: export) }
+    }
+
+    // MARK: volumes
+
+    func listVolumes() async throws(VDError) -> [VolumeStatus] {
+        try VolumeRegistry.list(dataDirectory: dataDirectory).map { registration in
+            let volume = router.volume(named: registration.config.name)
+            return status(registration, volume: volume, space: nil)
+        }
+    }
+
+    func volumeStatus(_ text: String) async throws(VDError) -> VolumeStatus {
+        let name = try name(text)
+        let registration = try registration(name)
+        let volume = try await router.openVolume(named: name)
+        let space = try volume.space()
+        let upload = volume.uploadStatus
+        let local = router.cache.statistics
+        _ = local
+        let status = SpaceStatus(
+            writtenBytes: space.writtenBytes, referencedBytes: space.referencedBytes,
+            reclaimableBytes: space.writtenBytes > space.referencedBytes ? space.writtenBytes - space.referencedBytes : 0,
+            localFlashBytes: directoryBytes(configuration.effectiveFlashDirectory + "/" + name.rawValue + "/sco"),
+            unstoredBytes: upload.unstoredBytes)
+        return self.status(registration, volume: volume, space: status)
+    }
+
+    private func status(_ registration: VolumeRegistration, volume: Volume?, space: SpaceStatus?) -> VolumeStatus {
+        let config = registration.config
+        return VolumeStatus(
+            name: config.name.rawValue, id: config.id.description, sizeBytes: config.sizeBytes,
+            clusterSizeBytes: config.clusterSizeBytes, createdAt: config.createdAt, backend: registration.backend,
+            parent: config.parent.map { VolumeStatus.Parent(volume: $0.volume.rawValue, snapshot: $0.snapshot) },
+            online: online && volume != nil, snapshots: volume.map(snapshotStatuses) ?? [], space: space,
+            lastUploadError: volume?.uploadStatus.lastError?.message,
+            connections: online ? connections(config.name.rawValue) : nil)
+    }
+
+    func createVolume(_ request: CreateVolumeRequest) async throws(VDError) -> VolumeStatus {
+        let name = try name(request.name)
+        return try await lifecycle.run { () async throws(VDError) -> VolumeStatus in
+            let backendName = request.backend ?? configuration.defaultBackend
+            let store = try backends.store(named: backendName)
+            try await store.verifyAccess()
+            let config = try await VolumeAdministration.create(
+                dataDirectory: dataDirectory, name: name, sizeBytes: request.sizeBytes,
+                clusterSizeBytes: request.clusterSizeBytes ?? configuration.clusterSizeBytes, backendName: backendName,
+                backend: store)
+            let volume = online ? try await router.openVolume(named: config.name) : nil
+            return status(try registration(name), volume: volume, space: nil)
+        }
+    }
+
+    func attachVolume(_ request: AttachVolumeRequest) async throws(VDError) -> VolumeStatus {
+        let name = try name(request.name)
+        return try await lifecycle.run { () async throws(VDError) -> VolumeStatus in
+            let backendName = request.backend ?? configuration.defaultBackend
+            let store = try backends.store(named: backendName)
+            try await store.verifyAccess()
+            _ = try await VolumeAdministration.attach(
+                dataDirectory: dataDirectory, flashDirectory: configuration.effectiveFlashDirectory, name: name,
+                backendName: backendName, backend: store)
+            // Rebuild now: the caller learns at once whether the namespace is usable.
+            let volume = try await router.openVolume(named: name)
+            return status(try registration(name), volume: volume, space: nil)
+        }
+    }
+
+    func deleteVolume(_ text: String) async throws(VDError) {
+        let name = try name(text)
+        try await lifecycle.run { () async throws(VDError) in
+            let registration = try registration(name)
+            let clones = try VolumeRegistry.list(dataDirectory: dataDirectory).filter { $0.config.parent?.volume == name }
+            guard clones.isEmpty else {
+                throw VDError(
+                    .busy,
+                    "volume \(name) has clones: \(clones.map(\.config.name.rawValue).joined(separator: ", ")); delete them first")
+            }
+            if let volume = router.volume(named: name) {
+                await disconnect(name.rawValue)
+                for snapshot in volume.snapshotTable.snapshots { await disconnect("\(name)@\(snapshot.name)") }
+            }
+            _ = await router.closeVolume(name)
+            if let link = registration.config.parent {
+                let parent = try await router.openVolume(named: link.volume)
+                try? parent.setClone(name.rawValue, ofSnapshot: link.snapshot, present: false)
+            }
+            let store = try backends.store(named: registration.backend)
+            try await VolumeAdministration.delete(
+                dataDirectory: dataDirectory, flashDirectory: configuration.effectiveFlashDirectory,
+                registration: registration, backend: store)
+        }
+    }
+
+    // MARK: snapshots
+
+    private func snapshotStatuses(_ volume: Volume) -> [SnapshotStatus] {
+        let table = volume.snapshotTable
+        let stored = volume.uploadStatus.storedThrough.rawValue
+        let epochBytes = (try? volume.space().epochBytes) ?? []
+        var previous: UInt64 = 0
+        return table.snapshots.sorted { $0.epoch < $1.epoch }.map { snapshot in
+            let written = epochBytes.filter { $0.epoch > previous && $0.epoch <= snapshot.epoch }.reduce(0) { $0 + $1.bytes }
+            previous = snapshot.epoch
+            return SnapshotStatus(
+                name: snapshot.name, createdAt: snapshot.createdAt, epoch: snapshot.epoch, writtenSincePreviousBytes: written,
+                onBackend: snapshot.epoch <= stored, clones: snapshot.clones)
+        }
+    }
+
+    func listSnapshots(_ volume: String) async throws(VDError) -> [SnapshotStatus] {
+        snapshotStatuses(try await router.openVolume(named: try name(volume)))
+    }
+
+    func createSnapshot(_ volume: String, _ request: CreateSnapshotRequest) async throws(VDError) -> SnapshotStatus {
+        let target = try await router.openVolume(named: try name(volume))
+        let record = try await target.createSnapshot(named: request.name)
+        return snapshotStatuses(target).first { $0.name == record.name }!
+    }
+
+    func deleteSnapshot(_ volume: String, _ snapshot: String) async throws(VDError) {
+        let name = try name(volume)
+        try await lifecycle.run { () async throws(VDError) in
+            let target = try await router.openVolume(named: name)
+            try target.deleteSnapshot(named: snapshot)
+            await disconnect("\(name)@\(snapshot)")
+        }
+    }
+
+    func rollback(_ volume: String, _ snapshot: String, _ request: RollbackRequest) async throws(VDError) -> SnapshotStatus {
+        let name = try name(volume)
+        return try await lifecycle.run { () async throws(VDError) -> SnapshotStatus in
+            let target = try await router.openVolume(named: name)
+            let clients = connections(name.rawValue)
+            if clients > 0 {
+                guard request.force else {
+                    throw VDError(
+                        .busy,
+                        "volume \(name) has \(clients) NBD client(s) connected; stop them (their caches would be wrong after a rollback) or use --force to disconnect them"
+                    )
+                }
+                await disconnect(name.rawValue)
+            }
+            let later = target.snapshotTable.snapshots.filter {
+                $0.epoch > (target.snapshotTable.snapshot(named: snapshot)?.epoch ?? .max)
+            }
+            let record = try await target.rollback(toSnapshot: snapshot)
+            for gone in later { await disconnect("\(name)@\(gone.name)") }
+            return snapshotStatuses(target).first { $0.name == record.name }!
+        }
+    }
+
+    // MARK: clones
+
+    func createClone(_ request: CreateCloneRequest) async throws(VDError) -> VolumeStatus {
+        let parentName = try name(request.parent)
+        let childName = try name(request.name)
+        return try await lifecycle.run { () async throws(VDError) -> VolumeStatus in
+            let parent = try await router.openVolume(named: parentName)
+            guard let snapshot = parent.snapshotTable.snapshot(named: request.snapshot) else {
+                throw VDError(.notFound, "volume \(parentName) has no snapshot named \(request.snapshot)")
+            }
+            let parentRegistration = try registration(parentName)
+            let store = try backends.store(named: parentRegistration.backend)
+            // Record the clone on the parent first: a crash between the two leaves a snapshot that refuses to be
+            // deleted for a clone that does not exist (visible and fixable), never a clone without its snapshot.
+            try parent.setClone(childName.rawValue, ofSnapshot: snapshot.name, present: true)
+            do throws(VDError) {
+                _ = try await VolumeAdministration.create(
+                    dataDirectory: dataDirectory, name: childName, sizeBytes: parent.config.sizeBytes,
+                    clusterSizeBytes: parent.config.clusterSizeBytes, backendName: parentRegistration.backend,
+                    backend: store,
+                    parent: VolumeConfig.Parent(volume: parentName, snapshot: snapshot.name, epoch: snapshot.epoch))
+            } catch {
+                try? parent.setClone(childName.rawValue, ofSnapshot: snapshot.name, present: false)
+                throw error
+            }
+            let child = try await router.openVolume(named: childName)
+            return status(try registration(childName), volume: child, space: nil)
+        }
+    }
+
+    // MARK: metrics
+
+    func metrics() async throws(VDError) -> String {
+        var lines: [String] = []
+        func metric(_ name: String, _ help: String, _ type: String, _ samples: [(String, UInt64)]) {
+            lines.append("# HELP \(name) \(help)")
+            lines.append("# TYPE \(name) \(type)")
+            for (labels, value) in samples { lines.append("\(name)\(labels) \(value)") }
+        }
+        let volumes = router.volumes
+        func label(_ volume: Volume) -> String { "{volume=\"\(volume.name)\"}" }
+        metric("vd_volume_size_bytes", "Size of the volume.", "gauge", volumes.map { (label($0), $0.config.sizeBytes) })
+        metric(
+            "vd_volume_unstored_bytes", "Data written but not yet on the backend.", "gauge",
+            volumes.map { (label($0), $0.uploadStatus.unstoredBytes) })
+        metric(
+            "vd_volume_stored_epoch", "Every epoch up to this one is on the backend.", "gauge",
+            volumes.map { (label($0), $0.uploadStatus.storedThrough.rawValue) })
+        metric(
+            "vd_volume_upload_failing", "1 while uploads to the backend are failing.", "gauge",
+            volumes.map { (label($0), $0.uploadStatus.lastError == nil ? 0 : 1) })
+        metric(
+            "vd_volume_snapshots", "Snapshots of the volume.", "gauge",
+            volumes.map { (label($0), UInt64($0.snapshotTable.snapshots.count)) })
+        metric(
+            "vd_volume_nbd_connections", "NBD clients connected to the volume.", "gauge",
+            volumes.map { (label($0), UInt64(connections($0.name.rawValue))) })
+        let cache = router.cache.statistics
+        metric("vd_flash_cache_bytes", "SCO bytes on local flash.", "gauge", [("", cache.footprintBytes)])
+        metric("vd_flash_cache_capacity_bytes", "Flash cache capacity.", "gauge", [("", router.cache.capacityBytes)])
+        metric("vd_flash_cache_evictions_total", "SCOs evicted from local flash.", "counter", [("", cache.evictedCount)])
+        return lines.joined(separator: "\n") + "\n"
+    }
+}
+
+/// A lock for async sections (operations that must not interleave).
+final class AsyncLock: Sendable {
+    private let state = Mutex<(held: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+
+    func run<T>(_ body: () async throws(VDError) -> T) async throws(VDError) -> T {
+        await acquire()
+        defer { release() }
+        return try await body()
+    }
+
+    private func acquire() async {
+        await withCheckedContinuation { continuation in
+            let acquired = state.withLock { state -> Bool in
+                if !state.held {
+                    state.held = true
+                    return true
+                }
+                state.waiters.append(continuation)
+                return false
+            }
+            if acquired { continuation.resume() }
+        }
+    }
+
+    private func release() {
+        let next = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            if state.waiters.isEmpty {
+                state.held = false
+                return nil
+            }
+            return state.waiters.removeFirst()
+        }
+        next?.resume()
+    }
+}
