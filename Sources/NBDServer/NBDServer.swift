@@ -44,7 +44,7 @@ public struct NBDServerConfiguration: Sendable, Hashable {
         maxInFlightRequestsPerConnection: Int = 64, maxInFlightBytesPerConnection: Int = 128 << 20,
         maximumPayloadBytes: UInt32 = Limits.requestBytesMax, handshakeTimeoutSeconds: Double = 30,
         idleTimeoutSeconds: Double = 0, shutdownGracePeriodSeconds: Double = 10,
-        deviceExecution: NBDDeviceExecution = .eventLoop
+        deviceExecution: NBDDeviceExecution = .default
     ) {
         self.unixSocketPath = unixSocketPath
         self.tcpHost = tcpHost
@@ -248,9 +248,15 @@ public final class NBDServer: Sendable {
                 let handler = NBDConnectionHandler(
                     id: id, eventLoop: channel.eventLoop, settings: settings, exports: exports, observer: registry,
                     logger: logger, allocator: channel.allocator)
-                registry.attach(
-                    id, channel: channel, handler: NIOLoopBound(handler, eventLoop: channel.eventLoop),
-                    quiesced: handler.quiesced)
+                guard
+                    registry.attach(
+                        id, channel: channel, handler: NIOLoopBound(handler, eventLoop: channel.eventLoop),
+                        quiesced: handler.quiesced)
+                else {
+                    // The server began stopping between accept and here.
+                    handler.abandon()
+                    return channel.close()
+                }
                 do {
                     try channel.pipeline.syncOperations.addHandler(handler)
                 } catch {
@@ -389,11 +395,17 @@ final class NBDConnectionRegistry: NBDConnectionObserver {
         }
     }
 
+    /// Records a reserved connection's channel and handler; false (slot released) if the server is stopping.
     func attach(
         _ id: Int, channel: any Channel, handler: NIOLoopBound<NBDConnectionHandler>, quiesced: EventLoopFuture<Void>
-    ) {
+    ) -> Bool {
         state.withLock {
+            guard $0.accepting else {
+                $0.reserved.remove(id)
+                return false
+            }
             $0.entries[id] = Entry(id: id, channel: channel, handler: handler, quiesced: quiesced, exportName: nil)
+            return true
         }
     }
 

@@ -38,6 +38,17 @@ package struct NBDDeviceCommand: Hashable, Sendable {
         self.operation = operation
     }
 
+    /// Bytes of the device the request touches (0 for FLUSH): a measure of its cost.
+    package var requestBytes: UInt32 {
+        switch operation {
+        case .read(_, let length), .trim(_, let length, _), .writeZeroes(_, let length, _, _, _),
+            .blockStatus(_, let length, _):
+            return length
+        case .write(_, let data, _): return UInt32(data.readableBytes)
+        case .flush: return 0
+        }
+    }
+
     /// Bytes of memory the request holds while in flight (WRITE payload or READ result).
     package var inFlightBytes: Int {
         switch operation {

@@ -74,7 +74,7 @@ private struct FuzzFailure: Error, CustomStringConvertible {
         let splitB = try decodeOptions(stream, dataMax: UInt32(dataMax), split: .random(seed &+ 1))
         let splitC = try decodeOptions(stream, dataMax: UInt32(dataMax), split: .bytes)
         guard splitA == splitB, splitB == splitC else {
-            throw FuzzFailure(description: "decoding depends on how the bytes are split")
+            throw FuzzFailure(description: "decoding depends on how the bytes are split: \(splitA.summary) / \(splitB.summary) / \(splitC.summary)")
         }
         let decodedOptions = splitA.messages.compactMap { message -> NBDClientOption? in
             if case .option(let option) = message { return option }
@@ -130,6 +130,7 @@ private struct FuzzFailure: Error, CustomStringConvertible {
     private struct Decoded<Message: Equatable>: Equatable {
         var messages: [Message]
         var error: NBDDecodingError?
+        var summary: String { "\(messages.count) messages, last \(messages.last.map { "\($0)" } ?? "-"), error \(error.map { "\($0)" } ?? "none")" }
     }
 
     private enum Split {
@@ -214,7 +215,7 @@ private struct FuzzFailure: Error, CustomStringConvertible {
         let splitB = try decodeRequests(stream, payloadMax: payloadMax, split: .random(seed &+ 1))
         let splitC = try decodeRequests(stream, payloadMax: payloadMax, split: .bytes)
         guard splitA == splitB, splitB == splitC else {
-            throw FuzzFailure(description: "decoding depends on how the bytes are split")
+            throw FuzzFailure(description: "decoding depends on how the bytes are split: \(splitA.summary) / \(splitB.summary) / \(splitC.summary)")
         }
         guard Array(splitA.messages.prefix(intact.count)) == Array(intact.prefix(splitA.messages.count)) else {
             throw FuzzFailure(description: "an intact request decoded differently")

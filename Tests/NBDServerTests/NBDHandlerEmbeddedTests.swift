@@ -1,5 +1,6 @@
 // The real channel handler on an EmbeddedChannel (no sockets, one thread): a whole session fed one byte at a time
-// and all at once must produce the same bytes, device commands run on the (embedded) event loop.
+// and all at once must produce the same replies; device commands run on the (embedded) event loop, which is why
+// the settings pin `.eventLoop` execution (the embedded loop must not be touched from other threads).
 
 import Logging
 import NIOCore
@@ -34,7 +35,7 @@ import VolumeTesting
         let exports = NBDStaticExportProvider([NBDExport(name: "disk", device: device)])
         let channel = EmbeddedChannel()
         let handler = NBDConnectionHandler(
-            id: 1, eventLoop: channel.eventLoop, settings: NBDConnectionSettings(), exports: exports, observer: nil,
+            id: 1, eventLoop: channel.eventLoop, settings: NBDConnectionSettings(deviceExecution: .eventLoop), exports: exports, observer: nil,
             logger: Logger(label: "embedded", factory: { _ in SwiftLogNoOpLogHandler() }),
             allocator: channel.allocator)
         try channel.pipeline.syncOperations.addHandler(handler)
