@@ -76,6 +76,33 @@ import VolumeTesting
         }
     }
 
+    @Test func serverStopsTakingRequestsAtTheInFlightBound() async throws {
+        let offsets = Set((0..<64).map { UInt64($0) * 4096 })
+        let gated = GatedDevice(inner: MemoryBlockDevice(sizeBytes: 16 << 20), slowOffsets: offsets)
+        try await withTestServer(
+            extraExports: [NBDExport(name: "gated", device: gated)],
+            configure: { $0.maxInFlightRequestsPerConnection = 4 }
+        ) { server in
+            try await RawClient.with(server.socketPath) { client in
+                try await client.handshake(export: "gated")
+                var batch = ByteBuffer()
+                for index in 0..<64 {
+                    batch.writeImmutableBuffer(
+                        ClientWire.write(cookie: UInt64(index), offset: UInt64(index) * 4096, data: ClientWire.pattern(UInt8(index), count: 4096)))
+                }
+                try await client.send(batch)
+                while gated.startedSlowOperations < 4 { try await Task.sleep(for: .milliseconds(5)) }
+                try await Task.sleep(for: .milliseconds(200))
+                #expect(gated.startedSlowOperations == 4, "only the in-flight bound of requests reach the device")
+                gated.release()
+                var cookies = Set<UInt64>()
+                for _ in 0..<64 { cookies.insert(try await client.readReply().cookie) }
+                #expect(cookies.count == 64)
+                #expect(gated.startedSlowOperations == 64)
+            }
+        }
+    }
+
     @Test func vanishedClientIsQuiescedOnlyAfterItsDeviceCommandsFinish() async throws {
         let gated = GatedDevice(inner: MemoryBlockDevice(sizeBytes: 16 << 20), slowOffsets: [4096])
         try await withTestServer(extraExports: [NBDExport(name: "gated", device: gated)]) { server in
