@@ -512,7 +512,8 @@ package final class NBDConnectionHandler: ChannelDuplexHandler {
             closeAfterFlushing()
             return
         }
-        logger.debug("NBD connection draining for shutdown", metadata: ["nbd.inFlight": "\(stateMachine.inFlightRequests)"])
+        logger.debug(
+            "NBD connection draining for shutdown", metadata: ["nbd.inFlight": "\(stateMachine.inFlightRequests)"])
         graceTimer = context.eventLoop.assumeIsolated().scheduleTask(in: settings.shutdownGracePeriod) { [self] in
             guard !stateMachine.isClosed else { return }
             logger.warning(

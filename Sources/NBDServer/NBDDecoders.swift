@@ -97,7 +97,9 @@ package struct NBDHandshakeDecoder: NBDFrameDecoder {
         self.state = expectClientFlags ? .clientFlags : .options
     }
 
-    package mutating func decode(_ buffer: inout ByteBuffer) throws(NBDDecodingError) -> NBDDecodeStep<
+    package mutating func decode(
+        _ buffer: inout ByteBuffer
+    ) throws(NBDDecodingError) -> NBDDecodeStep<
         NBDHandshakeMessage
     > {
         while true {
@@ -200,7 +202,9 @@ package struct NBDRequestDecoder: NBDFrameDecoder {
         self.discardBytesMax = discardBytesMax
     }
 
-    package mutating func decode(_ buffer: inout ByteBuffer) throws(NBDDecodingError) -> NBDDecodeStep<
+    package mutating func decode(
+        _ buffer: inout ByteBuffer
+    ) throws(NBDDecodingError) -> NBDDecodeStep<
         NBDRequestMessage
     > {
         while true {

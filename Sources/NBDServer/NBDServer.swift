@@ -91,7 +91,9 @@ public struct NBDServerConfiguration: Sendable, Hashable {
             ("handshakeTimeoutSeconds", handshakeTimeoutSeconds), ("idleTimeoutSeconds", idleTimeoutSeconds),
             ("shutdownGracePeriodSeconds", shutdownGracePeriodSeconds),
         ] {
-            guard value.isFinite, value >= 0, value <= 86400 * 365 else { throw bad("\(name) must be within 0...1 year") }
+            guard value.isFinite, value >= 0, value <= 86400 * 365 else {
+                throw bad("\(name) must be within 0...1 year")
+            }
         }
     }
 }

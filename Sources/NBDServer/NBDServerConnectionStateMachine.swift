@@ -351,7 +351,9 @@ package struct NBDServerConnectionStateMachine {
             return .sendAndClose(reply)
 
         case NBDOption.list:
-            guard data.readableBytes == 0 else { return error(NBDOptionReply.errorInvalid, "NBD_OPT_LIST takes no data") }
+            guard data.readableBytes == 0 else {
+                return error(NBDOptionReply.errorInvalid, "NBD_OPT_LIST takes no data")
+            }
             for listing in exports.exportList() {
                 let name = NBDReplyEncoder.truncatedUTF8(listing.name)
                 guard name.count == listing.name.utf8.count else { continue }  // unreachable through the protocol
@@ -383,7 +385,9 @@ package struct NBDServerConnectionStateMachine {
 
         case NBDOption.info, NBDOption.go:
             guard let request = Self.parseInfoRequest(&data) else {
-                return error(NBDOptionReply.errorInvalid, "malformed \(code == NBDOption.go ? "NBD_OPT_GO" : "NBD_OPT_INFO") data")
+                return error(
+                    NBDOptionReply.errorInvalid,
+                    "malformed \(code == NBDOption.go ? "NBD_OPT_GO" : "NBD_OPT_INFO") data")
             }
             guard let export = exports.export(named: request.name) else {
                 return error(NBDOptionReply.errorUnknown, "export '\(request.name)' not found")
@@ -521,7 +525,8 @@ package struct NBDServerConnectionStateMachine {
     ) -> NBDSession {
         let info = export.device.info
         let readOnly = export.readOnly || info.isReadOnly
-        var flags = NBDTransmissionFlags.hasFlags | NBDTransmissionFlags.sendFlush | NBDTransmissionFlags.sendFUA
+        var flags =
+            NBDTransmissionFlags.hasFlags | NBDTransmissionFlags.sendFlush | NBDTransmissionFlags.sendFUA
             | NBDTransmissionFlags.sendCache
         if readOnly { flags |= NBDTransmissionFlags.readOnly }
         if info.supportsTrim && !readOnly { flags |= NBDTransmissionFlags.sendTrim }
@@ -564,8 +569,8 @@ package struct NBDServerConnectionStateMachine {
             return .reply(
                 errorReply(
                     session, header.cookie, NBDErrno.invalid,
-                    "WRITE of \(header.length) bytes exceeds the maximum payload of \(session.maximumPayloadBytes) bytes"
-                ))
+                    "WRITE of \(header.length) bytes exceeds the maximum payload of "
+                        + "\(session.maximumPayloadBytes) bytes"))
         }
     }
 
@@ -632,7 +637,8 @@ package struct NBDServerConnectionStateMachine {
         func checkRange(_ errno: UInt32) -> RequestFailure? {
             guard offset <= session.sizeBytes, UInt64(length) <= session.sizeBytes - offset else {
                 return RequestFailure(
-                    errno, "request [\(offset), +\(length)) reaches past the end of the export (\(session.sizeBytes) bytes)")
+                    errno,
+                    "request [\(offset), +\(length)) reaches past the end of the export (\(session.sizeBytes) bytes)")
             }
             return nil
         }
@@ -728,7 +734,8 @@ package struct NBDServerConnectionStateMachine {
         case NBDCommand.blockStatus:
             guard session.allocationContext else {
                 return .failure(
-                    RequestFailure(NBDErrno.invalid, "BLOCK_STATUS needs base:allocation selected during the handshake"))
+                    RequestFailure(NBDErrno.invalid, "BLOCK_STATUS needs base:allocation selected during the handshake")
+                )
             }
             if let failure = checkFlags(NBDCommandFlags.requestOne) ?? checkLengthNonZero()
                 ?? checkRange(NBDErrno.invalid) ?? checkAlignment()
@@ -744,8 +751,7 @@ package struct NBDServerConnectionStateMachine {
         }
     }
 
-    private func errorReply(_ session: NBDSession, _ cookie: UInt64, _ errno: UInt32, _ message: String) -> NBDReply
-    {
+    private func errorReply(_ session: NBDSession, _ cookie: UInt64, _ errno: UInt32, _ message: String) -> NBDReply {
         // With structured replies errors go in an error chunk (READ must never get a simple reply then), which can
         // carry the message for the user.
         if session.structuredReplies { return .structuredError(cookie: cookie, error: errno, message: message) }
@@ -790,7 +796,8 @@ package struct NBDServerConnectionStateMachine {
             switch (command.operation, output) {
             case (.read(let offset, let length), .data(let data)):
                 guard data.readableBytes == Int(length) else {
-                    return failure(NBDErrno.io, "the device returned \(data.readableBytes) bytes for a \(length)-byte read")
+                    return failure(
+                        NBDErrno.io, "the device returned \(data.readableBytes) bytes for a \(length)-byte read")
                 }
                 return .readData(cookie: cookie, offset: offset, data: data, structured: session.structuredReplies)
             case (.blockStatus(_, let length, let requestOne), .extents(let extents)):

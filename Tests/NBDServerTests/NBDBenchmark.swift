@@ -32,7 +32,8 @@ private let benchSeconds = ProcessInfo.processInfo.environment["NBD_BENCH_SECOND
     @Test(.enabled(if: benchSeconds != nil, "set NBD_BENCH_SECONDS to run the benchmark"))
     func fioAgainstNBDServerAndNbdkit() async throws {
         let seconds = benchSeconds ?? 10
-        let selected = ProcessInfo.processInfo.environment["NBD_BENCH_JOBS"].map { $0.split(separator: ",").map(String.init) }
+        let selected =
+            ProcessInfo.processInfo.environment["NBD_BENCH_JOBS"].map { $0.split(separator: ",").map(String.init) }
             ?? ["randwrite-4k-qd32"]
         let size: UInt64 = 1 << 30
         let execution: NBDDeviceExecution
@@ -67,15 +68,20 @@ private let benchSeconds = ProcessInfo.processInfo.environment["NBD_BENCH_SECOND
             kill(kit.processIdentifier, SIGKILL)  // nbdkit started from here does not always honour SIGTERM
             kit.waitUntilExit()
         }
-        while !FileManager.default.fileExists(atPath: directory + "/kit.sock") { try await Task.sleep(for: .milliseconds(20)) }
+        while !FileManager.default.fileExists(atPath: directory + "/kit.sock") {
+            try await Task.sleep(for: .milliseconds(20))
+        }
 
         var report = "NBD benchmark (\(seconds) s per run, \(execution)):\n"
         for workload in Self.workloads where selected.contains(workload.name) {
-            let ours = try await fio(uri: "nbd+unix:///bench?socket=\(directory)/vd.sock", workload, seconds: seconds, in: directory)
-            let theirs = try await fio(uri: "nbd+unix:///?socket=\(directory)/kit.sock", workload, seconds: seconds, in: directory)
+            let ours = try await fio(
+                uri: "nbd+unix:///bench?socket=\(directory)/vd.sock", workload, seconds: seconds, in: directory)
+            let theirs = try await fio(
+                uri: "nbd+unix:///?socket=\(directory)/kit.sock", workload, seconds: seconds, in: directory)
             let line = String(
                 format: "  %-20@ NBDServer %8.0f IOPS %7.1f MB/s | nbdkit memory %8.0f IOPS %7.1f MB/s | ratio %.2f\n",
-                workload.name, ours.iops, ours.bandwidth / 1e6, theirs.iops, theirs.bandwidth / 1e6, ours.iops / theirs.iops)
+                workload.name, ours.iops, ours.bandwidth / 1e6, theirs.iops, theirs.bandwidth / 1e6,
+                ours.iops / theirs.iops)
             report += line
             #expect(ours.iops > 0)
         }
@@ -84,11 +90,15 @@ private let benchSeconds = ProcessInfo.processInfo.environment["NBD_BENCH_SECOND
         try await group.shutdownGracefully()
     }
 
-    private func fio(uri: String, _ workload: Workload, seconds: Int, in directory: String) async throws -> (iops: Double, bandwidth: Double) {
+    private func fio(
+        uri: String, _ workload: Workload, seconds: Int, in directory: String
+    ) async throws -> (iops: Double, bandwidth: Double) {
         let output = try await runTool(
             "fio",
-            ["--name=\(workload.name)", "--ioengine=nbd", "--uri=\(uri)", "--size=1g", "--time_based",
-             "--runtime=\(seconds)", "--output-format=json", "--randrepeat=0"] + workload.arguments,
+            [
+                "--name=\(workload.name)", "--ioengine=nbd", "--uri=\(uri)", "--size=1g", "--time_based",
+                "--runtime=\(seconds)", "--output-format=json", "--randrepeat=0",
+            ] + workload.arguments,
             package: "fio", timeout: .seconds(seconds + 60), currentDirectory: directory)
         guard let start = output.firstIndex(of: "{"),
             let json = try JSONSerialization.jsonObject(with: Data(output[start...].utf8)) as? [String: Any],

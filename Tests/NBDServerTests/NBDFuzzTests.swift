@@ -57,7 +57,9 @@ private struct FuzzFailure: Error, CustomStringConvertible {
         var mutated = false
         let dataMax = 512
         for _ in 0..<Int.random(in: 1...30, using: &random) {
-            let code: UInt32 = random.chance(0.8) ? UInt32.random(in: 1...12, using: &random) : UInt32.random(in: 0...UInt32.max, using: &random)
+            let code: UInt32 =
+                random.chance(0.8)
+                ? UInt32.random(in: 1...12, using: &random) : UInt32.random(in: 0...UInt32.max, using: &random)
             let data = randomOptionData(code: code, using: &random, max: dataMax * 2)
             var frame = ClientWire.option(code, data)
             if random.chance(0.1) {
@@ -74,7 +76,11 @@ private struct FuzzFailure: Error, CustomStringConvertible {
         let splitB = try decodeOptions(stream, dataMax: UInt32(dataMax), split: .random(seed &+ 1))
         let splitC = try decodeOptions(stream, dataMax: UInt32(dataMax), split: .bytes)
         guard splitA == splitB, splitB == splitC else {
-            throw FuzzFailure(description: "decoding depends on how the bytes are split: \(splitA.summary) / \(splitB.summary) / \(splitC.summary)")
+            throw FuzzFailure(
+                description:
+                    "decoding depends on how the bytes are split: "
+                    + [splitA, splitB, splitC].map(\.summary).joined(separator: " / ")
+            )
         }
         let decodedOptions = splitA.messages.compactMap { message -> NBDClientOption? in
             if case .option(let option) = message { return option }
@@ -87,7 +93,8 @@ private struct FuzzFailure: Error, CustomStringConvertible {
         // Through the state machine: never crashes, replies always parse, and a closed machine stays closed.
         let device = MemoryBlockDevice(sizeBytes: 1 << 20)
         let exports = NBDStaticExportProvider([NBDExport(name: "disk", device: device)], defaultExportName: "disk")
-        var machine = NBDServerConnectionStateMachine(configuration: .init(optionsPerConnectionMax: 20), exports: exports)
+        var machine = NBDServerConnectionStateMachine(
+            configuration: .init(optionsPerConnectionMax: 20), exports: exports)
         _ = machine.connectionActive()
         for message in splitA.messages {
             guard machine.acceptsMessages else { break }
@@ -109,28 +116,40 @@ private struct FuzzFailure: Error, CustomStringConvertible {
         case 0:
             return ClientWire.infoData(
                 name: random.chance(0.5) ? "disk" : randomString(using: &random),
-                items: (0..<Int.random(in: 0...4, using: &random)).map { _ in UInt16.random(in: 0...5, using: &random) })
+                items: (0..<Int.random(in: 0...4, using: &random)).map { _ in UInt16.random(in: 0...5, using: &random) }
+            )
         case 1:
             return ClientWire.metaContextData(
                 name: random.chance(0.5) ? "disk" : randomString(using: &random),
                 queries: (0..<Int.random(in: 0...3, using: &random)).map { _ in
-                    random.chance(0.5) ? ["base:allocation", "base:", "qemu:x", "nocolon"].randomElement(using: &random)! : randomString(using: &random)
+                    random.chance(0.5)
+                        ? ["base:allocation", "base:", "qemu:x", "nocolon"].randomElement(using: &random)!
+                        : randomString(using: &random)
                 })
         case 2:
             return ByteBuffer(string: random.chance(0.5) ? "disk" : randomString(using: &random))
         default:
-            return ByteBuffer(bytes: (0..<Int.random(in: 0...max, using: &random)).map { _ in UInt8.random(in: 0...255, using: &random) })
+            return ByteBuffer(
+                bytes: (0..<Int.random(in: 0...max, using: &random)).map { _ in
+                    UInt8.random(in: 0...255, using: &random)
+                })
         }
     }
 
     private static func randomString(using random: inout SplitMix64) -> String {
-        String((0..<Int.random(in: 0...12, using: &random)).map { _ in Character(UnicodeScalar(UInt8.random(in: 32...126, using: &random))) })
+        String(
+            (0..<Int.random(in: 0...12, using: &random)).map { _ in
+                Character(UnicodeScalar(UInt8.random(in: 32...126, using: &random)))
+            })
     }
 
     private struct Decoded<Message: Equatable>: Equatable {
         var messages: [Message]
         var error: NBDDecodingError?
-        var summary: String { "\(messages.count) messages, last \(messages.last.map { "\($0)" } ?? "-"), error \(error.map { "\($0)" } ?? "none")" }
+        var summary: String {
+            let last = messages.last.map { "\($0)" } ?? "-"
+            return "\(messages.count) messages, last \(last), error \(error.map { "\($0)" } ?? "none")"
+        }
     }
 
     private enum Split {
@@ -156,7 +175,9 @@ private struct FuzzFailure: Error, CustomStringConvertible {
         return out
     }
 
-    private static func decodeOptions(_ stream: ByteBuffer, dataMax: UInt32, split: Split) throws -> Decoded<NBDHandshakeMessage> {
+    private static func decodeOptions(
+        _ stream: ByteBuffer, dataMax: UInt32, split: Split
+    ) throws -> Decoded<NBDHandshakeMessage> {
         var decoder = NBDHandshakeDecoder(optionDataBytesMax: dataMax, optionDiscardBytesMax: dataMax * 4)
         var inbound = NBDInboundBuffer()
         var decoded = Decoded<NBDHandshakeMessage>(messages: [], error: nil)
@@ -185,17 +206,28 @@ private struct FuzzFailure: Error, CustomStringConvertible {
         var intact: [NBDRequestMessage] = []
         var mutated = false
         for index in 0..<Int.random(in: 1...60, using: &random) {
-            let type: UInt16 = random.chance(0.85) ? UInt16.random(in: 0...8, using: &random) : UInt16.random(in: 0...UInt16.max, using: &random)
-            let flags: UInt16 = random.chance(0.7) ? UInt16.random(in: 0...1, using: &random) : UInt16.random(in: 0...0x3f, using: &random)
-            let offset: UInt64 = random.chance(0.8) ? UInt64.random(in: 0...(size / 512), using: &random) * 512 : UInt64.random(in: 0...UInt64.max, using: &random)
-            let length: UInt32 = random.chance(0.8) ? UInt32.random(in: 0...16, using: &random) * 512 : UInt32.random(in: 0...(payloadMax * 2), using: &random)
+            let type: UInt16 =
+                random.chance(0.85)
+                ? UInt16.random(in: 0...8, using: &random) : UInt16.random(in: 0...UInt16.max, using: &random)
+            let flags: UInt16 =
+                random.chance(0.7)
+                ? UInt16.random(in: 0...1, using: &random) : UInt16.random(in: 0...0x3f, using: &random)
+            let offset: UInt64 =
+                random.chance(0.8)
+                ? UInt64.random(in: 0...(size / 512), using: &random) * 512
+                : UInt64.random(in: 0...UInt64.max, using: &random)
+            let length: UInt32 =
+                random.chance(0.8)
+                ? UInt32.random(in: 0...16, using: &random) * 512
+                : UInt32.random(in: 0...(payloadMax * 2), using: &random)
             let cookie = UInt64(index)
             let header = NBDRequestHeader(flags: flags, type: type, cookie: cookie, offset: offset, length: length)
             var frame: ByteBuffer
             var message: NBDRequestMessage
             if type == NBDCommand.write {
                 let payload = ByteBuffer(repeating: UInt8(truncatingIfNeeded: index), count: Int(length))
-                frame = ClientWire.request(type, flags: flags, cookie: cookie, offset: offset, length: length, payload: payload)
+                frame = ClientWire.request(
+                    type, flags: flags, cookie: cookie, offset: offset, length: length, payload: payload)
                 message = length <= payloadMax ? .request(header, payload: payload) : .oversizedWrite(header)
             } else {
                 frame = ClientWire.request(type, flags: flags, cookie: cookie, offset: offset, length: length)
@@ -215,7 +247,11 @@ private struct FuzzFailure: Error, CustomStringConvertible {
         let splitB = try decodeRequests(stream, payloadMax: payloadMax, split: .random(seed &+ 1))
         let splitC = try decodeRequests(stream, payloadMax: payloadMax, split: .bytes)
         guard splitA == splitB, splitB == splitC else {
-            throw FuzzFailure(description: "decoding depends on how the bytes are split: \(splitA.summary) / \(splitB.summary) / \(splitC.summary)")
+            throw FuzzFailure(
+                description:
+                    "decoding depends on how the bytes are split: "
+                    + [splitA, splitB, splitC].map(\.summary).joined(separator: " / ")
+            )
         }
         guard Array(splitA.messages.prefix(intact.count)) == Array(intact.prefix(splitA.messages.count)) else {
             throw FuzzFailure(description: "an intact request decoded differently")
@@ -225,7 +261,8 @@ private struct FuzzFailure: Error, CustomStringConvertible {
         // random order. Every request but DISC gets exactly one reply that a client can parse.
         let driver = try TransmissionDriver(
             structured: random.chance(0.5), metaContext: random.chance(0.5), blockSizes: random.chance(0.5),
-            readOnly: random.chance(0.2), configuration: .init(maxInFlightRequests: 4, maxInFlightBytes: 16384), size: size)
+            readOnly: random.chance(0.2), configuration: .init(maxInFlightRequests: 4, maxInFlightBytes: 16384),
+            size: size)
         var pending: [NBDDeviceCommand] = []
         var answered: [UInt64: Int] = [:]
         var expected = 0
@@ -234,7 +271,11 @@ private struct FuzzFailure: Error, CustomStringConvertible {
             answered[reply.cookie, default: 0] += 1
             var wire = NBDReplyEncoder.encode(reply)
             let readLengths: [UInt64: Int]
-            if case .readData(let cookie, _, let data, false) = reply { readLengths = [cookie: data.readableBytes] } else { readLengths = [:] }
+            if case .readData(let cookie, _, let data, false) = reply {
+                readLengths = [cookie: data.readableBytes]
+            } else {
+                readLengths = [:]
+            }
             guard let parsed = try TransmissionReply.parse(&wire, readLengths: readLengths), wire.readableBytes == 0,
                 parsed.cookie == reply.cookie, parsed.isDone
             else { throw FuzzFailure(description: "unparseable reply \(reply)") }
@@ -243,12 +284,14 @@ private struct FuzzFailure: Error, CustomStringConvertible {
             let command = pending.remove(at: Int.random(in: 0..<pending.count, using: &random))
             let result: Result<NBDDeviceOutput, VDError>
             if random.chance(0.1) {
-                result = .failure(VDError([.io, .noSpace, .corrupt, .readOnly].randomElement(using: &random)!, "injected"))
+                result = .failure(
+                    VDError([.io, .noSpace, .corrupt, .readOnly].randomElement(using: &random)!, "injected"))
             } else {
                 switch command.operation {
                 case .read(_, let length): result = .success(.data(ByteBuffer(repeating: 0, count: Int(length))))
                 case .blockStatus(_, let length, _):
-                    result = .success(.extents([BlockExtent(lengthBytes: UInt64(length), isHole: random.chance(0.5), isZero: true)]))
+                    result = .success(
+                        .extents([BlockExtent(lengthBytes: UInt64(length), isHole: random.chance(0.5), isZero: true)]))
                 default: result = .success(.done)
                 }
             }
@@ -272,7 +315,9 @@ private struct FuzzFailure: Error, CustomStringConvertible {
             if random.chance(0.3), !pending.isEmpty { try completeOne() }
         }
         while !pending.isEmpty { try completeOne() }
-        guard answered.values.reduce(0, +) == expected, answered.values.allSatisfy({ $0 == 1 }) || hasDuplicateCookies(splitA.messages) else {
+        guard answered.values.reduce(0, +) == expected,
+            answered.values.allSatisfy({ $0 == 1 }) || hasDuplicateCookies(splitA.messages)
+        else {
             throw FuzzFailure(description: "\(expected) requests, replies per cookie \(answered)")
         }
         guard driver.machine.inFlightRequests == 0, driver.machine.inFlightBytes == 0 else {
@@ -292,7 +337,9 @@ private struct FuzzFailure: Error, CustomStringConvertible {
         return false
     }
 
-    private static func decodeRequests(_ stream: ByteBuffer, payloadMax: UInt32, split: Split) throws -> Decoded<NBDRequestMessage> {
+    private static func decodeRequests(
+        _ stream: ByteBuffer, payloadMax: UInt32, split: Split
+    ) throws -> Decoded<NBDRequestMessage> {
         var decoder = NBDRequestDecoder(payloadBytesMax: payloadMax, discardBytesMax: payloadMax * 2)
         var inbound = NBDInboundBuffer()
         var decoded = Decoded<NBDRequestMessage>(messages: [], error: nil)
@@ -317,7 +364,8 @@ private struct FuzzFailure: Error, CustomStringConvertible {
         switch Int.random(in: 0..<3, using: &random) {
         case 0:
             let index = Int.random(in: 0..<frame.readableBytes, using: &random)
-            frame.setInteger(frame.getInteger(at: index, as: UInt8.self)! ^ UInt8.random(in: 1...255, using: &random), at: index)
+            frame.setInteger(
+                frame.getInteger(at: index, as: UInt8.self)! ^ UInt8.random(in: 1...255, using: &random), at: index)
         case 1:
             let index = Int.random(in: 0..<frame.readableBytes, using: &random)
             let count = min(4, frame.readableBytes - index)

@@ -20,7 +20,8 @@ import VolumeTesting
         bytes.writeImmutableBuffer(
             ClientWire.option(10, ClientWire.metaContextData(name: "disk", queries: ["base:allocation"])))
         bytes.writeImmutableBuffer(ClientWire.option(7, ClientWire.infoData(name: "disk", items: [3])))
-        bytes.writeImmutableBuffer(ClientWire.write(cookie: 1, offset: 4096, data: ClientWire.pattern(0x61, count: 8192)))
+        bytes.writeImmutableBuffer(
+            ClientWire.write(cookie: 1, offset: 4096, data: ClientWire.pattern(0x61, count: 8192)))
         bytes.writeImmutableBuffer(ClientWire.request(0, cookie: 2, offset: 4096, length: 8192))
         bytes.writeImmutableBuffer(ClientWire.request(7, cookie: 3, offset: 0, length: 65536))
         bytes.writeImmutableBuffer(ClientWire.request(99, cookie: 4, offset: 0, length: 512))
@@ -35,7 +36,8 @@ import VolumeTesting
         let exports = NBDStaticExportProvider([NBDExport(name: "disk", device: device)])
         let channel = EmbeddedChannel()
         let handler = NBDConnectionHandler(
-            id: 1, eventLoop: channel.eventLoop, settings: NBDConnectionSettings(deviceExecution: .eventLoop), exports: exports, observer: nil,
+            id: 1, eventLoop: channel.eventLoop, settings: NBDConnectionSettings(deviceExecution: .eventLoop),
+            exports: exports, observer: nil,
             logger: Logger(label: "embedded", factory: { _ in SwiftLogNoOpLogHandler() }),
             allocator: channel.allocator)
         try channel.pipeline.syncOperations.addHandler(handler)
@@ -79,7 +81,10 @@ import VolumeTesting
         #expect(read == ClientWire.pattern(0x61, count: 8192))
         guard case .chunk(3, 1, 5, var status) = replies[2] else { throw WireError("BLOCK_STATUS reply") }
         #expect(status.readInteger(as: UInt32.self) == 1)
-        #expect(status.readMultipleIntegers(as: (UInt32, UInt32, UInt32, UInt32, UInt32, UInt32).self)! == (4096, 3, 8192, 0, 65536 - 12288, 3))
+        #expect(
+            status.readMultipleIntegers(as: (UInt32, UInt32, UInt32, UInt32, UInt32, UInt32).self)! == (
+                4096, 3, 8192, 0, 65536 - 12288, 3
+            ))
         guard case .chunk(6, 1, 1, var trimmed) = replies[5] else { throw WireError("READ after TRIM") }
         trimmed.moveReaderIndex(forwardBy: 8)
         #expect(trimmed == ClientWire.pattern(0, count: 4096).merged(ClientWire.pattern(0x61, count: 4096)))

@@ -110,7 +110,8 @@ func wellBehavedSession(_ path: String, slot: UInt64, structured: Bool = false) 
         try await survive { path in
             try await RawClient.with(path) { client in
                 try await client.readGreeting()
-                try await client.send(ClientWire.clientFlags(3), ClientWire.option(7, ClientWire.pattern(0x55, count: 200_000)))
+                try await client.send(
+                    ClientWire.clientFlags(3), ClientWire.option(7, ClientWire.pattern(0x55, count: 200_000)))
                 #expect(try await client.readOptionReply().type == 0x8000_0009)
                 try await client.send(ClientWire.option(7, ClientWire.infoData(name: "disk")))
                 #expect(try await client.readOptionReplies().last?.type == 1)
@@ -148,7 +149,9 @@ func wellBehavedSession(_ path: String, slot: UInt64, structured: Bool = false) 
                 let reply = try await client.readReply()
                 #expect(reply == .simple(cookie: 9, error: 22, data: nil))
                 // Nothing of it was written, and the connection still works.
-                #expect(try await client.readBlock(cookie: 10, offset: 0, length: 4096) == ClientWire.pattern(0, count: 4096))
+                #expect(
+                    try await client.readBlock(cookie: 10, offset: 0, length: 4096)
+                        == ClientWire.pattern(0, count: 4096))
             }
         }
     }
@@ -175,12 +178,17 @@ func wellBehavedSession(_ path: String, slot: UInt64, structured: Bool = false) 
             ("GO without reading the reply", false, ClientWire.clientFlags(3).merged(go)),
             ("half a request header", true, ClientWire.request(0, cookie: 1, length: 512).getSlice(at: 0, length: 13)!),
             ("a WRITE header without payload", true, ClientWire.request(1, cookie: 1, offset: 0, length: 65536)),
-            ("half a WRITE payload", true,
-             ClientWire.write(cookie: 1, offset: 0, data: ClientWire.pattern(3, count: 65536)).getSlice(at: 0, length: 30000)!),
-            ("requests in flight", true,
-             ClientWire.write(cookie: 1, offset: 0, data: ClientWire.pattern(3, count: 65536))
-                .merged(ClientWire.request(0, cookie: 2, offset: 0, length: 1 << 20))
-                .merged(ClientWire.request(3, cookie: 3))),
+            (
+                "half a WRITE payload", true,
+                ClientWire.write(cookie: 1, offset: 0, data: ClientWire.pattern(3, count: 65536)).getSlice(
+                    at: 0, length: 30000)!
+            ),
+            (
+                "requests in flight", true,
+                ClientWire.write(cookie: 1, offset: 0, data: ClientWire.pattern(3, count: 65536))
+                    .merged(ClientWire.request(0, cookie: 2, offset: 0, length: 1 << 20))
+                    .merged(ClientWire.request(3, cookie: 3))
+            ),
         ]
         for testCase in cases {
             try await survive { path in

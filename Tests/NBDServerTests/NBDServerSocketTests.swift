@@ -41,7 +41,8 @@ import VolumeTesting
                 var batch = ByteBuffer()
                 for index in 0..<200 {
                     let data = ClientWire.pattern(UInt8(index % 251 + 1), count: 4096)
-                    batch.writeImmutableBuffer(ClientWire.write(cookie: UInt64(index), offset: UInt64(index) * 4096, data: data))
+                    batch.writeImmutableBuffer(
+                        ClientWire.write(cookie: UInt64(index), offset: UInt64(index) * 4096, data: data))
                 }
                 for index in 0..<200 {
                     batch.writeImmutableBuffer(
@@ -69,7 +70,8 @@ import VolumeTesting
                 #expect(writes.count == 200)
                 #expect(reads == 200)
                 for index in stride(from: 0, to: 200, by: 37) {
-                    let data = try await client.readBlockStructured(cookie: 5000, offset: UInt64(index) * 4096, length: 4096)
+                    let data = try await client.readBlockStructured(
+                        cookie: 5000, offset: UInt64(index) * 4096, length: 4096)
                     #expect(data == ClientWire.pattern(UInt8(index % 251 + 1), count: 4096))
                 }
             }
@@ -88,7 +90,9 @@ import VolumeTesting
                 var batch = ByteBuffer()
                 for index in 0..<64 {
                     batch.writeImmutableBuffer(
-                        ClientWire.write(cookie: UInt64(index), offset: UInt64(index) * 4096, data: ClientWire.pattern(UInt8(index), count: 4096)))
+                        ClientWire.write(
+                            cookie: UInt64(index), offset: UInt64(index) * 4096,
+                            data: ClientWire.pattern(UInt8(index), count: 4096)))
                 }
                 try await client.send(batch)
                 while gated.startedSlowOperations < 4 { try await Task.sleep(for: .milliseconds(5)) }
@@ -108,7 +112,8 @@ import VolumeTesting
         try await withTestServer(extraExports: [NBDExport(name: "gated", device: gated)]) { server in
             try await RawClient.with(server.socketPath) { client in
                 try await client.handshake(export: "gated")
-                try await client.send(ClientWire.write(cookie: 1, offset: 4096, data: ClientWire.pattern(7, count: 4096)))
+                try await client.send(
+                    ClientWire.write(cookie: 1, offset: 4096, data: ClientWire.pattern(7, count: 4096)))
                 while gated.startedSlowOperations == 0 { try await Task.sleep(for: .milliseconds(5)) }
                 #expect(server.server.connectionCount(export: "gated") == 1)
             }
@@ -282,7 +287,8 @@ import VolumeTesting
                 conversation.writeImmutableBuffer(
                     ClientWire.option(10, ClientWire.metaContextData(name: "disk", queries: ["base:allocation"])))
                 conversation.writeImmutableBuffer(ClientWire.option(7, ClientWire.infoData(name: "disk", items: [3])))
-                conversation.writeImmutableBuffer(ClientWire.write(cookie: 1, offset: 65536, data: ClientWire.pattern(0x42, count: 4096)))
+                conversation.writeImmutableBuffer(
+                    ClientWire.write(cookie: 1, offset: 65536, data: ClientWire.pattern(0x42, count: 4096)))
                 conversation.writeImmutableBuffer(ClientWire.request(0, cookie: 2, offset: 65536, length: 4096))
                 for byte in conversation.readableBytesView {
                     try await client.send(ByteBuffer(bytes: [byte]))
@@ -305,7 +311,8 @@ import VolumeTesting
                 }
                 #expect(status.readInteger(as: UInt32.self) == 1)
                 var extents: [(UInt32, UInt32)] = []
-                while let length = status.readInteger(as: UInt32.self), let flags = status.readInteger(as: UInt32.self) {
+                while let length = status.readInteger(as: UInt32.self), let flags = status.readInteger(as: UInt32.self)
+                {
                     extents.append((length, flags))
                 }
                 #expect(extents.map(\.0) == [65536, 4096, (1 << 20) - 69632])
@@ -319,7 +326,9 @@ import VolumeTesting
             try await RawClient.with(server.socketPath) { client in
                 try await client.handshake()
                 let before = server.device.flushCount
-                #expect(try await client.writeBlock(cookie: 1, offset: 0, data: ClientWire.pattern(1, count: 4096), flags: 1) == 0)
+                #expect(
+                    try await client.writeBlock(
+                        cookie: 1, offset: 0, data: ClientWire.pattern(1, count: 4096), flags: 1) == 0)
                 #expect(server.device.flushCount == before + 1)
                 try await client.send(ClientWire.request(3, cookie: 2))
                 #expect(try await client.readReply().error == 0)
@@ -330,7 +339,8 @@ import VolumeTesting
                 let (_, flags) = try await client.handshake(export: "ro")
                 #expect(flags & 2 != 0)
                 #expect(try await client.writeBlock(cookie: 1, offset: 0, data: ClientWire.pattern(1, count: 512)) == 1)
-                #expect(try await client.readBlock(cookie: 2, offset: 0, length: 512) == ClientWire.pattern(1, count: 512))
+                #expect(
+                    try await client.readBlock(cookie: 2, offset: 0, length: 512) == ClientWire.pattern(1, count: 512))
             }
         }
     }

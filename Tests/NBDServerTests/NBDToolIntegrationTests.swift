@@ -38,7 +38,8 @@ import VolumeTesting
             #expect((export["contexts"] as? [String])?.contains("base:allocation") == true)
             #expect(export["description"] as? String == "memory disk")
 
-            let readOnly = try Self.json(try await runTool("nbdinfo", ["--json", server.uri("ro")], package: "libnbd-bin"))
+            let readOnly = try Self.json(
+                try await runTool("nbdinfo", ["--json", server.uri("ro")], package: "libnbd-bin"))
             let roExport = try #require((readOnly["exports"] as? [[String: Any]])?.first)
             #expect(roExport["is_read_only"] as? Bool == true)
             #expect(roExport["can_trim"] as? Bool == false)
@@ -113,9 +114,12 @@ import VolumeTesting
     @Test func qemuIOAgainstAReadOnlyExport() async throws {
         try await withTestServer(size: 8 << 20) { server in
             let output = try await runToolOutput(
-                "qemu-io", ["-f", "raw", "-c", "write -P 1 0 4k", server.uri("ro")], package: "qemu-utils", check: false)
+                "qemu-io", ["-f", "raw", "-c", "write -P 1 0 4k", server.uri("ro")], package: "qemu-utils", check: false
+            )
             let text = output.stdout + output.stderr
-            let refused = output.status != 0 || text.contains("ermission") || text.contains("read-only") || text.contains("read only")
+            let refused =
+                output.status != 0 || text.contains("ermission") || text.contains("read-only")
+                || text.contains("read only")
             #expect(refused, "qemu-io said: \(text)")
             #expect(server.device.writeCount == 0)
         }
@@ -129,20 +133,27 @@ import VolumeTesting
             try await runTool("qemu-img", ["create", "-f", "raw", source, "32M"], package: "qemu-utils")
             try await runTool(
                 "qemu-io",
-                ["-f", "raw", "-c", "write -P 0x31 0 3M", "-c", "write -P 0x32 10M 64k", "-c", "write -P 0x33 30M 2M", source],
+                [
+                    "-f", "raw", "-c", "write -P 0x31 0 3M", "-c", "write -P 0x32 10M 64k", "-c",
+                    "write -P 0x33 30M 2M", source,
+                ],
                 package: "qemu-utils")
             try await runTool(
                 "qemu-img", ["convert", "-n", "-f", "raw", "-O", "raw", source, server.uri()], package: "qemu-utils")
-            try await runTool("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, server.uri()], package: "qemu-utils")
-            try await runTool("qemu-img", ["convert", "-f", "raw", "-O", "raw", server.uri(), back], package: "qemu-utils")
+            try await runTool(
+                "qemu-img", ["compare", "-f", "raw", "-F", "raw", source, server.uri()], package: "qemu-utils")
+            try await runTool(
+                "qemu-img", ["convert", "-f", "raw", "-O", "raw", server.uri(), back], package: "qemu-utils")
             try await runTool("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, back], package: "qemu-utils")
             // The holes stayed holes on the device (block status let qemu-img skip them).
             let dataPages = ((3 << 20) + (64 << 10) + (2 << 20)) / 4096
             #expect(server.device.allocatedPageCount <= dataPages + 16)
             // compare notices a difference.
-            try await runTool("qemu-io", ["-f", "raw", "-c", "write -P 0x77 20M 4k", server.uri()], package: "qemu-utils")
+            try await runTool(
+                "qemu-io", ["-f", "raw", "-c", "write -P 0x77 20M 4k", server.uri()], package: "qemu-utils")
             let differs = try await runToolOutput(
-                "qemu-img", ["compare", "-f", "raw", "-F", "raw", source, server.uri()], package: "qemu-utils", check: false)
+                "qemu-img", ["compare", "-f", "raw", "-F", "raw", source, server.uri()], package: "qemu-utils",
+                check: false)
             #expect(differs.status == 1)
         }
     }
@@ -159,7 +170,8 @@ import VolumeTesting
             }
             try Data(bytes).write(to: URL(fileURLWithPath: source))
             try await runTool(
-                "nbdcopy", ["--connections=\(connections)", "--requests=16", source, server.uri()], package: "libnbd-bin")
+                "nbdcopy", ["--connections=\(connections)", "--requests=16", source, server.uri()],
+                package: "libnbd-bin")
             try await runTool(
                 "nbdcopy", ["--connections=\(connections)", server.uri(), back], package: "libnbd-bin")
             let copied = try Data(contentsOf: URL(fileURLWithPath: back))

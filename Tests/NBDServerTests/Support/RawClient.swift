@@ -59,7 +59,8 @@ struct RawClient: ~Copyable {
     private mutating func fill(_ count: Int, timeout: Duration) async throws {
         while received.readableBytes < count {
             guard let chunk = try await nextChunk(timeout: timeout) else {
-                throw WireError("the server closed the connection with \(received.readableBytes) of \(count) bytes received")
+                throw WireError(
+                    "the server closed the connection with \(received.readableBytes) of \(count) bytes received")
             }
             received.writeImmutableBuffer(chunk)
         }
@@ -140,7 +141,8 @@ struct RawClient: ~Copyable {
             #expect(try await readOptionReplies().last?.type == 1)
         }
         if metaContext {
-            try await send(ClientWire.option(10, ClientWire.metaContextData(name: export, queries: ["base:allocation"])))
+            try await send(
+                ClientWire.option(10, ClientWire.metaContextData(name: export, queries: ["base:allocation"])))
             #expect(try await readOptionReplies().map(\.type) == [4, 1])
         }
         try await send(ClientWire.option(7, ClientWire.infoData(name: export, items: blockSizes ? [3] : [])))
@@ -154,7 +156,9 @@ struct RawClient: ~Copyable {
     // MARK: Transmission helpers
 
     /// Reads one reply (simple or one structured chunk). `readLengths` maps cookies of simple-reply READs to lengths.
-    mutating func readReply(readLengths: [UInt64: Int] = [:], timeout: Duration = .seconds(5)) async throws
+    mutating func readReply(
+        readLengths: [UInt64: Int] = [:], timeout: Duration = .seconds(5)
+    ) async throws
         -> TransmissionReply
     {
         while true {
@@ -166,7 +170,8 @@ struct RawClient: ~Copyable {
         }
     }
 
-    mutating func writeBlock(cookie: UInt64, offset: UInt64, data: ByteBuffer, flags: UInt16 = 0) async throws -> UInt32 {
+    mutating func writeBlock(cookie: UInt64, offset: UInt64, data: ByteBuffer, flags: UInt16 = 0) async throws -> UInt32
+    {
         try await send(ClientWire.write(cookie: cookie, offset: offset, data: data, flags: flags))
         let reply = try await readReply()
         #expect(reply.cookie == cookie)

@@ -105,7 +105,9 @@ func withTestServer<T>(
 final class GatedDevice: BlockDevice {
     let inner: MemoryBlockDevice
     let slowOffsets: Set<UInt64>
-    private let state = Mutex<(released: Bool, waiting: [CheckedContinuation<Void, Never>], started: Int, finished: Int)>(
+    private let state = Mutex<
+        (released: Bool, waiting: [CheckedContinuation<Void, Never>], started: Int, finished: Int)
+    >(
         (false, [], 0, 0))
 
     init(inner: MemoryBlockDevice, slowOffsets: Set<UInt64>) {
