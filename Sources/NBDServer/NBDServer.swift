@@ -39,6 +39,8 @@ public struct NBDServerConfiguration: Sendable, Hashable {
     /// Where device commands run (see `NBDDeviceExecution`).
     public var deviceExecution: NBDDeviceExecution
 
+    /// A configuration; every parameter is described on the property of the same name. Check it with `validate()`
+    /// (`NBDServer.start()` does).
     public init(
         unixSocketPath: String? = nil, tcpHost: String = "127.0.0.1", tcpPort: Int? = nil, maxConnections: Int = 256,
         maxInFlightRequestsPerConnection: Int = 64, maxInFlightBytesPerConnection: Int = 128 << 20,
@@ -100,7 +102,9 @@ public struct NBDServerConfiguration: Sendable, Hashable {
 
 /// An address the server listens on.
 public enum NBDListenAddress: Sendable, Hashable, CustomStringConvertible {
+    /// A Unix domain socket at `path`.
     case unix(path: String)
+    /// A TCP listener (`port` is the port actually bound).
     case tcp(host: String, port: Int)
 
     /// The NBD URI of `export` at this address (export names are used as they are, not percent-encoded).
@@ -113,6 +117,7 @@ public enum NBDListenAddress: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
+    /// `unix:PATH` or `HOST:PORT`, for logs and `vd serve` output.
     public var description: String {
         switch self {
         case .unix(let path): return "unix:\(path)"
