@@ -290,6 +290,10 @@ public final class NBDServer: Sendable {
     /// Stops listening, lets the requests in flight finish (up to the grace period; new requests get
     /// NBD_ESHUTDOWN), closes every connection and removes the Unix socket file. Idempotent.
     public func stop() async {
+        // A start() under way finishes first (it takes no longer than binding).
+        while lifecycle.withLock({ if case .starting = $0 { return true } else { return false } }) {
+            try? await Task.sleep(for: .milliseconds(10))
+        }
         let listeners: [any Channel]? = lifecycle.withLock {
             switch $0 {
             case .running(let listeners, _):

@@ -533,8 +533,8 @@ package struct NBDServerConnectionStateMachine {
         if info.supportsWriteZeroes && !readOnly {
             flags |= NBDTransmissionFlags.sendWriteZeroes | NBDTransmissionFlags.sendFastZero
         }
-        // A read-only export has nothing to flush, so any number of connections see the same bytes.
-        if info.flushCoversAllConnections || readOnly { flags |= NBDTransmissionFlags.canMultiConn }
+        // Only when the device says a flush on one connection covers writes of all of them.
+        if info.flushCoversAllConnections { flags |= NBDTransmissionFlags.canMultiConn }
         // Every READ is answered with a single data chunk, so "don't fragment" costs nothing.
         if negotiation.structuredReplies { flags |= NBDTransmissionFlags.sendDF }
 

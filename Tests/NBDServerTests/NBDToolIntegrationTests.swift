@@ -17,6 +17,15 @@ import VolumeTesting
         return dictionary
     }
 
+    @Test func aMissingToolFailsNamingItsPackage() async throws {
+        do {
+            try await runTool("nbd-tool-that-is-not-there", ["--version"], package: "some-apt-package")
+            Issue.record("a missing tool must fail the test")
+        } catch let failure as ToolFailure {
+            #expect(failure.description.contains("apt-get install -y some-apt-package"))
+        }
+    }
+
     @Test func nbdinfoReportsSizeFlagsAndBlockSizes() async throws {
         try await withTestServer(size: 96 << 20) { server in
             let info = try Self.json(try await runTool("nbdinfo", ["--json", server.uri()], package: "libnbd-bin"))
