@@ -27,6 +27,7 @@ public struct NBDServerConfiguration: Sendable, Hashable {
     public var maxInFlightRequestsPerConnection: Int
     /// Payload bytes (WRITE data held plus READ data expected) of one connection in flight at once; beyond it the
     /// server stops reading that connection. A single larger request is still served when nothing else is in flight.
+    /// Memory per connection stays below about this plus one maximum payload plus one read cycle (a few MiB).
     public var maxInFlightBytesPerConnection: Int
     /// Largest READ / WRITE payload advertised (each device may lower it).
     public var maximumPayloadBytes: UInt32
@@ -43,7 +44,7 @@ public struct NBDServerConfiguration: Sendable, Hashable {
     /// (`NBDServer.start()` does).
     public init(
         unixSocketPath: String? = nil, tcpHost: String = "127.0.0.1", tcpPort: Int? = nil, maxConnections: Int = 256,
-        maxInFlightRequestsPerConnection: Int = 64, maxInFlightBytesPerConnection: Int = 128 << 20,
+        maxInFlightRequestsPerConnection: Int = 64, maxInFlightBytesPerConnection: Int = 64 << 20,
         maximumPayloadBytes: UInt32 = Limits.requestBytesMax, handshakeTimeoutSeconds: Double = 30,
         idleTimeoutSeconds: Double = 0, shutdownGracePeriodSeconds: Double = 10,
         deviceExecution: NBDDeviceExecution = .default

@@ -99,7 +99,7 @@ package struct NBDServerConnectionStateMachine {
 
         package init(
             maximumPayloadBytes: UInt32 = Limits.requestBytesMax, maxInFlightRequests: Int = 64,
-            maxInFlightBytes: Int = 128 << 20, optionsPerConnectionMax: Int = 1024, tlsAvailable: Bool = false
+            maxInFlightBytes: Int = 64 << 20, optionsPerConnectionMax: Int = 1024, tlsAvailable: Bool = false
         ) {
             self.maximumPayloadBytes = maximumPayloadBytes
             self.maxInFlightRequests = maxInFlightRequests
