@@ -484,8 +484,9 @@ package final class NBDConnectionHandler: ChannelDuplexHandler {
     private func checkQuiesced() {
         guard !didQuiesce, stateMachine.isQuiesced, case .closed = phase else { return }
         didQuiesce = true
-        quiescedPromise.succeed(())
+        // The registry first: whoever waits on `quiesced` must find the connection gone from the counts.
         observer?.connectionQuiesced(id)
+        quiescedPromise.succeed(())
     }
 
     // MARK: - Timers and control
