@@ -8,10 +8,12 @@
 // their replies are dropped and the connection reports itself quiesced only after the last one.
 //
 // Design choices (measured with fio 4k random writes at queue depth 32, see the report in the commit log):
-// - Dispatch: every device command runs in its own Task whose executor preference is the connection's event loop
-//   (EventLoopTaskExecutor), so a device without its own executor runs on the loop thread and its reply is written
-//   without a thread hop. `NBDServerConfiguration.deviceExecution = .globalConcurrentExecutor` runs them on the
-//   global pool instead (for devices that block); completions then hop back with `eventLoop.execute`.
+// - Dispatch: every device command runs in its own Task. Small commands get the connection's event loop as task
+//   executor preference (EventLoopTaskExecutor): a device without its own executor runs on the loop thread and the
+//   reply is written without any thread hop (4 KiB random writes: ~2.5x the rate of hopping to the global pool and
+//   back). Large commands (>= 128 KiB by default, `NBDDeviceExecution`) run on the global concurrent executor so
+//   their copying uses another core instead of stalling the loop (1 MiB writes: ~1.6x); their completions hop back
+//   with `eventLoop.execute`.
 // - Replies are appended to one outbound buffer; READ data is written as its own buffer right after the header
 //   (never copied). The channel is flushed once per batch: at channelReadComplete for replies produced while
 //   reading, and by one `execute`d flush for all completions that arrive in the same event loop tick.
@@ -34,10 +36,27 @@ import VolumeCore
 
 /// Where device commands run.
 public enum NBDDeviceExecution: Sendable, Hashable {
-    /// On the connection's event loop (task executor preference). Fastest for devices that never block a thread.
+    /// On the connection's event loop (task executor preference): no thread hop per request. Fastest for small
+    /// requests to devices that never block a thread; a large request holds up the connection's other traffic.
     case eventLoop
-    /// On the global concurrent executor; replies hop back to the event loop.
+    /// On the global concurrent executor; replies hop back to the event loop. Lets large requests use other cores.
     case globalConcurrentExecutor
+    /// Requests that touch fewer than `largeRequestBytes` run on the event loop, larger ones (READ, WRITE, TRIM,
+    /// WRITE_ZEROES, BLOCK_STATUS by their length) on the global concurrent executor.
+    case adaptive(largeRequestBytes: UInt32)
+
+    /// Measured on 2 cores with MemoryBlockDevice: 4 KiB random writes run ~2.5x faster on the event loop than on
+    /// the global executor, 1 MiB sequential writes ~1.6x faster on the global executor.
+    public static let `default` = NBDDeviceExecution.adaptive(largeRequestBytes: 128 << 10)
+
+    /// Whether a command of this many bytes runs on the event loop.
+    func runsOnEventLoop(requestBytes: UInt32) -> Bool {
+        switch self {
+        case .eventLoop: return true
+        case .globalConcurrentExecutor: return false
+        case .adaptive(let large): return requestBytes < large
+        }
+    }
 }
 
 /// Per-connection settings derived from the server configuration.
@@ -53,7 +72,7 @@ package struct NBDConnectionSettings: Sendable {
     package init(
         stateMachine: NBDServerConnectionStateMachine.Configuration = .init(), handshakeTimeout: TimeAmount? = nil,
         idleTimeout: TimeAmount? = nil, shutdownGracePeriod: TimeAmount = .seconds(10),
-        deviceExecution: NBDDeviceExecution = .eventLoop
+        deviceExecution: NBDDeviceExecution = .default
     ) {
         self.stateMachine = stateMachine
         self.handshakeTimeout = handshakeTimeout
@@ -134,7 +153,7 @@ package final class NBDConnectionHandler: ChannelDuplexHandler {
                 optionDataBytesMax: settings.optionDataBytesMax, optionDiscardBytesMax: settings.optionDiscardBytesMax))
         self.inbound = NBDInboundBuffer(allocator: allocator)
         self.taskExecutor =
-            settings.deviceExecution == .eventLoop ? EventLoopTaskExecutor(eventLoop: eventLoop) : nil
+            settings.deviceExecution == .globalConcurrentExecutor ? nil : EventLoopTaskExecutor(eventLoop: eventLoop)
         self.quiescedPromise = eventLoop.makePromise(of: Void.self)
     }
 
@@ -313,7 +332,9 @@ package final class NBDConnectionHandler: ChannelDuplexHandler {
         guard let context else { return }
         let loop = context.eventLoop
         Self.start(
-            command, on: device, executor: taskExecutor, loop: loop, handler: NIOLoopBound(self, eventLoop: loop))
+            command, on: device,
+            executor: settings.deviceExecution.runsOnEventLoop(requestBytes: command.requestBytes) ? taskExecutor : nil,
+            loop: loop, handler: NIOLoopBound(self, eventLoop: loop))
     }
 
     private static func start(
@@ -463,8 +484,9 @@ package final class NBDConnectionHandler: ChannelDuplexHandler {
     private func checkQuiesced() {
         guard !didQuiesce, stateMachine.isQuiesced, case .closed = phase else { return }
         didQuiesce = true
-        quiescedPromise.succeed(())
+        // The registry first: whoever waits on `quiesced` must find the connection gone from the counts.
         observer?.connectionQuiesced(id)
+        quiescedPromise.succeed(())
     }
 
     // MARK: - Timers and control
@@ -491,7 +513,8 @@ package final class NBDConnectionHandler: ChannelDuplexHandler {
             closeAfterFlushing()
             return
         }
-        logger.debug("NBD connection draining for shutdown", metadata: ["nbd.inFlight": "\(stateMachine.inFlightRequests)"])
+        logger.debug(
+            "NBD connection draining for shutdown", metadata: ["nbd.inFlight": "\(stateMachine.inFlightRequests)"])
         graceTimer = context.eventLoop.assumeIsolated().scheduleTask(in: settings.shutdownGracePeriod) { [self] in
             guard !stateMachine.isClosed else { return }
             logger.warning(

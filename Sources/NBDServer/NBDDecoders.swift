@@ -97,7 +97,9 @@ package struct NBDHandshakeDecoder: NBDFrameDecoder {
         self.state = expectClientFlags ? .clientFlags : .options
     }
 
-    package mutating func decode(_ buffer: inout ByteBuffer) throws(NBDDecodingError) -> NBDDecodeStep<
+    package mutating func decode(
+        _ buffer: inout ByteBuffer
+    ) throws(NBDDecodingError) -> NBDDecodeStep<
         NBDHandshakeMessage
     > {
         while true {
@@ -126,13 +128,12 @@ package struct NBDHandshakeDecoder: NBDFrameDecoder {
                     let code = buffer.getInteger(at: start + 8, as: UInt32.self),
                     let length = buffer.getInteger(at: start + 12, as: UInt32.self)
                 else {
-                    // Check the magic as soon as it is complete: a client speaking another protocol is cut off
-                    // without waiting for 16 bytes it may never send.
-                    if buffer.readableBytes >= 8, let magic = buffer.getInteger(at: start, as: UInt64.self),
-                        magic != NBDMagic.option
-                    {
-                        throw .badOptionMagic(magic)
+                    // Ask for the magic first and check it as soon as it is complete: a client speaking another
+                    // protocol is cut off without waiting for bytes it may never send, however its bytes are split.
+                    guard let magic = buffer.getInteger(at: start, as: UInt64.self) else {
+                        return .needMoreBytes(8 - buffer.readableBytes)
                     }
+                    guard magic == NBDMagic.option else { throw .badOptionMagic(magic) }
                     return .needMoreBytes(NBDWire.optionHeaderBytes - buffer.readableBytes)
                 }
                 guard magic == NBDMagic.option else { throw .badOptionMagic(magic) }
@@ -201,7 +202,9 @@ package struct NBDRequestDecoder: NBDFrameDecoder {
         self.discardBytesMax = discardBytesMax
     }
 
-    package mutating func decode(_ buffer: inout ByteBuffer) throws(NBDDecodingError) -> NBDDecodeStep<
+    package mutating func decode(
+        _ buffer: inout ByteBuffer
+    ) throws(NBDDecodingError) -> NBDDecodeStep<
         NBDRequestMessage
     > {
         while true {
@@ -222,9 +225,11 @@ package struct NBDRequestDecoder: NBDFrameDecoder {
                     let (magic, flags, type, cookie, offset, length) = buffer.getMultipleIntegers(
                         at: start, as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self)
                 else {
-                    if let magic = buffer.getInteger(at: start, as: UInt32.self), magic != NBDMagic.request {
-                        throw .badRequestMagic(magic)
+                    // As for options: the magic is checked as soon as its 4 bytes are here.
+                    guard let magic = buffer.getInteger(at: start, as: UInt32.self) else {
+                        return .needMoreBytes(4 - buffer.readableBytes)
                     }
+                    guard magic == NBDMagic.request else { throw .badRequestMagic(magic) }
                     return .needMoreBytes(NBDWire.requestHeaderBytes - buffer.readableBytes)
                 }
                 guard magic == NBDMagic.request else { throw .badRequestMagic(magic) }

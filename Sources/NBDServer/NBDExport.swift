@@ -16,6 +16,7 @@ public struct NBDExport: Sendable {
     /// Serve the export read-only even if the device is writable (snapshots, rollbacks in progress).
     public var readOnly: Bool
 
+    /// An export of `device` under `name`.
     public init(name: String, description: String = "", device: any BlockDevice, readOnly: Bool = false) {
         self.name = name
         self.description = description
@@ -26,8 +27,11 @@ public struct NBDExport: Sendable {
 
 /// A line of the export list (`NBD_OPT_LIST`).
 public struct NBDExportListing: Sendable, Hashable {
+    /// The export name, as clients pass it to NBD_OPT_GO.
     public var name: String
+    /// A line for humans (may be empty).
     public var description: String
+    /// A listing line.
     public init(name: String, description: String = "") {
         self.name = name
         self.description = description
@@ -46,20 +50,24 @@ public protocol NBDExportProvider: Sendable {
 
 /// A fixed set of exports.
 public struct NBDStaticExportProvider: NBDExportProvider {
+    /// The exports, looked up by exact name.
     public var exports: [NBDExport]
     /// The export served to clients asking for the empty (default) name, if any.
     public var defaultExportName: String?
 
+    /// Serves `exports`; clients asking for the empty name get `defaultExportName`.
     public init(_ exports: [NBDExport], defaultExportName: String? = nil) {
         self.exports = exports
         self.defaultExportName = defaultExportName
     }
 
+    /// The export with this name (the default export for the empty name).
     public func export(named name: String) -> NBDExport? {
         let wanted = name.isEmpty ? (defaultExportName ?? "") : name
         return exports.first { $0.name == wanted }
     }
 
+    /// Every export, in the order given.
     public func exportList() -> [NBDExportListing] {
         exports.map { NBDExportListing(name: $0.name, description: $0.description) }
     }

@@ -47,7 +47,10 @@ package struct NBDInboundBuffer {
         _ decoder: inout Decoder
     ) throws(NBDDecodingError) -> Decoder.Frame? {
         while true {
-            if var assembling = partial {
+            if partial != nil {
+                // Move the buffer out before writing to it: a second reference would make every append copy it.
+                var assembling = partial!
+                partial = nil
                 // Top the spanning frame up with exactly the bytes it lacks.
                 while partialBytesMissing > 0, var front = queue.first {
                     let taken = min(partialBytesMissing, front.readableBytes)
@@ -64,7 +67,6 @@ package struct NBDInboundBuffer {
                     partial = assembling
                     return nil
                 }
-                partial = nil
                 switch try decoder.decode(&assembling) {
                 case .frame(let frame):
                     if assembling.readableBytes > 0 { queue.prepend(assembling) }

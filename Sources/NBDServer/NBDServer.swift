@@ -27,6 +27,7 @@ public struct NBDServerConfiguration: Sendable, Hashable {
     public var maxInFlightRequestsPerConnection: Int
     /// Payload bytes (WRITE data held plus READ data expected) of one connection in flight at once; beyond it the
     /// server stops reading that connection. A single larger request is still served when nothing else is in flight.
+    /// Memory per connection stays below about this plus one maximum payload plus one read cycle (a few MiB).
     public var maxInFlightBytesPerConnection: Int
     /// Largest READ / WRITE payload advertised (each device may lower it).
     public var maximumPayloadBytes: UInt32
@@ -39,12 +40,14 @@ public struct NBDServerConfiguration: Sendable, Hashable {
     /// Where device commands run (see `NBDDeviceExecution`).
     public var deviceExecution: NBDDeviceExecution
 
+    /// A configuration; every parameter is described on the property of the same name. Check it with `validate()`
+    /// (`NBDServer.start()` does).
     public init(
         unixSocketPath: String? = nil, tcpHost: String = "127.0.0.1", tcpPort: Int? = nil, maxConnections: Int = 256,
-        maxInFlightRequestsPerConnection: Int = 64, maxInFlightBytesPerConnection: Int = 128 << 20,
+        maxInFlightRequestsPerConnection: Int = 64, maxInFlightBytesPerConnection: Int = 64 << 20,
         maximumPayloadBytes: UInt32 = Limits.requestBytesMax, handshakeTimeoutSeconds: Double = 30,
         idleTimeoutSeconds: Double = 0, shutdownGracePeriodSeconds: Double = 10,
-        deviceExecution: NBDDeviceExecution = .eventLoop
+        deviceExecution: NBDDeviceExecution = .default
     ) {
         self.unixSocketPath = unixSocketPath
         self.tcpHost = tcpHost
@@ -91,14 +94,18 @@ public struct NBDServerConfiguration: Sendable, Hashable {
             ("handshakeTimeoutSeconds", handshakeTimeoutSeconds), ("idleTimeoutSeconds", idleTimeoutSeconds),
             ("shutdownGracePeriodSeconds", shutdownGracePeriodSeconds),
         ] {
-            guard value.isFinite, value >= 0, value <= 86400 * 365 else { throw bad("\(name) must be within 0...1 year") }
+            guard value.isFinite, value >= 0, value <= 86400 * 365 else {
+                throw bad("\(name) must be within 0...1 year")
+            }
         }
     }
 }
 
 /// An address the server listens on.
 public enum NBDListenAddress: Sendable, Hashable, CustomStringConvertible {
+    /// A Unix domain socket at `path`.
     case unix(path: String)
+    /// A TCP listener (`port` is the port actually bound).
     case tcp(host: String, port: Int)
 
     /// The NBD URI of `export` at this address (export names are used as they are, not percent-encoded).
@@ -111,6 +118,7 @@ public enum NBDListenAddress: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
+    /// `unix:PATH` or `HOST:PORT`, for logs and `vd serve` output.
     public var description: String {
         switch self {
         case .unix(let path): return "unix:\(path)"
@@ -248,9 +256,15 @@ public final class NBDServer: Sendable {
                 let handler = NBDConnectionHandler(
                     id: id, eventLoop: channel.eventLoop, settings: settings, exports: exports, observer: registry,
                     logger: logger, allocator: channel.allocator)
-                registry.attach(
-                    id, channel: channel, handler: NIOLoopBound(handler, eventLoop: channel.eventLoop),
-                    quiesced: handler.quiesced)
+                guard
+                    registry.attach(
+                        id, channel: channel, handler: NIOLoopBound(handler, eventLoop: channel.eventLoop),
+                        quiesced: handler.quiesced)
+                else {
+                    // The server began stopping between accept and here.
+                    handler.abandon()
+                    return channel.close()
+                }
                 do {
                     try channel.pipeline.syncOperations.addHandler(handler)
                 } catch {
@@ -277,6 +291,10 @@ public final class NBDServer: Sendable {
     /// Stops listening, lets the requests in flight finish (up to the grace period; new requests get
     /// NBD_ESHUTDOWN), closes every connection and removes the Unix socket file. Idempotent.
     public func stop() async {
+        // A start() under way finishes first (it takes no longer than binding).
+        while lifecycle.withLock({ if case .starting = $0 { return true } else { return false } }) {
+            try? await Task.sleep(for: .milliseconds(10))
+        }
         let listeners: [any Channel]? = lifecycle.withLock {
             switch $0 {
             case .running(let listeners, _):
@@ -389,11 +407,17 @@ final class NBDConnectionRegistry: NBDConnectionObserver {
         }
     }
 
+    /// Records a reserved connection's channel and handler; false (slot released) if the server is stopping.
     func attach(
         _ id: Int, channel: any Channel, handler: NIOLoopBound<NBDConnectionHandler>, quiesced: EventLoopFuture<Void>
-    ) {
+    ) -> Bool {
         state.withLock {
+            guard $0.accepting else {
+                $0.reserved.remove(id)
+                return false
+            }
             $0.entries[id] = Entry(id: id, channel: channel, handler: handler, quiesced: quiesced, exportName: nil)
+            return true
         }
     }
 

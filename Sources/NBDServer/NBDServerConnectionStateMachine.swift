@@ -38,6 +38,17 @@ package struct NBDDeviceCommand: Hashable, Sendable {
         self.operation = operation
     }
 
+    /// Bytes of the device the request touches (0 for FLUSH): a measure of its cost.
+    package var requestBytes: UInt32 {
+        switch operation {
+        case .read(_, let length), .trim(_, let length, _), .writeZeroes(_, let length, _, _, _),
+            .blockStatus(_, let length, _):
+            return length
+        case .write(_, let data, _): return UInt32(data.readableBytes)
+        case .flush: return 0
+        }
+    }
+
     /// Bytes of memory the request holds while in flight (WRITE payload or READ result).
     package var inFlightBytes: Int {
         switch operation {
@@ -88,7 +99,7 @@ package struct NBDServerConnectionStateMachine {
 
         package init(
             maximumPayloadBytes: UInt32 = Limits.requestBytesMax, maxInFlightRequests: Int = 64,
-            maxInFlightBytes: Int = 128 << 20, optionsPerConnectionMax: Int = 1024, tlsAvailable: Bool = false
+            maxInFlightBytes: Int = 64 << 20, optionsPerConnectionMax: Int = 1024, tlsAvailable: Bool = false
         ) {
             self.maximumPayloadBytes = maximumPayloadBytes
             self.maxInFlightRequests = maxInFlightRequests
@@ -340,7 +351,9 @@ package struct NBDServerConnectionStateMachine {
             return .sendAndClose(reply)
 
         case NBDOption.list:
-            guard data.readableBytes == 0 else { return error(NBDOptionReply.errorInvalid, "NBD_OPT_LIST takes no data") }
+            guard data.readableBytes == 0 else {
+                return error(NBDOptionReply.errorInvalid, "NBD_OPT_LIST takes no data")
+            }
             for listing in exports.exportList() {
                 let name = NBDReplyEncoder.truncatedUTF8(listing.name)
                 guard name.count == listing.name.utf8.count else { continue }  // unreachable through the protocol
@@ -372,7 +385,9 @@ package struct NBDServerConnectionStateMachine {
 
         case NBDOption.info, NBDOption.go:
             guard let request = Self.parseInfoRequest(&data) else {
-                return error(NBDOptionReply.errorInvalid, "malformed \(code == NBDOption.go ? "NBD_OPT_GO" : "NBD_OPT_INFO") data")
+                return error(
+                    NBDOptionReply.errorInvalid,
+                    "malformed \(code == NBDOption.go ? "NBD_OPT_GO" : "NBD_OPT_INFO") data")
             }
             guard let export = exports.export(named: request.name) else {
                 return error(NBDOptionReply.errorUnknown, "export '\(request.name)' not found")
@@ -510,15 +525,16 @@ package struct NBDServerConnectionStateMachine {
     ) -> NBDSession {
         let info = export.device.info
         let readOnly = export.readOnly || info.isReadOnly
-        var flags = NBDTransmissionFlags.hasFlags | NBDTransmissionFlags.sendFlush | NBDTransmissionFlags.sendFUA
+        var flags =
+            NBDTransmissionFlags.hasFlags | NBDTransmissionFlags.sendFlush | NBDTransmissionFlags.sendFUA
             | NBDTransmissionFlags.sendCache
         if readOnly { flags |= NBDTransmissionFlags.readOnly }
         if info.supportsTrim && !readOnly { flags |= NBDTransmissionFlags.sendTrim }
         if info.supportsWriteZeroes && !readOnly {
             flags |= NBDTransmissionFlags.sendWriteZeroes | NBDTransmissionFlags.sendFastZero
         }
-        // A read-only export has nothing to flush, so any number of connections see the same bytes.
-        if info.flushCoversAllConnections || readOnly { flags |= NBDTransmissionFlags.canMultiConn }
+        // Only when the device says a flush on one connection covers writes of all of them.
+        if info.flushCoversAllConnections { flags |= NBDTransmissionFlags.canMultiConn }
         // Every READ is answered with a single data chunk, so "don't fragment" costs nothing.
         if negotiation.structuredReplies { flags |= NBDTransmissionFlags.sendDF }
 
@@ -553,8 +569,8 @@ package struct NBDServerConnectionStateMachine {
             return .reply(
                 errorReply(
                     session, header.cookie, NBDErrno.invalid,
-                    "WRITE of \(header.length) bytes exceeds the maximum payload of \(session.maximumPayloadBytes) bytes"
-                ))
+                    "WRITE of \(header.length) bytes exceeds the maximum payload of "
+                        + "\(session.maximumPayloadBytes) bytes"))
         }
     }
 
@@ -621,7 +637,8 @@ package struct NBDServerConnectionStateMachine {
         func checkRange(_ errno: UInt32) -> RequestFailure? {
             guard offset <= session.sizeBytes, UInt64(length) <= session.sizeBytes - offset else {
                 return RequestFailure(
-                    errno, "request [\(offset), +\(length)) reaches past the end of the export (\(session.sizeBytes) bytes)")
+                    errno,
+                    "request [\(offset), +\(length)) reaches past the end of the export (\(session.sizeBytes) bytes)")
             }
             return nil
         }
@@ -717,7 +734,8 @@ package struct NBDServerConnectionStateMachine {
         case NBDCommand.blockStatus:
             guard session.allocationContext else {
                 return .failure(
-                    RequestFailure(NBDErrno.invalid, "BLOCK_STATUS needs base:allocation selected during the handshake"))
+                    RequestFailure(NBDErrno.invalid, "BLOCK_STATUS needs base:allocation selected during the handshake")
+                )
             }
             if let failure = checkFlags(NBDCommandFlags.requestOne) ?? checkLengthNonZero()
                 ?? checkRange(NBDErrno.invalid) ?? checkAlignment()
@@ -733,8 +751,7 @@ package struct NBDServerConnectionStateMachine {
         }
     }
 
-    private func errorReply(_ session: NBDSession, _ cookie: UInt64, _ errno: UInt32, _ message: String) -> NBDReply
-    {
+    private func errorReply(_ session: NBDSession, _ cookie: UInt64, _ errno: UInt32, _ message: String) -> NBDReply {
         // With structured replies errors go in an error chunk (READ must never get a simple reply then), which can
         // carry the message for the user.
         if session.structuredReplies { return .structuredError(cookie: cookie, error: errno, message: message) }
@@ -779,7 +796,8 @@ package struct NBDServerConnectionStateMachine {
             switch (command.operation, output) {
             case (.read(let offset, let length), .data(let data)):
                 guard data.readableBytes == Int(length) else {
-                    return failure(NBDErrno.io, "the device returned \(data.readableBytes) bytes for a \(length)-byte read")
+                    return failure(
+                        NBDErrno.io, "the device returned \(data.readableBytes) bytes for a \(length)-byte read")
                 }
                 return .readData(cookie: cookie, offset: offset, data: data, structured: session.structuredReplies)
             case (.blockStatus(_, let length, let requestOne), .extents(let extents)):

@@ -12,10 +12,15 @@ import Testing
 
     @Test func optionFramingPassesTheDecoderVerifier() throws {
         let pairs: [(ByteBuffer, [NBDHandshakeMessage])] = [
-            (ClientWire.option(NBDOption.go, ClientWire.infoData(name: "disk", items: [3])),
-             [.option(NBDClientOption(code: 7, data: ClientWire.infoData(name: "disk", items: [3])))]),
+            (
+                ClientWire.option(NBDOption.go, ClientWire.infoData(name: "disk", items: [3])),
+                [.option(NBDClientOption(code: 7, data: ClientWire.infoData(name: "disk", items: [3])))]
+            ),
             (ClientWire.option(NBDOption.list), [.option(NBDClientOption(code: 3, data: ByteBuffer()))]),
-            (ClientWire.option(NBDOption.abort, string: "x"), [.option(NBDClientOption(code: 2, data: ByteBuffer(string: "x")))]),
+            (
+                ClientWire.option(NBDOption.abort, string: "x"),
+                [.option(NBDClientOption(code: 2, data: ByteBuffer(string: "x")))]
+            ),
             // Larger than we buffer: announced at the header, then skipped as it streams in.
             (ClientWire.option(99, ClientWire.pattern(0xee, count: 200)), [.oversizedOption(code: 99, length: 200)]),
         ]
@@ -31,10 +36,22 @@ import Testing
         let writeHeader = NBDRequestHeader(flags: 1, type: NBDCommand.write, cookie: 2, offset: 0, length: 1000)
         let bigWrite = NBDRequestHeader(type: NBDCommand.write, cookie: 3, offset: 0, length: 3000)
         let pairs: [(ByteBuffer, [NBDRequestMessage])] = [
-            (ClientWire.request(NBDCommand.read, cookie: 1, offset: 4096, length: 512), [.request(readHeader, payload: nil)]),
-            (ClientWire.write(cookie: 2, offset: 0, data: payload, flags: 1), [.request(writeHeader, payload: payload)]),
-            (ClientWire.write(cookie: 3, offset: 0, data: ClientWire.pattern(1, count: 3000)), [.oversizedWrite(bigWrite)]),
-            (ClientWire.request(NBDCommand.flush, cookie: 4), [.request(NBDRequestHeader(type: 3, cookie: 4), payload: nil)]),
+            (
+                ClientWire.request(NBDCommand.read, cookie: 1, offset: 4096, length: 512),
+                [.request(readHeader, payload: nil)]
+            ),
+            (
+                ClientWire.write(cookie: 2, offset: 0, data: payload, flags: 1),
+                [.request(writeHeader, payload: payload)]
+            ),
+            (
+                ClientWire.write(cookie: 3, offset: 0, data: ClientWire.pattern(1, count: 3000)),
+                [.oversizedWrite(bigWrite)]
+            ),
+            (
+                ClientWire.request(NBDCommand.flush, cookie: 4),
+                [.request(NBDRequestHeader(type: 3, cookie: 4), payload: nil)]
+            ),
         ]
         try ByteToMessageDecoderVerifier.verifyDecoder(inputOutputPairs: pairs) {
             NBDRequestByteToMessageDecoder(NBDRequestDecoder(payloadBytesMax: 2048, discardBytesMax: 8192))
@@ -71,7 +88,9 @@ import Testing
             .request(NBDRequestHeader(type: 1, cookie: 1, offset: 8192, length: 4096), payload: data),
             .request(NBDRequestHeader(type: 0, cookie: 2, offset: 0, length: 4096), payload: nil),
             .oversizedWrite(NBDRequestHeader(type: 1, cookie: 3, offset: 0, length: 9000)),
-            .request(NBDRequestHeader(type: 1, cookie: 4, offset: 512, length: 512), payload: ClientWire.pattern(5, count: 512)),
+            .request(
+                NBDRequestHeader(type: 1, cookie: 4, offset: 512, length: 512),
+                payload: ClientWire.pattern(5, count: 512)),
             .request(NBDRequestHeader(type: 2, cookie: 5), payload: nil),
         ]
         for chunkSize in [1, 3, 27, 28, 29, 1000, 4124, 4125, stream.readableBytes] {

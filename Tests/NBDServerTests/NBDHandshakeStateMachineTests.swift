@@ -211,7 +211,8 @@ func testExports(size: UInt64 = 1 << 20, readOnly: Bool = false) -> (NBDStaticEx
     @Test mutating func unknownOptionsAreUnsupportedAndParsingContinues() throws {
         _ = driver.greet()
         let replies = try self.replies(
-            ClientWire.clientFlags(3), ClientWire.option(4), ClientWire.option(11), ClientWire.option(0xdead, string: "junk"),
+            ClientWire.clientFlags(3), ClientWire.option(4), ClientWire.option(11),
+            ClientWire.option(0xdead, string: "junk"),
             ClientWire.option(5), ClientWire.option(8))
         #expect(replies.map(\.option) == [4, 11, 0xdead, 5, 8])
         #expect(replies.map(\.type) == [0x8000_0001, 0x8000_0001, 0x8000_0001, 0x8000_0001, 1])
@@ -221,7 +222,8 @@ func testExports(size: UInt64 = 1 << 20, readOnly: Bool = false) -> (NBDStaticEx
         _ = driver.greet()
         let replies = try self.replies(
             ClientWire.clientFlags(3), ClientWire.option(8),
-            ClientWire.option(10, ClientWire.metaContextData(name: "disk", queries: ["base:allocation", "qemu:dirty-bitmap:b"])),
+            ClientWire.option(
+                10, ClientWire.metaContextData(name: "disk", queries: ["base:allocation", "qemu:dirty-bitmap:b"])),
             ClientWire.option(7, ClientWire.infoData(name: "disk")))
         #expect(replies.map(\.type) == [1, 4, 1, 3, 3, 1])
         var context = replies[1].data
@@ -271,7 +273,8 @@ func testExports(size: UInt64 = 1 << 20, readOnly: Bool = false) -> (NBDStaticEx
         let wildcard = try replies(ClientWire.option(9, ClientWire.metaContextData(name: "disk", queries: ["base:"])))
         #expect(wildcard.map(\.type) == [4, 1])
         let foreign = try replies(
-            ClientWire.option(9, ClientWire.metaContextData(name: "disk", queries: ["qemu:dirty-bitmap:x", "base:nope"])))
+            ClientWire.option(
+                9, ClientWire.metaContextData(name: "disk", queries: ["qemu:dirty-bitmap:x", "base:nope"])))
         #expect(foreign.map(\.type) == [1])
         let noColon = try replies(ClientWire.option(9, ClientWire.metaContextData(name: "disk", queries: ["junk"])))
         #expect(noColon.map(\.type) == [0x8000_0003])
@@ -353,7 +356,8 @@ func testExports(size: UInt64 = 1 << 20, readOnly: Bool = false) -> (NBDStaticEx
             func writeZeroes(offset: UInt64, length: UInt32, fua: Bool, mayUnmap: Bool) async throws(VDError) {}
             func allocation(offset: UInt64, length: UInt32) async throws(VDError) -> [BlockExtent] { [] }
         }
-        var driver = HandshakeDriver(exports: NBDStaticExportProvider([NBDExport(name: "d", device: LocalFlushDevice())]))
+        var driver = HandshakeDriver(
+            exports: NBDStaticExportProvider([NBDExport(name: "d", device: LocalFlushDevice())]))
         var decoder = NBDHandshakeDecoder()
         _ = driver.greet()
         var bytes = ClientWire.clientFlags(3)

@@ -29,7 +29,8 @@ final class TransmissionDriver {
             bytes.writeImmutableBuffer(
                 ClientWire.option(10, ClientWire.metaContextData(name: "disk", queries: ["base:allocation"])))
         }
-        bytes.writeImmutableBuffer(ClientWire.option(7, ClientWire.infoData(name: "disk", items: blockSizes ? [3] : [])))
+        bytes.writeImmutableBuffer(
+            ClientWire.option(7, ClientWire.infoData(name: "disk", items: blockSizes ? [3] : [])))
         _ = try driver.send(bytes, decoder: &decoder)
         session = try #require(driver.session)
         machine = driver.machine
@@ -43,8 +44,12 @@ final class TransmissionDriver {
         return machine.receivedRequestMessage(.request(header, payload: payload))
     }
 
-    func write(cookie: UInt64 = 1, offset: UInt64, count: Int, flags: UInt16 = 0) -> NBDServerConnectionStateMachine.RequestAction {
-        request(1, flags: flags, cookie: cookie, offset: offset, length: UInt32(count), payload: ClientWire.pattern(1, count: count))
+    func write(
+        cookie: UInt64 = 1, offset: UInt64, count: Int, flags: UInt16 = 0
+    ) -> NBDServerConnectionStateMachine.RequestAction {
+        request(
+            1, flags: flags, cookie: cookie, offset: offset, length: UInt32(count),
+            payload: ClientWire.pattern(1, count: count))
     }
 
     func complete(
@@ -94,7 +99,9 @@ final class TransmissionDriver {
     @Test func structuredReadIsOneDataChunkFlaggedDone() throws {
         let driver = try TransmissionDriver(structured: true)
         let command = NBDDeviceCommand(cookie: 5, operation: .read(offset: 512, length: 1024))
-        #expect(driver.request(0, flags: NBDCommandFlags.doNotFragment, cookie: 5, offset: 512, length: 1024) == .perform(command))
+        #expect(
+            driver.request(0, flags: NBDCommandFlags.doNotFragment, cookie: 5, offset: 512, length: 1024)
+                == .perform(command))
         let data = ClientWire.pattern(7, count: 1024)
         let reply = try #require(driver.complete(command, result: .success(.data(data))).reply)
         var wire = NBDReplyEncoder.encode(reply)
@@ -118,7 +125,10 @@ final class TransmissionDriver {
         #expect(TransmissionDriver.error(driver.request(5, offset: .max, length: 1)) == NBDErrno.invalid)
         #expect(driver.machine.inFlightRequests == 0)
         // The last byte is in range.
-        if case .perform = driver.request(0, offset: end - 512, length: 512) {} else { Issue.record("last sector must be readable") }
+        if case .perform = driver.request(0, offset: end - 512, length: 512) {
+        } else {
+            Issue.record("last sector must be readable")
+        }
     }
 
     @Test func readOnlyExportRefusesWritesWithEPERM() throws {
@@ -137,10 +147,16 @@ final class TransmissionDriver {
         #expect(TransmissionDriver.error(driver.request(42, length: 512)) == NBDErrno.invalid)  // unknown type
         #expect(TransmissionDriver.error(driver.request(8, length: 512)) == NBDErrno.invalid)  // RESIZE: not ours
         #expect(TransmissionDriver.error(driver.request(0, flags: 1 << 5, length: 512)) == NBDErrno.invalid)
-        #expect(TransmissionDriver.error(driver.request(0, flags: NBDCommandFlags.requestOne, length: 512)) == NBDErrno.invalid)
+        #expect(
+            TransmissionDriver.error(driver.request(0, flags: NBDCommandFlags.requestOne, length: 512))
+                == NBDErrno.invalid)
         // DF needs structured replies.
-        #expect(TransmissionDriver.error(driver.request(0, flags: NBDCommandFlags.doNotFragment, length: 512)) == NBDErrno.invalid)
-        #expect(TransmissionDriver.error(driver.write(offset: 0, count: 512, flags: NBDCommandFlags.noHole)) == NBDErrno.invalid)
+        #expect(
+            TransmissionDriver.error(driver.request(0, flags: NBDCommandFlags.doNotFragment, length: 512))
+                == NBDErrno.invalid)
+        #expect(
+            TransmissionDriver.error(driver.write(offset: 0, count: 512, flags: NBDCommandFlags.noHole))
+                == NBDErrno.invalid)
         #expect(TransmissionDriver.error(driver.request(3, offset: 512)) == NBDErrno.invalid)  // FLUSH with an offset
         #expect(TransmissionDriver.error(driver.request(3, length: 1)) == NBDErrno.invalid)
         // Without structured replies: no block status.
@@ -148,7 +164,10 @@ final class TransmissionDriver {
         // READ beyond the maximum payload.
         #expect(TransmissionDriver.error(driver.request(0, length: Limits.requestBytesMax + 512)) == NBDErrno.invalid)
         // FUA is accepted everywhere (clients set it on reads too).
-        if case .perform = driver.request(0, flags: NBDCommandFlags.fua, length: 512) {} else { Issue.record("FUA read") }
+        if case .perform = driver.request(0, flags: NBDCommandFlags.fua, length: 512) {
+        } else {
+            Issue.record("FUA read")
+        }
         #expect(driver.machine.inFlightRequests == 1)
     }
 
@@ -175,14 +194,33 @@ final class TransmissionDriver {
 
     @Test func writeZeroesFlags() throws {
         let driver = try TransmissionDriver()
-        #expect(driver.request(6, flags: NBDCommandFlags.noHole, cookie: 1, offset: 0, length: 4096)
-            == .perform(NBDDeviceCommand(cookie: 1, operation: .writeZeroes(offset: 0, length: 4096, fua: false, mayUnmap: false, fastZero: false))))
-        #expect(driver.request(6, flags: NBDCommandFlags.fastZero | NBDCommandFlags.fua, cookie: 2, offset: 8192, length: 8192)
-            == .perform(NBDDeviceCommand(cookie: 2, operation: .writeZeroes(offset: 8192, length: 8192, fua: true, mayUnmap: true, fastZero: true))))
-        #expect(TransmissionDriver.error(driver.request(6, flags: NBDCommandFlags.fastZero | NBDCommandFlags.noHole, length: 4096)) == NBDErrno.notSupported)
-        #expect(TransmissionDriver.error(driver.request(6, flags: NBDCommandFlags.fastZero, offset: 512, length: 4096)) == NBDErrno.notSupported)
+        #expect(
+            driver.request(6, flags: NBDCommandFlags.noHole, cookie: 1, offset: 0, length: 4096)
+                == .perform(
+                    NBDDeviceCommand(
+                        cookie: 1,
+                        operation: .writeZeroes(offset: 0, length: 4096, fua: false, mayUnmap: false, fastZero: false)))
+        )
+        #expect(
+            driver.request(
+                6, flags: NBDCommandFlags.fastZero | NBDCommandFlags.fua, cookie: 2, offset: 8192, length: 8192)
+                == .perform(
+                    NBDDeviceCommand(
+                        cookie: 2,
+                        operation: .writeZeroes(offset: 8192, length: 8192, fua: true, mayUnmap: true, fastZero: true)))
+        )
+        #expect(
+            TransmissionDriver.error(
+                driver.request(6, flags: NBDCommandFlags.fastZero | NBDCommandFlags.noHole, length: 4096))
+                == NBDErrno.notSupported)
+        #expect(
+            TransmissionDriver.error(driver.request(6, flags: NBDCommandFlags.fastZero, offset: 512, length: 4096))
+                == NBDErrno.notSupported)
         // A write-zeroes larger than the maximum payload is fine: it has no payload.
-        if case .perform = driver.request(6, cookie: 3, offset: 0, length: 1 << 20) {} else { Issue.record("large zeroing") }
+        if case .perform = driver.request(6, cookie: 3, offset: 0, length: 1 << 20) {
+        } else {
+            Issue.record("large zeroing")
+        }
     }
 
     @Test func alignmentIsEnforcedOnlyWhenTheClientAgreedToBlockSizes() throws {
@@ -214,7 +252,8 @@ final class TransmissionDriver {
             BlockExtent(lengthBytes: 65536, isHole: true, isZero: true),
         ]
         let reply = driver.complete(command, result: .success(.extents(extents))).reply
-        #expect(reply == .blockStatus(cookie: 8, contextID: 1, descriptors: [NBDBlockDescriptor(length: 8192, flags: 0)]))
+        #expect(
+            reply == .blockStatus(cookie: 8, contextID: 1, descriptors: [NBDBlockDescriptor(length: 8192, flags: 0)]))
         var wire = NBDReplyEncoder.encode(reply!)
         guard case .chunk(8, 1, 5, var payload) = try #require(try TransmissionReply.parse(&wire)) else {
             Issue.record("expected a BLOCK_STATUS chunk flagged done")
@@ -238,16 +277,25 @@ final class TransmissionDriver {
             BlockExtent(lengthBytes: 8192, isHole: false, isZero: false),
             BlockExtent(lengthBytes: 1 << 40, isHole: true, isZero: false),
         ]
-        #expect(SM.blockDescriptors(extents, requestLength: 65536, requestOne: false) == [
-            NBDBlockDescriptor(length: 8192, flags: 3), NBDBlockDescriptor(length: 8192, flags: 0),
-            NBDBlockDescriptor(length: 65536 - 16384, flags: 1),
-        ])
-        #expect(SM.blockDescriptors(extents, requestLength: 6000, requestOne: false) == [NBDBlockDescriptor(length: 6000, flags: 3)])
-        #expect(SM.blockDescriptors([], requestLength: 512, requestOne: false) == [NBDBlockDescriptor(length: 512, flags: 0)])
+        #expect(
+            SM.blockDescriptors(extents, requestLength: 65536, requestOne: false) == [
+                NBDBlockDescriptor(length: 8192, flags: 3), NBDBlockDescriptor(length: 8192, flags: 0),
+                NBDBlockDescriptor(length: 65536 - 16384, flags: 1),
+            ])
+        #expect(
+            SM.blockDescriptors(extents, requestLength: 6000, requestOne: false) == [
+                NBDBlockDescriptor(length: 6000, flags: 3)
+            ])
+        #expect(
+            SM.blockDescriptors([], requestLength: 512, requestOne: false) == [
+                NBDBlockDescriptor(length: 512, flags: 0)
+            ])
         let alternating = (0..<(NBDWire.blockStatusDescriptorsMax + 10)).map {
             BlockExtent(lengthBytes: 512, isHole: $0 % 2 == 0, isZero: false)
         }
-        #expect(SM.blockDescriptors(alternating, requestLength: .max, requestOne: false).count == NBDWire.blockStatusDescriptorsMax)
+        #expect(
+            SM.blockDescriptors(alternating, requestLength: .max, requestOne: false).count
+                == NBDWire.blockStatusDescriptorsMax)
     }
 
     @Test func deviceErrorsMapToNBDErrors() throws {
@@ -265,9 +313,10 @@ final class TransmissionDriver {
         #expect(SM.nbdErrno(for: VDError(.backend, ""), operation: read) == 5)
         #expect(SM.nbdErrno(for: .shutdown(""), operation: read) == 108)
         #expect(SM.nbdErrno(for: VDError(.unsupported, ""), operation: read) == 22)
-        #expect(SM.nbdErrno(
-            for: VDError(.unsupported, ""),
-            operation: .writeZeroes(offset: 0, length: 1, fua: false, mayUnmap: true, fastZero: true)) == 95)
+        #expect(
+            SM.nbdErrno(
+                for: VDError(.unsupported, ""),
+                operation: .writeZeroes(offset: 0, length: 1, fua: false, mayUnmap: true, fastZero: true)) == 95)
 
         let driver = try TransmissionDriver()
         guard case .perform(let command) = driver.write(cookie: 6, offset: 0, count: 512) else {

@@ -1,9 +1,8 @@
 // The client side of the NBD wire format, written independently of the server's encoders and decoders so tests
 // check the server against the spec rather than against itself.
 
-import NIOCore
-
 import NBDServer
+import NIOCore
 
 enum ClientWire {
     static let optionMagic: UInt64 = 0x4948_4156_454F_5054
@@ -69,7 +68,8 @@ enum ClientWire {
     }
 
     static func write(cookie: UInt64, offset: UInt64, data: ByteBuffer, flags: UInt16 = 0) -> ByteBuffer {
-        request(NBDCommand.write, flags: flags, cookie: cookie, offset: offset, length: UInt32(data.readableBytes),
+        request(
+            NBDCommand.write, flags: flags, cookie: cookie, offset: offset, length: UInt32(data.readableBytes),
             payload: data)
     }
 
@@ -84,7 +84,9 @@ struct OptionReply: Equatable, CustomStringConvertible {
     var type: UInt32
     var data: ByteBuffer
 
-    var description: String { "OptionReply(option: \(option), type: 0x\(String(type, radix: 16)), \(data.readableBytes) bytes)" }
+    var description: String {
+        "OptionReply(option: \(option), type: 0x\(String(type, radix: 16)), \(data.readableBytes) bytes)"
+    }
 
     /// Parses every complete option reply at the front of `buffer`.
     static func parseAll(_ buffer: inout ByteBuffer) throws -> [OptionReply] {
@@ -99,7 +101,9 @@ struct OptionReply: Equatable, CustomStringConvertible {
             buffer.readableBytes >= 20 + Int(length)
         else { return nil }
         let magic = buffer.readInteger(as: UInt64.self)!
-        guard magic == 0x0003_e889_0455_65a9 else { throw WireError("bad option reply magic \(String(magic, radix: 16))") }
+        guard magic == 0x0003_e889_0455_65a9 else {
+            throw WireError("bad option reply magic \(String(magic, radix: 16))")
+        }
         let option = buffer.readInteger(as: UInt32.self)!
         let type = buffer.readInteger(as: UInt32.self)!
         _ = buffer.readInteger(as: UInt32.self)!
