@@ -23,12 +23,14 @@ final class ModelWriter: @unchecked Sendable {
 
     static func block(seed: UInt64) -> [UInt8] {
         var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
-        return (0..<blockBytes).map { _ in
+        var words = [UInt64](repeating: 0, count: blockBytes / 8)
+        for i in 0..<words.count {
             state ^= state << 13
             state ^= state >> 7
             state ^= state << 17
-            return UInt8(truncatingIfNeeded: state)
+            words[i] = state
         }
+        return words.withUnsafeBytes { Array($0) }
     }
 
     var completed: Int {
@@ -54,6 +56,7 @@ final class ModelWriter: @unchecked Sendable {
                     writes.append((offset, seed))
                     lock.unlock()
                     seed += 1
+                    usleep(2_000)  // a steady trickle: the model is checked for every write a snapshot call spans
                 }
                 client.disconnect()
             } catch {
@@ -101,28 +104,29 @@ final class ModelWriter: @unchecked Sendable {
         let directory = try TemporaryDirectory("vd-snap")
         defer { directory.remove() }
         let server = try VDServer(dataDirectory: directory.path + "/data")
-        #expect(try server.cli(["volume", "create", "vol1", "--size", "64M"]).succeeded)
+        #expect(try server.cli(["volume", "create", "vol1", "--size", "24M"]).succeeded)
         try server.start()
         defer { _ = try? server.stop() }
-        // fio keeps writing the first half; the model writer owns [32 MiB, 48 MiB).
+        // fio keeps writing [0, 12 MiB); the model writer owns [12 MiB, 20 MiB).
         let fio = Process()
         fio.executableURL = URL(fileURLWithPath: try ProcessRunner.which("fio"))
         fio.arguments = [
             "--name=load", "--ioengine=nbd", "--uri=\(server.uri("vol1"))", "--rw=randwrite", "--bssplit=4k/50:64k/50",
-            "--size=32M", "--iodepth=8", "--time_based", "--runtime=600", "--rate=8m",
+            "--size=12M", "--iodepth=8", "--time_based", "--runtime=300", "--rate=4m", "--thread",
         ]
         fio.standardOutput = FileHandle.nullDevice
         fio.standardError = FileHandle.nullDevice
         try fio.run()
-        defer { if fio.isRunning { fio.terminate() } }
-        let writer = ModelWriter(regionStart: 32 << 20, regionBytes: 16 << 20)
+        // fio does not stop on SIGTERM inside the nbd engine: the load generator (one process: --thread) is killed.
+        defer { if fio.isRunning { kill(fio.processIdentifier, SIGKILL) } }
+        let writer = ModelWriter(regionStart: 12 << 20, regionBytes: 8 << 20)
         writer.start(socketPath: server.socketPath, export: "vol1")
-        var model = [UInt8](repeating: 0, count: 16 << 20)
+        var model = [UInt8](repeating: 0, count: 8 << 20)
         var modelCount = 0
         var hashes: [(String, String)] = []
         var generator = SystemRandomNumberGenerator()
         for index in 0..<20 {
-            Thread.sleep(forTimeInterval: Double.random(in: 1...4, using: &generator) / 2)
+            Thread.sleep(forTimeInterval: Double.random(in: 1...4, using: &generator))
             let before = writer.completed
             let created = try server.cli(["snapshot", "create", "vol1", "s\(index)"])
             let after = writer.completed
@@ -132,22 +136,25 @@ final class ModelWriter: @unchecked Sendable {
             hashes.append(("s\(index)", try sha256(file)))
             // The model region equals the model after k writes, for some k the snapshot call spanned.
             let data = try Data(contentsOf: URL(fileURLWithPath: file))
-            let region = [UInt8](data[(32 << 20)..<(48 << 20)])
+            let region = [UInt8](data[(12 << 20)..<(20 << 20)])
             writer.advance(&model, from: modelCount, to: before)
             modelCount = before
             var candidate = model
-            var matched = candidate == region
+            func same(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+                a.count == b.count && a.withUnsafeBytes { x in b.withUnsafeBytes { y in memcmp(x.baseAddress!, y.baseAddress!, a.count) == 0 } }
+            }
+            var matched = same(candidate, region)
             var k = before
             while !matched && k < after {
                 writer.advance(&candidate, from: k, to: k + 1)
                 k += 1
-                matched = candidate == region
+                matched = same(candidate, region)
             }
             #expect(matched, "snapshot s\(index) does not match the model after \(before)...\(after) writes")
             try FileManager.default.removeItem(atPath: file)
         }
         #expect(writer.stop() == nil)
-        fio.terminate()
+        kill(fio.processIdentifier, SIGKILL)
         fio.waitUntilExit()
         // Hash every snapshot again at the end: unchanged.
         for (name, hash) in hashes {
