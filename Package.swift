@@ -190,6 +190,14 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "VDCommandsTests",
+            dependencies: [
+                "VDCommands", "VolumeCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "IntegrationTests",
             dependencies: ["vd", "VolumeTesting", "VolumeCore", "ObjectStore", .product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: swiftSettings

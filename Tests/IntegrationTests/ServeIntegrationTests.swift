@@ -114,10 +114,12 @@ import VolumeTesting
             dataDirectory: f.server.dataDirectory, socketPath: f.directory.path + "/other.sock")
         #expect(throws: TestToolError.self) { try second.start(timeoutSeconds: 20) }
         #expect(second.output.contains("in use by vd serve (pid \(f.server.pid)"), "\(second.output)")
-        // Offline volume commands are refused too, with the holder named.
+        // Volume commands go through the running router, and a new volume is exported at once.
         let create = try f.server.cli(["volume", "create", "vol2", "--size", "1G"])
-        #expect(!create.succeeded)
-        #expect(create.error.contains("vd serve (pid \(f.server.pid)"), "\(create.error)")
+        #expect(create.succeeded, "\(create.error)")
+        #expect(!create.error.contains("working on it directly"))
+        let info = try ProcessRunner.run("nbdinfo", ["--size", f.server.uri("vol2")])
+        #expect(info.output.trimmingCharacters(in: .whitespacesAndNewlines) == "\(1 << 30)", "\(info.output)\(info.error)")
     }
 
     @Test func cliErrorsAreClear() throws {
