@@ -105,6 +105,7 @@ struct ConfigFile: Decodable {
         var size: SizeValue?
         var direct_io: Bool?
         var detect_zeroes: Bool?
+        var zero_ahead: Bool?
     }
     struct MapSection: Decodable { var cache_entries: Int? }
     struct Shutdown: Decodable { var drain_timeout_seconds: NumberValue? }
@@ -224,6 +225,7 @@ extension VDConfiguration {
             if let v = cache.size { cacheCapacityBytes = v.bytes }
             if let v = cache.direct_io { directIO = v }
             if let v = cache.detect_zeroes { volumeOptions.detectZeroes = v }
+            if let v = cache.zero_ahead { volumeOptions.zeroAhead = v }
         }
         if let entries = file.map?.cache_entries { volumeOptions.mapCacheEntries = entries }
         if let timeout = file.shutdown?.drain_timeout_seconds { drainTimeoutSeconds = timeout.value }

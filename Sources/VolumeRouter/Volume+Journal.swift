@@ -73,6 +73,15 @@ struct WriterState {
     var openJournalFirstWrite: ContinuousClock.Instant?
     /// Bytes in the open journal.
     var openJournalBytes: UInt64 = UInt64(SCOFormat.blockBytes)
+    /// When the open journal was started.
+    var journalOpenedAt = ContinuousClock.now
+    /// Zeroing ahead (Volume+ZeroAhead.swift): how far the leader has reserved the open journal, up to where it is
+    /// initialized, the chunk being zeroed, and whether the zeroer runs or must pause (a roll is under way).
+    var reservedEnd = UInt64(SCOFormat.blockBytes)
+    var zeroFrontier = UInt64(SCOFormat.blockBytes)
+    var zeroing: Range<UInt64>?
+    var zeroerRunning = false
+    var zeroingPaused = false
     /// Writes are refused: the volume is closing or a fatal error (a failed fdatasync) happened.
     var failure: VDError?
 }
@@ -187,6 +196,7 @@ extension Volume {
         let headers = pending.encodeHeaders()
         let file = journal.file
         let start = pending.startOffset
+        reserveJournal(start, pending.endOffset)
         do {
             try withPointers(pending.buffers) { (pointers) throws(VDError) in
                 var iovecs: [UnsafeRawBufferPointer] = []
@@ -228,6 +238,7 @@ extension Volume {
             if state.openJournalFirstWrite == nil { state.openJournalFirstWrite = now }
         }
         pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+        considerZeroAhead()
     }
 
     /// Writes entries without payloads (unmaps, a rollback) as one batch and applies them (leader only).
@@ -254,11 +265,15 @@ extension Volume {
         let marker = BatchHeader(
             volumeID: config.id, sco: old, offset: journal.writeOffset, previousCRC: journal.chainCRC,
             flags: BatchHeader.flagSealed, entries: [])
+        // Nothing may touch the old file once it is sealed: the zeroer finishes with it first.
+        waitForZeroer()
+        reserveJournal(journal.writeOffset, journal.writeOffset + UInt64(SCOFormat.blockBytes))
         do {
             try marker.encode().withUnsafeReadableBytes { (raw) throws(VDError) in
                 try oldFile.write(raw, at: journal.writeOffset)
             }
         } catch {
+            writer.withLock { $0.zeroingPaused = false }
             file.close()
             try? Syscall.unlinkIfPresent(file.path)
             throw error
@@ -276,6 +291,10 @@ extension Volume {
             state.openJournalFirstWrite = nil
             state.openJournalBytes = UInt64(SCOFormat.blockBytes)
             state.writtenGeneration += 1
+            state.journalOpenedAt = .now
+            state.reservedEnd = UInt64(SCOFormat.blockBytes)
+            state.zeroFrontier = UInt64(SCOFormat.blockBytes)
+            state.zeroingPaused = false
         }
         var update = MapUpdate()
         update.metadata.append(

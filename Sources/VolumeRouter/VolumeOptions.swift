@@ -18,6 +18,8 @@ package struct VolumeOptions: Sendable {
     package var uploadRetryDelaySecondsMax: Double = 30
     /// Whole clusters of zeroes are stored as unmapped (thin) instead of as data.
     package var detectZeroes: Bool = true
+    /// While the journal fills slowly, write zeroes ahead of it so flushes need no file-system metadata commit.
+    package var zeroAhead: Bool = true
     /// SCOs are compressed (snappy, per 4 KiB chunk) on their way to the backend.
     package var compressUploads: Bool = false
     /// Reads from the backend fetch at least this much around the requested clusters (kept in the flash cache).

@@ -1,0 +1,123 @@
+// Initializing the open journal ahead of its write position, so flushes stay cheap.
+//
+// The journal file is preallocated, but preallocated blocks are "unwritten" extents: the first fdatasync after data
+// lands in them must also commit the extent change to the file system's journal, which on ext4 roughly doubles the
+// cost of a flush. Blocks written once before (with zeroes) have no such cost. So while a volume writes slowly (the
+// flush-heavy case: databases, small synchronous writes), a background task writes zeroes a little ahead of the
+// journal's write position and syncs them. When the volume writes fast, zeroing would only steal bandwidth and would
+// be overtaken anyway, so it stops.
+//
+// Coordination: the leader publishes how far it has reserved the file before each write; the zeroer only zeroes
+// beyond that, one chunk at a time, and publishes the chunk it is writing; a leader that would write into that chunk
+// waits for it (at most one 1 MiB write). A roll waits for the zeroer to finish with the old file, so nothing ever
+// touches a sealed SCO.
+
+#if canImport(Glibc)
+    @preconcurrency import Glibc
+#endif
+import FlashIO
+import Logging
+import Synchronization
+import VolumeCore
+
+extension Volume {
+    static let zeroChunkBytes: UInt64 = 1 << 20
+    /// How far ahead of the write position zeroes are kept.
+    static let zeroRunwayBytes: UInt64 = 8 << 20
+    /// Above this journal write rate, zeroing ahead stops.
+    static let zeroAheadRateMaxBytesPerSecond: Double = 32 * 1024 * 1024
+
+    /// Leader only: reserves `[start, end)` of the open journal, waiting out a zeroing chunk that overlaps it.
+    func reserveJournal(_ start: UInt64, _ end: UInt64) {
+        while true {
+            let busy = writer.withLock { state -> Bool in
+                state.reservedEnd = max(state.reservedEnd, end)
+                guard let zeroing = state.zeroing else { return false }
+                return zeroing.lowerBound < end && start < zeroing.upperBound
+            }
+            if !busy { return }
+            usleep(50)
+        }
+    }
+
+    /// Leader only, before a roll: waits until no zeroing chunk is being written.
+    func waitForZeroer() {
+        while writer.withLock({ state -> Bool in
+            state.zeroingPaused = true
+            return state.zeroing != nil
+        }) {
+            usleep(50)
+        }
+    }
+
+    /// After a commit: starts the zeroer if the journal writes slowly and the zeroed runway is short.
+    func considerZeroAhead() {
+        guard options.zeroAhead else { return }
+        let scoSize = options.scoSizeBytes
+        let start = writer.withLock { state -> Bool in
+            guard !state.zeroerRunning, state.failure == nil, !state.zeroingPaused, state.zeroFrontier < scoSize,
+                state.zeroFrontier < state.reservedEnd + Self.zeroRunwayBytes, state.journalIsSlow(now: .now)
+            else { return false }
+            state.zeroerRunning = true
+            return true
+        }
+        if start { startBackground { await $0.zeroAhead() } }
+    }
+
+    private func zeroAhead() async {
+        let scoSize = options.scoSizeBytes
+        while true {
+            let job = writer.withLock { state -> (FlashFile, Range<UInt64>)? in
+                let alignedReserve = (state.reservedEnd + Self.zeroChunkBytes - 1) / Self.zeroChunkBytes * Self.zeroChunkBytes
+                let start = max(state.zeroFrontier, alignedReserve)
+                guard state.failure == nil, !state.zeroingPaused, start < scoSize,
+                    start < state.reservedEnd + Self.zeroRunwayBytes, state.journalIsSlow(now: .now)
+                else {
+                    state.zeroerRunning = false
+                    return nil
+                }
+                let range = start..<min(start + Self.zeroChunkBytes, scoSize)
+                state.zeroing = range
+                return (state.currentFile, range)
+            }
+            guard let (file, range) = job else { return }
+            let ok: Bool
+            do {
+                try await blocking { () throws(VDError) in
+                    try VDError.catching {
+                        try Self.zeroBuffer.withUnsafeBytes { raw in
+                            var offset = range.lowerBound
+                            while offset < range.upperBound {
+                                let count = Int(min(UInt64(raw.count), range.upperBound - offset))
+                                try file.write(UnsafeRawBufferPointer(rebasing: raw[0..<count]), at: offset)
+                                offset += UInt64(count)
+                            }
+                        }
+                    }
+                    try file.dataSync()
+                }
+                ok = true
+            } catch {
+                logger.debug("zeroing the journal ahead stopped: \(error)")
+                ok = false
+            }
+            writer.withLock { state in
+                if ok, state.currentFile === file { state.zeroFrontier = max(state.zeroFrontier, range.upperBound) }
+                state.zeroing = nil
+                if !ok { state.zeroerRunning = false }
+            }
+            if !ok { return }
+        }
+    }
+
+    private static let zeroBuffer = [UInt8](repeating: 0, count: Int(zeroChunkBytes))
+}
+
+extension WriterState {
+    /// The open journal fills slowly enough that zeroing ahead pays (and keeps up).
+    func journalIsSlow(now: ContinuousClock.Instant) -> Bool {
+        let elapsed = journalOpenedAt.duration(to: now)
+        let seconds = max(0.05, Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+        return Double(openJournalBytes) / seconds < Volume.zeroAheadRateMaxBytesPerSecond
+    }
+}
