@@ -292,3 +292,38 @@ import VolumeCore
         }
     }
 }
+
+@Suite struct ZeroAheadTests {
+    /// Slow writes (the zeroer runs ahead of them) across several rolls: the zeroer never zeroes written data, and
+    /// nothing it writes ever reaches a sealed SCO.
+    @Test func zeroingAheadNeverTouchesWrittenData() async throws {
+        let h = try await VolumeHarness(sizeBytes: 8 << 20, scoSizeBytes: 1 << 20)
+        defer { Task { await h.shutdown() } }
+        var expected: [Int: UInt64] = [:]
+        for i in 0..<300 {
+            let cluster = (i * 37) % 2048
+            try await h.volume.write(offset: UInt64(cluster * 4096), data: pattern(4096, seed: UInt64(i)), fua: i % 3 == 0)
+            expected[cluster] = UInt64(i)
+            if i % 10 == 0 { try await Task.sleep(for: .milliseconds(15)) }
+        }
+        for (cluster, seed) in expected {
+            #expect(try await h.volume.read(offset: UInt64(cluster * 4096), length: 4096) == pattern(4096, seed: seed))
+        }
+        try await h.restart(drain: true)
+        for (cluster, seed) in expected {
+            #expect(try await h.volume.read(offset: UInt64(cluster * 4096), length: 4096) == pattern(4096, seed: seed))
+        }
+        // Sealed SCOs on the backend are exactly their recorded length (nothing appended after sealing).
+        let store = h.backend as! MemoryStore
+        for name in store.allNames where name.contains("/sco/") {
+            let object = try await store.get(name)
+            let tlog = try TLog.decode(try await store.get(name.replacingOccurrences(of: "/sco/", with: "/tlog/")), what: name)
+            guard case .scoSealed(_, let length, let crc)? = tlog.records.last else {
+                Issue.record("TLog without a sealed record")
+                continue
+            }
+            #expect(UInt64(object.readableBytes) == length)
+            #expect(CRC32C.checksum(object) == crc)
+        }
+    }
+}
