@@ -24,6 +24,7 @@
 
 package import Logging
 package import NIOCore
+package import NIOSSL
 import VolumeCore
 
 #if canImport(Glibc)
@@ -66,6 +67,8 @@ package struct NBDConnectionSettings: Sendable {
     package var idleTimeout: TimeAmount?
     package var shutdownGracePeriod: TimeAmount
     package var deviceExecution: NBDDeviceExecution
+    /// TLS for NBD_OPT_STARTTLS (nil: not offered).
+    package var tls: NIOSSLContext?
     package var optionDataBytesMax: UInt32 = NBDHandshakeDecoder.optionDataBytesMaxDefault
     package var optionDiscardBytesMax: UInt32 = NBDHandshakeDecoder.optionDiscardBytesMaxDefault
 
@@ -280,12 +283,25 @@ package final class NBDConnectionHandler: ChannelDuplexHandler {
         case .sendAndEnterTransmission(let bytes, let session):
             write(bytes)
             enterTransmission(session)
-        case .sendAndStartTLS:
-            // Unreachable while `tlsAvailable` is false; a TLS handler would be inserted here before any further
-            // bytes are read.
-            logger.error("NBD_OPT_STARTTLS was accepted but this server has no TLS; disconnecting")
-            stateMachine.connectionClosed()
-            hardClose()
+        case .sendAndStartTLS(let bytes):
+            // The ACK goes out in plain text; everything after it is TLS. The client sends nothing until it has
+            // the ACK, so no plain-text byte can be pending behind it.
+            guard let context, let tls = settings.tls else {
+                logger.error("NBD_OPT_STARTTLS was accepted but this listener has no TLS; disconnecting")
+                stateMachine.connectionClosed()
+                hardClose()
+                return
+            }
+            write(bytes)
+            flushOutbound()
+            do {
+                try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls), position: .first)
+                logger.debug("NBD connection upgraded to TLS")
+            } catch {
+                logger.error("cannot start TLS: \(error)")
+                stateMachine.connectionClosed()
+                hardClose()
+            }
         case .close(let reason):
             logger.notice("NBD handshake ended by the server: \(reason)")
             closeAfterFlushing()

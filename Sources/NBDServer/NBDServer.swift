@@ -10,6 +10,7 @@
 public import Logging
 public import NIOCore
 import NIOPosix
+import NIOSSL
 import Synchronization
 public import VolumeCore
 
@@ -39,6 +40,8 @@ public struct NBDServerConfiguration: Sendable, Hashable {
     public var shutdownGracePeriodSeconds: Double
     /// Where device commands run (see `NBDDeviceExecution`).
     public var deviceExecution: NBDDeviceExecution
+    /// TLS (NBD_OPT_STARTTLS) with X.509 certificates; nil for none. A TCP listener beyond loopback needs it.
+    public var tls: NBDTLSConfiguration?
 
     /// A configuration; every parameter is described on the property of the same name. Check it with `validate()`
     /// (`NBDServer.start()` does).
@@ -47,8 +50,9 @@ public struct NBDServerConfiguration: Sendable, Hashable {
         maxInFlightRequestsPerConnection: Int = 64, maxInFlightBytesPerConnection: Int = 64 << 20,
         maximumPayloadBytes: UInt32 = Limits.requestBytesMax, handshakeTimeoutSeconds: Double = 30,
         idleTimeoutSeconds: Double = 0, shutdownGracePeriodSeconds: Double = 10,
-        deviceExecution: NBDDeviceExecution = .default
+        deviceExecution: NBDDeviceExecution = .default, tls: NBDTLSConfiguration? = nil
     ) {
+        self.tls = tls
         self.unixSocketPath = unixSocketPath
         self.tcpHost = tcpHost
         self.tcpPort = tcpPort
@@ -60,6 +64,11 @@ public struct NBDServerConfiguration: Sendable, Hashable {
         self.idleTimeoutSeconds = idleTimeoutSeconds
         self.shutdownGracePeriodSeconds = shutdownGracePeriodSeconds
         self.deviceExecution = deviceExecution
+    }
+
+    /// Whether `host` names the loopback interface.
+    public static func isLoopback(_ host: String) -> Bool {
+        host == "localhost" || host == "::1" || host.hasPrefix("127.")
     }
 
     /// Smallest `maximumPayloadBytes` accepted: the spec wants at least 1 MiB where the export is that large.
@@ -81,6 +90,13 @@ public struct NBDServerConfiguration: Sendable, Hashable {
             guard (0...65535).contains(port) else { throw bad("TCP port \(port) is not in 0...65535") }
             guard !tcpHost.isEmpty else { throw bad("the TCP host is empty") }
         }
+        if tcpPort != nil, !Self.isLoopback(tcpHost) {
+            guard let tls, tls.requiredOnTCP else {
+                throw bad(
+                    "a TCP listener on \(tcpHost) (beyond loopback) would expose volumes without authentication: configure TLS ([nbd.tls] certificate and key) and keep it required on TCP"
+                )
+            }
+        }
         guard maxConnections >= 1 else { throw bad("maxConnections must be at least 1") }
         guard maxInFlightRequestsPerConnection >= 1 else {
             throw bad("maxInFlightRequestsPerConnection must be at least 1")
@@ -97,6 +113,55 @@ public struct NBDServerConfiguration: Sendable, Hashable {
             guard value.isFinite, value >= 0, value <= 86400 * 365 else {
                 throw bad("\(name) must be within 0...1 year")
             }
+        }
+    }
+}
+
+/// TLS settings of the NBD server: PEM files for the server's certificate chain and key, and optionally a CA whose
+/// certificates clients must present (mutual TLS). Clients: `qemu-img ... --object tls-creds-x509,...` or
+/// `nbdinfo 'nbds+unix://...?tls-certificates=DIR'`.
+public struct NBDTLSConfiguration: Sendable, Hashable {
+    public var certificateChainPath: String
+    public var privateKeyPath: String
+    /// When set, clients must present a certificate signed by this CA.
+    public var clientCAPath: String?
+    /// TLS is required on the Unix socket (else optional there: clients choose).
+    public var requiredOnUnixSocket: Bool
+    /// TLS is required on TCP listeners (the default; a listener beyond loopback refuses to start without it).
+    public var requiredOnTCP: Bool
+
+    public init(
+        certificateChainPath: String, privateKeyPath: String, clientCAPath: String? = nil,
+        requiredOnUnixSocket: Bool = false, requiredOnTCP: Bool = true
+    ) {
+        self.certificateChainPath = certificateChainPath
+        self.privateKeyPath = privateKeyPath
+        self.clientCAPath = clientCAPath
+        self.requiredOnUnixSocket = requiredOnUnixSocket
+        self.requiredOnTCP = requiredOnTCP
+    }
+
+    /// Loads the files into a server TLS context; `.configuration` naming the file that does not load.
+    func makeContext() throws(VDError) -> NIOSSLContext {
+        do {
+            let chain = try NIOSSLCertificate.fromPEMFile(certificateChainPath).map { NIOSSLCertificateSource.certificate($0) }
+            guard !chain.isEmpty else { throw VDError(.configuration, "\(certificateChainPath) holds no certificate") }
+            let key = try NIOSSLPrivateKey(file: privateKeyPath, format: .pem)
+            var tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key))
+            tls.minimumTLSVersion = .tlsv12
+            if let clientCAPath {
+                tls.certificateVerification = .noHostnameVerification
+                tls.trustRoots = .file(clientCAPath)
+            } else {
+                tls.certificateVerification = .none
+            }
+            return try NIOSSLContext(configuration: tls)
+        } catch let error as VDError {
+            throw error
+        } catch {
+            throw VDError(
+                .configuration,
+                "NBD TLS: cannot load the certificate \(certificateChainPath), key \(privateKeyPath)\(clientCAPath.map { " or client CA \($0)" } ?? ""): \(error)")
         }
     }
 }
@@ -182,18 +247,21 @@ public final class NBDServer: Sendable {
         var listeners: [any Channel] = []
         var addresses: [NBDListenAddress] = []
         do {
+            let tlsContext = try configuration.tls?.makeContext()
             if let path = configuration.unixSocketPath {
                 try UnixSocketFile.removeIfStale(path)
+                let required = configuration.tls?.requiredOnUnixSocket ?? false
                 let channel = try await bind("Unix socket '\(path)'") {
-                    try await self.bootstrap().bind(unixDomainSocketPath: path).get()
+                    try await self.bootstrap(tls: tlsContext, tlsRequired: required).bind(unixDomainSocketPath: path).get()
                 }
                 listeners.append(channel)
                 addresses.append(.unix(path: path))
             }
             if let port = configuration.tcpPort {
                 let host = configuration.tcpHost
+                let required = configuration.tls?.requiredOnTCP ?? false
                 let channel = try await bind("TCP \(host):\(port)") {
-                    try await self.bootstrap().bind(host: host, port: port).get()
+                    try await self.bootstrap(tls: tlsContext, tlsRequired: required).bind(host: host, port: port).get()
                 }
                 listeners.append(channel)
                 addresses.append(.tcp(host: host, port: channel.localAddress?.port ?? port))
@@ -224,16 +292,19 @@ public final class NBDServer: Sendable {
         }
     }
 
-    private func bootstrap() -> ServerBootstrap {
-        let settings = NBDConnectionSettings(
+    private func bootstrap(tls: NIOSSLContext?, tlsRequired: Bool) -> ServerBootstrap {
+        var settings = NBDConnectionSettings(
             stateMachine: NBDServerConnectionStateMachine.Configuration(
                 maximumPayloadBytes: configuration.maximumPayloadBytes,
                 maxInFlightRequests: configuration.maxInFlightRequestsPerConnection,
-                maxInFlightBytes: configuration.maxInFlightBytesPerConnection),
+                maxInFlightBytes: configuration.maxInFlightBytesPerConnection, tlsAvailable: tls != nil,
+                tlsRequired: tlsRequired),
             handshakeTimeout: Self.timeAmount(seconds: configuration.handshakeTimeoutSeconds),
             idleTimeout: Self.timeAmount(seconds: configuration.idleTimeoutSeconds),
             shutdownGracePeriod: Self.timeAmount(seconds: configuration.shutdownGracePeriodSeconds) ?? .zero,
             deviceExecution: configuration.deviceExecution)
+        settings.tls = tls
+        let connectionSettings = settings
         let registry = self.registry
         let exports = self.exports
         let logger = self.logger
@@ -254,7 +325,7 @@ public final class NBDServer: Sendable {
                     return channel.close()
                 }
                 let handler = NBDConnectionHandler(
-                    id: id, eventLoop: channel.eventLoop, settings: settings, exports: exports, observer: registry,
+                    id: id, eventLoop: channel.eventLoop, settings: connectionSettings, exports: exports, observer: registry,
                     logger: logger, allocator: channel.allocator)
                 guard
                     registry.attach(

@@ -93,19 +93,23 @@ package struct NBDServerConnectionStateMachine {
         package var maxInFlightBytes: Int
         /// Options per connection before we call it a denial of service and disconnect.
         package var optionsPerConnectionMax: Int
-        /// Whether NBD_OPT_STARTTLS can be accepted (a TLS handler can be installed). The server has no TLS yet,
-        /// so it is false there; the state machine already handles the upgrade and its reset of negotiated state.
+        /// Whether NBD_OPT_STARTTLS can be accepted (the server has a TLS context for this listener).
         package var tlsAvailable: Bool
+        /// Whether TLS must be negotiated before anything else: until it is, every option but STARTTLS and ABORT
+        /// is answered NBD_REP_ERR_TLS_REQD (NBD_OPT_EXPORT_NAME, which cannot be answered, disconnects).
+        package var tlsRequired: Bool
 
         package init(
             maximumPayloadBytes: UInt32 = Limits.requestBytesMax, maxInFlightRequests: Int = 64,
-            maxInFlightBytes: Int = 64 << 20, optionsPerConnectionMax: Int = 1024, tlsAvailable: Bool = false
+            maxInFlightBytes: Int = 64 << 20, optionsPerConnectionMax: Int = 1024, tlsAvailable: Bool = false,
+            tlsRequired: Bool = false
         ) {
             self.maximumPayloadBytes = maximumPayloadBytes
             self.maxInFlightRequests = maxInFlightRequests
             self.maxInFlightBytes = maxInFlightBytes
             self.optionsPerConnectionMax = optionsPerConnectionMax
             self.tlsAvailable = tlsAvailable
+            self.tlsRequired = tlsRequired && tlsAvailable
         }
     }
 
@@ -327,6 +331,12 @@ package struct NBDServerConnectionStateMachine {
         func error(_ type: UInt32, _ message: String) -> HandshakeAction {
             NBDReplyEncoder.appendOptionError(to: &reply, option: code, type: type, message: message)
             return .send(reply)
+        }
+
+        // Without TLS where it is required, only STARTTLS and ABORT are served.
+        if configuration.tlsRequired && !negotiation.tlsActive && code != NBDOption.startTLS && code != NBDOption.abort {
+            if code == NBDOption.exportName { return closeHandshake("NBD_OPT_EXPORT_NAME before the required TLS") }
+            return error(NBDOptionReply.errorTLSRequired, "this server requires TLS (NBD_OPT_STARTTLS) first")
         }
 
         switch code {

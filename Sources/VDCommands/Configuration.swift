@@ -4,7 +4,7 @@
 
 import FlashIO
 import Foundation
-import NBDServer
+package import NBDServer
 import TOMLKit
 package import VolumeCore
 package import VolumeRouter
@@ -19,6 +19,10 @@ package struct VDConfiguration: Sendable {
     package var nbdTCPPort: Int?
     package var nbdMaxConnections = 256
     package var nbdMaxInFlightPerConnection = 64
+    /// NBD TLS (X.509): certificate chain, key, optional client CA, whether required on the Unix socket.
+    package var nbdTLS: NBDTLSConfiguration?
+    /// Exports served read-only (volume names).
+    package var readOnlyExports: Set<String> = []
     package var clusterSizeBytes: UInt32 = Limits.clusterSizeBytesDefault
     package var volumeOptions = VolumeOptions()
     package var cacheCapacityBytes: UInt64 = 16 << 30
@@ -87,10 +91,18 @@ package struct VDConfiguration: Sendable {
 /// The TOML file's shape (snake_case keys, every key optional).
 struct ConfigFile: Decodable {
     struct NBD: Decodable {
+        struct TLS: Decodable {
+            var certificate: String
+            var key: String
+            var client_ca: String?
+            var required_on_unix_socket: Bool?
+        }
         var socket: String?
         var tcp: String?
         var max_connections: Int?
         var max_in_flight: Int?
+        var read_only: [String]?
+        var tls: TLS?
     }
     struct VolumeSection: Decodable { var cluster_size: SizeValue? }
     struct SCOSection: Decodable { var size: SizeValue? }
@@ -208,6 +220,12 @@ extension VDConfiguration {
             }
             if let n = nbd.max_connections { nbdMaxConnections = n }
             if let n = nbd.max_in_flight { nbdMaxInFlightPerConnection = n }
+            if let names = nbd.read_only { readOnlyExports = Set(names) }
+            if let tls = nbd.tls {
+                nbdTLS = NBDTLSConfiguration(
+                    certificateChainPath: tls.certificate, privateKeyPath: tls.key, clientCAPath: tls.client_ca,
+                    requiredOnUnixSocket: tls.required_on_unix_socket ?? false, requiredOnTCP: true)
+            }
         }
         if let size = file.volume?.cluster_size {
             guard size.bytes <= UInt64(UInt32.max) else { throw VDError(.configuration, "\(path): cluster_size is too large") }

@@ -7,6 +7,8 @@ import VolumeRouter
 
 struct RouterExports: NBDExportProvider {
     let router: Router
+    /// Volumes exported read-only (`nbd.read_only` in the configuration).
+    var readOnly: Set<String> = []
 
     func export(named name: String) -> NBDExport? {
         let parts = name.split(separator: "@", omittingEmptySubsequences: false)
@@ -19,7 +21,8 @@ struct RouterExports: NBDExportProvider {
                 name: name, description: "snapshot \(snapshot.name) of \(volume.name) (read-only)",
                 device: SnapshotView(volume: volume, snapshot: snapshot), readOnly: true)
         }
-        return NBDExport(name: name, description: description(volume), device: volume)
+        return NBDExport(
+            name: name, description: description(volume), device: volume, readOnly: readOnly.contains(name))
     }
 
     func exportList() -> [NBDExportListing] {

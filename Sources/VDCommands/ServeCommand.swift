@@ -70,10 +70,13 @@ struct ServeCommand: AsyncParsableCommand {
             tcpPort: configuration.nbdTCPPort, maxConnections: configuration.nbdMaxConnections,
             maxInFlightRequestsPerConnection: configuration.nbdMaxInFlightPerConnection)
         nbdConfiguration.maximumPayloadBytes = Limits.requestBytesMax
+        nbdConfiguration.tls = configuration.nbdTLS
         let server = NBDServer(
-            configuration: nbdConfiguration, exports: RouterExports(router: router),
+            configuration: nbdConfiguration,
+            exports: RouterExports(router: router, readOnly: configuration.readOnlyExports),
             eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: logger)
         do {
+            try nbdConfiguration.validate()
             try await server.start()
         } catch {
             _ = await router.stop(drainTimeoutSeconds: nil)

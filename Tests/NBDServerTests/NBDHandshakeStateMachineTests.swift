@@ -368,3 +368,55 @@ func testExports(size: UInt64 = 1 << 20, readOnly: Bool = false) -> (NBDStaticEx
         #expect(flags & (NBDTransmissionFlags.sendTrim | NBDTransmissionFlags.sendWriteZeroes) == 0)
     }
 }
+
+/// TLS required: every option but STARTTLS and ABORT is answered NBD_REP_ERR_TLS_REQD until TLS is active, and
+/// NBD_OPT_EXPORT_NAME (which cannot be refused with an error) disconnects.
+@Suite struct NBDTLSRequiredTests {
+    func machine() -> NBDServerConnectionStateMachine {
+        NBDServerConnectionStateMachine(
+            configuration: .init(tlsAvailable: true, tlsRequired: true),
+            exports: NBDStaticExportProvider([NBDExport(name: "v", device: MemoryBlockDevice(sizeBytes: 1 << 20))]),
+            allocator: ByteBufferAllocator())
+    }
+
+    func replyType(_ action: NBDServerConnectionStateMachine.HandshakeAction) -> UInt32? {
+        guard case .send(let bytes) = action else { return nil }
+        return bytes.getInteger(at: bytes.readerIndex + 12, as: UInt32.self)
+    }
+
+    @Test func optionsBeforeTLSAreRefusedWithTLSRequired() {
+        var m = machine()
+        _ = m.connectionActive()
+        _ = m.receivedHandshakeMessage(.clientFlags(fixedNewstyleNoZeroes))
+        for code in [NBDOption.go, NBDOption.info, NBDOption.list, NBDOption.structuredReply] {
+            let action = m.receivedHandshakeMessage(.option(NBDClientOption(code: code, data: ByteBuffer())))
+            #expect(replyType(action) == NBDOptionReply.errorTLSRequired, "option \(code)")
+        }
+        let export = m.receivedHandshakeMessage(.option(NBDClientOption(code: NBDOption.exportName, data: ByteBuffer(string: "v"))))
+        guard case .close = export else {
+            Issue.record("EXPORT_NAME before TLS did not disconnect: \(export)")
+            return
+        }
+    }
+
+    @Test func startTLSIsAcknowledgedAndUpgrades() {
+        var m = machine()
+        _ = m.connectionActive()
+        _ = m.receivedHandshakeMessage(.clientFlags(fixedNewstyleNoZeroes))
+        let action = m.receivedHandshakeMessage(.option(NBDClientOption(code: NBDOption.startTLS, data: ByteBuffer())))
+        guard case .sendAndStartTLS = action else {
+            Issue.record("STARTTLS was not acknowledged: \(action)")
+            return
+        }
+        // After the upgrade, GO is served.
+        var go = ByteBuffer()
+        go.writeInteger(UInt32(1))
+        go.writeString("v")
+        go.writeInteger(UInt16(0))
+        let served = m.receivedHandshakeMessage(.option(NBDClientOption(code: NBDOption.go, data: go)))
+        guard case .sendAndEnterTransmission = served else {
+            Issue.record("GO after TLS was not served: \(served)")
+            return
+        }
+    }
+}
