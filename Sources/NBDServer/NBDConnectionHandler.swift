@@ -384,6 +384,8 @@ package final class NBDConnectionHandler: ChannelDuplexHandler {
                 try await device.writeZeroes(offset: offset, length: length, fua: fua, mayUnmap: mayUnmap)
             case .blockStatus(let offset, let length, _):
                 return .success(.extents(try await device.allocation(offset: offset, length: length)))
+            case .cache(let offset, let length):
+                try await device.prefetch(offset: offset, length: length)
             }
             return .success(.done)
         } catch {

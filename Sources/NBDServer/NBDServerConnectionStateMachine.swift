@@ -27,6 +27,8 @@ package enum NBDDeviceOperation: Hashable, Sendable {
     case trim(offset: UInt64, length: UInt32, fua: Bool)
     case writeZeroes(offset: UInt64, length: UInt32, fua: Bool, mayUnmap: Bool, fastZero: Bool)
     case blockStatus(offset: UInt64, length: UInt32, requestOne: Bool)
+    /// NBD_CMD_CACHE: bring the range into the device's cache (`BlockDevice.prefetch`).
+    case cache(offset: UInt64, length: UInt32)
 }
 
 /// A request accepted for execution: the cookie to answer with and the operation.
@@ -42,7 +44,7 @@ package struct NBDDeviceCommand: Hashable, Sendable {
     package var requestBytes: UInt32 {
         switch operation {
         case .read(_, let length), .trim(_, let length, _), .writeZeroes(_, let length, _, _, _),
-            .blockStatus(_, let length, _):
+            .blockStatus(_, let length, _), .cache(_, let length):
             return length
         case .write(_, let data, _): return UInt32(data.readableBytes)
         case .flush: return 0
@@ -54,7 +56,7 @@ package struct NBDDeviceCommand: Hashable, Sendable {
         switch operation {
         case .read(_, let length): return Int(length)
         case .write(_, let data, _): return data.readableBytes
-        case .flush, .trim, .writeZeroes, .blockStatus: return 0
+        case .flush, .trim, .writeZeroes, .blockStatus, .cache: return 0
         }
     }
 }
@@ -712,7 +714,7 @@ package struct NBDServerConnectionStateMachine {
             if let failure = checkFlags(0) ?? checkLengthNonZero() ?? checkRange(NBDErrno.invalid) ?? checkAlignment() {
                 return .failure(failure)
             }
-            return .success(nil)
+            return .success(.cache(offset: offset, length: length))
 
         case NBDCommand.writeZeroes:
             guard session.transmissionFlags & NBDTransmissionFlags.sendWriteZeroes != 0 || session.isReadOnly else {
@@ -814,7 +816,7 @@ package struct NBDServerConnectionStateMachine {
                 return .blockStatus(
                     cookie: cookie, contextID: NBDWire.allocationContextID,
                     descriptors: blockDescriptors(extents, requestLength: length, requestOne: requestOne))
-            case (.write, .done), (.flush, .done), (.trim, .done), (.writeZeroes, .done):
+            case (.write, .done), (.flush, .done), (.trim, .done), (.writeZeroes, .done), (.cache, .done):
                 return .simple(cookie: cookie, error: 0)
             default:
                 return failure(NBDErrno.io, "the device returned an unexpected result")
@@ -855,7 +857,7 @@ package struct NBDServerConnectionStateMachine {
         switch operation {
         case .write: (writes, fastZero) = (true, false)
         case .writeZeroes(_, _, _, _, let fast): (writes, fastZero) = (true, fast)
-        case .read, .flush, .trim, .blockStatus: (writes, fastZero) = (false, false)
+        case .read, .flush, .trim, .blockStatus, .cache: (writes, fastZero) = (false, false)
         }
         switch error.code {
         case .readOnly: return NBDErrno.perm

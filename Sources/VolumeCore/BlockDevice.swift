@@ -70,9 +70,14 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// Allocation state of `[offset, offset+length)`, from metadata only (no data reads). The extents cover the range
     /// from `offset` without gaps and may stop early (at least one extent is returned).
     func allocation(offset: UInt64, length: UInt32) async throws(VDError) -> [BlockExtent]
+    /// Brings the range into the device's fastest cache (NBD_CMD_CACHE); a hint. Default: nothing.
+    func prefetch(offset: UInt64, length: UInt32) async throws(VDError)
 }
 
 extension BlockDevice {
+    /// Devices without a cache ignore prefetch hints.
+    public func prefetch(offset: UInt64, length: UInt32) async throws(VDError) {}
+
     /// Checks a request's range against the device size: `.outOfRange` if it reaches past the end.
     @inlinable
     public func checkRange(offset: UInt64, length: UInt64) throws(VDError) {

@@ -332,6 +332,19 @@ package final class Volume: BlockDevice {
         if fua { try await flush() }
     }
 
+    /// NBD_CMD_CACHE: reads the range and drops the bytes, which brings clusters held only on the backend into the
+    /// flash cache (reads of local clusters cost little). Bounded by the request limit.
+    package func prefetch(offset: UInt64, length: UInt32) async throws(VDError) {
+        try checkRange(offset: offset, length: UInt64(length))
+        var position = offset
+        let end = offset + UInt64(length)
+        while position < end {
+            let step = UInt32(min(UInt64(4 << 20), end - position))
+            _ = try await read(offset: position, length: step)
+            position += UInt64(step)
+        }
+    }
+
     // MARK: allocation
 
     package func allocation(offset: UInt64, length: UInt32) async throws(VDError) -> [BlockExtent] {

@@ -237,10 +237,11 @@ final class TransmissionDriver {
         #expect(driver.receive(.oversizedWrite(header)) == .reply(.simple(cookie: 3, error: NBDErrno.invalid)))
     }
 
-    @Test func cacheSucceedsWithoutTouchingTheDevice() throws {
+    @Test func cacheAsksTheDeviceToPrefetch() throws {
         let driver = try TransmissionDriver()
-        #expect(driver.request(5, cookie: 4, offset: 0, length: 65536) == .reply(.simple(cookie: 4, error: 0)))
-        #expect(driver.machine.inFlightRequests == 0)
+        let command = NBDDeviceCommand(cookie: 4, operation: .cache(offset: 0, length: 65536))
+        #expect(driver.request(5, cookie: 4, offset: 0, length: 65536) == .perform(command))
+        #expect(driver.machine.inFlightRequests == 1)
     }
 
     @Test func blockStatusNeedsTheContextAndHonoursRequestOne() throws {

@@ -327,3 +327,19 @@ import VolumeCore
         }
     }
 }
+
+@Suite struct MultiConnectionFlushTests {
+    /// CAN_MULTI_CONN's promise at the engine level: a flush from any client makes durable every write any client
+    /// had completed, because it syncs up to the write generation current when it starts.
+    @Test func aFlushCoversWritesCompletedOnOtherConnections() async throws {
+        let h = try await VolumeHarness()
+        defer { Task { await h.shutdown() } }
+        let writer = Task { try await h.volume.write(offset: 0, data: pattern(8192, seed: 1), fua: false) }
+        try await writer.value
+        let written = h.volume.writer.withLock { $0.writtenGeneration }
+        let flusher = Task { try await h.volume.flush() }
+        try await flusher.value
+        #expect(h.volume.syncState.withLock { $0.syncedGeneration } >= written)
+        #expect(h.volume.writer.withLock { $0.unsyncedFiles.isEmpty })
+    }
+}
