@@ -4,7 +4,7 @@
 // Dependency direction (top imports bottom, never the reverse):
 //
 //   vd -> VDCommands -> VolumeRouter, NBDServer
-//   VolumeRouter -> SCOCache, BlockMap, TransactionLog, ObjectStore
+//   VolumeRouter -> Scrubber (namespace replay, scrub results), SCOCache, BlockMap, TransactionLog, ObjectStore
 //   SCOCache -> FlashIO, ObjectStore;  BlockMap -> RocksKV;  ObjectStore -> FlashIO, SnappyCodec? (no), CLibS3
 //   everything -> VolumeCore
 //
@@ -93,9 +93,18 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "Scrubber",
+            dependencies: [
+                "VolumeCore", "FlashIO", "ObjectStore", "TransactionLog", "BlockMap", "RocksKV", "SnappyCodec",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "VolumeRouter",
             dependencies: [
-                "VolumeCore", "FlashIO", "ObjectStore", "TransactionLog", "BlockMap", "SCOCache", "SnappyCodec",
+                "VolumeCore", "FlashIO", "ObjectStore", "TransactionLog", "BlockMap", "SCOCache", "SnappyCodec", "Scrubber",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -134,7 +143,7 @@ let package = Package(
         .target(
             name: "VDCommands",
             dependencies: [
-                "VolumeCore", "VolumeRouter", "NBDServer", "ObjectStore", "FlashIO", "ManagementAPI",
+                "VolumeCore", "VolumeRouter", "NBDServer", "ObjectStore", "FlashIO", "ManagementAPI", "Scrubber",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -184,7 +193,7 @@ let package = Package(
             name: "VolumeRouterTests",
             dependencies: [
                 "VolumeRouter", "VolumeCore", "VolumeTesting", "ObjectStore", "SCOCache", "FlashIO", "TransactionLog",
-                "BlockMap", "RocksKV", "SnappyCodec",
+                "BlockMap", "RocksKV", "SnappyCodec", "Scrubber",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

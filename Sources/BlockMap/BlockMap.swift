@@ -199,6 +199,13 @@ package final class BlockMap: Sendable {
         return result
     }
 
+    /// The history version of a cluster written at exactly `epoch`, if kept.
+    package func history(_ address: ClusterAddress, epoch: UInt64) throws(VDError) -> MapValue? {
+        guard let raw = try database.get(Self.historyKey(address, epoch: epoch)) else { return nil }
+        let path = database.path
+        return try VDError.catching { try raw.withUnsafeBytes { try MapValue.decode($0, key: "history", path: path) } }
+    }
+
     /// Addresses in `[start, end)` that have a current key (written at least once and not forgotten).
     package func writtenAddresses(from start: ClusterAddress, to end: ClusterAddress, limit: Int = .max) throws(VDError)
         -> [(ClusterAddress, MapValue)]

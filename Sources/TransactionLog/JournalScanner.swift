@@ -45,6 +45,8 @@ package struct JournalScan: Sendable {
                     records.append(.unmap(address: address, count: count))
                 case .rollback(let epoch):
                     records.append(.rollback(toEpoch: epoch))
+                case .scrubApplied(let id):
+                    records.append(.scrubApplied(resultID: id))
                 }
             }
         }

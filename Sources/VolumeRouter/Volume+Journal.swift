@@ -31,6 +31,8 @@ enum JournalRequest: Sendable {
     case roll
     /// Take a snapshot or roll back (see Volume+Snapshots.swift).
     case snapshot(SnapshotRequest)
+    /// Apply a scrub result (see Volume+Scrub.swift).
+    case applyScrub(ScrubApplyRequest)
 }
 
 enum LeaderSignal: Sendable {
@@ -156,6 +158,10 @@ extension Volume {
             case .snapshot(let request):
                 try commit(&pending)
                 try performSnapshotRequest(request)
+                pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+            case .applyScrub(let request):
+                try commit(&pending)
+                try performScrubApply(request)
                 pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
             case .write(let write):
                 var entryIndex = 0
@@ -416,25 +422,3 @@ private func nest(
     }
 }
 
-/// Where the map's knowledge of the journal ends: replay resumes at (sco, offset) expecting `chainCRC`
-/// (offset 0: the start of that SCO).
-struct MapCheckpoint: Equatable {
-    static let key = "checkpoint"
-    var sco: SCONumber
-    var offset: UInt64
-    var chainCRC: UInt32
-
-    func encode() -> [UInt8] {
-        var bytes = [UInt8](littleEndian64: sco.rawValue)
-        bytes += [UInt8](littleEndian64: offset)
-        bytes += [UInt8](littleEndian64: UInt64(chainCRC))
-        return bytes
-    }
-
-    static func decode(_ bytes: [UInt8]) -> MapCheckpoint? {
-        guard bytes.count == 24, let sco = Array(bytes[0..<8]).littleEndianUInt64,
-            let offset = Array(bytes[8..<16]).littleEndianUInt64, let crc = Array(bytes[16..<24]).littleEndianUInt64
-        else { return nil }
-        return MapCheckpoint(sco: SCONumber(sco), offset: offset, chainCRC: UInt32(truncatingIfNeeded: crc))
-    }
-}

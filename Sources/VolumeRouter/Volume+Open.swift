@@ -19,6 +19,7 @@ import NIOCore
 package import NIOPosix
 package import ObjectStore
 import RocksKV
+import Scrubber
 package import SCOCache
 import Synchronization
 import TransactionLog
@@ -55,6 +56,7 @@ extension Volume {
                 config: config, layout: layout, options: options, backend: backend, logger: logger, progress: progress)
             try await recovery.discover()
             try await recovery.loadSnapshots()
+            try await recovery.loadScrubResults()
             var map = BlockMap(database: database, cacheEntries: options.mapCacheEntries)
             if try !recovery.checkpointIsTrustworthy(map: map, hadMap: hadMap) {
                 if hadMap { logger.warning("the map of volume \(config.name) is ahead of its durable journal; rebuilding it") }
@@ -78,8 +80,10 @@ extension Volume {
             volume.uploads.withLock { state in
                 for (sco, length) in pending { state.sealed[sco] = length }
             }
+            volume.scrubState.withLock { $0.results = recovery.scrubResults }
             volume.startBackground { await $0.uploadLoop() }
             volume.startBackground { await $0.ageLoop() }
+            volume.startBackground { await $0.scrubLoop() }
             cache.evictIfNeeded()
             return volume
         } catch {
@@ -111,6 +115,7 @@ struct Recovery {
     var sealedNow: [SCONumber: UInt64] = [:]
     var snapshots = SnapshotTable()
     var snapshotsUploadedVersion: UInt64 = 0
+    var scrubResults: [UInt64: ScrubResult] = [:]
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, logger: Logger,
@@ -131,7 +136,8 @@ struct Recovery {
         let tlogNames = try await backend.list(prefix: layout.tlogPrefix).map(\.name)
         let scoNames = try await backend.list(prefix: layout.scoPrefix).map(\.name)
         backendTLogs = Set(VolumeLayout.numbers(in: tlogNames, prefix: layout.tlogPrefix))
-        let backendSCOs = VolumeLayout.numbers(in: scoNames, prefix: layout.scoPrefix)
+        // SCOs written by scrubs have numbers of their own (top bit set): they take no part in the epoch sequence.
+        let backendSCOs = VolumeLayout.numbers(in: scoNames, prefix: layout.scoPrefix).filter { !ScrubResult.isScrubSCO($0) }
         let all = localSCOs + Array(localTLogs) + Array(backendTLogs) + backendSCOs
         highestNumberSeen = all.max() ?? SCONumber(0)
         firstEpoch = (localSCOs + Array(localTLogs) + Array(backendTLogs)).min()
@@ -174,7 +180,7 @@ struct Recovery {
     mutating func loadSnapshots() async throws(VDError) {
         if let local = try Volume.loadLocalTable(layout: layout) {
             snapshots = local
-        } else if let remote = try await Volume.loadBackendTable(layout: layout, backend: backend) {
+        } else if let remote = try await NamespaceObjects.loadSnapshotTable(layout: layout, backend: backend) {
             snapshots = remote
             snapshotsUploadedVersion = remote.version
         }
@@ -187,6 +193,11 @@ struct Recovery {
             snapshots.version += 1
         }
         try Volume.saveTable(snapshots, layout: layout)
+    }
+
+    /// Every scrub result of the namespace (the history may apply any of them).
+    mutating func loadScrubResults() async throws(VDError) {
+        scrubResults = try await Volume.loadScrubResults(layout: layout, backend: backend, volumeID: config.id).results
     }
 
     /// Step 2: the map may be reused only if its checkpoint lies within the durable history.
@@ -220,6 +231,7 @@ struct Recovery {
         while epoch <= lastEpoch {
             var changes = MapChanges(
                 map: map, retainedEpochs: snapshots.retainedEpochs, isClone: config.parent != nil)
+            changes.scrubResults = scrubResults
             if let scan = scans[epoch] {
                 for batch in scan.batches where batch.offset >= startOffset {
                     try changes.add(

@@ -11,6 +11,7 @@
 // objects NAME/snapshots/<version>, uploaded by the uploader; a restore takes the newest and keeps the snapshots
 // its TLogs reach.
 
+import BlockMap
 import FlashIO
 import Logging
 import NIOCore
@@ -40,8 +41,10 @@ extension Volume {
     package var snapshotTable: SnapshotTable { snapshotState.withLock { $0.table } }
 
     func mapChanges() -> MapChanges {
-        MapChanges(
+        var changes = MapChanges(
             map: map, retainedEpochs: snapshotState.withLock { $0.table.retainedEpochs }, isClone: config.parent != nil)
+        changes.scrubResults = scrubState.withLock { $0.results }
+        return changes
     }
 
     // MARK: operations
@@ -189,20 +192,6 @@ extension Volume {
         return try MetadataRecord.decode(SnapshotTable.self, from: ByteBuffer(bytes: bytes), kind: .snapshotTable, what: path)
     }
 
-    /// The newest snapshot table on the backend (nil when there is none).
-    static func loadBackendTable(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) -> SnapshotTable? {
-        let names = try await backend.list(prefix: layout.snapshotsPrefix).map(\.name)
-        for name in names.sorted(by: >) {
-            do throws(VDError) {
-                return try MetadataRecord.decode(
-                    SnapshotTable.self, from: try await backend.get(name), kind: .snapshotTable, what: name)
-            } catch where error.code == .corrupt || error.code == .notFound {
-                continue
-            }
-        }
-        return nil
-    }
-
     /// Uploads the table if it changed since the last upload, then removes older copies (keeping one).
     func uploadTableIfNeeded() async -> Bool {
         let (table, uploaded) = snapshotState.withLock { ($0.table, $0.uploadedVersion) }
@@ -238,10 +227,12 @@ extension Volume {
             else { continue }
             epochs.append((sco.rawValue, bytes))
         }
+        var scrubBytes: UInt64 = 0
+        for (_, value) in try map.metadata(withPrefix: "scrub-sco-bytes-") { scrubBytes += value.littleEndianUInt64 ?? 0 }
         let counts = try map.referencedClusterCount()
         let open = writer.withLock { $0.openJournalBytes }
         return VolumeSpace(
-            writtenBytes: epochs.reduce(open) { $0 + $1.1 },
+            writtenBytes: epochs.reduce(open + scrubBytes) { $0 + $1.1 },
             referencedBytes: (counts.current + counts.history) * UInt64(clusterBytes), epochBytes: epochs)
     }
 }

@@ -43,6 +43,7 @@ package final class Volume: BlockDevice {
     let background = Mutex<[Task<Void, Never>]>([])
     let backendFormats = Mutex(BackendFormats())
     let snapshotState: Mutex<SnapshotState>
+    let scrubState = Mutex(ScrubState())
     /// For a clone: the parent volume and the epoch of the snapshot it reads through.
     package let parent: (volume: Volume, epoch: UInt64)?
 
@@ -94,7 +95,14 @@ package final class Volume: BlockDevice {
         let cs = UInt64(clusterBytes)
         let first = offset / cs
         let count = Int((offset + UInt64(length) - 1) / cs - first + 1)
-        return try await assemble(values: try map.current(from: first, count: count), first: first, offset: offset, length: length)
+        do {
+            return try await assemble(
+                values: try map.current(from: first, count: count), first: first, offset: offset, length: length)
+        } catch where error.code == .notFound {
+            // An SCO a scrub relocated away from was deleted after this read looked the map up: look again.
+            return try await assemble(
+                values: try map.current(from: first, count: count), first: first, offset: offset, length: length)
+        }
     }
 
     /// Reads the volume as it was at the end of `epoch` (a snapshot, or a clone's view of its parent).

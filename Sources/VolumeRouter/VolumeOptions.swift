@@ -24,6 +24,11 @@ package struct VolumeOptions: Sendable {
     package var compressUploads: Bool = false
     /// Reads from the backend fetch at least this much around the requested clusters (kept in the flash cache).
     package var readAheadBytes: UInt64 = 256 << 10
+    /// How often the router looks for scrub results to apply.
+    package var scrubPollSeconds: Double = 30
+    /// How long after applying a scrub result its source SCOs stay (reads that looked up the old place just before
+    /// still find it).
+    package var scrubDeleteGraceSeconds: Double = 60
     /// Map entries cached in memory.
     package var mapCacheEntries: Int = 1 << 20
 

@@ -42,6 +42,10 @@ final class VolumeHarness: @unchecked Sendable {
         self.options = options
         self.cacheCapacityBytes = cacheCapacityBytes
         self.directIO = directIO
+        // What `vd volume create` writes: the configuration object in the namespace.
+        try await backend.put(
+            VolumeLayout(flashDirectory: "", namespace: "vol1").configObject,
+            data: try MetadataRecord.encode(config, kind: .volumeConfig))
         try await open()
     }
 

@@ -72,10 +72,13 @@ public enum BatchEntry: Sendable, Hashable {
     case unmap(address: ClusterAddress, count: UInt32)
     /// The volume's content becomes what it was at the end of epoch `toEpoch` (a snapshot).
     case rollback(toEpoch: UInt64)
+    /// The relocations of scrub result `resultID` take effect here.
+    case scrubApplied(resultID: UInt64)
 
     static let dataKind: UInt32 = 1
     static let unmapKind: UInt32 = 2
     static let rollbackKind: UInt32 = 3
+    static let scrubAppliedKind: UInt32 = 4
     static let entryBytes = 16
 }
 
@@ -148,6 +151,9 @@ public struct BatchHeader: Sendable, Hashable {
             case .rollback(let epoch):
                 b.setLE(epoch, at: position)
                 b.setLE(BatchEntry.rollbackKind, at: position + 12)
+            case .scrubApplied(let id):
+                b.setLE(id, at: position)
+                b.setLE(BatchEntry.scrubAppliedKind, at: position + 12)
             }
             position += BatchEntry.entryBytes
         }
@@ -182,6 +188,7 @@ public struct BatchHeader: Sendable, Hashable {
             case BatchEntry.dataKind: entries.append(.data(address: address, crc: value))
             case BatchEntry.unmapKind: entries.append(.unmap(address: address, count: value))
             case BatchEntry.rollbackKind: entries.append(.rollback(toEpoch: address))
+            case BatchEntry.scrubAppliedKind: entries.append(.scrubApplied(resultID: address))
             default: return nil
             }
             position += BatchEntry.entryBytes

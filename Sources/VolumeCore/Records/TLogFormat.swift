@@ -23,12 +23,15 @@ public enum TLogRecord: Sendable, Hashable {
     case snapshot(snapshotID: UInt64)
     /// The volume's content became what it was at the end of epoch `toEpoch`.
     case rollback(toEpoch: UInt64)
+    /// The relocations of scrub result `resultID` took effect here.
+    case scrubApplied(resultID: UInt64)
 
     static let writeKind: UInt8 = 1
     static let unmapKind: UInt8 = 2
     static let sealedKind: UInt8 = 3
     static let snapshotKind: UInt8 = 4
     static let rollbackKind: UInt8 = 5
+    static let scrubAppliedKind: UInt8 = 6
     static let endKind: UInt8 = 0xFF
 }
 
@@ -87,6 +90,9 @@ public struct TLog: Sendable, Hashable {
             case .rollback(let epoch):
                 b.setLE(TLogRecord.rollbackKind, at: position)
                 b.setLE(epoch, at: position + 8)
+            case .scrubApplied(let id):
+                b.setLE(TLogRecord.scrubAppliedKind, at: position)
+                b.setLE(id, at: position + 8)
             }
             b.setLE(b.crc32c(position, position + 28), at: position + 28)
             position += TLog.recordBytes
@@ -141,6 +147,8 @@ public struct TLog: Sendable, Hashable {
                 records.append(.snapshot(snapshotID: b.getLE(UInt64.self, at: position + 8)))
             case TLogRecord.rollbackKind:
                 records.append(.rollback(toEpoch: b.getLE(UInt64.self, at: position + 8)))
+            case TLogRecord.scrubAppliedKind:
+                records.append(.scrubApplied(resultID: b.getLE(UInt64.self, at: position + 8)))
             case let kind:
                 throw .corrupt("\(what): TLog record \(index) has unknown kind \(kind)")
             }

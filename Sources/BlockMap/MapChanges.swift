@@ -9,20 +9,21 @@
 // Unmaps and rollbacks need the map's current state, so pending changes are applied first (intermediate applies are
 // safe: replay from the previous checkpoint is idempotent).
 
-import BlockMap
-import VolumeCore
+package import VolumeCore
 
-struct MapChanges {
-    let map: BlockMap
+package struct MapChanges {
+    package let map: BlockMap
     /// Sorted epochs whose state must stay readable.
-    let retainedEpochs: [UInt64]
-    let keepTombstones: Bool
+    package let retainedEpochs: [UInt64]
+    package let keepTombstones: Bool
     /// A clone: clusters it never wrote read its parent, so an unmap must tombstone every cluster of the range.
-    let isClone: Bool
-    var update = MapUpdate()
+    package let isClone: Bool
+    /// Scrub results by id, for `scrubApplied` entries.
+    package var scrubResults: [UInt64: ScrubResult] = [:]
+    package var update = MapUpdate()
     private var pending: Set<ClusterAddress> = []
 
-    init(map: BlockMap, retainedEpochs: [UInt64] = [], isClone: Bool = false) {
+    package init(map: BlockMap, retainedEpochs: [UInt64] = [], isClone: Bool = false) {
         self.map = map
         self.retainedEpochs = retainedEpochs
         self.isClone = isClone
@@ -30,7 +31,7 @@ struct MapChanges {
     }
 
     /// Whether a value written at epoch `previous` is still what a retained epoch sees once epoch `next` changes it.
-    func mustRetain(previous: UInt64, next: UInt64) -> Bool {
+    package func mustRetain(previous: UInt64, next: UInt64) -> Bool {
         guard previous < next, !retainedEpochs.isEmpty else { return false }
         // First retained epoch >= previous.
         var low = 0
@@ -42,7 +43,7 @@ struct MapChanges {
         return low < retainedEpochs.count && retainedEpochs[low] < next
     }
 
-    mutating func add(entries: [BatchEntry], sco: SCONumber, payloadOffset: UInt64, clusterBytes: Int) throws(VDError) {
+    package mutating func add(entries: [BatchEntry], sco: SCONumber, payloadOffset: UInt64, clusterBytes: Int) throws(VDError) {
         var payload = payloadOffset
         for entry in entries {
             switch entry {
@@ -53,11 +54,13 @@ struct MapChanges {
                 try unmap(address, count: UInt64(count), epoch: sco.rawValue)
             case .rollback(let epoch):
                 try rollback(toEpoch: epoch)
+            case .scrubApplied(let id):
+                try applyScrub(id, epoch: sco.rawValue)
             }
         }
     }
 
-    mutating func add(tlog: TLog) throws(VDError) {
+    package mutating func add(tlog: TLog) throws(VDError) {
         for record in tlog.records {
             switch record {
             case .write(let address, let location):
@@ -66,6 +69,8 @@ struct MapChanges {
                 try unmap(address, count: UInt64(count), epoch: tlog.number.rawValue)
             case .rollback(let epoch):
                 try rollback(toEpoch: epoch)
+            case .scrubApplied(let id):
+                try applyScrub(id, epoch: tlog.number.rawValue)
             case .scoSealed(let sco, let length, _):
                 update.metadata.append((MapChanges.epochBytesKey(sco), [UInt8](littleEndian64: length)))
             case .snapshot:
@@ -74,7 +79,7 @@ struct MapChanges {
         }
     }
 
-    mutating func write(_ address: ClusterAddress, epoch: UInt64, location: ClusterLocation) throws(VDError) {
+    package mutating func write(_ address: ClusterAddress, epoch: UInt64, location: ClusterLocation) throws(VDError) {
         if !retainedEpochs.isEmpty, !pending.contains(address), let previous = try map.current(address),
             mustRetain(previous: previous.epoch, next: epoch)
         {
@@ -92,7 +97,7 @@ struct MapChanges {
     }
 
     /// Unmaps the written clusters of the run: they read as zeroes again.
-    mutating func unmap(_ address: ClusterAddress, count: UInt64, epoch: UInt64) throws(VDError) {
+    package mutating func unmap(_ address: ClusterAddress, count: UInt64, epoch: UInt64) throws(VDError) {
         try flush()
         var start = address
         let end = address + count
@@ -136,7 +141,7 @@ struct MapChanges {
     }
 
     /// Every cluster changed after `toEpoch` returns to its value at `toEpoch`; versions after it are dropped.
-    mutating func rollback(toEpoch target: UInt64) throws(VDError) {
+    package mutating func rollback(toEpoch target: UInt64) throws(VDError) {
         try flush()
         var start: ClusterAddress = 0
         while true {
@@ -158,11 +163,69 @@ struct MapChanges {
         }
     }
 
-    /// Metadata key recording the length of epoch `sco`'s SCO.
-    static func epochBytesKey(_ sco: SCONumber) -> String { "epoch-bytes-" + sco.hex }
+    /// Points every cluster version a scrub copied at its new place, where the map still holds the exact old place
+    /// (a version changed since, by a write or a rollback, is left alone: it won).
+    package mutating func applyScrub(_ id: UInt64, epoch: UInt64) throws(VDError) {
+        guard let result = scrubResults[id] else {
+            throw VDError(.corrupt, "the history applies scrub result \(id), which is not in the namespace")
+        }
+        try flush()
+        for (index, relocation) in result.relocations.enumerated() {
+            if let current = try map.current(relocation.address), current.epoch == relocation.epoch,
+                current.location == relocation.from
+            {
+                update.current.append((relocation.address, MapValue(epoch: relocation.epoch, location: relocation.to)))
+            } else if let old = try map.history(relocation.address, epoch: relocation.epoch), old.location == relocation.from {
+                update.history.append((relocation.address, MapValue(epoch: relocation.epoch, location: relocation.to)))
+            }
+            if index % 65536 == 65535 { try flush() }
+        }
+        update.metadata.append((Self.scrubAppliedKey(id), [UInt8](littleEndian64: epoch)))
+        for created in result.created {
+            update.metadata.append((Self.scrubSCOBytesKey(SCONumber(created.sco)), [UInt8](littleEndian64: created.lengthBytes)))
+        }
+        try flush()
+    }
 
-    mutating func finish(checkpoint: MapCheckpoint) throws(VDError) {
+    /// Metadata: the epoch whose journal applied scrub result `id`.
+    package static func scrubAppliedKey(_ id: UInt64) -> String { "scrub-applied-" + SCONumber(id).hex }
+    /// Metadata: the length of an SCO written by a scrub (counted as written space once applied).
+    package static func scrubSCOBytesKey(_ sco: SCONumber) -> String { "scrub-sco-bytes-" + sco.hex }
+
+    /// Metadata key recording the length of epoch `sco`'s SCO.
+    package static func epochBytesKey(_ sco: SCONumber) -> String { "epoch-bytes-" + sco.hex }
+
+    package mutating func finish(checkpoint: MapCheckpoint) throws(VDError) {
         update.metadata.append((MapCheckpoint.key, checkpoint.encode()))
         try flush()
+    }
+}
+
+/// Where the map's knowledge of the journal ends: replay resumes at (sco, offset) expecting `chainCRC`
+/// (offset 0: the start of that SCO).
+package struct MapCheckpoint: Equatable {
+    package static let key = "checkpoint"
+    package var sco: SCONumber
+    package var offset: UInt64
+    package var chainCRC: UInt32
+
+    package init(sco: SCONumber, offset: UInt64, chainCRC: UInt32) {
+        self.sco = sco
+        self.offset = offset
+        self.chainCRC = chainCRC
+    }
+
+    package func encode() -> [UInt8] {
+        var bytes = [UInt8](littleEndian64: sco.rawValue)
+        bytes += [UInt8](littleEndian64: offset)
+        bytes += [UInt8](littleEndian64: UInt64(chainCRC))
+        return bytes
+    }
+
+    package static func decode(_ bytes: [UInt8]) -> MapCheckpoint? {
+        guard bytes.count == 24, let sco = Array(bytes[0..<8]).littleEndianUInt64,
+            let offset = Array(bytes[8..<16]).littleEndianUInt64, let crc = Array(bytes[16..<24]).littleEndianUInt64
+        else { return nil }
+        return MapCheckpoint(sco: SCONumber(sco), offset: offset, chainCRC: UInt32(truncatingIfNeeded: crc))
     }
 }

@@ -3,9 +3,9 @@
 //   FLASH/NAME/map/          RocksDB map
 //   FLASH/NAME/sco/HEX.sco   SCO journals (open) and sealed SCOs
 //   FLASH/NAME/tlog/HEX.tlog TLogs of sealed SCOs
-//   backend: NAME/volume, NAME/sco/HEX, NAME/tlog/HEX
+//   backend: NAME/volume, NAME/sco/HEX, NAME/tlog/HEX, NAME/snapshots/VERSION, NAME/scrub/ID[.applied],
+//            NAME/scrub.lease
 
-package import VolumeCore
 
 package struct VolumeLayout: Sendable {
     package var flashDirectory: String
@@ -28,6 +28,11 @@ package struct VolumeLayout: Sendable {
     package var scoPrefix: String { namespace + "/sco/" }
     package var tlogPrefix: String { namespace + "/tlog/" }
     package var snapshotsPrefix: String { namespace + "/snapshots/" }
+    /// Scrub results (NAME/scrub/<id>), their applied markers (<id>.applied) and the scrub lease.
+    package var scrubPrefix: String { namespace + "/scrub/" }
+    package func scrubResultObject(_ id: UInt64) -> String { scrubPrefix + SCONumber(id).hex }
+    package func scrubAppliedObject(_ id: UInt64) -> String { scrubResultObject(id) + ".applied" }
+    package var scrubLeaseObject: String { namespace + "/scrub.lease" }
     package func scoObject(_ sco: SCONumber) -> String { scoPrefix + sco.hex }
     package func tlogObject(_ sco: SCONumber) -> String { tlogPrefix + sco.hex }
 

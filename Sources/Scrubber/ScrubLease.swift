@@ -1,0 +1,91 @@
+// The scrub lease of a volume: an object (NAME/scrub.lease) naming the scrubber that holds it and until when.
+// Object stores here offer no conditional write, so taking it is write, wait, read back: of two scrubbers that write
+// within the wait, only the one whose token is still there after its wait goes on (the later writer); the other
+// backs off. A lease that expired (its holder was killed) can be taken; a live one is refused naming its holder.
+
+package import Foundation
+package import ObjectStore
+package import VolumeCore
+
+package struct LeaseRecord: Codable, Sendable {
+    package var token: String
+    package var holder: String
+    package var expiresAt: Date
+}
+
+package final class ScrubLease: @unchecked Sendable {
+    private let layout: VolumeLayout
+    private let seconds: Double
+    private let token: String
+    private var expiresAt: Date
+    /// How long to wait between writing the lease and checking it is still ours.
+    static let settleSeconds: Double = 1.5
+
+    private init(layout: VolumeLayout, seconds: Double, token: String, expiresAt: Date) {
+        self.layout = layout
+        self.seconds = seconds
+        self.token = token
+        self.expiresAt = expiresAt
+    }
+
+    package static func read(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) -> LeaseRecord? {
+        do {
+            return try MetadataRecord.decode(
+                LeaseRecord.self, from: try await backend.get(layout.scrubLeaseObject), kind: .lease,
+                what: layout.scrubLeaseObject)
+        } catch where error.code == .notFound {
+            return nil
+        } catch where error.code == .corrupt {
+            return nil  // a torn lease is no lease
+        }
+    }
+
+    package static func acquire(layout: VolumeLayout, backend: any ObjectStore, seconds: Double) async throws(VDError)
+        -> ScrubLease
+    {
+        if let current = try await read(layout: layout, backend: backend), current.expiresAt > Date() {
+            throw busy(current, layout: layout)
+        }
+        let token = UUID().uuidString
+        let record = LeaseRecord(token: token, holder: holderDescription(), expiresAt: Date().addingTimeInterval(seconds))
+        try await backend.put(layout.scrubLeaseObject, data: try MetadataRecord.encode(record, kind: .lease))
+        try? await Task.sleep(for: .milliseconds(Int(settleSeconds * 1000)))
+        guard let check = try await read(layout: layout, backend: backend), check.token == token else {
+            let other = try await read(layout: layout, backend: backend)
+            throw other.map { busy($0, layout: layout) }
+                ?? VDError(.busy, "another scrubber took the scrub lease of \(layout.namespace) at the same time")
+        }
+        return ScrubLease(layout: layout, seconds: seconds, token: token, expiresAt: record.expiresAt)
+    }
+
+    private static func busy(_ record: LeaseRecord, layout: VolumeLayout) -> VDError {
+        VDError(
+            .busy,
+            "volume \(layout.namespace) is being scrubbed by \(record.holder) (lease until \(ISO8601DateFormatter().string(from: record.expiresAt))); try again later"
+        )
+    }
+
+    static func holderDescription() -> String {
+        var host = [UInt8](repeating: 0, count: 256)
+        _ = host.withUnsafeMutableBufferPointer { gethostname(UnsafeMutableRawPointer($0.baseAddress!).assumingMemoryBound(to: CChar.self), 255) }
+        let name = String(decoding: host.prefix { $0 != 0 }, as: UTF8.self)
+        return "vd scrub (pid \(getpid()) on \(name))"
+    }
+
+    /// Extends the lease when less than half of it is left.
+    package func renewIfNeeded(backend: any ObjectStore) async throws(VDError) {
+        guard expiresAt.timeIntervalSinceNow < seconds / 2 else { return }
+        guard let current = try await Self.read(layout: layout, backend: backend), current.token == token else {
+            throw VDError(.busy, "the scrub lease of \(layout.namespace) was taken over; stopping")
+        }
+        let renewed = LeaseRecord(token: token, holder: current.holder, expiresAt: Date().addingTimeInterval(seconds))
+        try await backend.put(layout.scrubLeaseObject, data: try MetadataRecord.encode(renewed, kind: .lease))
+        expiresAt = renewed.expiresAt
+    }
+
+    package func release(backend: any ObjectStore) async {
+        if let current = try? await Self.read(layout: layout, backend: backend), current.token == token {
+            try? await backend.delete(layout.scrubLeaseObject)
+        }
+    }
+}

@@ -1,0 +1,323 @@
+// `vd scrub`: compacts SCOs that are mostly dead (their clusters were overwritten, or only deleted snapshots read
+// them). It works from the backend namespace alone, so it can run on any node, from cron.
+//
+//  1. Takes the volume's scrub lease (NAME/scrub.lease): two scrubbers never act on one volume.
+//  2. Removes what a killed earlier run left behind: SCOs it wrote but never described in a result.
+//  3. Replays the namespace and finds every live cluster version (NamespaceReplay).
+//  4. Picks SCOs whose live fraction is under the threshold (not the sources of results still pending), the most
+//     dead first, within --max-bytes and --max-seconds.
+//  5. Reads each (verifying every live cluster's CRC: corrupt data is reported, never copied), packs the live
+//     clusters into new SCOs (numbers with the top bit set), uploads them.
+//  6. Writes the scrub result (NAME/scrub/ID). The owning router applies it online and deletes the sources later.
+//
+// Safe to kill at any point: before the result exists nothing refers to the new SCOs (the next run removes them);
+// after, the result is complete and the router applies it. Running it again does not repeat work: sources of
+// pending results are skipped.
+
+import BlockMap
+import FlashIO
+import Foundation
+package import Logging
+import NIOCore
+package import ObjectStore
+import SnappyCodec
+package import VolumeCore
+
+package struct ScrubOptions: Sendable {
+    /// SCOs whose live fraction is below this are rewritten.
+    package var liveFractionThreshold: Double = 0.5
+    /// Bytes of source SCOs processed at most per run.
+    package var maxBytes: UInt64 = .max
+    /// Stop picking new SCOs after this long.
+    package var maxSeconds: Double = .infinity
+    /// Bytes read from the backend per second at most (0: unlimited), so guests keep their I/O.
+    package var rateBytesPerSecond: UInt64 = 0
+    /// Size of the SCOs written.
+    package var scoSizeBytes: UInt64 = Limits.scoSizeBytesDefault
+    /// Compress the SCOs written (like the router does for this backend).
+    package var compress = false
+    package var leaseSeconds: Double = 300
+    /// Where the temporary replay map goes.
+    package var workDirectory: String = "/tmp"
+    package var dryRun = false
+    package init() {}
+}
+
+/// What a run did, for the terminal and for `--json`.
+package struct ScrubSummary: Codable, Sendable {
+    package var volume: String
+    package var scannedSCOs = 0
+    package var scannedBytes: UInt64 = 0
+    package var liveBytes: UInt64 = 0
+    package var candidateSCOs = 0
+    package var rewrittenSCOs = 0
+    package var sourceBytes: UInt64 = 0
+    package var copiedBytes: UInt64 = 0
+    /// Bytes the backend gives back once the router applied the result (sources minus the copies).
+    package var reclaimableBytes: UInt64 = 0
+    package var resultID: UInt64?
+    package var pendingResults = 0
+    package var removedLeftovers = 0
+    package var seconds: Double = 0
+    package var stoppedBecause: String?
+
+    package init(volume: String) { self.volume = volume }
+}
+
+package struct Scrubber {
+    package let volume: VolumeName
+    package let backend: any ObjectStore
+    package let options: ScrubOptions
+    package let logger: Logger
+    package let progress: @Sendable (String) -> Void
+
+    package init(
+        volume: VolumeName, backend: any ObjectStore, options: ScrubOptions, logger: Logger,
+        progress: @escaping @Sendable (String) -> Void = { _ in }
+    ) {
+        self.volume = volume
+        self.backend = backend
+        self.options = options
+        self.logger = logger
+        self.progress = progress
+    }
+
+    package func run() async throws(VDError) -> ScrubSummary {
+        let started = Date()
+        var summary = ScrubSummary(volume: volume.rawValue)
+        let layout = VolumeLayout(flashDirectory: "", namespace: volume.rawValue)
+        let lease = try await ScrubLease.acquire(layout: layout, backend: backend, seconds: options.leaseSeconds)
+        defer { Task { [backend] in await lease.release(backend: backend) } }
+        Failpoint.hit("after-lease")
+
+        let replay = try await NamespaceReplay.load(
+            volume: volume, backend: backend, workDirectory: options.workDirectory, logger: logger, progress: progress)
+        defer { replay.close() }
+        let contents = replay.contents
+        Failpoint.hit("after-replay")
+
+        // Leftovers of a killed run: scrub SCOs that no result mentions.
+        let described = Set(contents.results.values.flatMap { $0.created.map(\.sco) })
+        for (sco, _) in contents.scoObjects where ScrubResult.isScrubSCO(sco) && !described.contains(sco.rawValue) {
+            if !options.dryRun { try await backend.delete(layout.scoObject(sco)) }
+            summary.removedLeftovers += 1
+        }
+
+        // Live bytes per SCO.
+        let live = try replay.liveVersions()
+        let clusterBytes = UInt64(contents.config.clusterSizeBytes)
+        var liveBySCO: [SCONumber: [LiveVersion]] = [:]
+        for version in live { liveBySCO[version.location.sco, default: []].append(version) }
+        summary.liveBytes = UInt64(live.count) * clusterBytes
+        let pending = contents.pendingResults
+        summary.pendingResults = pending.count
+        let busy = Set(pending.flatMap { $0.sources + $0.created.map(\.sco) }).union(
+            contents.results.values.filter { contents.appliedResults.contains($0.id) }.flatMap(\.sources))
+        var candidates: [(sco: SCONumber, length: UInt64, liveBytes: UInt64)] = []
+        for (sco, size) in contents.scoObjects where size > 0 {
+            guard let info = contents.scoInfo(sco), !busy.contains(sco.rawValue) else { continue }
+            // Only SCOs whose TLog is in the replayed history (or written by an applied scrub) are settled.
+            if !ScrubResult.isScrubSCO(sco), let last = contents.lastEpoch, sco > last { continue }
+            if ScrubResult.isScrubSCO(sco),
+                !contents.results.values.contains(where: {
+                    contents.appliedResults.contains($0.id) && $0.created.contains { $0.sco == sco.rawValue }
+                })
+            {
+                continue
+            }
+            summary.scannedSCOs += 1
+            summary.scannedBytes += info.lengthBytes
+            let liveBytes = UInt64(liveBySCO[sco]?.count ?? 0) * clusterBytes
+            if Double(liveBytes) < options.liveFractionThreshold * Double(info.lengthBytes) {
+                candidates.append((sco, info.lengthBytes, liveBytes))
+            }
+        }
+        candidates.sort { Double($0.liveBytes) / Double($0.length) < Double($1.liveBytes) / Double($1.length) }
+        summary.candidateSCOs = candidates.count
+        if candidates.isEmpty || options.dryRun {
+            summary.reclaimableBytes = candidates.reduce(0) { $0 + $1.length - min($1.length, $1.liveBytes) }
+            summary.seconds = Date().timeIntervalSince(started)
+            summary.stoppedBecause = options.dryRun ? "dry run" : "nothing to scrub"
+            return summary
+        }
+
+        // Copy live clusters out of the chosen SCOs.
+        let resultID = (contents.results.keys.max() ?? 0) + 1
+        var writer = SCOPacker(
+            volumeID: contents.config.id, clusterSizeBytes: contents.config.clusterSizeBytes, resultID: resultID,
+            scoSizeBytes: options.scoSizeBytes)
+        var relocations: [ScrubResult.Relocation] = []
+        var sources: [UInt64] = []
+        var created: [ScrubResult.CreatedSCO] = []
+        let throttle = Throttle(bytesPerSecond: options.rateBytesPerSecond)
+        for candidate in candidates {
+            if summary.sourceBytes + candidate.length > options.maxBytes && !sources.isEmpty {
+                summary.stoppedBecause = "--max-bytes reached"
+                break
+            }
+            if Date().timeIntervalSince(started) > options.maxSeconds {
+                summary.stoppedBecause = "--max-seconds reached"
+                break
+            }
+            try await lease.renewIfNeeded(backend: backend)
+            let versions = liveBySCO[candidate.sco] ?? []
+            if !versions.isEmpty {
+                let bytes = try await replay.readSCO(candidate.sco)
+                await throttle.account(UInt64(bytes.readableBytes))
+                for version in versions {
+                    let offset = Int(version.location.offset)
+                    guard offset + Int(clusterBytes) <= bytes.readableBytes,
+                        let cluster = bytes.getSlice(at: bytes.readerIndex + offset, length: Int(clusterBytes))
+                    else {
+                        throw VDError(
+                            .corrupt,
+                            "\(layout.scoObject(candidate.sco)) is shorter than the cluster the map places at offset \(offset)")
+                    }
+                    guard CRC32C.checksum(cluster) == version.location.crc else {
+                        throw VDError(
+                            .corrupt,
+                            "volume \(volume) cluster \(version.address): checksum mismatch in \(layout.scoObject(candidate.sco)) at offset \(offset); not copied (run vd check)"
+                        )
+                    }
+                    if let full = writer.add(address: version.address, cluster: cluster, crc: version.location.crc) {
+                        created.append(try await upload(full, layout: layout))
+                        Failpoint.hit("after-sco-upload")
+                    }
+                    relocations.append(
+                        ScrubResult.Relocation(
+                            address: version.address, epoch: version.epoch, from: version.location,
+                            to: writer.lastLocation!))
+                }
+            }
+            sources.append(candidate.sco.rawValue)
+            summary.sourceBytes += candidate.length
+            summary.copiedBytes += UInt64(versions.count) * clusterBytes
+            summary.rewrittenSCOs += 1
+            progress("scrub \(volume): \(summary.rewrittenSCOs)/\(candidates.count) SCOs, \(ByteSize.format(summary.sourceBytes)) processed")
+        }
+        if let last = writer.finish() { created.append(try await upload(last, layout: layout)) }
+        Failpoint.hit("before-result")
+
+        let result = ScrubResult(
+            id: resultID, volumeID: contents.config.id, sources: sources, created: created, relocations: relocations,
+            sourceBytes: summary.sourceBytes, copiedBytes: summary.copiedBytes)
+        try await backend.put(layout.scrubResultObject(resultID), data: try MetadataRecord.encode(result, kind: .scrubResult))
+        Failpoint.hit("after-result")
+        summary.resultID = resultID
+        let createdBytes = created.reduce(0) { $0 + $1.lengthBytes }
+        summary.reclaimableBytes = summary.sourceBytes > createdBytes ? summary.sourceBytes - createdBytes : 0
+        summary.seconds = Date().timeIntervalSince(started)
+        return summary
+    }
+
+    private func upload(_ sco: PackedSCO, layout: VolumeLayout) async throws(VDError) -> ScrubResult.CreatedSCO {
+        let crc = CRC32C.checksum(sco.bytes)
+        let data =
+            options.compress
+            ? CompressedSCO.compress(sco.bytes, volumeID: sco.volumeID, number: sco.number, originalCRC: crc) : sco.bytes
+        try await backend.put(layout.scoObject(sco.number), data: data)
+        return ScrubResult.CreatedSCO(sco: sco.number.rawValue, lengthBytes: UInt64(sco.bytes.readableBytes), crc: crc)
+    }
+}
+
+/// A finished SCO written by the scrubber.
+struct PackedSCO {
+    var number: SCONumber
+    var volumeID: VolumeID
+    var bytes: ByteBuffer
+}
+
+/// Packs clusters into SCOs in the journal format (header, chained batches, seal marker), so the SCOs a scrub
+/// writes are self-describing like any other.
+struct SCOPacker {
+    let volumeID: VolumeID
+    let clusterSizeBytes: UInt32
+    let resultID: UInt64
+    let scoSizeBytes: UInt64
+    private var index = 0
+    private var current: (number: SCONumber, bytes: ByteBuffer, chain: UInt32, entries: [BatchEntry], payloads: ByteBuffer)?
+    private(set) var lastLocation: ClusterLocation?
+
+    init(volumeID: VolumeID, clusterSizeBytes: UInt32, resultID: UInt64, scoSizeBytes: UInt64) {
+        self.volumeID = volumeID
+        self.clusterSizeBytes = clusterSizeBytes
+        self.resultID = resultID
+        self.scoSizeBytes = scoSizeBytes
+    }
+
+    /// Adds a cluster; returns an SCO that became full.
+    mutating func add(address: ClusterAddress, cluster: ByteBuffer, crc: UInt32) -> PackedSCO? {
+        var finished: PackedSCO?
+        let needed = UInt64(SCOFormat.blockBytes) * 2 + UInt64(clusterSizeBytes)
+        if let open = current,
+            UInt64(open.bytes.readableBytes + SCOFormat.blockBytes + open.payloads.readableBytes) + needed > scoSizeBytes
+        {
+            finished = finish()
+        }
+        if current == nil {
+            let number = ScrubResult.scoNumber(result: resultID, index: index)
+            index += 1
+            let header = SCOHeader(volumeID: volumeID, sco: number, clusterSizeBytes: clusterSizeBytes).encode()
+            current = (number, header, BatchHeader.storedCRC(of: header), [], ByteBuffer())
+        }
+        if current!.entries.count == BatchHeader.entriesMax { flushBatch() }
+        let offset = UInt64(current!.bytes.readableBytes + SCOFormat.blockBytes + current!.payloads.readableBytes)
+        current!.entries.append(.data(address: address, crc: crc))
+        var payload = cluster
+        current!.payloads.writeBuffer(&payload)
+        lastLocation = ClusterLocation(sco: current!.number, offset: UInt32(offset), crc: crc)
+        return finished
+    }
+
+    private mutating func flushBatch() {
+        guard var open = current, !open.entries.isEmpty else { return }
+        let header = BatchHeader(
+            volumeID: volumeID, sco: open.number, offset: UInt64(open.bytes.readableBytes), previousCRC: open.chain,
+            entries: open.entries)
+        let encoded = header.encode()
+        open.chain = BatchHeader.storedCRC(of: encoded)
+        open.bytes.writeImmutableBuffer(encoded)
+        open.bytes.writeBuffer(&open.payloads)
+        open.payloads = ByteBuffer()
+        open.entries = []
+        current = open
+    }
+
+    /// Seals and returns the SCO under construction, if any.
+    mutating func finish() -> PackedSCO? {
+        flushBatch()
+        guard var open = current else { return nil }
+        let marker = BatchHeader(
+            volumeID: volumeID, sco: open.number, offset: UInt64(open.bytes.readableBytes), previousCRC: open.chain,
+            flags: BatchHeader.flagSealed, entries: [])
+        open.bytes.writeImmutableBuffer(marker.encode())
+        current = nil
+        return PackedSCO(number: open.number, volumeID: volumeID, bytes: open.bytes)
+    }
+}
+
+/// Spreads backend reads over time.
+actor Throttle {
+    let bytesPerSecond: UInt64
+    private var started = Date()
+    private var bytes: UInt64 = 0
+    init(bytesPerSecond: UInt64) { self.bytesPerSecond = bytesPerSecond }
+
+    func account(_ count: UInt64) async {
+        guard bytesPerSecond > 0 else { return }
+        bytes += count
+        let due = Double(bytes) / Double(bytesPerSecond)
+        let elapsed = Date().timeIntervalSince(started)
+        if due > elapsed { try? await Task.sleep(for: .milliseconds(Int((due - elapsed) * 1000))) }
+    }
+}
+
+/// Crash points for tests: VD_SCRUB_FAILPOINT=NAME kills the process (SIGKILL) when the run reaches NAME.
+enum Failpoint {
+    static let armed = ProcessInfo.processInfo.environment["VD_SCRUB_FAILPOINT"]
+
+    static func hit(_ name: String) {
+        guard armed == name else { return }
+        kill(getpid(), SIGKILL)
+    }
+}
