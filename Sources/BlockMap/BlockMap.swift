@@ -228,19 +228,47 @@ package final class BlockMap: Sendable {
         }
     }
 
-    /// Clusters with data in the current map and in the kept history (what the volume and its snapshots read).
-    package func referencedClusterCount() throws(VDError) -> (current: UInt64, history: UInt64) {
-        var current: UInt64 = 0
-        var history: UInt64 = 0
-        try database.scan(from: [UInt8(ascii: "c")], to: [UInt8(ascii: "d")]) { (_, value) throws(VDError) -> Bool in
-            if value.count == MapValue.encodedBytes, value.loadUnaligned(fromByteOffset: 8, as: UInt64.self) != 0 { current += 1 }
+    /// Calls `body` for every live cluster version: the current value of each cluster, and each kept older value
+    /// that a snapshot at one of `snapshotEpochs` reads (its epoch is at or below the snapshot and its successor's
+    /// is after it). Nothing else can be read again. `dead` receives kept older versions no snapshot reads, with the
+    /// epoch of the version that superseded them.
+    package func forEachLiveVersion(
+        snapshotEpochs: [UInt64], _ body: (ClusterAddress, MapValue, _ isCurrent: Bool) throws(VDError) -> Void,
+        dead: (ClusterAddress, MapValue, _ successorEpoch: UInt64) throws(VDError) -> Void = { _, _, _ throws(VDError) in }
+    ) throws(VDError) {
+        let epochs = snapshotEpochs.sorted()
+        func readBySnapshot(_ epoch: UInt64, successor: UInt64) -> Bool {
+            // First snapshot >= epoch, and is it before the successor?
+            var low = 0
+            var high = epochs.count
+            while low < high {
+                let mid = (low + high) / 2
+                if epochs[mid] < epoch { low = mid + 1 } else { high = mid }
+            }
+            return low < epochs.count && epochs[low] < successor
+        }
+        var currentEpochs: [ClusterAddress: UInt64] = [:]
+        let path = database.path
+        try database.scan(from: [UInt8(ascii: "c")], to: [UInt8(ascii: "d")]) { (key, raw) throws(VDError) -> Bool in
+            let address = Self.address(ofKey: key)
+            let value = try MapValue.decode(raw, key: "current", path: path)
+            currentEpochs[address] = value.epoch
+            if value.location != nil { try body(address, value, true) }
             return true
         }
-        try database.scan(from: [UInt8(ascii: "h")], to: [UInt8(ascii: "i")]) { (_, value) throws(VDError) -> Bool in
-            if value.count == MapValue.encodedBytes, value.loadUnaligned(fromByteOffset: 8, as: UInt64.self) != 0 { history += 1 }
+        var successor: (address: ClusterAddress, epoch: UInt64)?
+        try database.scan(from: [UInt8(ascii: "h")], to: [UInt8(ascii: "i")]) { (key, raw) throws(VDError) -> Bool in
+            let address = Self.address(ofKey: key)
+            let value = try MapValue.decode(raw, key: "history", path: path)
+            let next = successor?.address == address ? successor!.epoch : (currentEpochs[address] ?? .max)
+            if readBySnapshot(value.epoch, successor: next) {
+                if value.location != nil { try body(address, value, false) }
+            } else {
+                try dead(address, value, next)
+            }
+            successor = (address, value.epoch)
             return true
         }
-        return (current, history)
     }
 
     /// Metadata values whose names start with `prefix`, in name order.

@@ -159,6 +159,8 @@ public protocol ManagementService: Sendable {
     func deleteSnapshot(_ volume: String, _ snapshot: String) async throws(VDError)
     func rollback(_ volume: String, _ snapshot: String, _ request: RollbackRequest) async throws(VDError) -> SnapshotStatus
     func createClone(_ request: CreateCloneRequest) async throws(VDError) -> VolumeStatus
+    /// Looks for scrub results of the volume now and applies them (the router also polls on its own).
+    func applyScrubResults(_ volume: String) async throws(VDError)
     /// Prometheus text exposition.
     func metrics() async throws(VDError) -> String
 }

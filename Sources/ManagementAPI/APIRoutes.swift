@@ -9,6 +9,7 @@
 //   POST   /v1/volumes/NAME/snapshots                   create        CreateSnapshotRequest
 //   DELETE /v1/volumes/NAME/snapshots/SNAP              delete
 //   POST   /v1/volumes/NAME/snapshots/SNAP/rollback     rollback      RollbackRequest
+//   POST   /v1/volumes/NAME/scrub-results               apply new scrub results now
 //   POST   /v1/clones                                   clone         CreateCloneRequest
 //   GET    /metrics                                     Prometheus text
 // Errors: JSON {"code", "message"} with 400 (bad request), 404 (not found), 409 (exists, busy), 500 (the rest).
@@ -75,6 +76,9 @@ public enum APIRoutes {
             case ("POST", let p)
             where p.count == 6 && p[0] == "v1" && p[1] == "volumes" && p[3] == "snapshots" && p[5] == "rollback":
                 return .json(try await service.rollback(p[2], p[4], try decode(body)))
+            case ("POST", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "scrub-results":
+                try await service.applyScrubResults(p[2])
+                return .empty
             case ("POST", ["v1", "clones"]):
                 return .json(try await service.createClone(try decode(body)), status: 201)
             case ("GET", ["metrics"]):

@@ -59,6 +59,9 @@ public struct ManagementClient: ManagementService {
     public func createClone(_ request: CreateCloneRequest) async throws(VDError) -> VolumeStatus {
         try await call("POST", "/v1/clones", request)
     }
+    public func applyScrubResults(_ volume: String) async throws(VDError) {
+        let _: Empty? = try await call("POST", "/v1/volumes/\(volume)/scrub-results")
+    }
     public func metrics() async throws(VDError) -> String {
         let (_, body) = try await send("GET", "/metrics", body: [])
         return String(decoding: body, as: UTF8.self)

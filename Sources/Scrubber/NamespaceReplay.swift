@@ -144,26 +144,12 @@ package final class NamespaceReplay: @unchecked Sendable {
         try? Syscall.removeTree(directory)
     }
 
-    /// Every live cluster version (see the file comment), in address order.
+    /// Every live cluster version (see the file comment).
     package func liveVersions() throws(VDError) -> [LiveVersion] {
-        let snapshotEpochs = contents.snapshots.snapshots.map(\.epoch).sorted()
-        func readBySnapshot(_ epoch: UInt64, successor: UInt64) -> Bool {
-            snapshotEpochs.contains { $0 >= epoch && $0 < successor }
-        }
         var live: [LiveVersion] = []
-        var current: [ClusterAddress: MapValue] = [:]
-        for (address, value) in try map.writtenAddresses(from: 0, to: .max) {
-            current[address] = value
-            if let location = value.location { live.append(LiveVersion(address: address, epoch: value.epoch, location: location)) }
-        }
-        var successor: (address: ClusterAddress, epoch: UInt64)?
-        try map.forEachHistory { (address, value) throws(VDError) in
-            let next: UInt64
-            if let s = successor, s.address == address { next = s.epoch } else { next = current[address]?.epoch ?? .max }
-            if let location = value.location, readBySnapshot(value.epoch, successor: next) {
-                live.append(LiveVersion(address: address, epoch: value.epoch, location: location))
-            }
-            successor = (address, value.epoch)
+        try map.forEachLiveVersion(snapshotEpochs: contents.snapshots.snapshots.map(\.epoch)) {
+            (address, value, _) throws(VDError) in
+            live.append(LiveVersion(address: address, epoch: value.epoch, location: value.location!))
         }
         return live
     }

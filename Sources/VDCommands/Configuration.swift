@@ -120,6 +120,10 @@ struct ConfigFile: Decodable {
         var zero_ahead: Bool?
     }
     struct MapSection: Decodable { var cache_entries: Int? }
+    struct ScrubSection: Decodable {
+        var poll_seconds: NumberValue?
+        var delete_grace_seconds: NumberValue?
+    }
     struct Shutdown: Decodable { var drain_timeout_seconds: NumberValue? }
     struct Backend: Decodable {
         var url: String
@@ -137,6 +141,7 @@ struct ConfigFile: Decodable {
     var upload: Upload?
     var cache: Cache?
     var map: MapSection?
+    var scrub: ScrubSection?
     var shutdown: Shutdown?
     var backends: [String: Backend]?
 }
@@ -246,6 +251,8 @@ extension VDConfiguration {
             if let v = cache.zero_ahead { volumeOptions.zeroAhead = v }
         }
         if let entries = file.map?.cache_entries { volumeOptions.mapCacheEntries = entries }
+        if let v = file.scrub?.poll_seconds { volumeOptions.scrubPollSeconds = v.value }
+        if let v = file.scrub?.delete_grace_seconds { volumeOptions.scrubDeleteGraceSeconds = v.value }
         if let timeout = file.shutdown?.drain_timeout_seconds { drainTimeoutSeconds = timeout.value }
         if let backends = file.backends {
             for (name, backend) in backends {

@@ -226,6 +226,11 @@ final class RouterService: ManagementService {
         }
     }
 
+    func applyScrubResults(_ text: String) async throws(VDError) {
+        let volume = try await router.openVolume(named: try name(text))
+        await volume.scrubPass()
+    }
+
     // MARK: metrics
 
     func metrics() async throws(VDError) -> String {

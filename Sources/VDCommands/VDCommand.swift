@@ -17,7 +17,10 @@ package struct VDCommand: AsyncParsableCommand {
             defaults apply (data directory: $VD_DATA_DIR, /var/lib/vd for root, else ~/.local/share/vd).
             """,
         version: VDVersion.current,
-        subcommands: [ServeCommand.self, VolumeCommand.self, SnapshotCommand.self, CloneCommand.self, BackendCommand.self]
+        subcommands: [
+            ServeCommand.self, VolumeCommand.self, SnapshotCommand.self, CloneCommand.self, ScrubCommand.self, CheckCommand.self,
+            BackendCommand.self,
+        ]
     )
 
     package init() {}

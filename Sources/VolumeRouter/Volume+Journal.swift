@@ -73,6 +73,8 @@ struct WriterState {
     var unsyncedFiles: [FlashFile] = []
     /// When the first write went into the open journal (for age-based sealing).
     var openJournalFirstWrite: ContinuousClock.Instant?
+    /// The open journal's epoch (SCO number).
+    var openEpoch: UInt64 = 0
     /// Bytes in the open journal.
     var openJournalBytes: UInt64 = UInt64(SCOFormat.blockBytes)
     /// When the open journal was started.
@@ -298,6 +300,7 @@ extension Volume {
             state.openJournalBytes = UInt64(SCOFormat.blockBytes)
             state.writtenGeneration += 1
             state.journalOpenedAt = .now
+            state.openEpoch = next.rawValue
             state.reservedEnd = UInt64(SCOFormat.blockBytes)
             state.zeroFrontier = UInt64(SCOFormat.blockBytes)
             state.zeroingPaused = false

@@ -97,6 +97,32 @@ extension Volume {
             }
             table.snapshots.remove(at: index)
         }
+        startBackground { await $0.dropDeadHistory() }
+    }
+
+    /// Removes kept older cluster versions that no snapshot (nor rollback target) reads any more. They could never
+    /// be read again; a replay of the TLogs would not keep them either.
+    ///
+    /// A snapshot taken while this runs is at or after the epoch open now, minus one; only versions superseded before
+    /// that are dropped, so no such snapshot can need one.
+    func dropDeadHistory() async {
+        let openEpoch = writer.withLock { $0.openEpoch }
+        let retained = snapshotTable.retainedEpochs
+        do throws(VDError) {
+            var drop: [(ClusterAddress, UInt64)] = []
+            try map.forEachLiveVersion(snapshotEpochs: retained, { _, _, _ throws(VDError) in }) {
+                address, value, successor throws(VDError) in
+                if successor + 1 < openEpoch { drop.append((address, value.epoch)) }
+            }
+            for start in stride(from: 0, to: drop.count, by: 65536) {
+                var update = MapUpdate()
+                update.dropHistory = Array(drop[start..<min(start + 65536, drop.count)])
+                try map.apply(update)
+            }
+            if !drop.isEmpty { logger.info("dropped \(drop.count) cluster version(s) no snapshot reads any more") }
+        } catch {
+            logger.warning("cannot drop unread cluster versions: \(error)")
+        }
     }
 
     /// Records that `clone` reads through snapshot `name` (or no longer does).
@@ -229,10 +255,11 @@ extension Volume {
         }
         var scrubBytes: UInt64 = 0
         for (_, value) in try map.metadata(withPrefix: "scrub-sco-bytes-") { scrubBytes += value.littleEndianUInt64 ?? 0 }
-        let counts = try map.referencedClusterCount()
+        var live: UInt64 = 0
+        try map.forEachLiveVersion(snapshotEpochs: snapshotTable.snapshots.map(\.epoch)) { _, _, _ throws(VDError) in live += 1 }
         let open = writer.withLock { $0.openJournalBytes }
         return VolumeSpace(
             writtenBytes: epochs.reduce(open + scrubBytes) { $0 + $1.1 },
-            referencedBytes: (counts.current + counts.history) * UInt64(clusterBytes), epochBytes: epochs)
+            referencedBytes: live * UInt64(clusterBytes), epochBytes: epochs)
     }
 }

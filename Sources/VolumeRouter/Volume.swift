@@ -67,7 +67,9 @@ package final class Volume: BlockDevice {
         self.logger = logger
         self.clusterBytes = Int(config.clusterSizeBytes)
         self.journal = journal
-        self.writer = Mutex(WriterState(currentFile: journal.file))
+        var writerState = WriterState(currentFile: journal.file)
+        writerState.openEpoch = journal.sco.rawValue
+        self.writer = Mutex(writerState)
         self.uploads = Mutex(UploadState(storedThrough: storedThrough))
         self.unstoredBytes = Atomic(unstoredBytes)
     }

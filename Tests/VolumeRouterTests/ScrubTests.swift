@@ -70,6 +70,8 @@ import VolumeCore
         let s3 = try await h.volume.createSnapshot(named: "s3")
         // Round 1: s1 goes; the first fill is all garbage (overwritten before s2).
         try h.volume.deleteSnapshot(named: "s1")
+        // What is referenced: the volume now (8 MiB) and what only s2 still reads (the half overwritten after it).
+        #expect(try h.volume.space().referencedBytes == UInt64(Self.size + Self.size / 2))
         try await h.volume.submit(.roll)
         try await h.waitUntilStored()
         let stored1 = try await backendSCOBytes()
