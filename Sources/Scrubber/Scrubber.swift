@@ -312,12 +312,3 @@ actor Throttle {
     }
 }
 
-/// Crash points for tests: VD_SCRUB_FAILPOINT=NAME kills the process (SIGKILL) when the run reaches NAME.
-enum Failpoint {
-    static let armed = ProcessInfo.processInfo.environment["VD_SCRUB_FAILPOINT"]
-
-    static func hit(_ name: String) {
-        guard armed == name else { return }
-        kill(getpid(), SIGKILL)
-    }
-}

@@ -95,15 +95,17 @@ extension Volume {
         }
         guard appliedAt.duration(to: .now) >= .milliseconds(Int64(options.scrubDeleteGraceSeconds * 1000)) else { return }
         try await backend.put(layout.scrubAppliedObject(result.id), data: ByteBuffer())
+        Failpoint.hit("router-scrub-after-marker")
         try await deleteSources(of: result)
         scrubState.withLock { _ = $0.done.insert(result.id) }
         logger.info("scrub result \(result.id) is on the backend; deleted its \(result.sources.count) source SCO(s)")
     }
 
     private func deleteSources(of result: ScrubResult) async throws(VDError) {
-        for raw in result.sources {
+        for (index, raw) in result.sources.enumerated() {
             let sco = SCONumber(raw)
             try await backend.delete(layout.scoObject(sco))
+            if index == 0 { Failpoint.hit("router-scrub-mid-delete") }
             cache.remove(cacheKey(sco))
             try? Syscall.unlinkIfPresent(layout.scoPath(sco))
             try? Syscall.unlinkIfPresent(layout.fetchedPath(sco))
@@ -117,6 +119,7 @@ extension Volume {
     func performScrubApply(_ request: ScrubApplyRequest) throws(VDError) {
         scrubState.withLock { $0.results[request.result.id] = request.result }
         try writeEntries([.scrubApplied(resultID: request.result.id)])
+        Failpoint.hit("router-scrub-after-entry")
         // The entry must reach a TLog on the backend before the sources can go: seal now rather than at the next
         // age-based roll.
         try roll()

@@ -9,6 +9,11 @@ public struct ProcessResult: Sendable {
     public var output: String
     public var error: String
     public var succeeded: Bool { status == 0 }
+    public init(status: Int32, output: String, error: String) {
+        self.status = status
+        self.output = output
+        self.error = error
+    }
 }
 
 public enum ProcessRunner {
