@@ -1,7 +1,8 @@
 // The scrub lease of a volume: an object (NAME/scrub.lease) naming the scrubber that holds it and until when.
 // Object stores here offer no conditional write, so taking it is write, wait, read back: of two scrubbers that write
 // within the wait, only the one whose token is still there after its wait goes on (the later writer); the other
-// backs off. A lease that expired (its holder was killed) can be taken; a live one is refused naming its holder.
+// backs off. A lease that expired, or whose holder ran on this host and is gone (killed), can be taken; a live one is
+// refused naming its holder.
 
 package import Foundation
 package import ObjectStore
@@ -11,6 +12,15 @@ package struct LeaseRecord: Codable, Sendable {
     package var token: String
     package var holder: String
     package var expiresAt: Date
+    /// The holder's process and host: a lease held by a process of this host that no longer exists is stale.
+    package var pid: Int32?
+    package var host: String?
+
+    /// The holder is known to be gone (it ran on this host and its process is not there any more).
+    var holderIsGone: Bool {
+        guard let pid, let host, host == ScrubLease.hostName else { return false }
+        return kill(pid, 0) != 0 && errno == ESRCH
+    }
 }
 
 package final class ScrubLease: @unchecked Sendable {
@@ -43,11 +53,13 @@ package final class ScrubLease: @unchecked Sendable {
     package static func acquire(layout: VolumeLayout, backend: any ObjectStore, seconds: Double) async throws(VDError)
         -> ScrubLease
     {
-        if let current = try await read(layout: layout, backend: backend), current.expiresAt > Date() {
+        if let current = try await read(layout: layout, backend: backend), current.expiresAt > Date(), !current.holderIsGone {
             throw busy(current, layout: layout)
         }
         let token = UUID().uuidString
-        let record = LeaseRecord(token: token, holder: holderDescription(), expiresAt: Date().addingTimeInterval(seconds))
+        let record = LeaseRecord(
+            token: token, holder: holderDescription(), expiresAt: Date().addingTimeInterval(seconds), pid: getpid(),
+            host: hostName)
         try await backend.put(layout.scrubLeaseObject, data: try MetadataRecord.encode(record, kind: .lease))
         try? await Task.sleep(for: .milliseconds(Int(settleSeconds * 1000)))
         guard let check = try await read(layout: layout, backend: backend), check.token == token else {
@@ -65,12 +77,15 @@ package final class ScrubLease: @unchecked Sendable {
         )
     }
 
-    static func holderDescription() -> String {
+    static let hostName: String = {
         var host = [UInt8](repeating: 0, count: 256)
-        _ = host.withUnsafeMutableBufferPointer { gethostname(UnsafeMutableRawPointer($0.baseAddress!).assumingMemoryBound(to: CChar.self), 255) }
-        let name = String(decoding: host.prefix { $0 != 0 }, as: UTF8.self)
-        return "vd scrub (pid \(getpid()) on \(name))"
-    }
+        _ = host.withUnsafeMutableBufferPointer {
+            gethostname(UnsafeMutableRawPointer($0.baseAddress!).assumingMemoryBound(to: CChar.self), 255)
+        }
+        return String(decoding: host.prefix { $0 != 0 }, as: UTF8.self)
+    }()
+
+    static func holderDescription() -> String { "vd scrub (pid \(getpid()) on \(hostName))" }
 
     /// Extends the lease when less than half of it is left.
     package func renewIfNeeded(backend: any ObjectStore) async throws(VDError) {
@@ -78,7 +93,8 @@ package final class ScrubLease: @unchecked Sendable {
         guard let current = try await Self.read(layout: layout, backend: backend), current.token == token else {
             throw VDError(.busy, "the scrub lease of \(layout.namespace) was taken over; stopping")
         }
-        let renewed = LeaseRecord(token: token, holder: current.holder, expiresAt: Date().addingTimeInterval(seconds))
+        var renewed = current
+        renewed.expiresAt = Date().addingTimeInterval(seconds)
         try await backend.put(layout.scrubLeaseObject, data: try MetadataRecord.encode(renewed, kind: .lease))
         expiresAt = renewed.expiresAt
     }
