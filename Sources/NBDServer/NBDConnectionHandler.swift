@@ -373,7 +373,7 @@ package final class NBDConnectionHandler: ChannelDuplexHandler {
         do throws(VDError) {
             switch operation {
             case .read(let offset, let length):
-                return .success(.data(try await device.read(offset: offset, length: length)))
+                return .success(.sparseData(try await device.readSparse(offset: offset, length: length)))
             case .write(let offset, let data, let fua):
                 try await device.write(offset: offset, data: data, fua: fua)
             case .flush:
@@ -422,6 +422,17 @@ package final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private func send(_ reply: NBDReply) {
         guard let context else { return }
+        if case .sparseRead(let cookie, let offset, let data, let holes) = reply {
+            // Chunk headers and data slices, in order, after what is accumulated.
+            flushOutboundBuffer(context: context)
+            for segment in NBDReplyEncoder.encodeSparseRead(
+                cookie: cookie, offset: offset, data: data, holes: holes, allocator: context.channel.allocator)
+            {
+                context.write(wrapOutboundOut(segment), promise: nil)
+            }
+            markUnflushed()
+            return
+        }
         if outbound == nil { outbound = context.channel.allocator.buffer(capacity: 1024) }
         if let data = NBDReplyEncoder.encode(reply, into: &outbound!) {
             // The header must precede the data: hand over what is accumulated, then the data buffer itself.

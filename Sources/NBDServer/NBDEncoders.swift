@@ -25,6 +25,10 @@ package enum NBDReply: Hashable, Sendable {
     /// A successful READ: a simple reply followed by the data, or (structured) one `NBD_REPLY_TYPE_OFFSET_DATA` chunk
     /// flagged done.
     case readData(cookie: UInt64, offset: UInt64, data: ByteBuffer, structured: Bool)
+    /// A successful structured READ with holes: `NBD_REPLY_TYPE_OFFSET_DATA` chunks for the stored parts and
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE` chunks for `holes` (ranges relative to `offset`, ascending), in offset order, the
+    /// last flagged done.
+    case sparseRead(cookie: UInt64, offset: UInt64, data: ByteBuffer, holes: [Range<Int>])
     /// A structured `NBD_REPLY_TYPE_ERROR` chunk flagged done.
     case structuredError(cookie: UInt64, error: UInt32, message: String)
     /// A structured `NBD_REPLY_TYPE_BLOCK_STATUS` chunk flagged done.
@@ -32,8 +36,8 @@ package enum NBDReply: Hashable, Sendable {
 
     package var cookie: UInt64 {
         switch self {
-        case .simple(let cookie, _), .readData(let cookie, _, _, _), .structuredError(let cookie, _, _),
-            .blockStatus(let cookie, _, _):
+        case .simple(let cookie, _), .readData(let cookie, _, _, _), .sparseRead(let cookie, _, _, _),
+            .structuredError(let cookie, _, _), .blockStatus(let cookie, _, _):
             return cookie
         }
     }
@@ -41,9 +45,17 @@ package enum NBDReply: Hashable, Sendable {
 
 package enum NBDReplyEncoder {
     /// Appends the reply's header bytes to `buffer` and returns the data buffer that must follow them on the wire
-    /// (READ data, passed through without copying), if any.
+    /// (READ data, passed through without copying), if any. A `.sparseRead` may have several data parts, so here it is
+    /// copied whole into `buffer`; the connection sends it with `encodeSparseRead` instead, without copying.
     package static func encode(_ reply: NBDReply, into buffer: inout ByteBuffer) -> ByteBuffer? {
         switch reply {
+        case .sparseRead(let cookie, let offset, let data, let holes):
+            for var segment in encodeSparseRead(
+                cookie: cookie, offset: offset, data: data, holes: holes, allocator: ByteBufferAllocator())
+            {
+                buffer.writeBuffer(&segment)
+            }
+            return nil
         case .simple(let cookie, let error):
             buffer.writeMultipleIntegers(NBDMagic.simpleReply, error, cookie)
             return nil
@@ -72,6 +84,41 @@ package enum NBDReplyEncoder {
             }
             return nil
         }
+    }
+
+    /// The chunks of a structured READ with holes, as buffers to write in order: chunk headers (hole chunks whole) and
+    /// slices of `data` (not copied). The chunk covering the end of the request carries NBD_REPLY_FLAG_DONE.
+    package static func encodeSparseRead(
+        cookie: UInt64, offset: UInt64, data: ByteBuffer, holes: [Range<Int>], allocator: ByteBufferAllocator
+    ) -> [ByteBuffer] {
+        var segments: [ByteBuffer] = []
+        var headers = allocator.buffer(capacity: 32 * (2 * holes.count + 1))
+        let total = data.readableBytes
+        var position = 0
+        func flag(_ end: Int) -> UInt16 { end == total ? NBDReplyChunk.flagDone : 0 }
+        func dataChunk(upTo end: Int) {
+            guard end > position else { return }
+            headers.writeMultipleIntegers(
+                NBDMagic.structuredReply, flag(end), NBDReplyChunk.typeOffsetData, cookie, UInt32(8 + end - position),
+                offset + UInt64(position))
+            segments.append(headers)
+            headers.clear()
+            segments.append(data.getSlice(at: data.readerIndex + position, length: end - position)!)
+            position = end
+        }
+        for hole in holes {
+            let lower = max(hole.lowerBound, position)
+            let upper = min(hole.upperBound, total)
+            guard lower < upper else { continue }
+            dataChunk(upTo: lower)
+            headers.writeMultipleIntegers(
+                NBDMagic.structuredReply, flag(upper), NBDReplyChunk.typeOffsetHole, cookie, UInt32(12),
+                offset + UInt64(lower), UInt32(upper - lower))
+            position = upper
+        }
+        dataChunk(upTo: total)
+        if headers.readableBytes > 0 { segments.append(headers) }
+        return segments
     }
 
     /// The whole reply as one buffer (tests and cold paths).

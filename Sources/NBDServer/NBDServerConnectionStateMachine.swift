@@ -65,6 +65,8 @@ package struct NBDDeviceCommand: Hashable, Sendable {
 package enum NBDDeviceOutput: Hashable, Sendable {
     case done
     case data(ByteBuffer)
+    /// READ data with the holes the device found in it.
+    case sparseData(SparseData)
     case extents([BlockExtent])
 }
 
@@ -812,6 +814,16 @@ package struct NBDServerConnectionStateMachine {
                         NBDErrno.io, "the device returned \(data.readableBytes) bytes for a \(length)-byte read")
                 }
                 return .readData(cookie: cookie, offset: offset, data: data, structured: session.structuredReplies)
+            case (.read(let offset, let length), .sparseData(let sparse)):
+                guard sparse.data.readableBytes == Int(length) else {
+                    return failure(
+                        NBDErrno.io, "the device returned \(sparse.data.readableBytes) bytes for a \(length)-byte read")
+                }
+                guard session.structuredReplies, !sparse.holes.isEmpty else {
+                    return .readData(
+                        cookie: cookie, offset: offset, data: sparse.data, structured: session.structuredReplies)
+                }
+                return .sparseRead(cookie: cookie, offset: offset, data: sparse.data, holes: sparse.holes)
             case (.blockStatus(_, let length, let requestOne), .extents(let extents)):
                 return .blockStatus(
                     cookie: cookie, contextID: NBDWire.allocationContextID,

@@ -51,6 +51,30 @@ public struct BlockExtent: Sendable, Hashable {
     }
 }
 
+/// The bytes of a read together with the parts of it that hold no stored data (unmapped or never written, so they
+/// read as zeroes): a structured NBD reply sends those as holes instead of zero bytes.
+public struct SparseData: Sendable, Hashable {
+    /// Every byte of the range, zeroes included.
+    public var data: ByteBuffer
+    /// Byte ranges relative to the start of `data` that read as zeroes because nothing is stored there; ascending,
+    /// disjoint, not adjacent. Empty when the device does not know or nothing is a hole.
+    public var holes: [Range<Int>]
+    public init(data: ByteBuffer, holes: [Range<Int>] = []) {
+        self.data = data
+        self.holes = holes
+    }
+
+    /// Adds a hole, merging it with the previous one when they touch. Holes must be added in ascending order.
+    public mutating func addHole(_ range: Range<Int>) {
+        guard !range.isEmpty else { return }
+        if let last = holes.last, last.upperBound == range.lowerBound {
+            holes[holes.count - 1] = last.lowerBound..<range.upperBound
+        } else {
+            holes.append(range)
+        }
+    }
+}
+
 /// A virtual disk. All methods may be called concurrently from many connections. Offsets and lengths are bytes and
 /// need not be aligned; a request reaching past `info.sizeBytes` fails with `.outOfRange` and changes nothing.
 ///
@@ -61,6 +85,8 @@ public protocol BlockDevice: AnyObject, Sendable {
     var info: BlockDeviceInfo { get }
     /// Reads `length` bytes. Unwritten ranges read as zeroes. Never returns data whose checksum did not verify.
     func read(offset: UInt64, length: UInt32) async throws(VDError) -> ByteBuffer
+    /// `read`, also saying which parts are holes (found from the same map lookup as the data, so the two agree).
+    func readSparse(offset: UInt64, length: UInt32) async throws(VDError) -> SparseData
     func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws(VDError)
     func flush() async throws(VDError)
     /// Discards the range: whole clusters inside it read as zeroes afterwards and stop taking space.
@@ -77,6 +103,11 @@ public protocol BlockDevice: AnyObject, Sendable {
 extension BlockDevice {
     /// Devices without a cache ignore prefetch hints.
     public func prefetch(offset: UInt64, length: UInt32) async throws(VDError) {}
+
+    /// Devices that do not track holes return the data alone.
+    public func readSparse(offset: UInt64, length: UInt32) async throws(VDError) -> SparseData {
+        SparseData(data: try await read(offset: offset, length: length))
+    }
 
     /// Checks a request's range against the device size: `.outOfRange` if it reaches past the end.
     @inlinable

@@ -39,6 +39,11 @@ package final class SnapshotView: BlockDevice {
         return try await volume.read(offset: offset, length: length, atEpoch: epoch)
     }
 
+    package func readSparse(offset: UInt64, length: UInt32) async throws(VDError) -> SparseData {
+        try checkExists()
+        return try await volume.readSparse(offset: offset, length: length, atEpoch: epoch)
+    }
+
     package func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws(VDError) { throw readOnly }
     package func flush() async throws(VDError) {}
     package func trim(offset: UInt64, length: UInt32, fua: Bool) async throws(VDError) { throw readOnly }

@@ -92,8 +92,12 @@ package final class Volume: BlockDevice {
     // MARK: read
 
     package func read(offset: UInt64, length: UInt32) async throws(VDError) -> ByteBuffer {
+        try await readSparse(offset: offset, length: length).data
+    }
+
+    package func readSparse(offset: UInt64, length: UInt32) async throws(VDError) -> SparseData {
         try checkRange(offset: offset, length: UInt64(length))
-        guard length > 0 else { return ByteBuffer() }
+        guard length > 0 else { return SparseData(data: ByteBuffer()) }
         let cs = UInt64(clusterBytes)
         let first = offset / cs
         let count = Int((offset + UInt64(length) - 1) / cs - first + 1)
@@ -109,8 +113,12 @@ package final class Volume: BlockDevice {
 
     /// Reads the volume as it was at the end of `epoch` (a snapshot, or a clone's view of its parent).
     package func read(offset: UInt64, length: UInt32, atEpoch epoch: UInt64) async throws(VDError) -> ByteBuffer {
+        try await readSparse(offset: offset, length: length, atEpoch: epoch).data
+    }
+
+    package func readSparse(offset: UInt64, length: UInt32, atEpoch epoch: UInt64) async throws(VDError) -> SparseData {
         try checkRange(offset: offset, length: UInt64(length))
-        guard length > 0 else { return ByteBuffer() }
+        guard length > 0 else { return SparseData(data: ByteBuffer()) }
         let cs = UInt64(clusterBytes)
         let first = offset / cs
         let count = Int((offset + UInt64(length) - 1) / cs - first + 1)
@@ -121,43 +129,61 @@ package final class Volume: BlockDevice {
     }
 
     /// Builds the bytes of `[offset, offset+length)` from the map values of its clusters: located clusters are read
-    /// (runs in one SCO at a time), unmapped ones are zeroes, never-written ones come from the parent snapshot of a
-    /// clone (zeroes otherwise).
+    /// (runs in one SCO at a time), unmapped ones are zeroes (holes), never-written ones come from the parent snapshot
+    /// of a clone (holes otherwise).
     private func assemble(values: [MapValue?], first: ClusterAddress, offset: UInt64, length: UInt32)
-        async throws(VDError) -> ByteBuffer
+        async throws(VDError) -> SparseData
     {
         let cs = UInt64(clusterBytes)
         let count = values.count
         if count == 1 && offset % cs == 0 && length == UInt32(clusterBytes), parent == nil || values[0] != nil {
-            guard let location = values[0]?.location else { return ByteBuffer(repeating: 0, count: clusterBytes) }
-            return try await readClusters(
-                sco: location.sco, offset: location.offset, crcs: [location.crc], firstAddress: first)
+            guard let location = values[0]?.location else {
+                return SparseData(data: ByteBuffer(repeating: 0, count: clusterBytes), holes: [0..<clusterBytes])
+            }
+            return SparseData(
+                data: try await readClusters(
+                    sco: location.sco, offset: location.offset, crcs: [location.crc], firstAddress: first))
         }
-        var result = ByteBuffer(repeating: 0, count: Int(length))
+        let end = offset + UInt64(length)
+        var result = SparseData(data: ByteBuffer(repeating: 0, count: Int(length)))
+        /// The part of the cluster run `[runStart, runEnd)` inside the request, relative to its start.
+        func clip(_ runStart: UInt64, _ runEnd: UInt64) -> Range<Int> {
+            Int(max(runStart, offset) - offset)..<Int(min(runEnd, end) - offset)
+        }
         func place(_ bytes: ByteBuffer, runStart: UInt64, runEnd: UInt64) {
-            let copyStart = max(runStart, offset)
-            let copyEnd = min(runEnd, offset + UInt64(length))
-            result.setBuffer(
-                bytes.getSlice(at: bytes.readerIndex + Int(copyStart - runStart), length: Int(copyEnd - copyStart))!,
-                at: result.readerIndex + Int(copyStart - offset))
+            let range = clip(runStart, runEnd)
+            let skip = Int(max(runStart, offset) - runStart)
+            result.data.setBuffer(
+                bytes.getSlice(at: bytes.readerIndex + skip, length: range.count)!,
+                at: result.data.readerIndex + range.lowerBound)
         }
         var i = 0
         while i < count {
+            let runStart = (first + UInt64(i)) * cs
             guard let value = values[i] else {
                 // Never written here: a clone reads its parent's snapshot.
                 var j = i + 1
                 while j < count, values[j] == nil { j += 1 }
+                let runEnd = (first + UInt64(j)) * cs
                 if let parent {
-                    let runStart = (first + UInt64(i)) * cs
-                    let runEnd = (first + UInt64(j)) * cs
-                    let bytes = try await parent.volume.read(
+                    let inherited = try await parent.volume.readSparse(
                         offset: runStart, length: UInt32(runEnd - runStart), atEpoch: parent.epoch)
-                    place(bytes, runStart: runStart, runEnd: runEnd)
+                    place(inherited.data, runStart: runStart, runEnd: runEnd)
+                    let window = clip(runStart, runEnd)
+                    let shift = Int(runStart) - Int(offset)
+                    for hole in inherited.holes {
+                        let lower = max(hole.lowerBound + shift, window.lowerBound)
+                        let upper = min(hole.upperBound + shift, window.upperBound)
+                        if lower < upper { result.addHole(lower..<upper) }
+                    }
+                } else {
+                    result.addHole(clip(runStart, runEnd))
                 }
                 i = j
                 continue
             }
             guard let location = value.location else {
+                result.addHole(clip(runStart, runStart + cs))
                 i += 1
                 continue
             }
@@ -170,7 +196,7 @@ package final class Volume: BlockDevice {
             let crcs = values[i..<j].map { $0!.location!.crc }
             let bytes = try await readClusters(
                 sco: location.sco, offset: location.offset, crcs: crcs, firstAddress: first + UInt64(i))
-            place(bytes, runStart: (first + UInt64(i)) * cs, runEnd: (first + UInt64(j)) * cs)
+            place(bytes, runStart: runStart, runEnd: (first + UInt64(j)) * cs)
             i = j
         }
         return result

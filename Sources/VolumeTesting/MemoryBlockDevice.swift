@@ -44,9 +44,13 @@ public final class MemoryBlockDevice: BlockDevice {
     }
 
     public func read(offset: UInt64, length: UInt32) async throws(VDError) -> ByteBuffer {
+        try await readSparse(offset: offset, length: length).data
+    }
+
+    public func readSparse(offset: UInt64, length: UInt32) async throws(VDError) -> SparseData {
         try takeFailure()
         try checkRange(offset: offset, length: UInt64(length))
-        var out = ByteBuffer(repeating: 0, count: Int(length))
+        var out = SparseData(data: ByteBuffer(repeating: 0, count: Int(length)))
         state.withLock { state in
             var position = offset
             let end = offset + UInt64(length)
@@ -54,8 +58,11 @@ public final class MemoryBlockDevice: BlockDevice {
                 let page = position / UInt64(Self.pageBytes)
                 let inPage = Int(position % UInt64(Self.pageBytes))
                 let count = min(Self.pageBytes - inPage, Int(end - position))
+                let at = Int(position - offset)
                 if let bytes = state.pages[page] {
-                    out.setBytes(bytes[inPage..<(inPage + count)], at: Int(position - offset))
+                    out.data.setBytes(bytes[inPage..<(inPage + count)], at: at)
+                } else {
+                    out.addHole(at..<(at + count))
                 }
                 position += UInt64(count)
             }

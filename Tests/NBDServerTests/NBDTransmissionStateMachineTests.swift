@@ -114,6 +114,55 @@ final class TransmissionDriver {
         #expect(payload.readableBytes == 1024)
     }
 
+    @Test func structuredReadSendsHolesAsOffsetHoleChunksInOrder() throws {
+        let driver = try TransmissionDriver(structured: true)
+        let command = NBDDeviceCommand(cookie: 9, operation: .read(offset: 8192, length: 16384))
+        #expect(driver.request(0, cookie: 9, offset: 8192, length: 16384) == .perform(command))
+        var data = ClientWire.pattern(0, count: 16384)
+        data.setBytes([UInt8](repeating: 0xaa, count: 4096), at: 4096)
+        data.setBytes([UInt8](repeating: 0xbb, count: 2048), at: 14336)
+        let sparse = SparseData(data: data, holes: [0..<4096, 8192..<14336])
+        let reply = try #require(driver.complete(command, result: .success(.sparseData(sparse))).reply)
+        #expect(reply == .sparseRead(cookie: 9, offset: 8192, data: data, holes: [0..<4096, 8192..<14336]))
+        var wire = NBDReplyEncoder.encode(reply)
+        let chunks = try TransmissionReply.parseAll(&wire)
+        #expect(wire.readableBytes == 0)
+        // hole, data, hole, data(done): types 2, 1, 2, 1; only the last carries NBD_REPLY_FLAG_DONE.
+        guard chunks.count == 4, case .chunk(9, 0, 2, var hole1) = chunks[0], case .chunk(9, 0, 1, var data1) = chunks[1],
+            case .chunk(9, 0, 2, var hole2) = chunks[2], case .chunk(9, 1, 1, var data2) = chunks[3]
+        else {
+            Issue.record("unexpected chunks \(chunks)")
+            return
+        }
+        #expect(hole1.readMultipleIntegers(as: (UInt64, UInt32).self)! == (8192, 4096))
+        #expect(data1.readInteger(as: UInt64.self) == 12288)
+        #expect(data1 == ClientWire.pattern(0xaa, count: 4096))
+        #expect(hole2.readMultipleIntegers(as: (UInt64, UInt32).self)! == (16384, 6144))
+        #expect(data2.readInteger(as: UInt64.self) == 22528)
+        #expect(data2 == ClientWire.pattern(0xbb, count: 2048))
+    }
+
+    @Test func sparseReadOfOnlyAHoleIsOneHoleChunkAndSimpleRepliesSendTheZeroes() throws {
+        let structured = try TransmissionDriver(structured: true)
+        let command = NBDDeviceCommand(cookie: 3, operation: .read(offset: 0, length: 4096))
+        _ = structured.request(0, cookie: 3, offset: 0, length: 4096)
+        let zeroes = ClientWire.pattern(0, count: 4096)
+        let sparse = SparseData(data: zeroes, holes: [0..<4096])
+        var wire = NBDReplyEncoder.encode(
+            try #require(structured.complete(command, result: .success(.sparseData(sparse))).reply))
+        guard case .chunk(3, 1, 2, var hole) = try TransmissionReply.parse(&wire) else {
+            Issue.record("expected one OFFSET_HOLE chunk flagged done")
+            return
+        }
+        #expect(hole.readMultipleIntegers(as: (UInt64, UInt32).self)! == (0, 4096))
+        #expect(wire.readableBytes == 0)
+
+        let simple = try TransmissionDriver()
+        _ = simple.request(0, cookie: 3, offset: 0, length: 4096)
+        let reply = simple.complete(command, result: .success(.sparseData(sparse))).reply
+        #expect(reply == .readData(cookie: 3, offset: 0, data: zeroes, structured: false))
+    }
+
     @Test func outOfRangeErrorsFollowTheSpec() throws {
         let driver = try TransmissionDriver(structured: true, metaContext: true)
         let end: UInt64 = 1 << 20

@@ -165,6 +165,14 @@ import VolumeCore
         // Allocation of a clone reports the parent's data where the clone never wrote.
         let extents = try await grandchild.allocation(offset: 0, length: UInt32(Self.size))
         #expect(extents.contains { !$0.isHole })
+        // Sparse reads of a clone of a clone: holes come from the clone's trims and from what no ancestor wrote.
+        var generator2 = SeededGenerator(seed: 13)
+        for _ in 0..<30 {
+            let offset = generator2.next() % UInt64(Self.size - 1)
+            let length = UInt32(1 + generator2.next() % min(UInt64(Self.size) - offset, 200_000))
+            try await checkSparse(grandchild, offset: offset, length: length)
+            try await checkSparse(clone, offset: offset, length: length)
+        }
         _ = await grandchild.close()
         _ = await clone.close()
     }

@@ -72,6 +72,24 @@ import VolumeCore
         #expect(extents.contains { $0.isHole })
     }
 
+    @Test func sparseReadsReportHolesThatAgreeWithAllocationAndReadAsZeroes() async throws {
+        let h = try await VolumeHarness()
+        defer { Task { await h.shutdown() } }
+        try await h.volume.write(offset: 0, data: pattern(64 * 1024, seed: 3), fua: false)
+        try await h.volume.trim(offset: 3 * 4096, length: 2 * 4096, fua: false)
+        try await h.volume.write(offset: 100 * 4096 + 17, data: pattern(5000, seed: 4), fua: false)
+        var generator = SeededGenerator(seed: 99)
+        for _ in 0..<50 {
+            let offset = generator.next() % (120 * 4096)
+            let length = UInt32(1 + generator.next() % (40 * 4096))
+            try await checkSparse(h.volume, offset: offset, length: length)
+        }
+        // A whole unwritten cluster is one hole; a written one none.
+        #expect(try await h.volume.readSparse(offset: 50 * 4096, length: 4096).holes == [0..<4096])
+        #expect(try await h.volume.readSparse(offset: 0, length: 4096).holes.isEmpty)
+        #expect(try await h.volume.readSparse(offset: 0, length: 8 * 4096).holes == [(3 * 4096)..<(5 * 4096)])
+    }
+
     @Test func dataSurvivesCleanRestart() async throws {
         let h = try await VolumeHarness()
         defer { Task { await h.shutdown() } }
@@ -342,4 +360,32 @@ import VolumeCore
         #expect(h.volume.syncState.withLock { $0.syncedGeneration } >= written)
         #expect(h.volume.writer.withLock { $0.unsyncedFiles.isEmpty })
     }
+}
+
+/// Checks one sparse read against a plain read and the allocation map: same bytes, holes read as zeroes, and the hole
+/// bytes are exactly the ones allocation reports as holes.
+func checkSparse(_ device: some BlockDevice, offset: UInt64, length: UInt32) async throws {
+    let sparse = try await device.readSparse(offset: offset, length: length)
+    let plain = try await device.read(offset: offset, length: length)
+    #expect(sparse.data == plain)
+    var previousEnd = -1
+    for hole in sparse.holes {
+        #expect(hole.lowerBound > previousEnd && hole.upperBound <= Int(length), "holes ascending, disjoint, inside")
+        previousEnd = hole.upperBound
+        #expect(plain.readableBytesView[(plain.readerIndex + hole.lowerBound)..<(plain.readerIndex + hole.upperBound)]
+            .allSatisfy { $0 == 0 })
+    }
+    var holeBytes: [Bool] = Array(repeating: false, count: Int(length))
+    for hole in sparse.holes { for i in hole { holeBytes[i] = true } }
+    var expected: [Bool] = []
+    var position = offset
+    while position < offset + UInt64(length) {
+        let extents = try await device.allocation(offset: position, length: UInt32(offset + UInt64(length) - position))
+        for extent in extents {
+            let take = Int(min(extent.lengthBytes, offset + UInt64(length) - position))
+            expected += Array(repeating: extent.isHole && extent.isZero, count: take)
+            position += UInt64(take)
+        }
+    }
+    #expect(holeBytes == expected, "holes of [\(offset), +\(length)) disagree with allocation")
 }
