@@ -25,6 +25,7 @@
 package import Logging
 package import NIOCore
 package import NIOSSL
+import Synchronization
 import VolumeCore
 
 #if canImport(Glibc)
@@ -61,6 +62,14 @@ public enum NBDDeviceExecution: Sendable, Hashable {
 }
 
 /// Per-connection settings derived from the server configuration.
+/// A shared count of live objects.
+package final class LiveCounter: Sendable {
+    private let value = Atomic<Int>(0)
+    package init() {}
+    package var count: Int { value.load(ordering: .relaxed) }
+    func add(_ delta: Int) { value.add(delta, ordering: .relaxed) }
+}
+
 package struct NBDConnectionSettings: Sendable {
     package var stateMachine: NBDServerConnectionStateMachine.Configuration
     package var handshakeTimeout: TimeAmount?
@@ -71,6 +80,9 @@ package struct NBDConnectionSettings: Sendable {
     package var tls: NIOSSLContext?
     package var optionDataBytesMax: UInt32 = NBDHandshakeDecoder.optionDataBytesMaxDefault
     package var optionDiscardBytesMax: UInt32 = NBDHandshakeDecoder.optionDiscardBytesMaxDefault
+    /// Counts the handlers made with these settings that are not yet deinitialized: a leak check (a closed connection
+    /// must free its handler, and with it its buffers, state machine and channel).
+    package var liveHandlers = LiveCounter()
 
     package init(
         stateMachine: NBDServerConnectionStateMachine.Configuration = .init(), handshakeTimeout: TimeAmount? = nil,
@@ -140,6 +152,7 @@ package final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Succeeds when the connection is closed and no device command of it is still running.
     package var quiesced: EventLoopFuture<Void> { quiescedPromise.futureResult }
 
+
     package init(
         id: Int, eventLoop: any EventLoop, settings: NBDConnectionSettings, exports: any NBDExportProvider,
         observer: (any NBDConnectionObserver)?, logger: Logger, allocator: ByteBufferAllocator
@@ -158,6 +171,11 @@ package final class NBDConnectionHandler: ChannelDuplexHandler {
         self.taskExecutor =
             settings.deviceExecution == .globalConcurrentExecutor ? nil : EventLoopTaskExecutor(eventLoop: eventLoop)
         self.quiescedPromise = eventLoop.makePromise(of: Void.self)
+        settings.liveHandlers.add(1)
+    }
+
+    deinit {
+        settings.liveHandlers.add(-1)
     }
 
     // MARK: - Channel events

@@ -216,6 +216,7 @@ public final class NBDServer: Sendable {
     private let logger: Logger
     private let lifecycle = Mutex(Lifecycle.idle)
     private let registry: NBDConnectionRegistry
+    private let liveHandlers = LiveCounter()
 
     /// - Parameters:
     ///   - configuration: listeners and per-connection bounds; checked by `start()`.
@@ -304,6 +305,7 @@ public final class NBDServer: Sendable {
             shutdownGracePeriod: Self.timeAmount(seconds: configuration.shutdownGracePeriodSeconds) ?? .zero,
             deviceExecution: configuration.deviceExecution)
         settings.tls = tls
+        settings.liveHandlers = liveHandlers
         let connectionSettings = settings
         let registry = self.registry
         let exports = self.exports
@@ -395,6 +397,10 @@ public final class NBDServer: Sendable {
 
     /// All connections, in any phase, not yet fully gone.
     public var connectionCount: Int { registry.count(export: nil) }
+
+    /// Connection handlers of this server not yet freed (0 once every connection has closed and quiesced, unless
+    /// something leaks them).
+    package var liveHandlerCount: Int { liveHandlers.count }
 
     /// Disconnects every client of `export`: requests in flight finish (up to the grace period; new ones get
     /// NBD_ESHUTDOWN), then the connections close. Returns when none of them touches the device any more, or when

@@ -126,7 +126,8 @@ struct ConfigFile: Decodable {
     }
     struct Shutdown: Decodable { var drain_timeout_seconds: NumberValue? }
     struct Backend: Decodable {
-        var url: String
+        /// Required, except for "local" (the embedded store, DATA_DIR/backend unless given).
+        var url: String?
         var compression: Bool?
     }
 
@@ -259,7 +260,11 @@ extension VDConfiguration {
                 guard !name.contains("://"), !name.isEmpty else {
                     throw VDError(.configuration, "\(path): backend name '\(name)' may not contain '://'")
                 }
-                self.backends[name] = backend.url
+                if let url = backend.url {
+                    self.backends[name] = url
+                } else if name != "local" {
+                    throw VDError(.configuration, "\(path): backends.\(name) needs a url (s3://BUCKET?endpoint=... or file:///DIR)")
+                }
                 if let compression = backend.compression { backendCompression[name] = compression }
             }
         }

@@ -63,6 +63,18 @@ import VolumeCore
         }
         try "[sco]\nsize = \"lots\"\n".write(toFile: path, atomically: true, encoding: .utf8)
         #expect(throws: VDError.self) { _ = try VDConfiguration.load(path: path) }
+        // The built-in local backend needs no url; any other backend does.
+        try "[backends.local]\ncompression = true\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let local = try VDConfiguration.load(path: path)
+        #expect(local.backendCompression["local"] == true)
+        #expect(local.backendURLs["local"] != nil)
+        try "[backends.other]\ncompression = true\n".write(toFile: path, atomically: true, encoding: .utf8)
+        do {
+            _ = try VDConfiguration.load(path: path)
+            Issue.record("a backend without url was accepted")
+        } catch {
+            #expect(error.message.contains("backends.other needs a url"))
+        }
     }
 }
 

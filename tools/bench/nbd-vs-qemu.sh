@@ -44,26 +44,33 @@ if [ -z "$vd" ]; then
 fi
 
 rm -rf "$dir"
-mkdir -p "$dir/vd" "$dir/qemu" "$dir/results"
-cleanup() {
+mkdir -p "$dir/results"
+stop_targets() {
   [ -n "${vd_pid:-}" ] && kill "$vd_pid" 2>/dev/null && wait "$vd_pid" 2>/dev/null || true
   [ -n "${qemu_pid:-}" ] && kill "$qemu_pid" 2>/dev/null && wait "$qemu_pid" 2>/dev/null || true
+  vd_pid=; qemu_pid=
 }
-trap cleanup EXIT
+trap stop_targets EXIT
 
 config_args=()
 [ -n "$extra_config" ] && config_args=(--config "$extra_config")
-"$vd" volume create bench --size "$size" --data-dir "$dir/vd/data" "${config_args[@]}" >/dev/null
-"$vd" serve --data-dir "$dir/vd/data" --nbd-socket "$dir/vd/nbd.sock" --drain-timeout 0 "${config_args[@]}" \
-  >"$dir/vd/serve.log" 2>&1 &
-vd_pid=$!
-truncate -s "$size" "$dir/qemu/disk.raw"
-qemu-nbd -k "$dir/qemu/nbd.sock" -f raw --cache=none --aio=native -t -e 8 "$dir/qemu/disk.raw" &
-qemu_pid=$!
-for _ in $(seq 100); do
-  [ -S "$dir/vd/nbd.sock" ] && [ -S "$dir/qemu/nbd.sock" ] && break
-  sleep 0.1
-done
+# Each round starts from an empty volume and an empty raw file: a log-structured volume keeps overwritten data
+# until `vd scrub` runs, so rounds of overwrites would otherwise fill the disk.
+start_targets() {
+  rm -rf "$dir/vd" "$dir/qemu"
+  mkdir -p "$dir/vd" "$dir/qemu"
+  "$vd" volume create bench --size "$size" --data-dir "$dir/vd/data" "${config_args[@]}" >/dev/null
+  "$vd" serve --data-dir "$dir/vd/data" --nbd-socket "$dir/vd/nbd.sock" --drain-timeout 0 "${config_args[@]}" \
+    >"$dir/vd/serve.log" 2>&1 &
+  vd_pid=$!
+  truncate -s "$size" "$dir/qemu/disk.raw"
+  qemu-nbd -k "$dir/qemu/nbd.sock" -f raw --cache=none --aio=native -t -e 8 "$dir/qemu/disk.raw" &
+  qemu_pid=$!
+  for _ in $(seq 100); do
+    [ -S "$dir/vd/nbd.sock" ] && [ -S "$dir/qemu/nbd.sock" ] && break
+    sleep 0.1
+  done
+}
 
 declare -A uri=(
   [vd]="nbd+unix:///bench?socket=$dir/vd/nbd.sock"
@@ -79,6 +86,7 @@ run_fio() { # target name args...
 }
 
 for round in $(seq "$repeat"); do
+  start_targets
   for target in vd qemu; do
     run_fio "$target" "seqwrite.$round" --rw=write --bs=1M --iodepth=8 --size="$size" --runtime="$runtime" --time_based
   done
@@ -92,7 +100,9 @@ for round in $(seq "$repeat"); do
   for target in vd qemu; do
     run_fio "$target" "flushwrite.$round" --rw=randwrite --bs=4k --iodepth=1 --fsync=1 --size="$size" --runtime="$runtime" --time_based
   done
+  stop_targets
 done
+rm -rf "$dir/vd" "$dir/qemu"
 
 python3 - "$dir/results" "$repeat" <<'PY'
 import json, statistics, sys
