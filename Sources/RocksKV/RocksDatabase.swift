@@ -17,7 +17,16 @@ package final class RocksEnvironment: @unchecked Sendable {
         tableOptions = rocksdb_block_based_options_create()
         rocksdb_block_based_options_set_block_cache(tableOptions, cache)
         rocksdb_block_based_options_set_filter_policy(tableOptions, rocksdb_filterpolicy_create_bloom(10))
+        // Partitioned index and filters: a lookup loads only the few KiB of filter and index it needs into the
+        // cache. With whole-file filter blocks (MBs for a big map) every lookup of a new cluster re-read the entire
+        // filter once it no longer fit a cache shard; writing 50 GiB ran at 35 MB/s, most of it copying filters.
+        rocksdb_block_based_options_set_index_type(
+            tableOptions, Int32(rocksdb_block_based_table_index_type_two_level_index_search))
+        rocksdb_block_based_options_set_partition_filters(tableOptions, 1)
+        rocksdb_block_based_options_set_metadata_block_size(tableOptions, 4096)
         rocksdb_block_based_options_set_cache_index_and_filter_blocks(tableOptions, 1)
+        rocksdb_block_based_options_set_pin_top_level_index_and_filter(tableOptions, 1)
+        rocksdb_block_based_options_set_pin_l0_filter_and_index_blocks_in_cache(tableOptions, 1)
     }
 
     deinit {

@@ -143,7 +143,8 @@ final class RouterService: ManagementService {
     private func snapshotStatuses(_ volume: Volume) -> [SnapshotStatus] {
         let table = volume.snapshotTable
         let stored = volume.uploadStatus.storedThrough.rawValue
-        let epochBytes = (try? volume.space().epochBytes) ?? []
+        // Per-epoch figures only: creating or listing snapshots must not scan the map.
+        let epochBytes = (try? volume.epochBytes()) ?? []
         var previous: UInt64 = 0
         return table.snapshots.sorted { $0.epoch < $1.epoch }.map { snapshot in
             let written = epochBytes.filter { $0.epoch > previous && $0.epoch <= snapshot.epoch }.reduce(0) { $0 + $1.bytes }

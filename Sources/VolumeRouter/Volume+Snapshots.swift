@@ -246,13 +246,20 @@ package struct VolumeSpace: Sendable {
 }
 
 extension Volume {
-    package func space() throws(VDError) -> VolumeSpace {
-        var epochs: [(UInt64, UInt64)] = []
+    /// Bytes written in each sealed epoch, from metadata the sealing keeps (no map scan: cheap at any size).
+    package func epochBytes() throws(VDError) -> [(epoch: UInt64, bytes: UInt64)] {
+        var epochs: [(epoch: UInt64, bytes: UInt64)] = []
         for (key, value) in try map.metadata(withPrefix: "epoch-bytes-") {
             guard let sco = SCONumber(hex: key.dropFirst("epoch-bytes-".count)), let bytes = value.littleEndianUInt64
             else { continue }
             epochs.append((sco.rawValue, bytes))
         }
+        return epochs
+    }
+
+    /// Written, referenced (a scan of every live cluster version: proportional to the data) and per-epoch space.
+    package func space() throws(VDError) -> VolumeSpace {
+        let epochs = try epochBytes()
         var scrubBytes: UInt64 = 0
         for (_, value) in try map.metadata(withPrefix: "scrub-sco-bytes-") { scrubBytes += value.littleEndianUInt64 ?? 0 }
         var live: UInt64 = 0

@@ -35,17 +35,23 @@ pid=$!
 for _ in $(seq 100); do grep -q "^ready" "$DIR/serve.log" && break; sleep 0.1; done
 api() { curl -s -o /dev/null -w "%{time_total}" --unix-socket "$DIR/data/api.sock" -X POST -H 'Content-Type: application/json' -d "$2" "http://vd$1"; }
 U="nbd+unix:///parent?socket=$DIR/data/nbd.sock"
-printf "%-10s %16s %16s %16s %16s\n" "written" "snapshot API s" "snapshot CLI s" "clone API s" "clone CLI s"
+unstored() { curl -s --unix-socket "$DIR/data/api.sock" http://vd/metrics | awk '/^vd_volume_unstored_bytes\{volume="parent"\}/ {print $2}'; }
+# "busy": right after the fill, while up to upload.max_pending of it is still being sealed and uploaded (the roll's
+# file-system syncs then queue behind that write-back); "idle": once the backend holds everything.
+printf "%-10s %12s %12s %12s %12s %12s\n" "written" "snap busy s" "snap idle s" "snap CLI s" "clone API s" "clone CLI s"
 done_gib=0
 for w in $WRITTEN; do
   fio --name=fill --ioengine=nbd --uri="$U" --rw=write --bs=1M --iodepth=8 --offset="${done_gib}G" --size="$((w - done_gib))G" \
     --buffer_compress_percentage=70 --refill_buffers >/dev/null
   done_gib=$w
+  snap_busy=$(api /v1/volumes/parent/snapshots "{\"name\":\"busy$w\"}")
+  for _ in $(seq 600); do [ "$(unstored)" -lt $((64 << 20)) ] 2>/dev/null && break; sleep 1; done
+  sync; sleep 2
   snap_api=$(api /v1/volumes/parent/snapshots "{\"name\":\"a$w\"}")
   t0=$(date +%s.%N); "$VD" snapshot create parent "b$w" --data-dir "$DIR/data" >/dev/null; snap_cli=$(echo "$(date +%s.%N) - $t0" | bc)
   clone_api=$(api /v1/clones "{\"parent\":\"parent\",\"snapshot\":\"a$w\",\"name\":\"c$w\"}")
   t0=$(date +%s.%N); "$VD" clone create "parent@b$w" "d$w" --data-dir "$DIR/data" >/dev/null; clone_cli=$(echo "$(date +%s.%N) - $t0" | bc)
-  printf "%-10s %16.3f %16.3f %16.3f %16.3f\n" "${w} GiB" "$snap_api" "$snap_cli" "$clone_api" "$clone_cli"
+  printf "%-10s %12.3f %12.3f %12.3f %12.3f %12.3f\n" "${w} GiB" "$snap_busy" "$snap_api" "$snap_cli" "$clone_api" "$clone_cli"
 done
 last=$(echo $WRITTEN | awk '{print $NF}')
 read_job() { # uri rw bs depth
