@@ -94,3 +94,28 @@ package final class FlashFile: Sendable {
     package func size() throws(VDError) -> UInt64 { try Syscall.fileSize(try liveDescriptor(), path: path) }
     package func dropCache() { if let fd = try? liveDescriptor() { Syscall.dropCache(fd) } }
 }
+
+extension FlashFile {
+    /// Replaces the file `directory/name` with `bytes` durably and atomically: written to `name.tmp`, synced, renamed
+    /// over the target, then the directory synced. A crash leaves the old file or the new one, never a mix; a
+    /// failure removes the temporary file.
+    package static func replaceDurably(
+        directory: String, name: String, with bytes: UnsafeRawBufferPointer
+    ) throws(VDError) {
+        let target = directory + "/" + name
+        let temporary = target + ".tmp"
+        try Syscall.unlinkIfPresent(temporary)
+        let file = try FlashFile(path: temporary, options: [.create, .truncate])
+        do throws(VDError) {
+            try file.write(bytes, at: 0)
+            try file.sync()
+            file.close()
+            try Syscall.rename(temporary, target)
+            try Syscall.syncDirectory(directory)
+        } catch {
+            file.close()
+            try? Syscall.unlinkIfPresent(temporary)
+            throw error
+        }
+    }
+}

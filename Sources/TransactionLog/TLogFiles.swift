@@ -10,21 +10,8 @@ package enum TLogFiles {
 
     /// Writes `tlog` durably as DIRECTORY/<number>.tlog.
     package static func write(_ tlog: TLog, directory: String) throws(VDError) {
-        let target = directory + "/" + fileName(tlog.number)
-        let temporary = target + ".tmp"
-        let bytes = tlog.encode()
-        try Syscall.unlinkIfPresent(temporary)
-        let file = try FlashFile(path: temporary, options: [.create, .truncate])
-        do throws(VDError) {
-            try bytes.withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: 0) }
-            try file.sync()
-            file.close()
-            try Syscall.rename(temporary, target)
-            try Syscall.syncDirectory(directory)
-        } catch {
-            file.close()
-            try? Syscall.unlinkIfPresent(temporary)
-            throw error
+        try tlog.encode().withUnsafeReadableBytes { (raw) throws(VDError) in
+            try FlashFile.replaceDurably(directory: directory, name: fileName(tlog.number), with: raw)
         }
     }
 

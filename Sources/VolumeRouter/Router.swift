@@ -103,20 +103,9 @@ package enum VolumeRegistry {
     package static func write(_ registration: VolumeRegistration, dataDirectory: String) throws(VDError) {
         let directory = directory(dataDirectory)
         try Syscall.makeDirectories(directory)
-        let path = path(dataDirectory, registration.config.name)
-        let temporary = path + ".tmp"
-        let bytes = try MetadataRecord.encode(registration, kind: .volumeRegistration)
-        let file = try FlashFile(path: temporary, options: [.create, .truncate])
-        do throws(VDError) {
-            try bytes.withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: 0) }
-            try file.sync()
-            file.close()
-            try Syscall.rename(temporary, path)
-            try Syscall.syncDirectory(directory)
-        } catch {
-            file.close()
-            try? Syscall.unlinkIfPresent(temporary)
-            throw error
+        let name = registration.config.name.rawValue + ".volume"
+        try MetadataRecord.encode(registration, kind: .volumeRegistration).withUnsafeReadableBytes {
+            (raw) throws(VDError) in try FlashFile.replaceDurably(directory: directory, name: name, with: raw)
         }
     }
 

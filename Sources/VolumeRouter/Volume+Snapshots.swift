@@ -189,19 +189,8 @@ extension Volume {
     }
 
     static func saveTable(_ table: SnapshotTable, layout: VolumeLayout) throws(VDError) {
-        let path = layout.flashDirectory + "/" + snapshotTableFile
-        let temporary = path + ".tmp"
-        let bytes = try MetadataRecord.encode(table, kind: .snapshotTable)
-        let file = try FlashFile(path: temporary, options: [.create, .truncate])
-        do throws(VDError) {
-            try bytes.withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: 0) }
-            try file.sync()
-            file.close()
-            try Syscall.rename(temporary, path)
-            try Syscall.syncDirectory(layout.flashDirectory)
-        } catch {
-            file.close()
-            throw error
+        try MetadataRecord.encode(table, kind: .snapshotTable).withUnsafeReadableBytes { (raw) throws(VDError) in
+            try FlashFile.replaceDurably(directory: layout.flashDirectory, name: snapshotTableFile, with: raw)
         }
     }
 
