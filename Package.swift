@@ -5,7 +5,7 @@
 //
 //   vd -> VDCommands -> VolumeRouter, NBDServer
 //   VolumeRouter -> Scrubber (namespace replay, scrub results), SCOCache, BlockMap, TransactionLog, ObjectStore
-//   SCOCache -> FlashIO, ObjectStore;  BlockMap -> RocksKV;  ObjectStore -> FlashIO, SnappyCodec? (no), CLibS3
+//   SCOCache -> FlashIO, ObjectStore;  BlockMap -> VolumeCore (any KeyValueStore; RocksKV implements it);  ObjectStore -> FlashIO, SnappyCodec? (no), CLibS3
 //   everything -> VolumeCore
 //
 // Each C library is reached through exactly one Swift target:
@@ -81,7 +81,7 @@ let package = Package(
         .target(name: "TransactionLog", dependencies: ["VolumeCore", "FlashIO"], swiftSettings: swiftSettings),
         .target(
             name: "BlockMap",
-            dependencies: ["VolumeCore", "RocksKV", .product(name: "Collections", package: "swift-collections")],
+            dependencies: ["VolumeCore", .product(name: "Collections", package: "swift-collections")],
             swiftSettings: swiftSettings
         ),
         .target(
@@ -105,6 +105,7 @@ let package = Package(
             name: "VolumeRouter",
             dependencies: [
                 "VolumeCore", "FlashIO", "ObjectStore", "TransactionLog", "BlockMap", "SCOCache", "SnappyCodec", "Scrubber",
+                "RocksKV",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -12,7 +12,6 @@
 // Value (24 bytes, little-endian): epoch u64 | sco u64 (0 = unmapped) | offset u32 | crc u32.
 
 import Collections
-package import RocksKV
 import Synchronization
 package import VolumeCore
 
@@ -67,7 +66,7 @@ package struct MapUpdate {
 }
 
 package final class BlockMap: Sendable {
-    private let database: RocksDatabase
+    private let database: any KeyValueStore
     private let cache: Mutex<Cache>
 
     /// A two-generation cache: lookups hit `young` then `old` (promoting); when `young` is full it becomes `old`.
@@ -99,7 +98,7 @@ package final class BlockMap: Sendable {
     }
 
     /// `cacheEntries`: the most map entries kept in memory (about 64 bytes each).
-    package init(database: RocksDatabase, cacheEntries: Int = 1 << 20) {
+    package init(database: any KeyValueStore, cacheEntries: Int = 1 << 20) {
         self.database = database
         cache = Mutex(Cache(generationEntriesMax: max(1024, cacheEntries / 2)))
     }
@@ -289,7 +288,7 @@ package final class BlockMap: Sendable {
     /// Applies `update` atomically to the database, then to the cache.
     package func apply(_ update: MapUpdate) throws(VDError) {
         guard !update.isEmpty else { return }
-        let batch = RocksWriteBatch()
+        let batch = database.makeBatch()
         // Keys and values are built in one stack buffer per entry: no heap allocation per cluster.
         withUnsafeTemporaryAllocation(byteCount: 9 + MapValue.encodedBytes, alignment: 8) { scratch in
             let key = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<9])
@@ -331,7 +330,7 @@ package final class BlockMap: Sendable {
     }
 
     /// Makes every applied update durable (memtable to disk).
-    package func persist() throws(VDError) { try database.flushMemtable() }
+    package func persist() throws(VDError) { try database.flush() }
 
     package func close() { database.close() }
 }

@@ -7,7 +7,12 @@
 #endif
 package import VolumeCore
 
-package final class DirectoryLock: Sendable {
+/// A held lock on a data directory, released explicitly or when its process ends.
+package protocol DirectoryLockHandle: Sendable {
+    func release()
+}
+
+package final class DirectoryLock: DirectoryLockHandle {
     package let path: String
     private let file: FlashFile
 

@@ -1,6 +1,9 @@
 // An open file on the local flash: positional reads and writes, syncs and sizing. Thread-safe (pread/pwrite carry
 // their own offset). The descriptor closes when the last reference goes away or on `close()`; a file unlinked while
 // readers still hold it stays readable for them, which is what lets the SCO cache evict under in-flight reads.
+//
+// A FlashFile is a handle on a `FileIO`: a real descriptor (`PosixFileIO`), or a simulated file (VolumeSimulation)
+// whose page cache and durable contents differ until it is synced.
 
 #if canImport(Glibc)
     @preconcurrency import Glibc
@@ -8,12 +11,29 @@
 import Synchronization
 package import VolumeCore
 
-/// A file descriptor with its path, closed deterministically.
+/// The operations on one open file.
+package protocol FileIO: Sendable {
+    func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(VDError)
+    func writev(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws(VDError)
+    /// Reads into `buffer`; returns how many bytes were read (short only at end of file).
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(VDError) -> Int
+    func dataSync() throws(VDError)
+    func sync() throws(VDError)
+    func truncate(to length: UInt64) throws(VDError)
+    func preallocate(_ length: UInt64, keepSize: Bool) throws(VDError)
+    func size() throws(VDError) -> UInt64
+    func dropCache()
+    func close()
+    /// The raw descriptor for libaio, or -1 (simulated, or closed).
+    var fd: Int32 { get }
+}
+
+/// A file handle with its path, closed deterministically.
 package final class FlashFile: Sendable {
     package let path: String
-    private let descriptor: Atomic<Int32>
+    package let io: any FileIO
 
-    package struct Options: OptionSet, Sendable {
+    package struct Options: OptionSet, Sendable, Hashable {
         package let rawValue: Int32
         package init(rawValue: Int32) { self.rawValue = rawValue }
         package static let create = Options(rawValue: 1)
@@ -23,7 +43,64 @@ package final class FlashFile: Sendable {
         package static let truncate = Options(rawValue: 16)
     }
 
-    package init(path: String, options: Options = []) throws(VDError) {
+    /// Opens a real file.
+    package convenience init(path: String, options: Options = []) throws(VDError) {
+        self.init(path: path, io: try PosixFileIO(path: path, options: options))
+    }
+
+    package init(path: String, io: any FileIO) {
+        self.path = path
+        self.io = io
+    }
+
+    /// The raw descriptor (for libaio); -1 for simulated files. Valid until `close()`.
+    package var fd: Int32 { io.fd }
+
+    package func close() { io.close() }
+
+    package func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(VDError) {
+        try io.write(bytes, at: offset)
+    }
+
+    package func write(_ bytes: [UInt8], at offset: UInt64) throws(VDError) {
+        try VDError.catching { try bytes.withUnsafeBytes { raw in try io.write(raw, at: offset) } }
+    }
+
+    package func writev(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws(VDError) {
+        try io.writev(buffers, at: offset)
+    }
+
+    /// Reads into `buffer`; returns how many bytes were read (short only at end of file).
+    package func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(VDError) -> Int {
+        try io.read(into: buffer, at: offset)
+    }
+
+    /// Reads exactly `count` bytes or fails with `.corrupt` (the file is shorter than its metadata says).
+    package func readExactly(_ count: Int, at offset: UInt64) throws(VDError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        let n = try VDError.catching { try bytes.withUnsafeMutableBytes { raw in try io.read(into: raw, at: offset) } }
+        guard n == count else {
+            throw VDError(.corrupt, "\(path) ends at \(offset + UInt64(n)); expected \(count) bytes at \(offset)")
+        }
+        return bytes
+    }
+
+    package func dataSync() throws(VDError) { try io.dataSync() }
+    package func sync() throws(VDError) { try io.sync() }
+    package func truncate(to length: UInt64) throws(VDError) { try io.truncate(to: length) }
+    package func preallocate(_ length: UInt64, keepSize: Bool) throws(VDError) {
+        try io.preallocate(length, keepSize: keepSize)
+    }
+    package func size() throws(VDError) -> UInt64 { try io.size() }
+    package func dropCache() { io.dropCache() }
+}
+
+/// A real file descriptor.
+package final class PosixFileIO: FileIO {
+    let path: String
+    private let descriptor: Atomic<Int32>
+
+    package init(path: String, options: FlashFile.Options) throws(VDError) {
         var flags: Int32 = options.contains(.readOnly) ? O_RDONLY : O_RDWR
         if options.contains(.create) { flags |= O_CREAT }
         if options.contains(.exclusive) { flags |= O_EXCL }
@@ -38,7 +115,6 @@ package final class FlashFile: Sendable {
         if fd >= 0 { Syscall.close(fd) }
     }
 
-    /// The raw descriptor (for libaio). Valid until `close()`.
     package var fd: Int32 { descriptor.load(ordering: .relaxed) }
 
     package func close() {
@@ -56,31 +132,12 @@ package final class FlashFile: Sendable {
         try Syscall.pwriteAll(try liveDescriptor(), bytes, at: offset, path: path)
     }
 
-    package func write(_ bytes: [UInt8], at offset: UInt64) throws(VDError) {
-        let fd = try liveDescriptor()
-        try VDError.catching { try bytes.withUnsafeBytes { raw in try Syscall.pwriteAll(fd, raw, at: offset, path: path) } }
-    }
-
     package func writev(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws(VDError) {
         try Syscall.pwritevAll(try liveDescriptor(), buffers, at: offset, path: path)
     }
 
-    /// Reads into `buffer`; returns how many bytes were read (short only at end of file).
     package func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(VDError) -> Int {
         try Syscall.preadFully(try liveDescriptor(), buffer, at: offset, path: path)
-    }
-
-    /// Reads exactly `count` bytes or fails with `.corrupt` (the file is shorter than its metadata says).
-    package func readExactly(_ count: Int, at offset: UInt64) throws(VDError) -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: count)
-        let fd = try liveDescriptor()
-        let n = try VDError.catching {
-            try bytes.withUnsafeMutableBytes { raw in try Syscall.preadFully(fd, raw, at: offset, path: path) }
-        }
-        guard n == count else {
-            throw VDError(.corrupt, "\(path) ends at \(offset + UInt64(n)); expected \(count) bytes at \(offset)")
-        }
-        return bytes
     }
 
     package func dataSync() throws(VDError) { try Syscall.fdatasync(try liveDescriptor(), path: path) }
@@ -93,29 +150,4 @@ package final class FlashFile: Sendable {
     }
     package func size() throws(VDError) -> UInt64 { try Syscall.fileSize(try liveDescriptor(), path: path) }
     package func dropCache() { if let fd = try? liveDescriptor() { Syscall.dropCache(fd) } }
-}
-
-extension FlashFile {
-    /// Replaces the file `directory/name` with `bytes` durably and atomically: written to `name.tmp`, synced, renamed
-    /// over the target, then the directory synced. A crash leaves the old file or the new one, never a mix; a
-    /// failure removes the temporary file.
-    package static func replaceDurably(
-        directory: String, name: String, with bytes: UnsafeRawBufferPointer
-    ) throws(VDError) {
-        let target = directory + "/" + name
-        let temporary = target + ".tmp"
-        try Syscall.unlinkIfPresent(temporary)
-        let file = try FlashFile(path: temporary, options: [.create, .truncate])
-        do throws(VDError) {
-            try file.write(bytes, at: 0)
-            try file.sync()
-            file.close()
-            try Syscall.rename(temporary, target)
-            try Syscall.syncDirectory(directory)
-        } catch {
-            file.close()
-            try? Syscall.unlinkIfPresent(temporary)
-            throw error
-        }
-    }
 }

@@ -3,8 +3,11 @@
 // rocksdb_t is thread-safe, so a RocksDatabase may be shared across threads; write batches and iterators are not.
 
 import CRocksDB
-package import VolumeCore
+#if canImport(Glibc)
+    @preconcurrency import Glibc
+#endif
 import Synchronization
+package import VolumeCore
 
 /// Options shared by the databases of one process (one block cache for all volumes).
 package final class RocksEnvironment: @unchecked Sendable {
@@ -47,7 +50,7 @@ package struct RocksOptions: Sendable {
 }
 
 /// A RocksDB database.
-package final class RocksDatabase: @unchecked Sendable {
+package final class RocksDatabase: KeyValueStore, @unchecked Sendable {
     package let path: String
     private let handle: Mutex<OpaquePointer?>
     private let raw: OpaquePointer
@@ -161,6 +164,39 @@ package final class RocksDatabase: @unchecked Sendable {
         try flushMemtable(try db)
     }
 
+    package func flush() throws(VDError) { try flushMemtable() }
+
+    package func makeBatch() -> any KeyValueBatch { RocksWriteBatch() }
+
+    package func write(_ batch: any KeyValueBatch) throws(VDError) {
+        guard let batch = batch as? RocksWriteBatch else { preconditionFailure("a batch from another store") }
+        try write(batch)
+    }
+
+    /// A consistent read view (a RocksDB snapshot).
+    package func snapshot() throws(VDError) -> any KeyValueSnapshot {
+        let db = try self.db
+        guard let snapshot = rocksdb_create_snapshot(db) else { throw VDError(.io, "map database \(path): no snapshot") }
+        return RocksSnapshot(database: self, snapshot: snapshot)
+    }
+
+    fileprivate func release(_ snapshot: OpaquePointer) {
+        guard let db = handle.withLock({ $0 }) else { return }
+        rocksdb_release_snapshot(db, snapshot)
+    }
+
+    fileprivate func get(_ key: [UInt8], options: OpaquePointer) throws(VDError) -> [UInt8]? {
+        var error: UnsafeMutablePointer<CChar>?
+        var length = 0
+        let value = key.withUnsafeBytes { key in
+            rocksdb_get(raw, options, key.baseAddress?.assumingMemoryBound(to: CChar.self), key.count, &length, &error)
+        }
+        try check(error, "get")
+        guard let value else { return nil }
+        defer { rocksdb_free(value) }
+        return [UInt8](UnsafeRawBufferPointer(start: value, count: length))
+    }
+
     private func flushMemtable(_ db: OpaquePointer) throws(VDError) {
         let flushOptions = rocksdb_flushoptions_create()
         defer { rocksdb_flushoptions_destroy(flushOptions) }
@@ -174,7 +210,14 @@ package final class RocksDatabase: @unchecked Sendable {
     package func scan(
         from start: [UInt8], to end: [UInt8], _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws(VDError) -> Bool
     ) throws(VDError) {
-        let iterator = rocksdb_create_iterator(try db, readOptions)!
+        try scan(from: start, to: end, options: readOptions, body)
+    }
+
+    fileprivate func scan(
+        from start: [UInt8], to end: [UInt8], options: OpaquePointer,
+        _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws(VDError) -> Bool
+    ) throws(VDError) {
+        let iterator = rocksdb_create_iterator(try db, options)!
         defer { rocksdb_iter_destroy(iterator) }
         start.withUnsafeBytes { rocksdb_iter_seek(iterator, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
         while rocksdb_iter_valid(iterator) != 0 {
@@ -211,8 +254,62 @@ package final class RocksDatabase: @unchecked Sendable {
     }
 }
 
+/// A consistent read view: reads through it see the database as it was when it was taken.
+final class RocksSnapshot: KeyValueSnapshot, @unchecked Sendable {
+    private let database: RocksDatabase
+    private let snapshot: OpaquePointer
+    private let options: OpaquePointer
+    private let released = Mutex(false)
+
+    fileprivate init(database: RocksDatabase, snapshot: OpaquePointer) {
+        self.database = database
+        self.snapshot = snapshot
+        options = rocksdb_readoptions_create()
+        rocksdb_readoptions_set_snapshot(options, snapshot)
+    }
+
+    deinit {
+        release()
+        rocksdb_readoptions_destroy(options)
+    }
+
+    func get(_ key: [UInt8]) throws(VDError) -> [UInt8]? { try database.get(key, options: options) }
+
+    func scan(
+        from start: [UInt8], to end: [UInt8], _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws(VDError) -> Bool
+    ) throws(VDError) {
+        try database.scan(from: start, to: end, options: options, body)
+    }
+
+    func release() {
+        let first = released.withLock { released -> Bool in
+            defer { released = true }
+            return !released
+        }
+        if first { database.release(snapshot) }
+    }
+}
+
+/// Opens RocksDB databases (one per volume map).
+package struct RocksStoreFactory: KeyValueStoreFactory {
+    package let environment: RocksEnvironment
+    package let options: RocksOptions
+    package init(environment: RocksEnvironment = .shared, options: RocksOptions = RocksOptions()) {
+        self.environment = environment
+        self.options = options
+    }
+    package func open(path: String) throws(VDError) -> any KeyValueStore {
+        try RocksDatabase(path: path, options: options, environment: environment)
+    }
+    package func destroy(path: String) throws(VDError) { try RocksDatabase.destroy(path: path) }
+    package func exists(path: String) -> Bool {
+        var st = stat()
+        return stat(path + "/CURRENT", &st) == 0
+    }
+}
+
 /// An atomic group of puts and deletes. Not thread-safe.
-package final class RocksWriteBatch {
+package final class RocksWriteBatch: KeyValueBatch {
     fileprivate let raw: OpaquePointer
 
     package init() { raw = rocksdb_writebatch_create() }

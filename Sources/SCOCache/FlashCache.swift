@@ -57,12 +57,15 @@ package final class FlashCache: Sendable {
     private let aio: AIOQueue?
     private let state = Mutex(State())
     private let logger: Logger
+    private let fs: any FileSystem
 
     /// `aio`: when given, sealed SCOs are read with O_DIRECT through it; otherwise through the page cache.
-    package init(capacityBytes: UInt64, aio: AIOQueue?, logger: Logger) {
+    package init(capacityBytes: UInt64, aio: AIOQueue?, logger: Logger, fs: any FileSystem = PosixFileSystem()) {
+        precondition(aio == nil || fs.pathsAreReal, "direct I/O needs a real file system")
         self.capacityBytes = capacityBytes
         self.aio = aio
         self.logger = logger
+        self.fs = fs
     }
 
     package var usesDirectIO: Bool { aio != nil }
@@ -92,7 +95,7 @@ package final class FlashCache: Sendable {
         var direct: FlashFile?
         if aio != nil, let path = state.withLock({ $0.entries[key]?.file.path }) {
             do {
-                direct = try FlashFile(path: path, options: [.readOnly, .direct])
+                direct = try fs.open(path, options: [.readOnly, .direct])
             } catch {
                 logger.warning("cannot open \(path) for direct I/O, reading it through the page cache: \(error)")
             }
@@ -142,7 +145,7 @@ package final class FlashCache: Sendable {
         guard offset % 4096 == 0, bytes.readableBytes % 4096 == 0, bytes.readableBytes > 0 else { return }
         let file = state.withLock { state -> FlashFile? in
             if let entry = state.entries[key] { return entry.present == nil ? nil : entry.file }
-            guard let file = try? FlashFile(path: path, options: [.create, .truncate]) else { return nil }
+            guard let file = try? fs.open(path, options: [.create, .truncate]) else { return nil }
             state.clock += 1
             state.entries[key] = Entry(file: file, footprintBytes: 0, evictable: true, lastAccess: state.clock, present: [])
             return file
@@ -183,7 +186,7 @@ package final class FlashCache: Sendable {
             return entry
         }
         guard let entry else { return }
-        try? Syscall.unlinkIfPresent(entry.file.path)
+        try? fs.unlinkIfPresent(entry.file.path)
     }
 
     /// Removes every entry of a volume from the cache (files are left alone: the caller owns them).
@@ -213,7 +216,7 @@ package final class FlashCache: Sendable {
         }
         for (key, entry) in victims {
             do {
-                try Syscall.unlinkIfPresent(entry.file.path)
+                try fs.unlinkIfPresent(entry.file.path)
                 logger.debug("evicted SCO \(key.sco) of volume \(key.volume) from flash")
             } catch {
                 logger.warning("cannot remove evicted SCO file \(entry.file.path): \(error)")

@@ -8,6 +8,7 @@
 //  - orphans: SCOs a killed scrub wrote but never described, and sources of applied results still present.
 // `--repair` removes orphans and nothing else.
 
+package import FlashIO
 import Foundation
 import NIOCore
 package import ObjectStore
@@ -36,12 +37,12 @@ package struct NamespaceCheck {
     package var workDirectory = "/tmp"
     package init() {}
 
-    package func run(volume: VolumeName, backend: any ObjectStore, progress: @escaping @Sendable (String) -> Void)
-        async throws(VDError) -> CheckReport
-    {
+    package func run(
+        volume: VolumeName, backend: any ObjectStore, env: Environment, progress: @escaping @Sendable (String) -> Void
+    ) async throws(VDError) -> CheckReport {
         var report = CheckReport(volume: volume.rawValue)
         let replay = try await NamespaceReplay.load(
-            volume: volume, backend: backend, workDirectory: workDirectory, logger: .init(label: "vd check"),
+            volume: volume, backend: backend, workDirectory: workDirectory, env: env, logger: .init(label: "vd check"),
             progress: progress)
         defer { replay.close() }
         let contents = replay.contents

@@ -7,11 +7,10 @@
 // else is ever read again, so nothing else needs to be kept.
 
 package import BlockMap
-import FlashIO
+package import FlashIO
 package import Logging
 package import NIOCore
 package import ObjectStore
-import RocksKV
 import SnappyCodec
 package import VolumeCore
 
@@ -54,12 +53,13 @@ package final class NamespaceReplay: @unchecked Sendable {
     package let backend: any ObjectStore
     package let contents: NamespaceContents
     package let map: BlockMap
-    private let database: RocksDatabase
+    private let database: any KeyValueStore
     private let directory: String
+    private let env: Environment
 
     /// Loads and replays the namespace of `volume` into a temporary map under `workDirectory`.
     package static func load(
-        volume: VolumeName, backend: any ObjectStore, workDirectory: String, logger: Logger,
+        volume: VolumeName, backend: any ObjectStore, workDirectory: String, env: Environment, logger: Logger,
         progress: @escaping @Sendable (String) -> Void
     ) async throws(VDError) -> NamespaceReplay {
         let layout = VolumeLayout(flashDirectory: "", namespace: volume.rawValue)
@@ -90,9 +90,9 @@ package final class NamespaceReplay: @unchecked Sendable {
             }
         }
 
-        let directory = workDirectory + "/replay-" + String(UInt64.random(in: 0...UInt64.max), radix: 16)
-        try Syscall.makeDirectories(directory)
-        let database = try RocksDatabase(path: directory)
+        let directory = workDirectory + "/replay-" + env.random.hexToken()
+        try env.fs.makeDirectories(directory)
+        let database = try env.keyValueStores.open(path: directory)
         let map = BlockMap(database: database, cacheEntries: 1 << 16)
         do throws(VDError) {
             var changes = MapChanges(
@@ -120,15 +120,18 @@ package final class NamespaceReplay: @unchecked Sendable {
             }
         } catch {
             database.close()
-            try? Syscall.removeTree(directory)
+            try? env.keyValueStores.destroy(path: directory)
+            try? env.fs.removeTree(directory)
             throw error
         }
-        return NamespaceReplay(layout: layout, backend: backend, contents: contents, map: map, database: database, directory: directory)
+        return NamespaceReplay(
+            layout: layout, backend: backend, contents: contents, map: map, database: database, directory: directory,
+            env: env)
     }
 
     private init(
         layout: VolumeLayout, backend: any ObjectStore, contents: NamespaceContents, map: BlockMap,
-        database: RocksDatabase, directory: String
+        database: any KeyValueStore, directory: String, env: Environment
     ) {
         self.layout = layout
         self.backend = backend
@@ -136,12 +139,14 @@ package final class NamespaceReplay: @unchecked Sendable {
         self.map = map
         self.database = database
         self.directory = directory
+        self.env = env
     }
 
     /// Removes the temporary map.
     package func close() {
         database.close()
-        try? Syscall.removeTree(directory)
+        try? env.keyValueStores.destroy(path: directory)
+        try? env.fs.removeTree(directory)
     }
 
     /// Every live cluster version (see the file comment).

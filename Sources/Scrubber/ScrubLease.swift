@@ -4,6 +4,7 @@
 // backs off. A lease that expired, or whose holder ran on this host and is gone (killed), can be taken; a live one is
 // refused naming its holder.
 
+package import FlashIO
 package import Foundation
 package import ObjectStore
 package import VolumeCore
@@ -28,14 +29,16 @@ package final class ScrubLease: @unchecked Sendable {
     private let seconds: Double
     private let token: String
     private var expiresAt: Date
+    private let clock: any VDClock
     /// How long to wait between writing the lease and checking it is still ours.
     static let settleSeconds: Double = 1.5
 
-    private init(layout: VolumeLayout, seconds: Double, token: String, expiresAt: Date) {
+    private init(layout: VolumeLayout, seconds: Double, token: String, expiresAt: Date, clock: any VDClock) {
         self.layout = layout
         self.seconds = seconds
         self.token = token
         self.expiresAt = expiresAt
+        self.clock = clock
     }
 
     package static func read(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) -> LeaseRecord? {
@@ -50,24 +53,27 @@ package final class ScrubLease: @unchecked Sendable {
         }
     }
 
-    package static func acquire(layout: VolumeLayout, backend: any ObjectStore, seconds: Double) async throws(VDError)
-        -> ScrubLease
+    package static func acquire(layout: VolumeLayout, backend: any ObjectStore, seconds: Double, env: Environment)
+        async throws(VDError) -> ScrubLease
     {
-        if let current = try await read(layout: layout, backend: backend), current.expiresAt > Date(), !current.holderIsGone {
+        let clock = env.clock
+        if let current = try await read(layout: layout, backend: backend), current.expiresAt > clock.wallNow(),
+            !current.holderIsGone
+        {
             throw busy(current, layout: layout)
         }
-        let token = UUID().uuidString
+        let token = env.random.hexToken() + env.random.hexToken()
         let record = LeaseRecord(
-            token: token, holder: holderDescription(), expiresAt: Date().addingTimeInterval(seconds), pid: getpid(),
-            host: hostName)
+            token: token, holder: holderDescription(), expiresAt: clock.wallNow().addingTimeInterval(seconds),
+            pid: getpid(), host: hostName)
         try await backend.put(layout.scrubLeaseObject, data: try MetadataRecord.encode(record, kind: .lease))
-        try? await Task.sleep(for: .milliseconds(Int(settleSeconds * 1000)))
+        await clock.sleep(for: .seconds(double: settleSeconds))
         guard let check = try await read(layout: layout, backend: backend), check.token == token else {
             let other = try await read(layout: layout, backend: backend)
             throw other.map { busy($0, layout: layout) }
                 ?? VDError(.busy, "another scrubber took the scrub lease of \(layout.namespace) at the same time")
         }
-        return ScrubLease(layout: layout, seconds: seconds, token: token, expiresAt: record.expiresAt)
+        return ScrubLease(layout: layout, seconds: seconds, token: token, expiresAt: record.expiresAt, clock: clock)
     }
 
     private static func busy(_ record: LeaseRecord, layout: VolumeLayout) -> VDError {
@@ -89,12 +95,12 @@ package final class ScrubLease: @unchecked Sendable {
 
     /// Extends the lease when less than half of it is left.
     package func renewIfNeeded(backend: any ObjectStore) async throws(VDError) {
-        guard expiresAt.timeIntervalSinceNow < seconds / 2 else { return }
+        guard expiresAt.timeIntervalSince(clock.wallNow()) < seconds / 2 else { return }
         guard let current = try await Self.read(layout: layout, backend: backend), current.token == token else {
             throw VDError(.busy, "the scrub lease of \(layout.namespace) was taken over; stopping")
         }
         var renewed = current
-        renewed.expiresAt = Date().addingTimeInterval(seconds)
+        renewed.expiresAt = clock.wallNow().addingTimeInterval(seconds)
         try await backend.put(layout.scrubLeaseObject, data: try MetadataRecord.encode(renewed, kind: .lease))
         expiresAt = renewed.expiresAt
     }

@@ -15,7 +15,7 @@
 // pending results are skipped.
 
 import BlockMap
-import FlashIO
+package import FlashIO
 import Foundation
 package import Logging
 import NIOCore
@@ -69,32 +69,36 @@ package struct Scrubber {
     package let backend: any ObjectStore
     package let options: ScrubOptions
     package let logger: Logger
+    package let env: Environment
     package let progress: @Sendable (String) -> Void
 
     package init(
-        volume: VolumeName, backend: any ObjectStore, options: ScrubOptions, logger: Logger,
+        volume: VolumeName, backend: any ObjectStore, options: ScrubOptions, env: Environment, logger: Logger,
         progress: @escaping @Sendable (String) -> Void = { _ in }
     ) {
         self.volume = volume
         self.backend = backend
         self.options = options
+        self.env = env
         self.logger = logger
         self.progress = progress
     }
 
     package func run() async throws(VDError) -> ScrubSummary {
-        let started = Date()
+        let started = env.clock.now()
+        func elapsedSeconds() -> Double { started.duration(to: env.clock.now()).seconds }
         var summary = ScrubSummary(volume: volume.rawValue)
         let layout = VolumeLayout(flashDirectory: "", namespace: volume.rawValue)
-        let lease = try await ScrubLease.acquire(layout: layout, backend: backend, seconds: options.leaseSeconds)
-        defer { Task { [backend] in await lease.release(backend: backend) } }
-        Failpoint.hit("after-lease")
+        let lease = try await ScrubLease.acquire(layout: layout, backend: backend, seconds: options.leaseSeconds, env: env)
+        defer { env.tasks.spawn { [backend] in await lease.release(backend: backend) } }
+        env.tasks.failpoint("after-lease")
 
         let replay = try await NamespaceReplay.load(
-            volume: volume, backend: backend, workDirectory: options.workDirectory, logger: logger, progress: progress)
+            volume: volume, backend: backend, workDirectory: options.workDirectory, env: env, logger: logger,
+            progress: progress)
         defer { replay.close() }
         let contents = replay.contents
-        Failpoint.hit("after-replay")
+        env.tasks.failpoint("after-replay")
 
         // Leftovers of a killed run: scrub SCOs that no result mentions.
         let described = Set(contents.results.values.flatMap { $0.created.map(\.sco) })
@@ -136,7 +140,7 @@ package struct Scrubber {
         summary.candidateSCOs = candidates.count
         if candidates.isEmpty || options.dryRun {
             summary.reclaimableBytes = candidates.reduce(0) { $0 + $1.length - min($1.length, $1.liveBytes) }
-            summary.seconds = Date().timeIntervalSince(started)
+            summary.seconds = elapsedSeconds()
             summary.stoppedBecause = options.dryRun ? "dry run" : "nothing to scrub"
             return summary
         }
@@ -149,13 +153,13 @@ package struct Scrubber {
         var relocations: [ScrubResult.Relocation] = []
         var sources: [UInt64] = []
         var created: [ScrubResult.CreatedSCO] = []
-        let throttle = Throttle(bytesPerSecond: options.rateBytesPerSecond)
+        let throttle = Throttle(bytesPerSecond: options.rateBytesPerSecond, clock: env.clock)
         for candidate in candidates {
             if summary.sourceBytes + candidate.length > options.maxBytes && !sources.isEmpty {
                 summary.stoppedBecause = "--max-bytes reached"
                 break
             }
-            if Date().timeIntervalSince(started) > options.maxSeconds {
+            if elapsedSeconds() > options.maxSeconds {
                 summary.stoppedBecause = "--max-seconds reached"
                 break
             }
@@ -181,7 +185,7 @@ package struct Scrubber {
                     }
                     if let full = writer.add(address: version.address, cluster: cluster, crc: version.location.crc) {
                         created.append(try await upload(full, layout: layout))
-                        Failpoint.hit("after-sco-upload")
+                        env.tasks.failpoint("after-sco-upload")
                     }
                     relocations.append(
                         ScrubResult.Relocation(
@@ -196,17 +200,17 @@ package struct Scrubber {
             progress("scrub \(volume): \(summary.rewrittenSCOs)/\(candidates.count) SCOs, \(ByteSize.format(summary.sourceBytes)) processed")
         }
         if let last = writer.finish() { created.append(try await upload(last, layout: layout)) }
-        Failpoint.hit("before-result")
+        env.tasks.failpoint("before-result")
 
         let result = ScrubResult(
             id: resultID, volumeID: contents.config.id, sources: sources, created: created, relocations: relocations,
             sourceBytes: summary.sourceBytes, copiedBytes: summary.copiedBytes)
         try await backend.put(layout.scrubResultObject(resultID), data: try MetadataRecord.encode(result, kind: .scrubResult))
-        Failpoint.hit("after-result")
+        env.tasks.failpoint("after-result")
         summary.resultID = resultID
         let createdBytes = created.reduce(0) { $0 + $1.lengthBytes }
         summary.reclaimableBytes = summary.sourceBytes > createdBytes ? summary.sourceBytes - createdBytes : 0
-        summary.seconds = Date().timeIntervalSince(started)
+        summary.seconds = elapsedSeconds()
         return summary
     }
 
@@ -299,16 +303,21 @@ struct SCOPacker {
 /// Spreads backend reads over time.
 actor Throttle {
     let bytesPerSecond: UInt64
-    private var started = Date()
+    let clock: any VDClock
+    private let started: MonotonicInstant
     private var bytes: UInt64 = 0
-    init(bytesPerSecond: UInt64) { self.bytesPerSecond = bytesPerSecond }
+    init(bytesPerSecond: UInt64, clock: any VDClock) {
+        self.bytesPerSecond = bytesPerSecond
+        self.clock = clock
+        started = clock.now()
+    }
 
     func account(_ count: UInt64) async {
         guard bytesPerSecond > 0 else { return }
         bytes += count
         let due = Double(bytes) / Double(bytesPerSecond)
-        let elapsed = Date().timeIntervalSince(started)
-        if due > elapsed { try? await Task.sleep(for: .milliseconds(Int((due - elapsed) * 1000))) }
+        let elapsed = started.duration(to: clock.now()).seconds
+        if due > elapsed { await clock.sleep(for: .seconds(double: due - elapsed)) }
     }
 }
 

@@ -34,7 +34,7 @@ final class RouterService: ManagementService {
     private func name(_ text: String) throws(VDError) -> VolumeName { try VolumeName(validating: text) }
 
     private func registration(_ name: VolumeName) throws(VDError) -> VolumeRegistration {
-        guard let registration = try VolumeRegistry.read(dataDirectory: dataDirectory, name: name) else {
+        guard let registration = try VolumeRegistry.read(dataDirectory: dataDirectory, name: name, fs: router.env.fs) else {
             throw VDError(.notFound, "no volume named \(name) in \(dataDirectory) (see `vd volume list`)")
         }
         return registration
@@ -49,7 +49,7 @@ final class RouterService: ManagementService {
     // MARK: volumes
 
     func listVolumes() async throws(VDError) -> [VolumeStatus] {
-        try VolumeRegistry.list(dataDirectory: dataDirectory).map { registration in
+        try VolumeRegistry.list(dataDirectory: dataDirectory, fs: router.env.fs).map { registration in
             let volume = router.volume(named: registration.config.name)
             return status(registration, volume: volume, space: nil)
         }
@@ -89,7 +89,7 @@ final class RouterService: ManagementService {
             let store = try backends.store(named: backendName)
             try await store.verifyAccess()
             let config = try await VolumeAdministration.create(
-                dataDirectory: dataDirectory, name: name, sizeBytes: request.sizeBytes,
+                dataDirectory: dataDirectory, fs: router.env.fs, name: name, sizeBytes: request.sizeBytes,
                 clusterSizeBytes: request.clusterSizeBytes ?? configuration.clusterSizeBytes, backendName: backendName,
                 backend: store)
             let volume = online ? try await router.openVolume(named: config.name) : nil
@@ -104,8 +104,8 @@ final class RouterService: ManagementService {
             let store = try backends.store(named: backendName)
             try await store.verifyAccess()
             _ = try await VolumeAdministration.attach(
-                dataDirectory: dataDirectory, flashDirectory: configuration.effectiveFlashDirectory, name: name,
-                backendName: backendName, backend: store)
+                dataDirectory: dataDirectory, flashDirectory: configuration.effectiveFlashDirectory, fs: router.env.fs,
+                random: router.env.random, name: name, backendName: backendName, backend: store)
             // Rebuild now: the caller learns at once whether the namespace is usable.
             let volume = try await router.openVolume(named: name)
             return status(try registration(name), volume: volume, space: nil)
@@ -116,7 +116,7 @@ final class RouterService: ManagementService {
         let name = try name(text)
         try await lifecycle.run { () async throws(VDError) in
             let registration = try registration(name)
-            let clones = try VolumeRegistry.list(dataDirectory: dataDirectory).filter { $0.config.parent?.volume == name }
+            let clones = try VolumeRegistry.list(dataDirectory: dataDirectory, fs: router.env.fs).filter { $0.config.parent?.volume == name }
             guard clones.isEmpty else {
                 throw VDError(
                     .busy,
@@ -133,7 +133,7 @@ final class RouterService: ManagementService {
             }
             let store = try backends.store(named: registration.backend)
             try await VolumeAdministration.delete(
-                dataDirectory: dataDirectory, flashDirectory: configuration.effectiveFlashDirectory,
+                dataDirectory: dataDirectory, flashDirectory: configuration.effectiveFlashDirectory, fs: router.env.fs,
                 registration: registration, backend: store)
         }
     }
@@ -214,7 +214,7 @@ final class RouterService: ManagementService {
             try parent.setClone(childName.rawValue, ofSnapshot: snapshot.name, present: true)
             do throws(VDError) {
                 _ = try await VolumeAdministration.create(
-                    dataDirectory: dataDirectory, name: childName, sizeBytes: parent.config.sizeBytes,
+                    dataDirectory: dataDirectory, fs: router.env.fs, name: childName, sizeBytes: parent.config.sizeBytes,
                     clusterSizeBytes: parent.config.clusterSizeBytes, backendName: parentRegistration.backend,
                     backend: store,
                     parent: VolumeConfig.Parent(volume: parentName, snapshot: snapshot.name, epoch: snapshot.epoch))

@@ -68,7 +68,7 @@ struct ScrubCommand: AsyncParsableCommand {
         let configuration = try global.load()
         LoggingSetup.bootstrap(level: configuration.logLevel == "info" ? "warning" : configuration.logLevel)
         let backends = ConfiguredBackends(configuration: configuration)
-        let registrations = try VolumeRegistry.list(dataDirectory: configuration.dataDirectory)
+        let registrations = try VolumeRegistry.list(dataDirectory: configuration.dataDirectory, fs: PosixFileSystem())
         var targets: [(VolumeName, String)] = []
         if all {
             targets = registrations.map { ($0.config.name, backend ?? $0.backend) }
@@ -125,7 +125,7 @@ struct ScrubCommand: AsyncParsableCommand {
         do throws(VDError) {
             let store = try backends.store(named: backendName)
             let scrubber = Scrubber(
-                volume: name, backend: store, options: options, logger: Logger(label: "vd scrub"),
+                volume: name, backend: store, options: options, env: .live(pool: .singleton), logger: Logger(label: "vd scrub"),
                 progress: { message in
                     if interactive { FileHandle.standardError.write(Data(("\r\u{1B}[K" + message).utf8)) }
                 })
@@ -190,7 +190,7 @@ struct CheckCommand: AsyncParsableCommand {
         let backendName: String
         if let backend {
             backendName = backend
-        } else if let registration = try VolumeRegistry.read(dataDirectory: configuration.dataDirectory, name: name) {
+        } else if let registration = try VolumeRegistry.read(dataDirectory: configuration.dataDirectory, name: name, fs: PosixFileSystem()) {
             backendName = registration.backend
         } else {
             throw VDError(.notFound, "no volume named \(name) in \(configuration.dataDirectory); give --backend")
@@ -202,7 +202,7 @@ struct CheckCommand: AsyncParsableCommand {
         check.repair = repair
         check.workDirectory = configuration.dataDirectory + "/scrub-tmp"
         try Syscall.makeDirectories(check.workDirectory)
-        let report = try await check.run(volume: name, backend: store) { _ in }
+        let report = try await check.run(volume: name, backend: store, env: .live(pool: .singleton)) { _ in }
         if json {
             print(try jsonString(report))
         } else {

@@ -3,6 +3,7 @@
 // (bounded by shutdown.drain_timeout_seconds), and exits 0 only when the backend holds all of it.
 
 import ArgumentParser
+import FlashIO
 import Foundation
 import Logging
 import ManagementAPI
@@ -49,7 +50,7 @@ struct ServeCommand: AsyncParsableCommand {
         let backends = ConfiguredBackends(configuration: configuration)
 
         // Check every backend a volume uses before taking I/O: a wrong key or a missing bucket is said up front.
-        let registrations = try VolumeRegistry.list(dataDirectory: configuration.dataDirectory)
+        let registrations = try VolumeRegistry.list(dataDirectory: configuration.dataDirectory, fs: PosixFileSystem())
         for name in Set(registrations.map(\.backend) + [configuration.defaultBackend]).sorted() {
             let store = try backends.store(named: name)
             do {

@@ -11,12 +11,13 @@
 // namespace and the flash directory, so a half-finished deletion never leaves a volume that looks usable.
 
 import BlockMap
-import FlashIO
+package import FlashIO
 package import Logging
 import NIOCore
 import NIOPosix
 package import ObjectStore
 package import SCOCache
+package import Foundation
 import Synchronization
 import TransactionLog
 package import VolumeCore
@@ -77,41 +78,38 @@ package enum VolumeRegistry {
     package static func directory(_ data: String) -> String { data + "/volumes" }
     package static func path(_ data: String, _ name: VolumeName) -> String { directory(data) + "/" + name.rawValue + ".volume" }
 
-    package static func list(dataDirectory: String) throws(VDError) -> [VolumeRegistration] {
+    package static func list(dataDirectory: String, fs: any FileSystem) throws(VDError) -> [VolumeRegistration] {
         var result: [VolumeRegistration] = []
-        for file in try Syscall.listDirectory(directory(dataDirectory)).sorted() where file.hasSuffix(".volume") {
+        for file in try fs.listDirectory(directory(dataDirectory)).sorted() where file.hasSuffix(".volume") {
             guard let name = VolumeName(rawValue: String(file.dropLast(".volume".count))) else { continue }
-            if let registration = try read(dataDirectory: dataDirectory, name: name) { result.append(registration) }
+            if let registration = try read(dataDirectory: dataDirectory, name: name, fs: fs) { result.append(registration) }
         }
         return result
     }
 
-    package static func read(dataDirectory: String, name: VolumeName) throws(VDError) -> VolumeRegistration? {
+    package static func read(dataDirectory: String, name: VolumeName, fs: any FileSystem) throws(VDError)
+        -> VolumeRegistration?
+    {
         let path = path(dataDirectory, name)
-        let file: FlashFile
-        do throws(VDError) {
-            file = try FlashFile(path: path, options: .readOnly)
-        } catch where error.code == .notFound {
-            return nil
-        }
-        defer { file.close() }
-        let bytes = try file.readExactly(Int(try file.size()), at: 0)
+        guard let bytes = try fs.readWholeFile(path) else { return nil }
         return try MetadataRecord.decode(
             VolumeRegistration.self, from: ByteBuffer(bytes: bytes), kind: .volumeRegistration, what: path)
     }
 
-    package static func write(_ registration: VolumeRegistration, dataDirectory: String) throws(VDError) {
+    package static func write(_ registration: VolumeRegistration, dataDirectory: String, fs: any FileSystem)
+        throws(VDError)
+    {
         let directory = directory(dataDirectory)
-        try Syscall.makeDirectories(directory)
+        try fs.makeDirectories(directory)
         let name = registration.config.name.rawValue + ".volume"
         try MetadataRecord.encode(registration, kind: .volumeRegistration).withUnsafeReadableBytes {
-            (raw) throws(VDError) in try FlashFile.replaceDurably(directory: directory, name: name, with: raw)
+            (raw) throws(VDError) in try fs.replaceDurably(directory: directory, name: name, with: raw)
         }
     }
 
-    package static func remove(dataDirectory: String, name: VolumeName) throws(VDError) {
-        try Syscall.unlinkIfPresent(path(dataDirectory, name))
-        try Syscall.syncDirectory(directory(dataDirectory))
+    package static func remove(dataDirectory: String, name: VolumeName, fs: any FileSystem) throws(VDError) {
+        try fs.unlinkIfPresent(path(dataDirectory, name))
+        try fs.syncDirectory(directory(dataDirectory))
     }
 }
 
@@ -119,14 +117,16 @@ package enum VolumeRegistry {
 package enum VolumeAdministration {
     /// Creates a volume: configuration on the backend, then the registration.
     package static func create(
-        dataDirectory: String, name: VolumeName, sizeBytes: UInt64, clusterSizeBytes: UInt32, backendName: String,
-        backend: any ObjectStore, parent: VolumeConfig.Parent? = nil
+        dataDirectory: String, fs: any FileSystem, name: VolumeName, sizeBytes: UInt64, clusterSizeBytes: UInt32,
+        backendName: String, backend: any ObjectStore, parent: VolumeConfig.Parent? = nil, id: VolumeID = .random(),
+        createdAt: Date = Date()
     ) async throws(VDError) -> VolumeConfig {
         try VolumeConfig.validate(sizeBytes: sizeBytes, clusterSizeBytes: clusterSizeBytes)
-        if try VolumeRegistry.read(dataDirectory: dataDirectory, name: name) != nil {
+        if try VolumeRegistry.read(dataDirectory: dataDirectory, name: name, fs: fs) != nil {
             throw VDError(.alreadyExists, "volume \(name) already exists")
         }
-        let config = VolumeConfig(name: name, sizeBytes: sizeBytes, clusterSizeBytes: clusterSizeBytes, parent: parent)
+        let config = VolumeConfig(
+            name: name, id: id, sizeBytes: sizeBytes, clusterSizeBytes: clusterSizeBytes, createdAt: createdAt, parent: parent)
         let layout = VolumeLayout(flashDirectory: "", namespace: name.rawValue)
         let existingConfig = try await backend.head(layout.configObject)
         let existingObjects = try await backend.list(prefix: layout.namespace + "/")
@@ -138,16 +138,18 @@ package enum VolumeAdministration {
         }
         try await backend.put(layout.configObject, data: try MetadataRecord.encode(config, kind: .volumeConfig))
         try VolumeRegistry.write(
-            VolumeRegistration(config: config, backend: backendName, namespace: name.rawValue), dataDirectory: dataDirectory)
+            VolumeRegistration(config: config, backend: backendName, namespace: name.rawValue), dataDirectory: dataDirectory,
+            fs: fs)
         return config
     }
 
     /// Registers a volume that exists on a backend (restart on another node, or after losing the local disk).
     /// `vd serve` then rebuilds its map from the TLogs in the namespace.
     package static func attach(
-        dataDirectory: String, flashDirectory: String, name: VolumeName, backendName: String, backend: any ObjectStore
+        dataDirectory: String, flashDirectory: String, fs: any FileSystem, random: any RandomSource, name: VolumeName,
+        backendName: String, backend: any ObjectStore
     ) async throws(VDError) -> (config: VolumeConfig, tlogs: Int, bytes: UInt64) {
-        if try VolumeRegistry.read(dataDirectory: dataDirectory, name: name) != nil {
+        if try VolumeRegistry.read(dataDirectory: dataDirectory, name: name, fs: fs) != nil {
             throw VDError(.alreadyExists, "volume \(name) is already registered in \(dataDirectory)")
         }
         let layout = VolumeLayout(flashDirectory: "", namespace: name.rawValue)
@@ -166,26 +168,29 @@ package enum VolumeAdministration {
         // A local flash directory left from an earlier life of this volume here would be trusted by recovery:
         // move it aside so the backend is the only source.
         let flash = flashDirectory + "/" + name.rawValue
-        if Syscall.fileExists(flash) {
-            try Syscall.rename(flash, flash + ".before-attach-" + String(UInt64.random(in: 0...UInt64.max), radix: 16))
+        if fs.fileExists(flash) {
+            try fs.rename(flash, flash + ".before-attach-" + random.hexToken())
+            try fs.syncDirectory(flashDirectory)
         }
         try VolumeRegistry.write(
-            VolumeRegistration(config: config, backend: backendName, namespace: name.rawValue), dataDirectory: dataDirectory)
+            VolumeRegistration(config: config, backend: backendName, namespace: name.rawValue), dataDirectory: dataDirectory,
+            fs: fs)
         return (config, tlogs.count, scos.reduce(0) { $0 + $1.sizeBytes })
     }
 
     /// Deletes a volume everywhere: registration, backend namespace, local flash.
     package static func delete(
-        dataDirectory: String, flashDirectory: String, registration: VolumeRegistration, backend: any ObjectStore
+        dataDirectory: String, flashDirectory: String, fs: any FileSystem, registration: VolumeRegistration,
+        backend: any ObjectStore
     ) async throws(VDError) {
         let name = registration.config.name
-        try VolumeRegistry.remove(dataDirectory: dataDirectory, name: name)
+        try VolumeRegistry.remove(dataDirectory: dataDirectory, name: name, fs: fs)
         // Data first, the configuration last: an interrupted delete leaves a namespace `attach` can still see.
         let objects = try await backend.list(prefix: registration.namespace + "/")
         let configObject = registration.namespace + "/volume"
         for object in objects where object.name != configObject { try await backend.delete(object.name) }
         try await backend.delete(configObject)
-        try Syscall.removeTree(flashDirectory + "/" + name.rawValue)
+        try fs.removeTree(flashDirectory + "/" + name.rawValue)
     }
 }
 
@@ -194,26 +199,48 @@ package final class Router: Sendable {
     package let configuration: RouterConfiguration
     package let backends: any BackendResolver
     package let cache: FlashCache
-    let pool: NIOThreadPool
+    package let env: Environment
+    /// The I/O thread pool of a live environment (nil when the environment was given).
+    let pool: NIOThreadPool?
     let aio: AIOQueue?
     let logger: Logger
-    private let lock: DirectoryLock
+    private let lock: any DirectoryLockHandle
     private let state = Mutex<[VolumeName: Volume]>([:])
 
     /// Takes the data directory lock (or fails naming its holder) and prepares the shared cache and I/O threads.
-    /// `holder` names this process in the lock ("vd serve", or the CLI command working offline).
+    /// `holder` names this process in the lock ("vd serve", or the CLI command working offline). `environment`:
+    /// the file system, clock and task runner to use (a simulation's); by default the real ones with an I/O pool.
     package init(
-        configuration: RouterConfiguration, backends: any BackendResolver, logger: Logger, holder: String = "vd serve"
+        configuration: RouterConfiguration, backends: any BackendResolver, logger: Logger, holder: String = "vd serve",
+        environment: Environment? = nil
     ) throws(VDError) {
         try configuration.validate()
-        try Syscall.makeDirectories(configuration.dataDirectory)
-        try Syscall.makeDirectories(configuration.flashDirectory)
-        lock = try DirectoryLock(directory: configuration.dataDirectory, holder: holder)
+        let pool: NIOThreadPool?
+        let env: Environment
+        if let environment {
+            env = environment
+            pool = nil
+        } else {
+            let threads = NIOThreadPool(numberOfThreads: configuration.ioThreads)
+            threads.start()
+            env = .live(pool: threads)
+            pool = threads
+        }
+        do throws(VDError) {
+            try env.fs.makeDirectories(configuration.dataDirectory)
+            try env.fs.makeDirectories(configuration.flashDirectory)
+            lock = try env.fs.lockDirectory(configuration.dataDirectory, holder: holder)
+        } catch {
+            try? pool?.syncShutdownGracefully()
+            throw error
+        }
+        self.env = env
+        self.pool = pool
         self.configuration = configuration
         self.backends = backends
         self.logger = logger
         var aio: AIOQueue?
-        if configuration.directIO {
+        if configuration.directIO && env.fs.pathsAreReal {
             do throws(VDError) {
                 aio = try AIOQueue()
             } catch {
@@ -221,9 +248,7 @@ package final class Router: Sendable {
             }
         }
         self.aio = aio
-        cache = FlashCache(capacityBytes: configuration.cacheCapacityBytes, aio: aio, logger: logger)
-        pool = NIOThreadPool(numberOfThreads: configuration.ioThreads)
-        pool.start()
+        cache = FlashCache(capacityBytes: configuration.cacheCapacityBytes, aio: aio, logger: logger, fs: env.fs)
     }
 
     package func layout(for registration: VolumeRegistration) -> VolumeLayout {
@@ -238,7 +263,7 @@ package final class Router: Sendable {
         var failures: [(VolumeName, VDError)] = []
         let registrations: [VolumeRegistration]
         do throws(VDError) {
-            registrations = try VolumeRegistry.list(dataDirectory: configuration.dataDirectory)
+            registrations = try VolumeRegistry.list(dataDirectory: configuration.dataDirectory, fs: env.fs)
         } catch {
             return [(VolumeName(rawValue: "registry")!, error)]
         }
@@ -275,7 +300,9 @@ package final class Router: Sendable {
         if let existing = volume(named: registration.config.name) { return existing }
         var parent: Volume?
         if let link = registration.config.parent {
-            guard let parentRegistration = try VolumeRegistry.read(dataDirectory: configuration.dataDirectory, name: link.volume)
+            guard
+                let parentRegistration = try VolumeRegistry.read(
+                    dataDirectory: configuration.dataDirectory, name: link.volume, fs: env.fs)
             else {
                 throw VDError(
                     .notFound,
@@ -288,7 +315,7 @@ package final class Router: Sendable {
         options.compressUploads = backends.compressesUploads(registration.backend)
         let volume = try await Volume.open(
             config: registration.config, layout: layout(for: registration), options: options,
-            backend: backend, cache: cache, pool: pool, logger: logger, parent: parent, progress: progress)
+            backend: backend, cache: cache, env: env, logger: logger, parent: parent, progress: progress)
         state.withLock { $0[registration.config.name] = volume }
         return volume
     }
@@ -298,7 +325,8 @@ package final class Router: Sendable {
     /// The open volume, opening it (and its parents) on demand.
     package func openVolume(named name: VolumeName) async throws(VDError) -> Volume {
         if let volume = volume(named: name) { return volume }
-        guard let registration = try VolumeRegistry.read(dataDirectory: configuration.dataDirectory, name: name) else {
+        guard let registration = try VolumeRegistry.read(dataDirectory: configuration.dataDirectory, name: name, fs: env.fs)
+        else {
             throw VDError(.notFound, "no volume named \(name) in \(configuration.dataDirectory) (see `vd volume list`)")
         }
         let logger = self.logger
@@ -329,7 +357,7 @@ package final class Router: Sendable {
             return results.sorted { $0.0 < $1.0 }
         }
         aio?.close()
-        try? await pool.shutdownGracefully()
+        try? await pool?.shutdownGracefully()
         lock.release()
         return results
     }

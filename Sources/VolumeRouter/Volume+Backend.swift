@@ -33,7 +33,8 @@ struct BackendFormats {
     var formats: [SCONumber: BackendSCOFormat] = [:]
 
     mutating func insert(_ sco: SCONumber, _ format: BackendSCOFormat) {
-        if formats.count >= Self.entriesMax, let victim = formats.keys.randomElement() { formats[victim] = nil }
+        // The lowest number goes first (older SCOs are read less; deterministic, unlike a random pick).
+        if formats.count >= Self.entriesMax, let victim = formats.keys.min() { formats[victim] = nil }
         formats[sco] = format
     }
 }
@@ -98,12 +99,27 @@ extension Volume {
         let path = layout.scoPath(sco)
         let object = layout.scoObject(sco)
         guard options.compressUploads else {
-            try await backend.put(object, contentsOf: path, length: lengthBytes)
+            if env.fs.pathsAreReal {
+                // A real file: the store may link it (a local directory on the same file system) or stream it.
+                try await backend.put(object, contentsOf: path, length: lengthBytes)
+            } else {
+                try await backend.put(object, data: try await readSealed(path: path, lengthBytes: lengthBytes))
+            }
             return
         }
         let id = config.id
+        let data = try await readSealed(path: path, lengthBytes: lengthBytes)
         let compressed = try await blocking { () throws(VDError) -> ByteBuffer in
-            let file = try FlashFile(path: path, options: .readOnly)
+            CompressedSCO.compress(data, volumeID: id, number: sco, originalCRC: CRC32C.checksum(data))
+        }
+        try await backend.put(object, data: compressed)
+    }
+
+    /// The first `lengthBytes` of a sealed local SCO.
+    func readSealed(path: String, lengthBytes: UInt64) async throws(VDError) -> ByteBuffer {
+        let fs = env.fs
+        return try await blocking { () throws(VDError) -> ByteBuffer in
+            let file = try fs.open(path, options: .readOnly)
             defer { file.close() }
             var data = ByteBufferAllocator().buffer(capacity: Int(lengthBytes))
             let n = try data.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(lengthBytes)) {
@@ -111,8 +127,7 @@ extension Volume {
                 try file.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<Int(lengthBytes)]), at: 0)
             }
             guard n == Int(lengthBytes) else { throw VDError(.corrupt, "\(path) is shorter than its sealed length") }
-            return CompressedSCO.compress(data, volumeID: id, number: sco, originalCRC: CRC32C.checksum(data))
+            return data
         }
-        try await backend.put(object, data: compressed)
     }
 }

@@ -21,12 +21,14 @@ extension Volume {
     /// Closes the volume. With `drainTimeoutSeconds`, seals the open journal and waits up to that long for the
     /// backend to hold everything.
     package func close(drainTimeoutSeconds: Double? = nil) async -> CloseResult {
-        // 1. New writes fail; wait for the journal leader to finish what it took.
+        // 1. New writes fail; the journal leader finishes what was queued (a barrier through it waits for that).
         writer.withLock { state in
             if state.failure == nil { state.failure = VDError(.shutdown, "volume \(config.name) is closing") }
         }
+        do throws(VDError) { try await submit(.barrier, whileClosing: true) } catch {}
         while writer.withLock({ $0.leaderActive || !$0.queue.isEmpty }) {
-            try? await Task.sleep(for: .milliseconds(1))
+            // Only after a fatal failure (the barrier was refused): wait for the leader directly.
+            await env.clock.sleep(for: .milliseconds(1))
         }
         // 2. Everything replied becomes durable.
         do throws(VDError) {
@@ -36,16 +38,18 @@ extension Volume {
         }
         var drained = false
         if let timeout = drainTimeoutSeconds {
-            // 3. Seal the open journal (no leader can exist now) and wait for the uploads.
-            do throws(VDError) { try roll() } catch { logger.error("cannot seal the open SCO of \(config.name): \(error)") }
-            let deadline = ContinuousClock.now + .milliseconds(Int64(timeout * 1000))
+            // 3. Seal the open journal (through the leader, like any roll) and wait for the uploads.
+            do throws(VDError) { try await submit(.roll, whileClosing: true) } catch {
+                logger.error("cannot seal the open SCO of \(config.name): \(error)")
+            }
+            let deadline = env.clock.now() + .milliseconds(Int64(timeout * 1000))
             let lastSealed = SCONumber(journal.sco.rawValue - 1)
-            while ContinuousClock.now < deadline {
+            while env.clock.now() < deadline {
                 if uploads.withLock({ $0.storedThrough >= lastSealed }) {
                     drained = true
                     break
                 }
-                try? await Task.sleep(for: .milliseconds(50))
+                await env.clock.sleep(for: .milliseconds(50))
             }
         }
         // 4. Stop background work and wait for it.

@@ -21,8 +21,16 @@ package import VolumeCore
 
 struct SyncState {
     var syncedGeneration: UInt64 = 0
+    /// A flusher is running a round (only one at a time).
     var inFlight = false
-    var waiters: [(generation: UInt64, continuation: UnsafeContinuation<Result<Void, VDError>, Never>)] = []
+    var waiters: [(generation: UInt64, continuation: UnsafeContinuation<SyncSignal, Never>)] = []
+}
+
+/// What a waiting flush is told.
+enum SyncSignal {
+    case done(Result<Void, VDError>)
+    /// Run the next round yourself (the previous runner handed over).
+    case run
 }
 
 extension Volume {
@@ -32,71 +40,83 @@ extension Volume {
         try await syncThrough(target)
     }
 
-    /// Waits until every write of generation `target` or older is on stable storage.
+    /// Waits until every write of generation `target` or older is on stable storage. Group commit: one flusher at a
+    /// time runs an fdatasync round (off the event loops, on the blocking pool); flushes that arrive meanwhile wait
+    /// and are all served by the next round.
     func syncThrough(_ target: UInt64) async throws(VDError) {
-        let result: Result<Void, VDError> = await withUnsafeContinuation { continuation in
-            let runNow = syncState.withLock { state -> Bool? in
-                if state.syncedGeneration >= target { return nil }
+        let signal: SyncSignal = await withUnsafeContinuation { continuation in
+            let immediate = syncState.withLock { state -> SyncSignal? in
+                if state.syncedGeneration >= target { return .done(.success(())) }
+                if !state.inFlight {
+                    state.inFlight = true
+                    return .run
+                }
                 state.waiters.append((target, continuation))
-                if state.inFlight { return false }
-                state.inFlight = true
-                return true
+                return nil
             }
-            switch runNow {
-            case nil: continuation.resume(returning: .success(()))
-            case true?: runSyncRounds()
-            case false?: break
-            }
+            if let immediate { continuation.resume(returning: immediate) }
         }
-        try result.get()
+        switch signal {
+        case .done(let result): try result.get()
+        case .run: try await runSyncRound(target: target)
+        }
     }
 
-    /// Runs sync rounds until no flush is waiting. Runs on the thread of the flush that found no round in flight
-    /// (avoiding a thread hop at queue depth 1).
-    private func runSyncRounds() {
-        while true {
-            let (generation, files) = writer.withLock { state in
-                (state.writtenGeneration, state.unsyncedFiles + [state.currentFile])
-            }
-            var failure: VDError?
-            for file in files {
-                do throws(VDError) {
-                    try file.dataSync()
-                } catch {
-                    failure = VDError(
-                        error.code == .noSpace ? .noSpace : .io,
-                        "volume \(config.name): cannot make writes durable (fdatasync \(file.path)): \(error.message)")
-                    break
-                }
-            }
-            if let failure {
-                markFailed(failure)
-            } else {
-                writer.withLock { state in
-                    state.unsyncedFiles.removeAll { synced in
-                        synced !== state.currentFile && files.contains { $0 === synced }
-                    }
-                }
-            }
-            let (ready, more) = syncState.withLock { state -> ([UnsafeContinuation<Result<Void, VDError>, Never>], Bool) in
-                var ready: [UnsafeContinuation<Result<Void, VDError>, Never>] = []
-                if failure == nil { state.syncedGeneration = max(state.syncedGeneration, generation) }
-                var remaining: [(generation: UInt64, continuation: UnsafeContinuation<Result<Void, VDError>, Never>)] = []
-                for waiter in state.waiters {
-                    if failure != nil || waiter.generation <= state.syncedGeneration {
-                        ready.append(waiter.continuation)
-                    } else {
-                        remaining.append(waiter)
-                    }
-                }
-                state.waiters = remaining
-                if remaining.isEmpty { state.inFlight = false }
-                return (ready, !remaining.isEmpty)
-            }
-            let result: Result<Void, VDError> = failure.map { .failure($0) } ?? .success(())
-            for continuation in ready { continuation.resume(returning: result) }
-            if !more { return }
+    /// One fdatasync round by the current runner; then hands the runner role to a flush still waiting, if any.
+    private func runSyncRound(target: UInt64) async throws(VDError) {
+        let (generation, files) = writer.withLock { state in
+            (state.writtenGeneration, state.unsyncedFiles + [state.currentFile])
         }
+        precondition(generation >= target, "a flush waits for a write generation that does not exist yet")
+        var failure: VDError?
+        do {
+            try await blocking { () throws(VDError) in
+                for file in files {
+                    do throws(VDError) {
+                        try file.dataSync()
+                    } catch {
+                        throw VDError(
+                            error.code == .noSpace ? .noSpace : .io,
+                            "cannot make writes durable (fdatasync \(file.path)): \(error.message)")
+                    }
+                }
+            }
+        } catch {
+            failure = VDError(error.code, "volume \(config.name): \(error.message)")
+        }
+        if let failure {
+            markFailed(failure)
+        } else {
+            writer.withLock { state in
+                state.unsyncedFiles.removeAll { synced in
+                    synced !== state.currentFile && files.contains { $0 === synced }
+                }
+            }
+        }
+        let (ready, next) = syncState.withLock {
+            state -> ([UnsafeContinuation<SyncSignal, Never>], UnsafeContinuation<SyncSignal, Never>?) in
+            if failure == nil { state.syncedGeneration = max(state.syncedGeneration, generation) }
+            var ready: [UnsafeContinuation<SyncSignal, Never>] = []
+            var remaining: [(generation: UInt64, continuation: UnsafeContinuation<SyncSignal, Never>)] = []
+            for waiter in state.waiters {
+                if failure != nil || waiter.generation <= state.syncedGeneration {
+                    ready.append(waiter.continuation)
+                } else {
+                    remaining.append(waiter)
+                }
+            }
+            if remaining.isEmpty {
+                state.inFlight = false
+                state.waiters = []
+                return (ready, nil)
+            }
+            state.waiters = Array(remaining.dropFirst())
+            return (ready, remaining[0].continuation)
+        }
+        let result: Result<Void, VDError> = failure.map { .failure($0) } ?? .success(())
+        for continuation in ready { continuation.resume(returning: .done(result)) }
+        next?.resume(returning: .run)
+        try result.get()
     }
 
     /// Stops writes for good after a failure that may have lost acknowledged data on local flash.
@@ -109,17 +129,9 @@ extension Volume {
         if first { logger.critical("writes to volume \(config.name) are stopped: \(error)") }
     }
 
-    /// Runs blocking file work on the router's I/O thread pool.
+    /// Runs blocking file work off the cooperative threads (the router's I/O thread pool).
     func blocking<T: Sendable>(_ body: @escaping @Sendable () throws(VDError) -> T) async throws(VDError) -> T {
-        let result: Result<T, VDError>
-        do {
-            result = try await pool.runIfActive { () -> Result<T, VDError> in
-                do throws(VDError) { return .success(try body()) } catch { return .failure(error) }
-            }
-        } catch {
-            throw VDError(.shutdown, "the I/O thread pool is shut down")
-        }
-        return try result.get()
+        try await env.tasks.blocking(body)
     }
 
     /// Seals a rolled journal (see the file comment) and queues it for upload.
@@ -127,6 +139,7 @@ extension Volume {
         let config = self.config
         let layout = self.layout
         let map = self.map
+        let fs = env.fs
         do {
             let length = try await blocking { () throws(VDError) -> UInt64 in
                 try file.dataSync()
@@ -142,7 +155,7 @@ extension Volume {
                 }
                 let tlog = TLog(
                     volumeID: config.id, number: sco, clusterSizeBytes: config.clusterSizeBytes, records: scan.tlogRecords())
-                try TLogFiles.write(tlog, directory: layout.tlogDirectory)
+                try TLogFiles.write(tlog, directory: layout.tlogDirectory, fs: fs)
                 try file.truncate(to: scan.validLength)
                 file.dropCache()
                 var update = MapUpdate()

@@ -29,6 +29,8 @@ enum JournalRequest: Sendable {
     case write(ClusterWrite)
     /// Seal the open SCO (if it holds anything) and start the next.
     case roll
+    /// Nothing: completes once every request queued before it is done (close waits with it).
+    case barrier
     /// Take a snapshot or roll back (see Volume+Snapshots.swift).
     case snapshot(SnapshotRequest)
     /// Apply a scrub result (see Volume+Scrub.swift).
@@ -72,13 +74,13 @@ struct WriterState {
     /// Rolled journals whose writes are not yet known durable.
     var unsyncedFiles: [FlashFile] = []
     /// When the first write went into the open journal (for age-based sealing).
-    var openJournalFirstWrite: ContinuousClock.Instant?
+    var openJournalFirstWrite: MonotonicInstant?
     /// The open journal's epoch (SCO number).
     var openEpoch: UInt64 = 0
     /// Bytes in the open journal.
     var openJournalBytes: UInt64 = UInt64(SCOFormat.blockBytes)
     /// When the open journal was started.
-    var journalOpenedAt = ContinuousClock.now
+    var journalOpenedAt: MonotonicInstant
     /// Zeroing ahead (Volume+ZeroAhead.swift): how far the leader has reserved the open journal, up to where it is
     /// initialized, the chunk being zeroed, and whether the zeroer runs or must pause (a roll is under way).
     var reservedEnd = UInt64(SCOFormat.blockBytes)
@@ -86,6 +88,8 @@ struct WriterState {
     var zeroing: Range<UInt64>?
     var zeroerRunning = false
     var zeroingPaused = false
+    /// Leader tasks waiting for the zeroing chunk to finish (resumed when it does).
+    var zeroWaiters: [UnsafeContinuation<Void, Never>] = []
     /// Writes are refused: the volume is closing or a fatal error (a failed fdatasync) happened.
     var failure: VDError?
 }
@@ -94,11 +98,14 @@ extension Volume {
     /// Most bytes a leader writes in one round (the rest waits for the next leader).
     static let leaderRoundBytesMax = 64 << 20
 
-    /// Appends a request to the journal, as leader or as a follower of the current leader.
-    func submit(_ request: JournalRequest) async throws(VDError) {
+    /// Appends a request to the journal, as leader or as a follower of the current leader. `whileClosing`: the
+    /// volume's own requests at close (the final roll), accepted after client writes are refused.
+    func submit(_ request: JournalRequest, whileClosing: Bool = false) async throws(VDError) {
         let signal: LeaderSignal = await withUnsafeContinuation { continuation in
             let outcome = writer.withLock { state -> LeaderSignal? in
-                if let failure = state.failure { return .done(.failure(failure)) }
+                if let failure = state.failure, !(whileClosing && failure.code == .shutdown) {
+                    return .done(.failure(failure))
+                }
                 if !state.leaderActive {
                     state.leaderActive = true
                     return .lead
@@ -115,11 +122,16 @@ extension Volume {
             // Let requests that are already runnable (typically the rest of what the NBD server decoded from the
             // same socket read, on the same event loop) queue behind this one, so one pwritev carries them all.
             await Task.yield()
-            try lead(own: request)
+            try await lead(own: request)
         }
     }
 
-    private func lead(own: JournalRequest) throws(VDError) {
+    /// Only the journal leader touches the journal: checked wherever it does.
+    func assertLeader() {
+        precondition(writer.withLock { $0.leaderActive }, "the journal was touched outside the leader")
+    }
+
+    private func lead(own: JournalRequest) async throws(VDError) {
         let followers = writer.withLock { state -> [QueuedRequest] in
             var taken: [QueuedRequest] = []
             var bytes = 0
@@ -131,7 +143,7 @@ extension Volume {
         }
         let result: Result<Void, VDError>
         do {
-            try perform([own] + followers.map(\.request))
+            try await perform([own] + followers.map(\.request))
             result = .success(())
         } catch {
             result = .failure(error)
@@ -149,21 +161,24 @@ extension Volume {
     }
 
     /// Writes requests to the journal in order (leader only).
-    private func perform(_ requests: [JournalRequest]) throws(VDError) {
+    private func perform(_ requests: [JournalRequest]) async throws(VDError) {
+        assertLeader()
         var pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
         for request in requests {
             switch request {
             case .roll:
-                try commit(&pending)
-                try roll()
+                try await commit(&pending)
+                try await roll()
                 pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+            case .barrier:
+                break
             case .snapshot(let request):
-                try commit(&pending)
-                try performSnapshotRequest(request)
+                try await commit(&pending)
+                try await performSnapshotRequest(request)
                 pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
             case .applyScrub(let request):
-                try commit(&pending)
-                try performScrubApply(request)
+                try await commit(&pending)
+                try await performScrubApply(request)
                 pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
             case .write(let write):
                 var entryIndex = 0
@@ -182,8 +197,8 @@ extension Volume {
                     }
                     if take == 0 {
                         // The open SCO is full: write what is pending, seal it and continue in the next one.
-                        try commit(&pending)
-                        try roll()
+                        try await commit(&pending)
+                        try await roll()
                         pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
                         continue
                     }
@@ -195,16 +210,17 @@ extension Volume {
                 }
             }
         }
-        try commit(&pending)
+        try await commit(&pending)
     }
 
     /// Writes the pending batches with one pwritev, then points the map at them.
-    func commit(_ pending: inout PendingBatches) throws(VDError) {
+    func commit(_ pending: inout PendingBatches) async throws(VDError) {
         guard !pending.batches.isEmpty else { return }
+        assertLeader()
         let headers = pending.encodeHeaders()
         let file = journal.file
         let start = pending.startOffset
-        reserveJournal(start, pending.endOffset)
+        await reserveJournal(start, pending.endOffset)
         do {
             try withPointers(pending.buffers) { (pointers) throws(VDError) in
                 var iovecs: [UnsafeRawBufferPointer] = []
@@ -238,7 +254,7 @@ extension Volume {
                 payloadOffset: batch.header.offset + UInt64(SCOFormat.blockBytes), clusterBytes: clusterBytes)
         }
         try changes.finish(checkpoint: MapCheckpoint(sco: journal.sco, offset: journal.writeOffset, chainCRC: journal.chainCRC))
-        let now = ContinuousClock.now
+        let now = env.clock.now()
         let openBytes = journal.writeOffset
         writer.withLock { state in
             state.writtenGeneration += 1
@@ -250,32 +266,33 @@ extension Volume {
     }
 
     /// Writes entries without payloads (unmaps, a rollback) as one batch and applies them (leader only).
-    func writeEntries(_ entries: [BatchEntry]) throws(VDError) {
+    func writeEntries(_ entries: [BatchEntry]) async throws(VDError) {
         var pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
         if Int64(options.scoSizeBytes) - Int64(pending.endOffset) < Int64(2 * SCOFormat.blockBytes) {
-            try roll()
+            try await roll()
             pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
         }
         pending.append(entries: entries, buffer: ByteBuffer(), payloadIndex: [], volumeID: config.id)
-        try commit(&pending)
+        try await commit(&pending)
     }
 
     /// Seals the open journal with a marker batch and opens the next SCO (leader only). The next SCO's file is
     /// created first, so a failure leaves the open journal exactly as it was.
-    func roll() throws(VDError) {
+    func roll() async throws(VDError) {
+        assertLeader()
         guard journal.writeOffset > UInt64(SCOFormat.blockBytes) else { return }
         let old = journal.sco
         let oldFile = journal.file
         let next = old.next
         let (file, headerCRC) = try Self.createJournalFile(
-            layout: layout, volumeID: config.id, sco: next, clusterSizeBytes: config.clusterSizeBytes,
+            fs: env.fs, layout: layout, volumeID: config.id, sco: next, clusterSizeBytes: config.clusterSizeBytes,
             sizeBytes: options.scoSizeBytes)
         let marker = BatchHeader(
             volumeID: config.id, sco: old, offset: journal.writeOffset, previousCRC: journal.chainCRC,
             flags: BatchHeader.flagSealed, entries: [])
         // Nothing may touch the old file once it is sealed: the zeroer finishes with it first.
-        waitForZeroer()
-        reserveJournal(journal.writeOffset, journal.writeOffset + UInt64(SCOFormat.blockBytes))
+        await waitForZeroer()
+        await reserveJournal(journal.writeOffset, journal.writeOffset + UInt64(SCOFormat.blockBytes))
         do {
             try marker.encode().withUnsafeReadableBytes { (raw) throws(VDError) in
                 try oldFile.write(raw, at: journal.writeOffset)
@@ -283,7 +300,7 @@ extension Volume {
         } catch {
             writer.withLock { $0.zeroingPaused = false }
             file.close()
-            try? Syscall.unlinkIfPresent(file.path)
+            try? env.fs.unlinkIfPresent(file.path)
             throw error
         }
         journal.writeOffset += UInt64(SCOFormat.blockBytes)
@@ -293,13 +310,14 @@ extension Volume {
         journal.file = file
         journal.writeOffset = UInt64(SCOFormat.blockBytes)
         journal.chainCRC = headerCRC
+        let now = env.clock.now()
         writer.withLock { state in
             state.unsyncedFiles.append(oldFile)
             state.currentFile = file
             state.openJournalFirstWrite = nil
             state.openJournalBytes = UInt64(SCOFormat.blockBytes)
             state.writtenGeneration += 1
-            state.journalOpenedAt = .now
+            state.journalOpenedAt = now
             state.openEpoch = next.rawValue
             state.reservedEnd = UInt64(SCOFormat.blockBytes)
             state.zeroFrontier = UInt64(SCOFormat.blockBytes)
@@ -315,10 +333,11 @@ extension Volume {
 
     /// Creates SCO file `sco` with its header, preallocated to `sizeBytes`, durable (file and directory entry).
     static func createJournalFile(
-        layout: VolumeLayout, volumeID: VolumeID, sco: SCONumber, clusterSizeBytes: UInt32, sizeBytes: UInt64
+        fs: any FileSystem, layout: VolumeLayout, volumeID: VolumeID, sco: SCONumber, clusterSizeBytes: UInt32,
+        sizeBytes: UInt64
     ) throws(VDError) -> (FlashFile, UInt32) {
         let path = layout.scoPath(sco)
-        let file = try FlashFile(path: path, options: [.create, .truncate])
+        let file = try fs.open(path, options: [.create, .truncate])
         do throws(VDError) {
             try file.preallocate(sizeBytes, keepSize: false)
         } catch where error.code != .noSpace {
@@ -327,13 +346,13 @@ extension Volume {
         let header = SCOHeader(volumeID: volumeID, sco: sco, clusterSizeBytes: clusterSizeBytes).encode()
         try header.withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: 0) }
         try file.sync()
-        try Syscall.syncDirectory(layout.scoDirectory)
+        try fs.syncDirectory(layout.scoDirectory)
         return (file, BatchHeader.storedCRC(of: header))
     }
 
     /// Runs `body` as a tracked background task (cancelled and awaited on close).
     func startBackground(_ body: @escaping @Sendable (Volume) async -> Void) {
-        let task = Task { [self] in await body(self) }
+        let task = env.tasks.spawn { [self] in await body(self) }
         background.withLock { tasks in
             tasks.removeAll { $0.isCancelled }
             tasks.append(task)

@@ -13,12 +13,11 @@
 // With no local flash at all this is a restart from the backend: every TLog comes from the backend.
 
 import BlockMap
-import FlashIO
+package import FlashIO
 package import Logging
 import NIOCore
-package import NIOPosix
+import NIOPosix
 package import ObjectStore
-import RocksKV
 import Scrubber
 package import SCOCache
 import Synchronization
@@ -29,7 +28,7 @@ extension Volume {
     /// Opens (recovering as needed) a volume. `progress` receives human-readable progress of long rebuilds.
     package static func open(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, cache: FlashCache,
-        pool: NIOThreadPool, logger: Logger, parent: Volume? = nil,
+        env: Environment, logger: Logger, parent: Volume? = nil,
         progress: @escaping @Sendable (String) -> Void = { _ in }
     ) async throws(VDError) -> Volume {
         try options.validate()
@@ -44,16 +43,18 @@ extension Volume {
                     .corrupt, "volume \(config.name) reads through \(link.volume)@\(link.snapshot), which no longer exists")
             }
         }
-        try Syscall.makeDirectories(layout.scoDirectory)
-        try Syscall.makeDirectories(layout.tlogDirectory)
+        let fs = env.fs
+        try fs.makeDirectories(layout.scoDirectory)
+        try fs.makeDirectories(layout.tlogDirectory)
         // Fetched backend data is tracked in memory only: start empty.
-        try Syscall.removeTree(layout.fetchedDirectory)
-        try Syscall.makeDirectories(layout.fetchedDirectory)
-        let hadMap = Syscall.fileExists(layout.mapDirectory + "/CURRENT")
-        var database = try RocksDatabase(path: layout.mapDirectory)
+        try fs.removeTree(layout.fetchedDirectory)
+        try fs.makeDirectories(layout.fetchedDirectory)
+        let hadMap = env.keyValueStores.exists(path: layout.mapDirectory)
+        var database = try env.keyValueStores.open(path: layout.mapDirectory)
         do {
             var recovery = Recovery(
-                config: config, layout: layout, options: options, backend: backend, logger: logger, progress: progress)
+                config: config, layout: layout, options: options, backend: backend, env: env, logger: logger,
+                progress: progress)
             try await recovery.discover()
             try await recovery.loadSnapshots()
             try await recovery.loadScrubResults()
@@ -61,17 +62,17 @@ extension Volume {
             if try !recovery.checkpointIsTrustworthy(map: map, hadMap: hadMap) {
                 if hadMap { logger.warning("the map of volume \(config.name) is ahead of its durable journal; rebuilding it") }
                 database.close()
-                try RocksDatabase.destroy(path: layout.mapDirectory)
-                database = try RocksDatabase(path: layout.mapDirectory)
+                try env.keyValueStores.destroy(path: layout.mapDirectory)
+                database = try env.keyValueStores.open(path: layout.mapDirectory)
                 map = BlockMap(database: database, cacheEntries: options.mapCacheEntries)
             }
             try await recovery.replay(into: map)
-            let journal = try recovery.sealAndStartJournal(map: map)
+            let journal = try await recovery.sealAndStartJournal(map: map)
             let (storedThrough, pending) = recovery.uploadState()
             var unstored = UInt64(SCOFormat.blockBytes)
             for (_, length) in pending { unstored += length }
             let volume = Volume(
-                config: config, layout: layout, options: options, backend: backend, cache: cache, map: map, pool: pool,
+                config: config, layout: layout, options: options, backend: backend, cache: cache, map: map, env: env,
                 logger: logger, journal: journal, storedThrough: storedThrough, unstoredBytes: unstored,
                 snapshots: recovery.snapshots, snapshotsUploadedVersion: recovery.snapshotsUploadedVersion,
                 parent: parent.map { ($0, config.parent!.epoch) })
@@ -99,6 +100,7 @@ struct Recovery {
     let layout: VolumeLayout
     let options: VolumeOptions
     let backend: any ObjectStore
+    let env: Environment
     let logger: Logger
     let progress: @Sendable (String) -> Void
 
@@ -118,21 +120,22 @@ struct Recovery {
     var scrubResults: [UInt64: ScrubResult] = [:]
 
     init(
-        config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, logger: Logger,
-        progress: @escaping @Sendable (String) -> Void
+        config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, env: Environment,
+        logger: Logger, progress: @escaping @Sendable (String) -> Void
     ) {
         self.config = config
         self.layout = layout
         self.options = options
         self.backend = backend
+        self.env = env
         self.logger = logger
         self.progress = progress
     }
 
     /// Step 1: what exists locally and on the backend, and where the history ends.
     mutating func discover() async throws(VDError) {
-        localSCOs = VolumeLayout.numbers(inFiles: try Syscall.listDirectory(layout.scoDirectory), suffix: ".sco")
-        localTLogs = Set(VolumeLayout.numbers(inFiles: try Syscall.listDirectory(layout.tlogDirectory), suffix: ".tlog"))
+        localSCOs = VolumeLayout.numbers(inFiles: try env.fs.listDirectory(layout.scoDirectory), suffix: ".sco")
+        localTLogs = Set(VolumeLayout.numbers(inFiles: try env.fs.listDirectory(layout.tlogDirectory), suffix: ".tlog"))
         let tlogNames = try await backend.list(prefix: layout.tlogPrefix).map(\.name)
         let scoNames = try await backend.list(prefix: layout.scoPrefix).map(\.name)
         backendTLogs = Set(VolumeLayout.numbers(in: tlogNames, prefix: layout.tlogPrefix))
@@ -152,7 +155,7 @@ struct Recovery {
             guard localSCOSet.contains(epoch) else { break }
             let scan: JournalScan
             do throws(VDError) {
-                let file = try FlashFile(path: layout.scoPath(epoch), options: .readOnly)
+                let file = try env.fs.open(layout.scoPath(epoch), options: .readOnly)
                 defer { file.close() }
                 scan = try JournalScanner.scan(
                     file: file, volumeID: config.id, sco: epoch, clusterSizeBytes: config.clusterSizeBytes)
@@ -178,7 +181,7 @@ struct Recovery {
 
     /// The snapshot table: the local copy, else the backend's newest; snapshots past the history are dropped.
     mutating func loadSnapshots() async throws(VDError) {
-        if let local = try Volume.loadLocalTable(layout: layout) {
+        if let local = try Volume.loadLocalTable(layout: layout, fs: env.fs) {
             snapshots = local
         } else if let remote = try await NamespaceObjects.loadSnapshotTable(layout: layout, backend: backend) {
             snapshots = remote
@@ -192,7 +195,7 @@ struct Recovery {
             snapshots.snapshots.removeAll { $0.epoch > last }
             snapshots.version += 1
         }
-        try Volume.saveTable(snapshots, layout: layout)
+        try Volume.saveTable(snapshots, layout: layout, fs: env.fs)
     }
 
     /// Every scrub result of the namespace (the history may apply any of them).
@@ -227,7 +230,7 @@ struct Recovery {
         var startOffset = checkpoint?.offset ?? 0
         let total = lastEpoch.rawValue >= epoch.rawValue ? lastEpoch.rawValue - epoch.rawValue + 1 : 0
         var done: UInt64 = 0
-        var lastReport = ContinuousClock.now
+        var lastReport = env.clock.now()
         while epoch <= lastEpoch {
             var changes = MapChanges(
                 map: map, retainedEpochs: snapshots.retainedEpochs, isClone: config.parent != nil)
@@ -246,8 +249,9 @@ struct Recovery {
                 try changes.finish(checkpoint: MapCheckpoint(sco: epoch.next, offset: 0, chainCRC: 0))
             }
             done += 1
-            if ContinuousClock.now - lastReport > .seconds(2) || (done == total && total > 16) {
-                lastReport = .now
+            let now = env.clock.now()
+            if lastReport.duration(to: now) > .seconds(2) || (done == total && total > 16) {
+                lastReport = now
                 progress("volume \(config.name): replayed \(done) of \(total) epochs")
             }
             epoch = epoch.next
@@ -259,7 +263,7 @@ struct Recovery {
     func loadTLog(_ epoch: SCONumber) async throws(VDError) -> TLog {
         if localTLogs.contains(epoch) {
             do throws(VDError) {
-                if let tlog = try TLogFiles.read(epoch, directory: layout.tlogDirectory) {
+                if let tlog = try TLogFiles.read(epoch, directory: layout.tlogDirectory, fs: env.fs) {
                     try check(tlog, epoch, what: layout.tlogDirectory + "/" + TLogFiles.fileName(epoch))
                     return tlog
                 }
@@ -280,10 +284,11 @@ struct Recovery {
     }
 
     /// Step 4: seals scanned journals, moves files past the history aside, starts a new journal.
-    mutating func sealAndStartJournal(map: BlockMap) throws(VDError) -> JournalState {
+    mutating func sealAndStartJournal(map: BlockMap) async throws(VDError) -> JournalState {
+        let fs = env.fs
         for epoch in scans.keys.sorted() {
             let path = layout.scoPath(epoch)
-            let file = try FlashFile(path: path)
+            let file = try fs.open(path)
             defer { file.close() }
             var scan = scans[epoch]!
             if !scan.isSealed {
@@ -298,7 +303,7 @@ struct Recovery {
             }
             let tlog = TLog(
                 volumeID: config.id, number: epoch, clusterSizeBytes: config.clusterSizeBytes, records: scan.tlogRecords())
-            try TLogFiles.write(tlog, directory: layout.tlogDirectory)
+            try TLogFiles.write(tlog, directory: layout.tlogDirectory, fs: fs)
             try file.truncate(to: scan.validLength)
             var update = MapUpdate()
             update.metadata.append((MapChanges.epochBytesKey(epoch), [UInt8](littleEndian64: scan.validLength)))
@@ -309,24 +314,24 @@ struct Recovery {
         if let lastEpoch {
             let aside = layout.flashDirectory + "/discarded"
             for sco in localSCOs where sco > lastEpoch {
-                try Syscall.makeDirectories(aside)
-                try Syscall.rename(layout.scoPath(sco), aside + "/" + sco.hex + ".sco")
+                try fs.makeDirectories(aside)
+                try fs.rename(layout.scoPath(sco), aside + "/" + sco.hex + ".sco")
             }
             for tlog in localTLogs where tlog > lastEpoch {
-                try Syscall.makeDirectories(aside)
-                try Syscall.rename(
+                try fs.makeDirectories(aside)
+                try fs.rename(
                     layout.tlogDirectory + "/" + TLogFiles.fileName(tlog), aside + "/" + TLogFiles.fileName(tlog))
                 localTLogs.remove(tlog)
             }
             localSCOs.removeAll { $0 > lastEpoch }
         } else {
             // No history: any local file is a journal that never got a durable header.
-            for sco in localSCOs { try Syscall.unlinkIfPresent(layout.scoPath(sco)) }
+            for sco in localSCOs { try fs.unlinkIfPresent(layout.scoPath(sco)) }
             localSCOs = []
         }
         let next = max(highestNumberSeen, lastEpoch ?? SCONumber(0)).next
         let (file, headerCRC) = try Volume.createJournalFile(
-            layout: layout, volumeID: config.id, sco: next, clusterSizeBytes: config.clusterSizeBytes,
+            fs: fs, layout: layout, volumeID: config.id, sco: next, clusterSizeBytes: config.clusterSizeBytes,
             sizeBytes: options.scoSizeBytes)
         var update = MapUpdate()
         update.metadata.append(
@@ -347,7 +352,7 @@ struct Recovery {
         }
         let lengths = pending.map { sco -> (SCONumber, UInt64) in
             if let length = sealedNow[sco] { return (sco, length) }
-            let size = (try? FlashFile(path: layout.scoPath(sco), options: .readOnly)).flatMap { file -> UInt64? in
+            let size = (try? env.fs.open(layout.scoPath(sco), options: .readOnly)).flatMap { file -> UInt64? in
                 defer { file.close() }
                 return try? file.size()
             }
@@ -359,7 +364,7 @@ struct Recovery {
     /// Puts the local sealed SCOs in the flash cache.
     func registerCache(_ cache: FlashCache, volume: Volume, storedThrough: SCONumber) {
         for sco in localSCOs {
-            guard let file = try? FlashFile(path: layout.scoPath(sco), options: .readOnly),
+            guard let file = try? env.fs.open(layout.scoPath(sco), options: .readOnly),
                 let size = try? file.size()
             else { continue }
             let key = volume.cacheKey(sco)

@@ -22,7 +22,7 @@ struct ScrubState {
     /// Results known to this volume (needed by the map to apply `scrubApplied` entries).
     var results: [UInt64: ScrubResult] = [:]
     /// When results were applied in this process (the grace period runs from there).
-    var appliedAt: [UInt64: ContinuousClock.Instant] = [:]
+    var appliedAt: [UInt64: MonotonicInstant] = [:]
     /// Results fully done (marked applied, sources deleted).
     var done: Set<UInt64> = []
 }
@@ -74,7 +74,8 @@ extension Volume {
                 } else {
                     let request = ScrubApplyRequest(result)
                     try await submit(.applyScrub(request))
-                    scrubState.withLock { $0.appliedAt[id] = .now }
+                    let now = env.clock.now()
+                    scrubState.withLock { $0.appliedAt[id] = now }
                     logger.info(
                         "applied scrub result \(id): \(result.relocationTable.count / 7) cluster(s) now in \(result.created.count) new SCO(s)")
                 }
@@ -88,14 +89,15 @@ extension Volume {
     /// period has passed.
     private func finishIfDurable(_ result: ScrubResult, appliedEpoch: UInt64) async throws(VDError) {
         guard uploadStatus.storedThrough.rawValue >= appliedEpoch else { return }
-        let appliedAt = scrubState.withLock { state -> ContinuousClock.Instant in
+        let now = env.clock.now()
+        let appliedAt = scrubState.withLock { state -> MonotonicInstant in
             if let at = state.appliedAt[result.id] { return at }
-            state.appliedAt[result.id] = .now
-            return .now
+            state.appliedAt[result.id] = now
+            return now
         }
-        guard appliedAt.duration(to: .now) >= .milliseconds(Int64(options.scrubDeleteGraceSeconds * 1000)) else { return }
+        guard appliedAt.duration(to: now) >= .milliseconds(Int64(options.scrubDeleteGraceSeconds * 1000)) else { return }
         try await backend.put(layout.scrubAppliedObject(result.id), data: ByteBuffer())
-        Failpoint.hit("router-scrub-after-marker")
+        env.tasks.failpoint("router-scrub-after-marker")
         try await deleteSources(of: result)
         scrubState.withLock { _ = $0.done.insert(result.id) }
         logger.info("scrub result \(result.id) is on the backend; deleted its \(result.sources.count) source SCO(s)")
@@ -105,10 +107,10 @@ extension Volume {
         for (index, raw) in result.sources.enumerated() {
             let sco = SCONumber(raw)
             try await backend.delete(layout.scoObject(sco))
-            if index == 0 { Failpoint.hit("router-scrub-mid-delete") }
+            if index == 0 { env.tasks.failpoint("router-scrub-mid-delete") }
             cache.remove(cacheKey(sco))
-            try? Syscall.unlinkIfPresent(layout.scoPath(sco))
-            try? Syscall.unlinkIfPresent(layout.fetchedPath(sco))
+            try? env.fs.unlinkIfPresent(layout.scoPath(sco))
+            try? env.fs.unlinkIfPresent(layout.fetchedPath(sco))
             var update = MapUpdate()
             update.metadata.append((MapChanges.epochBytesKey(sco), [UInt8](littleEndian64: 0)))
             try? map.apply(update)
@@ -116,13 +118,13 @@ extension Volume {
     }
 
     /// Leader side: writes the `scrubApplied` entry (which applies the relocations through MapChanges).
-    func performScrubApply(_ request: ScrubApplyRequest) throws(VDError) {
+    func performScrubApply(_ request: ScrubApplyRequest) async throws(VDError) {
         scrubState.withLock { $0.results[request.result.id] = request.result }
-        try writeEntries([.scrubApplied(resultID: request.result.id)])
-        Failpoint.hit("router-scrub-after-entry")
+        try await writeEntries([.scrubApplied(resultID: request.result.id)])
+        env.tasks.failpoint("router-scrub-after-entry")
         // The entry must reach a TLog on the backend before the sources can go: seal now rather than at the next
         // age-based roll.
-        try roll()
+        try await roll()
     }
 
     func scrubLoop() async {

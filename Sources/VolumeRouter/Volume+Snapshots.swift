@@ -139,10 +139,10 @@ extension Volume {
     // MARK: leader side
 
     /// Runs a snapshot request inside the journal leader (after `pending` writes were committed).
-    func performSnapshotRequest(_ request: SnapshotRequest) throws(VDError) {
+    func performSnapshotRequest(_ request: SnapshotRequest) async throws(VDError) {
         switch request.kind {
         case .create(let name):
-            try roll()
+            try await roll()
             let epoch = journal.sco.rawValue - 1
             var created: SnapshotRecord?
             do {
@@ -170,8 +170,8 @@ extension Volume {
                 table.snapshots.removeAll { $0.epoch > target.epoch }
                 table.rollbacks.append(RollbackRecord(atEpoch: at, toEpoch: target.epoch))
             }
-            try writeEntries([.rollback(toEpoch: target.epoch)])
-            try roll()
+            try await writeEntries([.rollback(toEpoch: target.epoch)])
+            try await roll()
             request.result = .success(target)
         }
     }
@@ -182,28 +182,21 @@ extension Volume {
             var table = state.table
             try change(&table)
             table.version += 1
-            try Self.saveTable(table, layout: layout)
+            try Self.saveTable(table, layout: layout, fs: env.fs)
             state.table = table
         }
         wakeUploaderForTable()
     }
 
-    static func saveTable(_ table: SnapshotTable, layout: VolumeLayout) throws(VDError) {
+    static func saveTable(_ table: SnapshotTable, layout: VolumeLayout, fs: any FileSystem) throws(VDError) {
         try MetadataRecord.encode(table, kind: .snapshotTable).withUnsafeReadableBytes { (raw) throws(VDError) in
-            try FlashFile.replaceDurably(directory: layout.flashDirectory, name: snapshotTableFile, with: raw)
+            try fs.replaceDurably(directory: layout.flashDirectory, name: snapshotTableFile, with: raw)
         }
     }
 
-    static func loadLocalTable(layout: VolumeLayout) throws(VDError) -> SnapshotTable? {
+    static func loadLocalTable(layout: VolumeLayout, fs: any FileSystem) throws(VDError) -> SnapshotTable? {
         let path = layout.flashDirectory + "/" + snapshotTableFile
-        let file: FlashFile
-        do throws(VDError) {
-            file = try FlashFile(path: path, options: .readOnly)
-        } catch where error.code == .notFound {
-            return nil
-        }
-        defer { file.close() }
-        let bytes = try file.readExactly(Int(try file.size()), at: 0)
+        guard let bytes = try fs.readWholeFile(path) else { return nil }
         return try MetadataRecord.decode(SnapshotTable.self, from: ByteBuffer(bytes: bytes), kind: .snapshotTable, what: path)
     }
 

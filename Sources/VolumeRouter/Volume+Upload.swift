@@ -28,7 +28,7 @@ struct UploadState {
     var wake: UnsafeContinuation<Void, Never>?
     var stopping = false
     var lastError: VDError?
-    var lastErrorLogged: ContinuousClock.Instant?
+    var lastErrorLogged: MonotonicInstant?
 }
 
 /// What `vd` reports about a volume's uploads.
@@ -141,10 +141,11 @@ extension Volume {
     /// Uploads TLog `sco` and marks the SCO stored. Returns false if stopped before success.
     private func uploadTLog(_ sco: SCONumber) async -> Bool {
         let directory = layout.tlogDirectory
+        let fs = env.fs
         let object = layout.tlogObject(sco)
         let succeeded = await retrying("upload of \(object)") { () async throws(VDError) in
             let data = try await self.blocking { () throws(VDError) -> ByteBuffer in
-                try TLogFiles.readBytes(sco, directory: directory)
+                try TLogFiles.readBytes(sco, directory: directory, fs: fs)
             }
             try await self.backend.put(object, data: data)
         }
@@ -178,7 +179,7 @@ extension Volume {
                 return true
             } catch {
                 attempt += 1
-                let now = ContinuousClock.now
+                let now = env.clock.now()
                 let shouldLog = uploads.withLock { state -> Bool in
                     state.lastError = VDError(error.code, "\(what) failed: \(error.message)")
                     if let last = state.lastErrorLogged, last.duration(to: now) < .seconds(10) { return false }
@@ -187,7 +188,7 @@ extension Volume {
                 }
                 if shouldLog { logger.warning("\(what) failed (attempt \(attempt)); retrying: \(error)") }
                 let base = min(options.uploadRetryDelaySecondsMax, options.uploadRetryDelaySeconds * pow2(attempt - 1))
-                await sleepUnlessStopping(seconds: Double.random(in: (base / 2)...base))
+                await sleepUnlessStopping(seconds: env.random.double(in: (base / 2)...base))
             }
         }
         return false
@@ -199,7 +200,7 @@ extension Volume {
         var left = seconds
         while left > 0 && !uploads.withLock({ $0.stopping }) {
             let step = min(left, 0.1)
-            try? await Task.sleep(for: .seconds(step))
+            await env.clock.sleep(for: .seconds(double: step))
             left -= step
         }
     }
@@ -213,20 +214,20 @@ extension Volume {
         guard pending > soft else { return }
         if pending < limit {
             let fraction = Double(pending - soft) / Double(limit - soft)
-            try? await Task.sleep(for: .microseconds(Int(fraction * 20_000)))
+            await env.clock.sleep(for: .microseconds(Int(fraction * 20_000)))
             return
         }
-        var loggedAt: ContinuousClock.Instant?
+        var loggedAt: MonotonicInstant?
         while pending >= limit {
             if writer.withLock({ $0.failure != nil }) { return }
-            let now = ContinuousClock.now
+            let now = env.clock.now()
             if loggedAt == nil || loggedAt!.duration(to: now) > .seconds(10) {
                 loggedAt = now
                 let reason = uploads.withLock { $0.lastError.map { ": \($0.message)" } ?? "" }
                 logger.warning(
                     "writes wait: \(ByteSize.format(pending)) are not on the backend yet (limit \(ByteSize.format(limit)))\(reason)")
             }
-            try? await Task.sleep(for: .milliseconds(20))
+            await env.clock.sleep(for: .milliseconds(20))
             pending = unstoredBytes.load(ordering: .relaxed)
         }
     }
@@ -238,7 +239,7 @@ extension Volume {
         while !uploads.withLock({ $0.stopping }) {
             await sleepUnlessStopping(seconds: tick)
             let first = writer.withLock { $0.failure == nil ? $0.openJournalFirstWrite : nil }
-            if let first, first.duration(to: .now) >= maxAge {
+            if let first, first.duration(to: env.clock.now()) >= maxAge {
                 do throws(VDError) { try await submit(.roll) } catch {
                     logger.warning("cannot seal the open SCO: \(error)")
                 }

@@ -12,9 +12,6 @@
 // waits for it (at most one 1 MiB write). A roll waits for the zeroer to finish with the old file, so nothing ever
 // touches a sealed SCO.
 
-#if canImport(Glibc)
-    @preconcurrency import Glibc
-#endif
 import FlashIO
 import Logging
 import Synchronization
@@ -28,25 +25,43 @@ extension Volume {
     static let zeroAheadRateMaxBytesPerSecond: Double = 32 * 1024 * 1024
 
     /// Leader only: reserves `[start, end)` of the open journal, waiting out a zeroing chunk that overlaps it.
-    func reserveJournal(_ start: UInt64, _ end: UInt64) {
+    func reserveJournal(_ start: UInt64, _ end: UInt64) async {
+        assertLeader()
         while true {
-            let busy = writer.withLock { state -> Bool in
-                state.reservedEnd = max(state.reservedEnd, end)
-                guard let zeroing = state.zeroing else { return false }
-                return zeroing.lowerBound < end && start < zeroing.upperBound
+            await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
+                let busy = writer.withLock { state -> Bool in
+                    state.reservedEnd = max(state.reservedEnd, end)
+                    guard let zeroing = state.zeroing, zeroing.lowerBound < end && start < zeroing.upperBound else {
+                        return false
+                    }
+                    state.zeroWaiters.append(continuation)
+                    return true
+                }
+                if !busy { continuation.resume() }
             }
-            if !busy { return }
-            usleep(50)
+            // Checked again: the zeroer may have started the next chunk (never one overlapping the reservation).
+            let clear = writer.withLock { state -> Bool in
+                guard let zeroing = state.zeroing else { return true }
+                return !(zeroing.lowerBound < end && start < zeroing.upperBound)
+            }
+            if clear { return }
         }
     }
 
-    /// Leader only, before a roll: waits until no zeroing chunk is being written.
-    func waitForZeroer() {
-        while writer.withLock({ state -> Bool in
-            state.zeroingPaused = true
-            return state.zeroing != nil
-        }) {
-            usleep(50)
+    /// Leader only, before a roll: waits until no zeroing chunk is being written (and stops new ones).
+    func waitForZeroer() async {
+        assertLeader()
+        while true {
+            await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
+                let busy = writer.withLock { state -> Bool in
+                    state.zeroingPaused = true
+                    guard state.zeroing != nil else { return false }
+                    state.zeroWaiters.append(continuation)
+                    return true
+                }
+                if !busy { continuation.resume() }
+            }
+            if writer.withLock({ $0.zeroing == nil }) { return }
         }
     }
 
@@ -54,9 +69,10 @@ extension Volume {
     func considerZeroAhead() {
         guard options.zeroAhead else { return }
         let scoSize = options.scoSizeBytes
+        let now = env.clock.now()
         let start = writer.withLock { state -> Bool in
             guard !state.zeroerRunning, state.failure == nil, !state.zeroingPaused, state.zeroFrontier < scoSize,
-                state.zeroFrontier < state.reservedEnd + Self.zeroRunwayBytes, state.journalIsSlow(now: .now)
+                state.zeroFrontier < state.reservedEnd + Self.zeroRunwayBytes, state.journalIsSlow(now: now)
             else { return false }
             state.zeroerRunning = true
             return true
@@ -67,16 +83,19 @@ extension Volume {
     private func zeroAhead() async {
         let scoSize = options.scoSizeBytes
         while true {
+            let now = env.clock.now()
             let job = writer.withLock { state -> (FlashFile, Range<UInt64>)? in
                 let alignedReserve = (state.reservedEnd + Self.zeroChunkBytes - 1) / Self.zeroChunkBytes * Self.zeroChunkBytes
                 let start = max(state.zeroFrontier, alignedReserve)
                 guard state.failure == nil, !state.zeroingPaused, start < scoSize,
-                    start < state.reservedEnd + Self.zeroRunwayBytes, state.journalIsSlow(now: .now)
+                    start < state.reservedEnd + Self.zeroRunwayBytes, state.journalIsSlow(now: now)
                 else {
                     state.zeroerRunning = false
                     return nil
                 }
                 let range = start..<min(start + Self.zeroChunkBytes, scoSize)
+                precondition(
+                    range.lowerBound >= state.reservedEnd, "the zeroer would overlap the journal's reserved range")
                 state.zeroing = range
                 return (state.currentFile, range)
             }
@@ -101,11 +120,14 @@ extension Volume {
                 logger.debug("zeroing the journal ahead stopped: \(error)")
                 ok = false
             }
-            writer.withLock { state in
+            let waiters = writer.withLock { state -> [UnsafeContinuation<Void, Never>] in
                 if ok, state.currentFile === file { state.zeroFrontier = max(state.zeroFrontier, range.upperBound) }
                 state.zeroing = nil
                 if !ok { state.zeroerRunning = false }
+                defer { state.zeroWaiters = [] }
+                return state.zeroWaiters
             }
+            for waiter in waiters { waiter.resume() }
             if !ok { return }
         }
     }
@@ -115,9 +137,8 @@ extension Volume {
 
 extension WriterState {
     /// The open journal fills slowly enough that zeroing ahead pays (and keeps up).
-    func journalIsSlow(now: ContinuousClock.Instant) -> Bool {
-        let elapsed = journalOpenedAt.duration(to: now)
-        let seconds = max(0.05, Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+    func journalIsSlow(now: MonotonicInstant) -> Bool {
+        let seconds = max(0.05, journalOpenedAt.duration(to: now).seconds)
         return Double(openJournalBytes) / seconds < Volume.zeroAheadRateMaxBytesPerSecond
     }
 }

@@ -28,7 +28,7 @@ package final class Volume: BlockDevice {
     let backend: any ObjectStore
     let cache: FlashCache
     let map: BlockMap
-    let pool: NIOThreadPool
+    let env: Environment
     let logger: Logger
     let clusterBytes: Int
     let rangeLock = ClusterRangeLock()
@@ -49,7 +49,7 @@ package final class Volume: BlockDevice {
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore,
-        cache: FlashCache, map: BlockMap, pool: NIOThreadPool, logger: Logger, journal: JournalState,
+        cache: FlashCache, map: BlockMap, env: Environment, logger: Logger, journal: JournalState,
         storedThrough: SCONumber, unstoredBytes: UInt64, snapshots: SnapshotTable, snapshotsUploadedVersion: UInt64,
         parent: (volume: Volume, epoch: UInt64)?
     ) {
@@ -61,13 +61,13 @@ package final class Volume: BlockDevice {
         self.backend = backend
         self.cache = cache
         self.map = map
-        self.pool = pool
+        self.env = env
         var logger = logger
         logger[metadataKey: "volume"] = "\(config.name)"
         self.logger = logger
         self.clusterBytes = Int(config.clusterSizeBytes)
         self.journal = journal
-        var writerState = WriterState(currentFile: journal.file)
+        var writerState = WriterState(currentFile: journal.file, journalOpenedAt: env.clock.now())
         writerState.openEpoch = journal.sco.rawValue
         self.writer = Mutex(writerState)
         self.uploads = Mutex(UploadState(storedThrough: storedThrough))

@@ -36,7 +36,7 @@ import VolumeCore
         var options = ScrubOptions()
         options.liveFractionThreshold = threshold
         options.scoSizeBytes = 2 << 20
-        return try await Scrubber(volume: try VolumeName(validating: "vol1"), backend: store, options: options, logger: Logger(label: "scrub")).run()
+        return try await Scrubber(volume: try VolumeName(validating: "vol1"), backend: store, options: options, env: .live(pool: .singleton), logger: Logger(label: "scrub")).run()
     }
 
     @Test func scrubReclaimsGarbageAndKeepsEverythingReadable() async throws {
@@ -140,7 +140,7 @@ import VolumeCore
         let h = try await VolumeHarness(sizeBytes: 1 << 20, backend: store)
         defer { Task { await h.shutdown() } }
         let layout = VolumeLayout(flashDirectory: "", namespace: "vol1")
-        let lease = try await ScrubLease.acquire(layout: layout, backend: store, seconds: 60)
+        let lease = try await ScrubLease.acquire(layout: layout, backend: store, seconds: 60, env: .live(pool: .singleton))
         do {
             _ = try await scrub(store)
             Issue.record("a second scrubber ran")

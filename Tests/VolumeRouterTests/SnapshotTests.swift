@@ -124,7 +124,7 @@ import VolumeCore
             try parent.setClone(name, ofSnapshot: snapshot.name, present: true)
             return try await Volume.open(
                 config: config, layout: VolumeLayout(flashDirectory: h.root + "/flash-" + name, namespace: name),
-                options: h.options, backend: store, cache: h.cache, pool: h.pool, logger: Logger(label: "test"),
+                options: h.options, backend: store, cache: h.cache, env: h.env, logger: Logger(label: "test"),
                 parent: parent)
         }
         let clone = try await openClone("clone1", of: h.volume, snapshot: base)

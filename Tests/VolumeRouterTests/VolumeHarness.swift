@@ -13,6 +13,7 @@ final class VolumeHarness: @unchecked Sendable {
     let root: String
     let backend: any ObjectStore
     let pool: NIOThreadPool
+    let env: Environment
     let config: VolumeConfig
     var options: VolumeOptions
     var cacheCapacityBytes: UInt64
@@ -32,6 +33,7 @@ final class VolumeHarness: @unchecked Sendable {
         self.backend = backend
         pool = NIOThreadPool(numberOfThreads: 2)
         pool.start()
+        env = .live(pool: pool)
         config = VolumeConfig(name: try VolumeName(validating: "vol1"), sizeBytes: sizeBytes)
         var options = VolumeOptions()
         options.scoSizeBytes = scoSizeBytes
@@ -53,7 +55,7 @@ final class VolumeHarness: @unchecked Sendable {
         if directIO { aio = try AIOQueue() }
         cache = FlashCache(capacityBytes: cacheCapacityBytes, aio: aio, logger: Logger(label: "test"))
         volume = try await Volume.open(
-            config: config, layout: layout, options: options, backend: backend, cache: cache, pool: pool,
+            config: config, layout: layout, options: options, backend: backend, cache: cache, env: env,
             logger: Logger(label: "test"))
     }
 
