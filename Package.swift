@@ -172,6 +172,22 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
+        .target(
+            name: "VolumeSimulation",
+            dependencies: [
+                "VolumeCore", "FlashIO", "ObjectStore", "VolumeRouter", "Scrubber", "VolumeTesting",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "HeapModule", package: "swift-collections"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "vd-sim",
+            dependencies: ["VolumeSimulation", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: swiftSettings
+        ),
+
         // MARK: tests
         .testTarget(
             name: "VolumeCoreTests",
@@ -199,6 +215,11 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "SimulationTests",
+            dependencies: ["VolumeSimulation", "VolumeCore", "FlashIO"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

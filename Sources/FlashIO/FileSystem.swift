@@ -13,7 +13,7 @@ package protocol FileSystem: Sendable {
     func rename(_ from: String, _ to: String) throws(VDError)
     /// Removes a file; a missing file is not an error.
     func unlinkIfPresent(_ path: String) throws(VDError)
-    /// Creates a directory and its parents (like `mkdir -p`).
+    /// Creates a directory and its parents (like `mkdir -p`), durably (each new entry's parent is synced).
     func makeDirectories(_ path: String) throws(VDError)
     /// Makes the directory's entries (creations, renames, removals) durable.
     func syncDirectory(_ path: String) throws(VDError)

@@ -149,14 +149,19 @@ package enum Syscall {
         }
     }
 
-    /// Creates a directory and its parents (like `mkdir -p`).
+    /// Creates a directory and its parents (like `mkdir -p`), durably: the parent of every directory created is
+    /// fsynced, so the new entries survive a power loss.
     package static func makeDirectories(_ path: String, mode: UInt32 = 0o755) throws(VDError) {
         var prefix = path.hasPrefix("/") ? "/" : ""
+        var parent = prefix.isEmpty ? "." : prefix
         for component in path.split(separator: "/") {
             prefix += component
-            if Glibc.mkdir(prefix, mode_t(mode)) != 0 && errno != EEXIST {
+            if Glibc.mkdir(prefix, mode_t(mode)) == 0 {
+                try syncDirectory(parent)
+            } else if errno != EEXIST {
                 throw error("create directory", prefix, errno: errno)
             }
+            parent = prefix
             prefix += "/"
         }
     }

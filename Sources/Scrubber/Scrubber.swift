@@ -203,7 +203,7 @@ package struct Scrubber {
         env.tasks.failpoint("before-result")
 
         let result = ScrubResult(
-            id: resultID, volumeID: contents.config.id, sources: sources, created: created, relocations: relocations,
+            id: resultID, volumeID: contents.config.id, createdAt: env.clock.wallNow(), sources: sources, created: created, relocations: relocations,
             sourceBytes: summary.sourceBytes, copiedBytes: summary.copiedBytes)
         try await backend.put(layout.scrubResultObject(resultID), data: try MetadataRecord.encode(result, kind: .scrubResult))
         env.tasks.failpoint("after-result")

@@ -203,26 +203,7 @@ final class RouterService: ManagementService {
         let parentName = try name(request.parent)
         let childName = try name(request.name)
         return try await lifecycle.run { () async throws(VDError) -> VolumeStatus in
-            let parent = try await router.openVolume(named: parentName)
-            guard let snapshot = parent.snapshotTable.snapshot(named: request.snapshot) else {
-                throw VDError(.notFound, "volume \(parentName) has no snapshot named \(request.snapshot)")
-            }
-            let parentRegistration = try registration(parentName)
-            let store = try backends.store(named: parentRegistration.backend)
-            // Record the clone on the parent first: a crash between the two leaves a snapshot that refuses to be
-            // deleted for a clone that does not exist (visible and fixable), never a clone without its snapshot.
-            try parent.setClone(childName.rawValue, ofSnapshot: snapshot.name, present: true)
-            do throws(VDError) {
-                _ = try await VolumeAdministration.create(
-                    dataDirectory: dataDirectory, fs: router.env.fs, name: childName, sizeBytes: parent.config.sizeBytes,
-                    clusterSizeBytes: parent.config.clusterSizeBytes, backendName: parentRegistration.backend,
-                    backend: store,
-                    parent: VolumeConfig.Parent(volume: parentName, snapshot: snapshot.name, epoch: snapshot.epoch))
-            } catch {
-                try? parent.setClone(childName.rawValue, ofSnapshot: snapshot.name, present: false)
-                throw error
-            }
-            let child = try await router.openVolume(named: childName)
+            let child = try await router.createClone(named: childName, of: parentName, snapshot: request.snapshot)
             return status(try registration(childName), volume: child, space: nil)
         }
     }

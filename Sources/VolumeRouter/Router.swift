@@ -322,6 +322,47 @@ package final class Router: Sendable {
 
     package func volume(named name: VolumeName) -> Volume? { state.withLock { $0[name] } }
 
+    /// Creates a volume on `backendName` and opens it.
+    package func createVolume(
+        named name: VolumeName, sizeBytes: UInt64, clusterSizeBytes: UInt32, backendName: String
+    ) async throws(VDError) -> Volume {
+        let store = try backends.store(named: backendName)
+        _ = try await VolumeAdministration.create(
+            dataDirectory: configuration.dataDirectory, fs: env.fs, name: name, sizeBytes: sizeBytes,
+            clusterSizeBytes: clusterSizeBytes, backendName: backendName, backend: store,
+            id: .random(using: env.random), createdAt: env.clock.wallNow())
+        return try await openVolume(named: name)
+    }
+
+    /// Creates a thin clone `name` of `parentName`@`snapshotName` and opens it. The clone is recorded on the parent's
+    /// snapshot first: a crash between the two leaves a snapshot that refuses to be deleted for a clone that does not
+    /// exist (visible and fixable), never a clone without its snapshot.
+    package func createClone(named name: VolumeName, of parentName: VolumeName, snapshot snapshotName: String)
+        async throws(VDError) -> Volume
+    {
+        let parent = try await openVolume(named: parentName)
+        guard let snapshot = parent.snapshotTable.snapshot(named: snapshotName) else {
+            throw VDError(.notFound, "volume \(parentName) has no snapshot named \(snapshotName)")
+        }
+        guard
+            let parentRegistration = try VolumeRegistry.read(
+                dataDirectory: configuration.dataDirectory, name: parentName, fs: env.fs)
+        else { throw VDError(.notFound, "no volume named \(parentName) in \(configuration.dataDirectory)") }
+        let store = try backends.store(named: parentRegistration.backend)
+        try parent.setClone(name.rawValue, ofSnapshot: snapshot.name, present: true)
+        do throws(VDError) {
+            _ = try await VolumeAdministration.create(
+                dataDirectory: configuration.dataDirectory, fs: env.fs, name: name, sizeBytes: parent.config.sizeBytes,
+                clusterSizeBytes: parent.config.clusterSizeBytes, backendName: parentRegistration.backend,
+                backend: store, parent: VolumeConfig.Parent(volume: parentName, snapshot: snapshot.name, epoch: snapshot.epoch),
+                id: .random(using: env.random), createdAt: env.clock.wallNow())
+        } catch {
+            try? parent.setClone(name.rawValue, ofSnapshot: snapshot.name, present: false)
+            throw error
+        }
+        return try await openVolume(named: name)
+    }
+
     /// The open volume, opening it (and its parents) on demand.
     package func openVolume(named name: VolumeName) async throws(VDError) -> Volume {
         if let volume = volume(named: name) { return volume }

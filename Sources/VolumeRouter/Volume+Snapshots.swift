@@ -150,7 +150,7 @@ extension Volume {
                     guard table.snapshot(named: name) == nil else {
                         throw VDError(.alreadyExists, "volume \(config.name) already has a snapshot named \(name)")
                     }
-                    let record = SnapshotRecord(id: table.nextID, name: name, epoch: epoch)
+                    let record = SnapshotRecord(id: table.nextID, name: name, epoch: epoch, createdAt: env.clock.wallNow())
                     table.nextID += 1
                     table.snapshots.append(record)
                     created = record

@@ -40,6 +40,9 @@ package struct UploadStatus: Sendable {
 }
 
 extension Volume {
+    /// The epoch the journal appends to now (every write replied so far is in this epoch or an earlier one).
+    package var openEpoch: UInt64 { writer.withLock { $0.openEpoch } }
+
     package var uploadStatus: UploadStatus {
         let bytes = unstoredBytes.load(ordering: .relaxed)
         return uploads.withLock {

@@ -40,11 +40,12 @@ public struct VolumeID: Hashable, Sendable, Codable, CustomStringConvertible {
         self.high = high
         self.low = low
     }
-    public static func random() -> VolumeID {
-        var generator = SystemRandomNumberGenerator()
+    public static func random() -> VolumeID { random(using: SystemRandom()) }
+
+    public static func random(using source: any RandomSource) -> VolumeID {
         // RFC 4122 version 4 bits, so the text form is a valid UUID.
-        let high = (generator.next() & ~0xF000) | 0x4000
-        let low = (generator.next() & ~(UInt64(0xC) << 60)) | (UInt64(0x8) << 60)
+        let high = (source.next() & ~0xF000) | 0x4000
+        let low = (source.next() & ~(UInt64(0xC) << 60)) | (UInt64(0x8) << 60)
         return VolumeID(high: high, low: low)
     }
     public var description: String {

@@ -1,0 +1,1105 @@
+// The deterministic simulation of VolumeDriver: a whole node (the real Router, Volume, uploader, scrubber and
+// namespace check) on a simulated file system, map store, object store and clock, driven by a seeded random
+// workload and checked against the model after every step (see SimModel.swift for what "correct" means).
+//
+// One run = one seed. Everything runs on one thread in virtual time: a run of simulated minutes (uploads, age-based
+// sealing, scrub grace periods, lease expiries) takes a fraction of a second, and a seed replays exactly (with
+// SWIFT_DETERMINISTIC_HASHING=1, which `tools/sim.sh` and the test command set).
+//
+// The workload: writes, write-zeroes and trims of any sector alignment (several in flight, never two on one sector),
+// FUA, flushes, reads; snapshot create, delete and rollback; clones and clones of clones; scrubs (killed at random
+// points, two at once); `check` and `check --repair`; a backend that fails requests, loses replies, corrupts reads
+// and goes away; process crashes; power losses; a clean stop then the local flash lost then a restart from the
+// backend; the local flash lost without a stop.
+
+import Foundation
+import Logging
+import NIOCore
+import ObjectStore
+import Scrubber
+import Synchronization
+import VolumeCore
+import VolumeRouter
+import FlashIO
+
+package struct SimulationConfig: Sendable {
+    package var seed: UInt64
+    package var operations = 200
+    package var volumeBytes: UInt64 = 8 << 20
+    package var scoBytes: UInt64 = 1 << 20
+    package var inFlightMax = 4
+    /// Backend faults (failed requests, lost replies, corrupted reads, outages).
+    package var backendFaults = true
+    /// Crashes, power losses and flash losses.
+    package var crashes = true
+    package var scrubs = true
+    package var clones = true
+    /// Print the trace as it happens.
+    package var verbose = false
+    package init(seed: UInt64) { self.seed = seed }
+}
+
+package struct SimulationReport: Sendable {
+    package var seed: UInt64
+    package var failure: String?
+    package var operations = 0
+    package var steps: UInt64 = 0
+    package var virtualSeconds = 0.0
+    package var counts: [String: Int] = [:]
+    package var trace: [String] = []
+    package var passed: Bool { failure == nil }
+}
+
+/// Runs simulations, each on its own thread (the simulation thread).
+package enum SimulationRunner {
+    package static func run(_ config: SimulationConfig) -> SimulationReport {
+        let result = Mutex<SimulationReport?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        let thread = Thread {
+            let report = Simulation(config: config).run()
+            result.withLock { $0 = report }
+            done.signal()
+        }
+        thread.stackSize = 64 << 20
+        thread.start()
+        done.wait()
+        return result.withLock { $0! }
+    }
+
+    package static func runAsync(_ config: SimulationConfig) async -> SimulationReport {
+        await withCheckedContinuation { continuation in
+            let thread = Thread {
+                let report = Simulation(config: config).run()
+                continuation.resume(returning: report)
+            }
+            thread.stackSize = 64 << 20
+            thread.start()
+        }
+    }
+}
+
+/// A failed check: ends the run.
+struct SimFailure: Error {
+    var message: String
+}
+
+/// One simulated machine: its local file system, its map stores and the router running on it.
+final class SimNode {
+    let name: String
+    let fs: SimFileSystem
+    let maps: SimKeyValueStores
+    let dataDirectory: String
+    var routerProcess: SimProcess?
+    var router: Router?
+
+    init(name: String, scheduler: SimScheduler) {
+        self.name = name
+        fs = SimFileSystem(name: name, scheduler: scheduler)
+        maps = SimKeyValueStores(scheduler: scheduler)
+        dataDirectory = "/" + name + "/data"
+    }
+
+    var flashDirectory: String { dataDirectory + "/flash" }
+}
+
+struct SimBackends: BackendResolver {
+    let store: SimObjectStore
+    let compress: Bool
+    func store(named name: String) throws(VDError) -> any ObjectStore { store }
+    var defaultBackendName: String { "sim" }
+    func compressesUploads(_ name: String) -> Bool { compress }
+}
+
+/// A log handler writing to the run's trace.
+struct SimLogHandler: LogHandler {
+    let trace: SimTrace
+    var logLevel: Logger.Level
+    var metadata: Logger.Metadata = [:]
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(event: LogEvent) {
+        let volume = metadata["volume"].map { " [\($0)]" } ?? ""
+        trace.add("\(event.level)\(volume): \(event.message)")
+    }
+}
+
+final class Simulation: @unchecked Sendable {
+    let config: SimulationConfig
+    let scheduler: SimScheduler
+    let trace: SimTrace
+    let store: SimObjectStore
+    let node: SimNode
+    let logger: Logger
+    let client: SimProcess
+    let compress: Bool
+    let clusterBytes = 4096
+    var report: SimulationReport
+
+    // Model
+    var devices: [String: DeviceModel] = [:]
+    var snapshots: [String: SnapshotModel] = [:]
+    var coveredSeq: [String: UInt64] = [:]
+    /// One counter for issues and replies, so "replied before issued" compares on one clock.
+    var events: UInt64 = 0
+    var nextWriteID: UInt32 = 1
+    var snapshotCounter = 0
+    var cloneCounter = 0
+
+    // Operations in flight
+    struct InFlight {
+        var kind: String
+        var device: String
+        var sectors: Range<Int>
+        var issueSeq: UInt64
+        var replyCounterAtIssue: UInt64
+        var faultsAtIssue: Int
+        var apply: (Simulation, InFlight, Result<OpOutput, VDError>) throws -> Void
+    }
+    enum OpOutput {
+        case none
+        case data(ByteBuffer)
+        case snapshot(SnapshotRecord)
+    }
+    var inFlight: [Int: InFlight] = [:]
+    var nextOpID = 0
+    var completions: [(Int, Result<OpOutput, VDError>)] = []
+    /// Devices on which no new operation may start (a snapshot is being taken, a rollback is coming).
+    var frozen: Set<String> = []
+    var scrubbers: [SimProcess] = []
+    var failure: SimFailure?
+    var outageUntilOperation: Int?
+
+    init(config: SimulationConfig) {
+        self.config = config
+        trace = SimTrace(verbose: config.verbose)
+        scheduler = SimScheduler(seed: config.seed, trace: trace)
+        let scheduler = self.scheduler
+        trace.clock = { scheduler.now }
+        store = SimObjectStore(scheduler: scheduler)
+        node = SimNode(name: "node1", scheduler: scheduler)
+        let trace = self.trace
+        logger = Logger(label: "vd") { _ in SimLogHandler(trace: trace, logLevel: config.verbose ? .debug : .info) }
+        client = scheduler.makeProcess("client")
+        client.role = "client"
+        compress = scheduler.chance(0.3)
+        report = SimulationReport(seed: config.seed)
+        if config.backendFaults {
+            store.faults.failBefore = 0.03
+            store.faults.failAfter = 0.02
+            store.faults.corruptRead = 0.01
+        }
+    }
+
+    // MARK: running
+
+    func run() -> SimulationReport {
+        scheduler.bindToCurrentThread()
+        trace.add("seed \(config.seed): \(config.operations) operations, volume \(config.volumeBytes >> 20) MiB, SCO \(config.scoBytes >> 20) MiB, compression \(compress)")
+        do {
+            try boot()
+            try createVolume("vol1")
+            for index in 0..<config.operations {
+                report.operations = index + 1
+                try step(index)
+                if let failure { throw failure }
+            }
+            try quiesce()
+            store.outage = false
+            try verifyEverything(after: .none)
+            try runCheck(repair: false)
+        } catch let error as SimFailure {
+            report.failure = error.message
+        } catch {
+            report.failure = "unexpected error: \(error)"
+        }
+        if report.failure == nil, let escaped = scheduler.escaped {
+            report.failure = "nondeterminism: \(escaped)"
+        }
+        report.steps = scheduler.steps
+        report.virtualSeconds = scheduler.now.seconds
+        report.trace = trace.tail
+        return report
+    }
+
+    func count(_ what: String) { report.counts[what, default: 0] += 1 }
+
+    func fail(_ message: String) -> SimFailure {
+        trace.add("FAILED: \(message)")
+        return SimFailure(message: message)
+    }
+
+    /// Runs the scheduler until `done` or until it stalls.
+    func runUntil(_ what: String, timeout: Duration = .seconds(600), _ done: () -> Bool) throws {
+        let deadline = scheduler.now + timeout
+        let ok = scheduler.run(until: { done() || scheduler.now > deadline || failure != nil })
+        if let failure { throw failure }
+        if !done() {
+            throw fail(ok ? "\(what): not done after \(timeout) of virtual time" : "\(what): stalled (nothing left to run: a deadlock)")
+        }
+    }
+
+    /// Runs `body` in `process` and waits for it.
+    func runIn<T>(_ process: SimProcess, _ what: String, timeout: Duration = .seconds(600), _ body: @escaping @Sendable () async throws(VDError) -> T) throws -> Result<T, VDError> {
+        let box = ResultBox<T>()
+        process.spawn {
+            let result: Result<T, VDError>
+            do throws(VDError) { result = .success(try await body()) } catch { result = .failure(error) }
+            box.result = result
+        }
+        try runUntil(what, timeout: timeout) { box.result != nil || !process.isAlive }
+        guard let result = box.result else { return .failure(VDError(.io, "\(process.name) died")) }
+        return result
+    }
+
+    // MARK: the router
+
+    var routerConfiguration: RouterConfiguration {
+        var configuration = RouterConfiguration(dataDirectory: node.dataDirectory)
+        configuration.directIO = false
+        configuration.cacheCapacityBytes = 64 << 20
+        var options = VolumeOptions()
+        options.scoSizeBytes = config.scoBytes
+        options.uploadPendingBytesMax = 8 << 20
+        options.uploadAgeSecondsMax = 5
+        options.uploadRetryDelaySeconds = 0.2
+        options.uploadRetryDelaySecondsMax = 5
+        options.scrubPollSeconds = 3
+        options.scrubDeleteGraceSeconds = 5
+        options.readAheadBytes = 64 << 10
+        options.mapCacheEntries = 4096
+        configuration.volumeOptions = options
+        return configuration
+    }
+
+    func boot() throws {
+        let process = scheduler.makeProcess("router#\(scheduler.steps)")
+        process.role = "router"
+        node.routerProcess = process
+        let env = Environment(
+            fs: node.fs, clock: SimClock(scheduler: scheduler), random: SimRandomSource(scheduler: scheduler),
+            tasks: SimTaskRunner(process: process), keyValueStores: node.maps)
+        let configuration = routerConfiguration
+        let backends = SimBackends(store: store, compress: compress)
+        let logger = self.logger
+        let outcome = try runIn(process, "router start") { () async throws(VDError) -> (Router, [(VolumeName, VDError)]) in
+            let router = try Router(configuration: configuration, backends: backends, logger: logger, environment: env)
+            let failures = await router.openAll { _ in }
+            return (router, failures)
+        }
+        switch outcome {
+        case .success(let (router, failures)):
+            node.router = router
+            for (name, error) in failures {
+                // A backend that is down when the router starts: the volume opens once it is back.
+                guard store.outage || error.code == .backend else {
+                    throw fail("volume \(name) does not open after a restart: \(error)")
+                }
+                trace.add("volume \(name) did not open (\(error)); opening it again with the backend back")
+                store.outage = false
+                outageUntilOperation = nil
+                let reopened = try runIn(process, "reopen \(name)") { () async throws(VDError) -> Volume in
+                    try await router.openVolume(named: name)
+                }
+                if case .failure(let error) = reopened {
+                    throw fail("volume \(name) does not open after a restart with the backend back: \(error)")
+                }
+            }
+            trace.add("router started: \(router.volumes.map(\.name.rawValue))")
+        case .failure(let error):
+            throw fail("the router does not start: \(error)")
+        }
+    }
+
+    var router: Router { node.router! }
+    var routerProcess: SimProcess { node.routerProcess! }
+
+    func createVolume(_ name: String) throws {
+        let volumeName = try VolumeName(validating: name)
+        let size = config.volumeBytes
+        let router = self.router
+        let result = try runIn(routerProcess, "create \(name)") { () async throws(VDError) -> Volume in
+            try await router.createVolume(named: volumeName, sizeBytes: size, clusterSizeBytes: 4096, backendName: "sim")
+        }
+        if case .failure(let error) = result { throw fail("cannot create \(name): \(error)") }
+        devices[name] = DeviceModel(name: name, sectorCount: Int(size / 512))
+        coveredSeq[name] = 0
+        trace.add("created \(name)")
+    }
+
+    func volume(_ name: String) -> Volume? {
+        guard let volumeName = VolumeName(rawValue: name) else { return nil }
+        return node.router?.volume(named: volumeName)
+    }
+
+    // MARK: the workload
+
+    func step(_ index: Int) throws {
+        if let until = outageUntilOperation, index >= until {
+            store.outage = false
+            outageUntilOperation = nil
+            trace.add("backend outage ends")
+        }
+        let roll = scheduler.below(1000)
+        switch roll {
+        case 0..<330: try startWrite(kind: .data)
+        case 330..<360: try startWrite(kind: .zeroes)
+        case 360..<390: try startWrite(kind: .trim)
+        case 390..<460: try startFlush()
+        case 460..<600: try startRead()
+        case 600..<640: try startSnapshotCreate()
+        case 640..<665: try snapshotDelete()
+        case 665..<675: try rollback()
+        case 675..<690: if config.clones { try createClone() }
+        case 690..<720: if config.scrubs { try startScrub() }
+        case 720..<735: if config.scrubs { try runCheck(repair: scheduler.chance(0.3)) }
+        case 735..<750: if config.crashes { try crash(.process) }
+        case 750..<758: if config.crashes { try crash(.power) }
+        case 758..<765: if config.crashes { try drainAndRestoreFromBackend() }
+        case 765..<770: if config.crashes { try crash(.flashLost) }
+        case 770..<780: if config.backendFaults { startOutage(index) }
+        case 780..<860: try wait(.milliseconds(Int64(scheduler.between(1...3000))))
+        default: try verifyRandomRange()
+        }
+        // Let the system run a little between operations.
+        let budget = UInt64(scheduler.between(1...400))
+        let end = scheduler.steps + budget
+        scheduler.run(until: { scheduler.steps >= end || !completions.isEmpty || failure != nil })
+        try processCompletions()
+    }
+
+    func startOutage(_ index: Int) {
+        guard !store.outage else { return }
+        store.outage = true
+        outageUntilOperation = index + scheduler.between(1...20)
+        trace.add("backend outage starts")
+        count("outage")
+    }
+
+    func wait(_ duration: Duration) throws {
+        trace.add("wait \(duration)")
+        let end = scheduler.now + duration
+        scheduler.run(until: { scheduler.now >= end || !completions.isEmpty || failure != nil })
+        try processCompletions()
+    }
+
+    /// Writable devices that exist (volumes and clones).
+    var writableDevices: [String] { devices.keys.sorted().filter { volume($0) != nil } }
+
+    /// A random sector range of `device` that no operation in flight touches.
+    func freeRange(_ device: String, maxSectors: Int) -> Range<Int>? {
+        guard let model = devices[device] else { return nil }
+        for _ in 0..<8 {
+            let length: Int
+            switch scheduler.below(10) {
+            case 0..<6: length = scheduler.between(1...16)
+            case 6..<9: length = scheduler.between(1...min(maxSectors, 256))
+            default: length = scheduler.between(1...maxSectors)
+            }
+            let start = scheduler.below(model.sectorCount - length + 1)
+            let range = start..<(start + length)
+            if !inFlight.values.contains(where: { $0.device == device && $0.sectors.overlaps(range) }) { return range }
+        }
+        return nil
+    }
+
+    enum WriteKind { case data, zeroes, trim }
+
+    func startWrite(kind: WriteKind) throws {
+        guard inFlight.count < config.inFlightMax else { return }
+        let candidates = writableDevices.filter { !frozen.contains($0) }
+        guard !candidates.isEmpty else { return }
+        let device = candidates[scheduler.below(candidates.count)]
+        guard let range = freeRange(device, maxSectors: 2048), let target = volume(device) else { return }
+        let fua = scheduler.chance(0.1)
+        let offset = UInt64(range.lowerBound) * 512
+        let length = range.count * 512
+        // What each sector will hold once the operation is done.
+        var values: [Int: UInt32] = [:]
+        let id: UInt32
+        switch kind {
+        case .data:
+            id = nextWriteID
+            nextWriteID += 1
+            for sector in range { values[sector] = id }
+        case .zeroes:
+            id = 0
+            for sector in range { values[sector] = 0 }
+        case .trim:
+            id = 0
+            // Whole clusters inside the range read as zeroes; partial clusters keep their contents.
+            let perCluster = clusterBytes / 512
+            let first = (range.lowerBound + perCluster - 1) / perCluster * perCluster
+            let end = range.upperBound / perCluster * perCluster
+            if first < end { for sector in first..<end { values[sector] = 0 } }
+        }
+        for (sector, value) in values { devices[device]!.inFlight[sector] = value }
+        var buffer = ByteBuffer()
+        if kind == .data {
+            buffer = ByteBufferAllocator().buffer(capacity: length)
+            buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { raw in
+                for (index, sector) in range.enumerated() {
+                    SectorPattern.fill(
+                        UnsafeMutableRawBufferPointer(rebasing: raw[(index * 512)..<((index + 1) * 512)]), id: id,
+                        sector: UInt64(sector))
+                }
+                return length
+            }
+        }
+        let name = kind == .data ? "write" : (kind == .zeroes ? "zeroes" : "trim")
+        trace.add("\(name) \(device) sectors \(range.lowerBound)+\(range.count)\(fua ? " FUA" : "") id \(id)")
+        count(name)
+        let payload = buffer
+        let mayUnmap = scheduler.chance(0.7)
+        start(kind: name, device: device, sectors: range, { () async throws(VDError) -> OpOutput in
+            switch kind {
+            case .data: try await target.write(offset: offset, data: payload, fua: fua)
+            case .zeroes: try await target.writeZeroes(offset: offset, length: UInt32(length), fua: fua, mayUnmap: mayUnmap)
+            case .trim: try await target.trim(offset: offset, length: UInt32(length), fua: fua)
+            }
+            return .none
+        }) { simulation, operation, result in
+            switch result {
+            case .success:
+                let reply = simulation.nextReply()
+                let epoch = target.openEpoch
+                for (sector, value) in values.sorted(by: { $0.key < $1.key }) {
+                    simulation.devices[device]?.replied(
+                        sector, SectorWrite(id: value, replySeq: reply, issueSeq: operation.issueSeq, epochAtReply: epoch))
+                }
+                if fua { simulation.coveredSeq[device] = max(simulation.coveredSeq[device] ?? 0, reply) }
+            case .failure(let error):
+                // In flight at a crash: the sectors stay ambiguous until the restart reads them.
+                if error.message.contains("connection to") { return }
+                throw simulation.fail("\(name) on \(device) sectors \(range) failed: \(error)")
+            }
+        }
+    }
+
+    func nextReply() -> UInt64 {
+        events += 1
+        return events
+    }
+
+    func nextIssue() -> UInt64 {
+        events += 1
+        return events
+    }
+
+    /// Starts an operation in the client process; `apply` runs when its reply arrives.
+    func start(
+        kind: String, device: String, sectors: Range<Int>,
+        _ body: @escaping @Sendable () async throws(VDError) -> OpOutput,
+        apply: @escaping (Simulation, InFlight, Result<OpOutput, VDError>) throws -> Void
+    ) {
+        let issued = nextIssue()
+        nextOpID += 1
+        let id = nextOpID
+        inFlight[id] = InFlight(
+            kind: kind, device: device, sectors: sectors, issueSeq: issued, replyCounterAtIssue: issued,
+            faultsAtIssue: store.injectedFaults, apply: apply)
+        let router = routerProcess
+        client.spawn { [self] in
+            let result: Result<OpOutput, VDError>
+            do throws(VDError) {
+                result = .success(try await router.call(body))
+            } catch {
+                result = .failure(error)
+            }
+            completions.append((id, result))
+        }
+    }
+
+    func processCompletions() throws {
+        while !completions.isEmpty {
+            let (id, result) = completions.removeFirst()
+            guard let operation = inFlight[id] else { continue }
+            try operation.apply(self, operation, result)
+            inFlight[id] = nil
+        }
+        if let failure { throw failure }
+    }
+
+    /// Waits until nothing is in flight.
+    func quiesce(_ device: String? = nil) throws {
+        try runUntil("quiesce") {
+            !completions.isEmpty || !inFlight.values.contains { device == nil || $0.device == device }
+        }
+        try processCompletions()
+        if !inFlight.values.contains(where: { device == nil || $0.device == device }) { return }
+        try quiesce(device)
+    }
+
+    func startFlush() throws {
+        let candidates = writableDevices
+        guard !candidates.isEmpty, inFlight.count < config.inFlightMax else { return }
+        let device = candidates[scheduler.below(candidates.count)]
+        guard let target = volume(device) else { return }
+        trace.add("flush \(device)")
+        count("flush")
+        let coverable = events
+        start(kind: "flush", device: device, sectors: 0..<0, { () async throws(VDError) -> OpOutput in
+            try await target.flush()
+            return .none
+        }) { simulation, operation, result in
+            switch result {
+            case .success: simulation.coveredSeq[device] = max(simulation.coveredSeq[device] ?? 0, coverable)
+            case .failure(let error):
+                if error.message.contains("connection to") { return }
+                throw simulation.fail("flush of \(device) failed: \(error)")
+            }
+        }
+    }
+
+    // MARK: reads
+
+    func startRead() throws {
+        guard inFlight.count < config.inFlightMax else { return }
+        var targets: [(String, any BlockDevice)] = writableDevices.compactMap { name in volume(name).map { (name, $0 as any BlockDevice) } }
+        for (key, snapshot) in snapshots.sorted(by: { $0.key < $1.key }) where snapshot.confirmed && !snapshot.deleted {
+            if let parent = volume(snapshot.volume), let record = parent.snapshotTable.snapshot(named: snapshot.name) {
+                targets.append((key, SnapshotView(volume: parent, snapshot: record)))
+            }
+        }
+        guard !targets.isEmpty else { return }
+        let (device, target) = targets[scheduler.below(targets.count)]
+        let sectorCount = Int(config.volumeBytes / 512)
+        let length = scheduler.between(1...min(2048, sectorCount))
+        let first = scheduler.below(sectorCount - length + 1)
+        let range = first..<(first + length)
+        if devices[device] != nil, inFlight.values.contains(where: { $0.device == device && $0.sectors.overlaps(range) }) {
+            return
+        }
+        trace.add("read \(device) sectors \(first)+\(length)")
+        count("read")
+        start(kind: "read", device: device, sectors: range, { () async throws(VDError) -> OpOutput in
+            .data(try await target.read(offset: UInt64(first) * 512, length: UInt32(length * 512)))
+        }) { simulation, operation, result in
+            switch result {
+            case .success(.data(let bytes)):
+                try simulation.checkRead(device, range: range, bytes: bytes)
+            case .success: break
+            case .failure(let error):
+                if error.message.contains("connection to") { return }
+                if simulation.store.outage || simulation.store.injectedFaults > 0 && (error.code == .backend || error.code == .corrupt || error.code == .timeout) {
+                    simulation.trace.add("read of \(device) failed while the backend misbehaved: \(error)")
+                    return
+                }
+                throw simulation.fail("read of \(device) sectors \(range) failed: \(error)")
+            }
+        }
+    }
+
+    /// Checks read bytes against the model (devices: current contents; snapshots: frozen contents).
+    func checkRead(_ device: String, range: Range<Int>, bytes: ByteBuffer) throws {
+        guard bytes.readableBytes == range.count * 512 else {
+            throw fail("read of \(device) returned \(bytes.readableBytes) bytes for \(range.count) sectors")
+        }
+        var mismatches: [String] = []
+        bytes.withUnsafeReadableBytes { raw in
+            for (index, sector) in range.enumerated() {
+                let observed = SectorPattern.identify(
+                    UnsafeRawBufferPointer(rebasing: raw[(index * 512)..<((index + 1) * 512)]), sector: UInt64(sector))
+                let allowed: Set<UInt32>
+                if let model = devices[device] {
+                    allowed = [model.current(sector)]
+                } else if let snapshot = snapshots[device] {
+                    allowed = snapshot.allowed(sector)
+                } else {
+                    return
+                }
+                if let observed, allowed.contains(observed) {
+                    if snapshots[device] != nil && allowed.count > 1 { snapshots[device]!.resolve(sector, observed) }
+                    continue
+                }
+                if mismatches.count < 8 {
+                    mismatches.append(
+                        "sector \(sector) (cluster \(sector / 8)): read \(observed.map { "write \($0)" } ?? "garbage"), expected \(allowed.sorted())")
+                }
+            }
+        }
+        if !mismatches.isEmpty {
+            throw fail("\(device) reads wrong data: \(mismatches.joined(separator: "; "))")
+        }
+    }
+
+    func verifyRandomRange() throws {
+        try startRead()
+    }
+
+    // MARK: snapshots and clones
+
+    func startSnapshotCreate() throws {
+        let candidates = writableDevices.filter { !frozen.contains($0) }
+        guard !candidates.isEmpty, inFlight.count < config.inFlightMax else { return }
+        let device = candidates[scheduler.below(candidates.count)]
+        guard let target = volume(device), let model = devices[device] else { return }
+        snapshotCounter += 1
+        let name = "s\(snapshotCounter)"
+        let key = "\(device)@\(name)"
+        var ambiguous: [Int: Set<UInt32>] = [:]
+        for (sector, value) in model.inFlight { ambiguous[sector] = [model.current(sector), value] }
+        snapshots[key] = SnapshotModel(volume: device, name: name, contents: model.currentContents, ambiguous: ambiguous)
+        frozen.insert(device)
+        trace.add("snapshot create \(key) (\(ambiguous.count) sector(s) in flight)")
+        count("snapshot")
+        let coverable = events
+        start(kind: "snapshot", device: device, sectors: 0..<0, { () async throws(VDError) -> OpOutput in
+            .snapshot(try await target.createSnapshot(named: name))
+        }) { simulation, operation, result in
+            simulation.frozen.remove(device)
+            switch result {
+            case .success(.snapshot(let record)):
+                simulation.snapshots[key]?.confirmed = true
+                simulation.snapshots[key]?.epoch = record.epoch
+                simulation.coveredSeq[device] = max(simulation.coveredSeq[device] ?? 0, coverable)
+                simulation.trace.add("snapshot \(key) is epoch \(record.epoch)")
+            case .success: break
+            case .failure(let error):
+                if error.message.contains("connection to") { return }  // decided after the restart
+                simulation.snapshots[key] = nil
+                throw simulation.fail("snapshot \(key) failed: \(error)")
+            }
+        }
+    }
+
+    func liveSnapshots(of device: String? = nil) -> [String] {
+        snapshots.keys.sorted().filter { key in
+            let snapshot = snapshots[key]!
+            return snapshot.confirmed && !snapshot.deleted && (device == nil || snapshot.volume == device)
+        }
+    }
+
+    func snapshotDelete() throws {
+        let keys = liveSnapshots()
+        guard !keys.isEmpty else { return }
+        let key = keys[scheduler.below(keys.count)]
+        let snapshot = snapshots[key]!
+        guard let target = volume(snapshot.volume) else { return }
+        let clones = target.snapshotTable.snapshot(named: snapshot.name)?.clones ?? []
+        trace.add("snapshot delete \(key)")
+        count("snapshot-delete")
+        let name = snapshot.name
+        let result = try runIn(client, "snapshot delete") { () async throws(VDError) -> Void in
+            try await self.routerProcess.call { () async throws(VDError) in try target.deleteSnapshot(named: name) }
+        }
+        switch result {
+        case .success:
+            if !clones.isEmpty { throw fail("snapshot \(key) was deleted although clones \(clones) read through it") }
+            snapshots[key]?.deleted = true
+        case .failure(let error):
+            if error.code == .busy && !clones.isEmpty { return }
+            if error.message.contains("connection to") { return }
+            throw fail("snapshot delete \(key) failed: \(error)")
+        }
+    }
+
+    func rollback() throws {
+        let keys = liveSnapshots().filter { !frozen.contains(snapshots[$0]!.volume) }
+        guard !keys.isEmpty else { return }
+        let key = keys[scheduler.below(keys.count)]
+        let snapshot = snapshots[key]!
+        let device = snapshot.volume
+        frozen.insert(device)
+        defer { frozen.remove(device) }
+        try quiesce(device)
+        guard let target = volume(device) else { return }
+        // The snapshot's ambiguous sectors must be known before the volume takes its contents.
+        try verifySnapshot(key)
+        trace.add("rollback \(device) to \(snapshot.name)")
+        count("rollback")
+        let name = snapshot.name
+        let later = liveSnapshots(of: device).filter { snapshots[$0]!.epoch > snapshot.epoch }
+        let blocked = later.contains { target.snapshotTable.snapshot(named: snapshots[$0]!.name)?.clones.isEmpty == false }
+        let issued = nextIssue()
+        let result = try runIn(client, "rollback") { () async throws(VDError) -> SnapshotRecord in
+            try await self.routerProcess.call { () async throws(VDError) -> SnapshotRecord in try await target.rollback(toSnapshot: name) }
+        }
+        switch result {
+        case .success:
+            if blocked { throw fail("rollback of \(device) deleted snapshots that clones read through") }
+            let reply = nextReply()
+            let epoch = target.openEpoch
+            let contents = snapshots[key]!.contents
+            for sector in 0..<contents.count where devices[device]!.current(sector) != contents[sector] {
+                devices[device]!.replied(sector, SectorWrite(id: contents[sector], replySeq: reply, issueSeq: issued, epochAtReply: epoch))
+            }
+            coveredSeq[device] = reply
+            for gone in later { snapshots[gone]?.deleted = true }
+        case .failure(let error):
+            if error.code == .busy && blocked { return }
+            if error.message.contains("connection to") {
+                try crashRecovery(.process)
+                return
+            }
+            throw fail("rollback of \(device) failed: \(error)")
+        }
+    }
+
+    func createClone() throws {
+        guard cloneCounter < 4 else { return }
+        let keys = liveSnapshots()
+        guard !keys.isEmpty else { return }
+        let key = keys[scheduler.below(keys.count)]
+        let snapshot = snapshots[key]!
+        try verifySnapshot(key)
+        guard let contents = snapshots[key]?.contents else { return }
+        cloneCounter += 1
+        let name = "c\(cloneCounter)"
+        trace.add("clone create \(name) of \(key)")
+        count("clone")
+        let router = self.router
+        let cloneName = try VolumeName(validating: name)
+        let parentName = try VolumeName(validating: snapshot.volume)
+        let snapshotName = snapshot.name
+        let result = try runIn(client, "clone") { () async throws(VDError) -> Void in
+            _ = try await self.routerProcess.call { () async throws(VDError) -> Bool in
+                _ = try await router.createClone(named: cloneName, of: parentName, snapshot: snapshotName)
+                return true
+            }
+        }
+        switch result {
+        case .success:
+            devices[name] = DeviceModel(name: name, sectorCount: contents.count, initial: contents)
+            coveredSeq[name] = 0
+        case .failure(let error):
+            if error.message.contains("connection to") || error.code == .backend { return }
+            throw fail("clone \(name) of \(key) failed: \(error)")
+        }
+    }
+
+    // MARK: scrubbing and checking
+
+    func startScrub() throws {
+        let names = writableDevices
+        guard !names.isEmpty else { return }
+        let device = names[scheduler.below(names.count)]
+        let process = scheduler.makeProcess("scrubber#\(scheduler.steps)")
+        process.role = "scrubber"
+        scrubbers.append(process)
+        let env = Environment(
+            fs: node.fs, clock: SimClock(scheduler: scheduler), random: SimRandomSource(scheduler: scheduler),
+            tasks: SimTaskRunner(process: process), keyValueStores: node.maps)
+        var options = ScrubOptions()
+        options.liveFractionThreshold = scheduler.chance(0.5) ? 0.9 : 0.5
+        options.scoSizeBytes = config.scoBytes
+        options.compress = compress
+        options.leaseSeconds = 30
+        options.workDirectory = node.dataDirectory + "/scrub-tmp"
+        let scrubber = Scrubber(
+            volume: try VolumeName(validating: device), backend: store, options: options, env: env, logger: logger)
+        let killAfter: UInt64? = scheduler.chance(0.3) ? UInt64(scheduler.between(1...3000)) : nil
+        trace.add("scrub \(device) in \(process.name)\(killAfter.map { " (killed after \($0) steps)" } ?? "")")
+        count("scrub")
+        let trace = self.trace
+        process.spawn {
+            do throws(VDError) {
+                let summary = try await scrubber.run()
+                trace.add("scrub of \(device) done: \(summary.rewrittenSCOs) SCO(s) rewritten, result \(summary.resultID.map(String.init) ?? "none")\(summary.stoppedBecause.map { " (\($0))" } ?? "")")
+            } catch {
+                trace.add("scrub of \(device) failed: \(error)")
+            }
+        }
+        if let killAfter {
+            let end = scheduler.steps + killAfter
+            scheduler.run(until: { scheduler.steps >= end || failure != nil })
+            if process.isAlive {
+                process.kill()
+                trace.add("scrubber \(process.name) killed")
+            }
+        }
+    }
+
+    func runCheck(repair: Bool) throws {
+        guard !store.outage else { return }
+        let names = devices.keys.sorted()
+        guard !names.isEmpty else { return }
+        let device = names[scheduler.below(names.count)]
+        let process = scheduler.makeProcess("check#\(scheduler.steps)")
+        process.role = "check"
+        let env = Environment(
+            fs: node.fs, clock: SimClock(scheduler: scheduler), random: SimRandomSource(scheduler: scheduler),
+            tasks: SimTaskRunner(process: process), keyValueStores: node.maps)
+        var checker = NamespaceCheck()
+        checker.repair = repair
+        checker.workDirectory = node.dataDirectory + "/check-tmp"
+        let check = checker
+        let store = self.store
+        let volumeName = try VolumeName(validating: device)
+        trace.add("check\(repair ? " --repair" : "") \(device)")
+        count(repair ? "check-repair" : "check")
+        let result = try runIn(process, "check") { () async throws(VDError) -> CheckReport in
+            try await check.run(volume: volumeName, backend: store, env: env) { _ in }
+        }
+        switch result {
+        case .success(let report):
+            if !report.problems.isEmpty {
+                throw fail("check of \(device): \(report.problems.joined(separator: "; "))")
+            }
+            if !report.removedOrphans.isEmpty { trace.add("check removed \(report.removedOrphans)") }
+        case .failure(let error):
+            trace.add("check of \(device) could not run: \(error)")
+        }
+    }
+
+    // MARK: crashes
+
+    enum CrashKind: String {
+        case none, process, power, flashLost, drained
+    }
+
+    func crash(_ kind: CrashKind) throws {
+        trace.add("CRASH: \(kind.rawValue)")
+        count("crash-\(kind.rawValue)")
+        try crashRecovery(kind)
+    }
+
+    /// Stored-through epoch of every volume (what a restart from the backend can count on).
+    func storedEpochs() -> [String: UInt64] {
+        var result: [String: UInt64] = [:]
+        for name in devices.keys {
+            if let volume = volume(name) { result[name] = volume.uploadStatus.storedThrough.rawValue }
+        }
+        return result
+    }
+
+    func crashRecovery(_ kind: CrashKind) throws {
+        let stored = storedEpochs()
+        routerProcess.kill()
+        if kind == .power || kind == .flashLost {
+            for scrubber in scrubbers { scrubber.kill() }
+        }
+        // Let the client see its lost connections.
+        scheduler.run(until: { !scheduler.hasReadyJobs })
+        try processCompletions()
+        switch kind {
+        case .power:
+            node.fs.powerLoss()
+            node.maps.powerLoss()
+        case .flashLost:
+            node.fs.wipe(node.flashDirectory)
+            node.maps.forget(prefix: node.flashDirectory)
+        default:
+            break
+        }
+        for id in inFlight.keys.sorted() { inFlight[id] = nil }
+        frozen = []
+        node.router = nil
+        try boot()
+        try verifyEverything(after: kind, stored: stored)
+    }
+
+    /// A clean stop (drain), then the local flash is lost, then a restart from the backend alone.
+    func drainAndRestoreFromBackend() throws {
+        trace.add("drain, lose the local flash, restore from the backend")
+        count("restore")
+        try quiesce()
+        let router = self.router
+        let result = try runIn(routerProcess, "drain") { () async throws(VDError) -> Bool in
+            let results = await router.stop(drainTimeoutSeconds: 60)
+            return results.allSatisfy { $0.1.drained }
+        }
+        routerProcess.kill()
+        node.router = nil
+        guard case .success(true) = result else {
+            trace.add("the drain did not finish (backend down?): restarting with the local flash")
+            try boot()
+            try verifyEverything(after: .process, stored: [:])
+            return
+        }
+        for name in devices.keys { devices[name]!.allStored() }
+        node.fs.wipe(node.flashDirectory)
+        node.maps.forget(prefix: node.flashDirectory)
+        try boot()
+        try verifyEverything(after: .drained, stored: [:])
+    }
+
+    // MARK: verification
+
+    /// Reads every device and snapshot whole and checks them against the model for what `kind` of crash allows.
+    func verifyEverything(after kind: CrashKind, stored: [String: UInt64] = [:]) throws {
+        for name in devices.keys.sorted() {
+            guard let volume = volume(name) else {
+                throw fail("volume \(name) is not open after the restart")
+            }
+            let observed = try readWhole(name, volume)
+            try accept(name, observed: observed, after: kind, stored: stored[name])
+        }
+        for key in snapshots.keys.sorted() {
+            let snapshot = snapshots[key]!
+            guard let volume = volume(snapshot.volume) else { continue }
+            let record = volume.snapshotTable.snapshot(named: snapshot.name)
+            if snapshot.deleted {
+                if record != nil && kind != .flashLost && kind != .drained {
+                    throw fail("deleted snapshot \(key) exists again after a \(kind.rawValue) crash")
+                }
+                if record == nil { snapshots[key] = nil }
+                if record == nil { continue }
+                snapshots[key]!.deleted = false
+            }
+            guard let record else {
+                if snapshot.confirmed {
+                    let lostAllowed = kind == .flashLost && snapshot.epoch > (stored[snapshot.volume] ?? 0)
+                    if !lostAllowed { throw fail("snapshot \(key) (epoch \(snapshot.epoch)) is gone after a \(kind.rawValue)") }
+                }
+                trace.add("snapshot \(key) did not survive the \(kind.rawValue) (never replied or not stored)")
+                snapshots[key] = nil
+                continue
+            }
+            snapshots[key]!.confirmed = true
+            snapshots[key]!.epoch = record.epoch
+            try verifySnapshot(key)
+        }
+    }
+
+    func verifySnapshot(_ key: String) throws {
+        guard let snapshot = snapshots[key], let volume = volume(snapshot.volume),
+            let record = volume.snapshotTable.snapshot(named: snapshot.name)
+        else { return }
+        let view = SnapshotView(volume: volume, snapshot: record)
+        let observed = try readWhole(key, view)
+        var mismatches: [String] = []
+        for (sector, value) in observed.enumerated() {
+            if snapshot.allowed(sector).contains(value) {
+                snapshots[key]!.resolve(sector, value)
+            } else if mismatches.count < 8 {
+                mismatches.append("sector \(sector) (cluster \(sector / 8)): read write \(value), expected \(snapshot.allowed(sector).sorted())")
+            }
+        }
+        if !mismatches.isEmpty { throw fail("snapshot \(key) reads wrong data: \(mismatches.joined(separator: "; "))") }
+    }
+
+    /// The whole device as write ids per sector.
+    func readWhole(_ name: String, _ device: any BlockDevice) throws -> [UInt32] {
+        let total = Int(config.volumeBytes / 512)
+        var values = [UInt32](repeating: 0, count: total)
+        let chunk = 2048
+        var first = 0
+        while first < total {
+            let count = min(chunk, total - first)
+            let offset = UInt64(first) * 512
+            var attempts = 0
+            var result: Result<ByteBuffer, VDError>
+            repeat {
+                attempts += 1
+                result = try runIn(client, "read \(name)") { () async throws(VDError) -> ByteBuffer in
+                    try await self.routerProcess.call { () async throws(VDError) -> ByteBuffer in
+                        try await device.read(offset: offset, length: UInt32(count * 512))
+                    }
+                }
+                if case .failure = result, store.injectedFaults > 0, attempts < 5 { continue }
+                break
+            } while true
+            let bytes: ByteBuffer
+            switch result {
+            case .success(let data): bytes = data
+            case .failure(let error): throw fail("reading \(name) sectors \(first)+\(count) failed: \(error)")
+            }
+            var garbage: [Int] = []
+            bytes.withUnsafeReadableBytes { raw in
+                for index in 0..<count {
+                    let sector = first + index
+                    if let id = SectorPattern.identify(
+                        UnsafeRawBufferPointer(rebasing: raw[(index * 512)..<((index + 1) * 512)]), sector: UInt64(sector))
+                    {
+                        values[sector] = id
+                    } else {
+                        garbage.append(sector)
+                    }
+                }
+            }
+            if !garbage.isEmpty {
+                throw fail("\(name) returns bytes no write wrote in sectors \(garbage.prefix(8).map(String.init).joined(separator: ", "))")
+            }
+            first += count
+        }
+        return values
+    }
+
+    /// Checks what a restart gave against what `kind` allows, then makes it the model.
+    func accept(_ name: String, observed: [UInt32], after kind: CrashKind, stored: UInt64?) throws {
+        var model = devices[name]!
+        let covered = coveredSeq[name] ?? 0
+        var mismatches: [String] = []
+        // The prefix rule after a power loss: the newest surviving write bounds what must have survived.
+        var survivorIssue: UInt64 = 0
+        for sector in 0..<model.sectorCount {
+            let value = observed[sector]
+            let list = model.writes[sector] ?? []
+            var allowed: [UInt32] = []
+            switch kind {
+            case .none, .process, .drained:
+                allowed = [model.current(sector)]
+            case .power:
+                let floor = list.lastIndex { $0.replySeq <= covered }
+                allowed = [floor.map { list[$0].id } ?? model.storedFloor[sector]] + list[((floor ?? -1) + 1)...].map(\.id)
+            case .flashLost:
+                let bound = stored ?? 0
+                let floor = list.lastIndex { $0.epochAtReply <= bound }
+                allowed = [floor.map { list[$0].id } ?? model.storedFloor[sector]] + list[((floor ?? -1) + 1)...].map(\.id)
+            }
+            if let pending = model.inFlight[sector] { allowed.append(pending) }
+            if !allowed.contains(value) {
+                if mismatches.count < 8 {
+                    mismatches.append("sector \(sector) (cluster \(sector / 8)): read write \(value), allowed \(allowed)")
+                }
+                continue
+            }
+            // Which write survived (zeroes cannot tell one zeroing from another: no evidence).
+            if kind == .power, value != 0, let entry = list.last(where: { $0.id == value }) {
+                survivorIssue = max(survivorIssue, entry.issueSeq)
+            }
+        }
+        if !mismatches.isEmpty {
+            throw fail("after a \(kind.rawValue) crash, \(name) reads wrong data: \(mismatches.joined(separator: "; "))")
+        }
+        if kind == .power && survivorIssue > 0 {
+            // Every write replied before the newest survivor was issued is before it in the journal: it survived.
+            for sector in 0..<model.sectorCount {
+                let list = model.writes[sector] ?? []
+                guard let required = list.lastIndex(where: { $0.replySeq < survivorIssue && $0.replySeq > 0 }) else { continue }
+                let observedIndex = list.lastIndex { $0.id == observed[sector] } ?? -1
+                if observedIndex < required && model.inFlight[sector] != observed[sector] {
+                    throw fail(
+                        "after a power loss \(name) is not a prefix of its writes: sector \(sector) lost write \(list[required].id) (replied before write-issue \(survivorIssue) that survived)")
+                }
+            }
+        }
+        // Adopt what was read.
+        let reply = nextReply()
+        let epoch = volume(name)?.openEpoch ?? 0
+        if kind == .flashLost || kind == .drained {
+            model.adopt(observed, stored: true)
+        } else {
+            for sector in 0..<model.sectorCount {
+                let value = observed[sector]
+                var list = model.writes[sector] ?? []
+                if let index = list.lastIndex(where: { $0.id == value }) {
+                    list.removeSubrange((index + 1)...)
+                } else if value == model.storedFloor[sector] && (kind == .power) {
+                    list = []
+                } else if value != model.current(sector) || model.inFlight[sector] == value {
+                    // Recovered state, durable now; it says nothing about the order of writes (issue 0).
+                    list.append(SectorWrite(id: value, replySeq: reply, issueSeq: 0, epochAtReply: epoch))
+                }
+                model.writes[sector] = list.isEmpty ? nil : list
+            }
+            model.inFlight = [:]
+        }
+        devices[name] = model
+        // A restart syncs what it recovered: everything now read is durable.
+        coveredSeq[name] = events
+    }
+}
+
+final class ResultBox<T>: @unchecked Sendable {
+    var result: Result<T, VDError>?
+}
+
+extension SimKeyValueStores {
+    /// Forgets every store under `prefix` (their files were on a lost disk).
+    package func forget(prefix: String) {
+        forgetStores { $0.hasPrefix(prefix) }
+    }
+}
