@@ -231,10 +231,16 @@ package final class BlockMap: Sendable {
     /// that a snapshot at one of `snapshotEpochs` reads (its epoch is at or below the snapshot and its successor's
     /// is after it). Nothing else can be read again. `dead` receives kept older versions no snapshot reads, with the
     /// epoch of the version that superseded them.
+    ///
+    /// Everything is read from one consistent view of the map (writes may go on meanwhile: a version they move into
+    /// history is judged by the view, where it is still current), in chunks of `chunkClusters` written clusters, so
+    /// memory stays bounded whatever the volume's size.
     package func forEachLiveVersion(
-        snapshotEpochs: [UInt64], _ body: (ClusterAddress, MapValue, _ isCurrent: Bool) throws(VDError) -> Void,
+        snapshotEpochs: [UInt64], chunkClusters: Int = 65536,
+        _ body: (ClusterAddress, MapValue, _ isCurrent: Bool) throws(VDError) -> Void,
         dead: (ClusterAddress, MapValue, _ successorEpoch: UInt64) throws(VDError) -> Void = { _, _, _ throws(VDError) in }
     ) throws(VDError) {
+        precondition(chunkClusters > 0)
         let epochs = snapshotEpochs.sorted()
         func readBySnapshot(_ epoch: UInt64, successor: UInt64) -> Bool {
             // First snapshot >= epoch, and is it before the successor?
@@ -246,27 +252,41 @@ package final class BlockMap: Sendable {
             }
             return low < epochs.count && epochs[low] < successor
         }
-        var currentEpochs: [ClusterAddress: UInt64] = [:]
+        let view = try database.snapshot()
+        defer { view.release() }
         let path = database.path
-        try database.scan(from: [UInt8(ascii: "c")], to: [UInt8(ascii: "d")]) { (key, raw) throws(VDError) -> Bool in
-            let address = Self.address(ofKey: key)
-            let value = try MapValue.decode(raw, key: "current", path: path)
-            currentEpochs[address] = value.epoch
-            if value.location != nil { try body(address, value, true) }
-            return true
-        }
-        var successor: (address: ClusterAddress, epoch: UInt64)?
-        try database.scan(from: [UInt8(ascii: "h")], to: [UInt8(ascii: "i")]) { (key, raw) throws(VDError) -> Bool in
-            let address = Self.address(ofKey: key)
-            let value = try MapValue.decode(raw, key: "history", path: path)
-            let next = successor?.address == address ? successor!.epoch : (currentEpochs[address] ?? .max)
-            if readBySnapshot(value.epoch, successor: next) {
-                if value.location != nil { try body(address, value, false) }
-            } else {
-                try dead(address, value, next)
+        var start: ClusterAddress = 0
+        while true {
+            // Current values of the next chunk of written clusters.
+            var currentEpochs: [ClusterAddress: UInt64] = [:]
+            currentEpochs.reserveCapacity(min(chunkClusters, 1 << 16))
+            var last: ClusterAddress?
+            try view.scan(from: Self.currentKey(start), to: [UInt8(ascii: "d")]) { (key, raw) throws(VDError) -> Bool in
+                let address = Self.address(ofKey: key)
+                let value = try MapValue.decode(raw, key: "current", path: path)
+                currentEpochs[address] = value.epoch
+                last = address
+                if value.location != nil { try body(address, value, true) }
+                return currentEpochs.count < chunkClusters
             }
-            successor = (address, value.epoch)
-            return true
+            // History of the same address range (to the end of the map after the last chunk).
+            let isLastChunk = currentEpochs.count < chunkClusters || last == .max
+            let historyEnd = isLastChunk ? [UInt8(ascii: "i")] : Self.historyKey(last! + 1, epoch: .max)
+            var successor: (address: ClusterAddress, epoch: UInt64)?
+            try view.scan(from: Self.historyKey(start, epoch: .max), to: historyEnd) { (key, raw) throws(VDError) -> Bool in
+                let address = Self.address(ofKey: key)
+                let value = try MapValue.decode(raw, key: "history", path: path)
+                let next = successor?.address == address ? successor!.epoch : (currentEpochs[address] ?? .max)
+                if readBySnapshot(value.epoch, successor: next) {
+                    if value.location != nil { try body(address, value, false) }
+                } else {
+                    try dead(address, value, next)
+                }
+                successor = (address, value.epoch)
+                return true
+            }
+            if isLastChunk { return }
+            start = last! + 1
         }
     }
 

@@ -6,8 +6,10 @@
 // leaves a tombstone (a value with no location) when the volume is a clone (where "never written" means "read the
 // parent") or keeps snapshots (so a snapshot after the unmap does not see older history); otherwise the key goes.
 //
-// Unmaps and rollbacks need the map's current state, so pending changes are applied first (intermediate applies are
-// safe: replay from the previous checkpoint is idempotent).
+// Unmaps, rollbacks and scrub applications need the map's current state, so pending changes are applied first. Such
+// an intermediate apply may reach durable storage (RocksDB flushes when it likes) before the journal batch it comes
+// from does: it therefore carries a dirty checkpoint naming the end of that batch, and recovery trusts the map only
+// if that batch is in the durable journal (replaying it again from the previous checkpoint is idempotent).
 
 package import VolumeCore
 
@@ -20,6 +22,9 @@ package struct MapChanges {
     package let isClone: Bool
     /// Scrub results by id, for `scrubApplied` entries.
     package var scrubResults: [UInt64: ScrubResult] = [:]
+    /// Written with every intermediate apply: the last clean checkpoint, marked dirty up to the end of the batch or
+    /// epoch being applied (see the file comment). Nil only where no crash can matter (a throwaway replay map).
+    package var dirtyCheckpoint: MapCheckpoint?
     package var update = MapUpdate()
     private var pending: Set<ClusterAddress> = []
 
@@ -43,19 +48,24 @@ package struct MapChanges {
         return low < retainedEpochs.count && retainedEpochs[low] < next
     }
 
-    package mutating func add(entries: [BatchEntry], sco: SCONumber, payloadOffset: UInt64, clusterBytes: Int) throws(VDError) {
+    /// Applies the entries of one journal batch of epoch `epoch`, whose payloads are in SCO `sco`.
+    package mutating func add(
+        entries: [BatchEntry], sco: SCONumber, epoch: UInt64, payloadOffset: UInt64, clusterBytes: Int
+    ) throws(VDError) {
         var payload = payloadOffset
         for entry in entries {
             switch entry {
             case .data(let address, let crc):
-                try write(address, epoch: sco.rawValue, location: ClusterLocation(sco: sco, offset: UInt32(payload), crc: crc))
+                try write(address, epoch: epoch, location: ClusterLocation(sco: sco, offset: UInt32(payload), crc: crc))
                 payload += UInt64(clusterBytes)
             case .unmap(let address, let count):
-                try unmap(address, count: UInt64(count), epoch: sco.rawValue)
-            case .rollback(let epoch):
-                try rollback(toEpoch: epoch)
+                try unmap(address, count: UInt64(count), epoch: epoch)
+            case .rollback(let target):
+                try rollback(toEpoch: target)
             case .scrubApplied(let id):
-                try applyScrub(id, epoch: sco.rawValue)
+                try applyScrub(id, epoch: epoch)
+            case .snapshot:
+                break
             }
         }
     }
@@ -91,6 +101,9 @@ package struct MapChanges {
 
     private mutating func flush() throws(VDError) {
         guard !update.isEmpty else { return }
+        if let dirtyCheckpoint, !update.metadata.contains(where: { $0.0 == MapCheckpoint.key }) {
+            update.metadata.append((MapCheckpoint.key, dirtyCheckpoint.encode()))
+        }
         try map.apply(update)
         update = MapUpdate()
         pending.removeAll(keepingCapacity: true)
@@ -201,31 +214,42 @@ package struct MapChanges {
     }
 }
 
-/// Where the map's knowledge of the journal ends: replay resumes at (sco, offset) expecting `chainCRC`
-/// (offset 0: the start of that SCO).
-package struct MapCheckpoint: Equatable {
+/// Where the map's knowledge of the history ends: replay resumes in epoch `epoch` at byte `offset` of its journal,
+/// expecting `chainCRC` (offset 0: the start of the epoch). A dirty checkpoint (`dirtyEnd` set) also says that some
+/// effects of the batch ending at `dirtyEnd` of that epoch (`.max`: the whole epoch) may already be in the map.
+package struct MapCheckpoint: Equatable, Sendable {
     package static let key = "checkpoint"
-    package var sco: SCONumber
+    package var epoch: UInt64
     package var offset: UInt64
     package var chainCRC: UInt32
+    package var dirtyEnd: UInt64?
 
-    package init(sco: SCONumber, offset: UInt64, chainCRC: UInt32) {
-        self.sco = sco
+    package init(epoch: UInt64, offset: UInt64, chainCRC: UInt32, dirtyEnd: UInt64? = nil) {
+        self.epoch = epoch
         self.offset = offset
         self.chainCRC = chainCRC
+        self.dirtyEnd = dirtyEnd
+    }
+
+    /// This checkpoint, marked dirty up to `end`.
+    package func dirty(until end: UInt64) -> MapCheckpoint {
+        MapCheckpoint(epoch: epoch, offset: offset, chainCRC: chainCRC, dirtyEnd: end)
     }
 
     package func encode() -> [UInt8] {
-        var bytes = [UInt8](littleEndian64: sco.rawValue)
+        var bytes = [UInt8](littleEndian64: epoch)
         bytes += [UInt8](littleEndian64: offset)
         bytes += [UInt8](littleEndian64: UInt64(chainCRC))
+        bytes += [UInt8](littleEndian64: dirtyEnd.map { $0 == 0 ? 1 : $0 } ?? 0)
         return bytes
     }
 
     package static func decode(_ bytes: [UInt8]) -> MapCheckpoint? {
-        guard bytes.count == 24, let sco = Array(bytes[0..<8]).littleEndianUInt64,
+        guard bytes.count == 24 || bytes.count == 32, let epoch = Array(bytes[0..<8]).littleEndianUInt64,
             let offset = Array(bytes[8..<16]).littleEndianUInt64, let crc = Array(bytes[16..<24]).littleEndianUInt64
         else { return nil }
-        return MapCheckpoint(sco: SCONumber(sco), offset: offset, chainCRC: UInt32(truncatingIfNeeded: crc))
+        let dirty = bytes.count == 32 ? Array(bytes[24..<32]).littleEndianUInt64 ?? 0 : 0
+        return MapCheckpoint(
+            epoch: epoch, offset: offset, chainCRC: UInt32(truncatingIfNeeded: crc), dirtyEnd: dirty == 0 ? nil : dirty)
     }
 }

@@ -23,8 +23,10 @@ package struct CheckReport: Codable, Sendable {
     package var problems: [String] = []
     package var orphans: [String] = []
     package var removedOrphans: [String] = []
-    /// Router SCOs above the last TLog: uploads in flight while a router runs (not orphans).
+    /// Router SCOs above every SCO of the history (uploads in flight while a router runs), and SCOs of a scrub
+    /// that is running: not orphans.
     package var inFlight: [String] = []
+    package var notes: [String] = []
     package var clean: Bool { problems.isEmpty && orphans.count == removedOrphans.count }
 
     package init(volume: String) { self.volume = volume }
@@ -55,7 +57,7 @@ package struct NamespaceCheck {
                     "the history stops at TLog \(last.hex) but later TLogs exist (\(beyond.map(\.hex).prefix(5).joined(separator: ", "))): a TLog is missing")
             }
         }
-        let deleted = Set(contents.results.values.filter { contents.appliedResults.contains($0.id) }.flatMap(\.sources))
+        let deleted = contents.deletedSources
         let live = try replay.liveVersions()
         report.liveVersions = live.count
         var bySCO: [SCONumber: [LiveVersion]] = [:]
@@ -77,17 +79,20 @@ package struct NamespaceCheck {
             if quick { continue }
             let bytes: ByteBuffer
             do {
-                bytes = try await replay.readSCO(sco)
+                bytes = try await replay.readSCO(sco, crc: info.crc)
+            } catch where error.code == .corrupt {
+                // Read again without the check to say how it differs.
+                if let raw = try? await replay.readSCO(sco), UInt64(raw.readableBytes) != info.lengthBytes {
+                    report.problems.append("\(object) is \(raw.readableBytes) bytes, its history says \(info.lengthBytes)")
+                } else {
+                    report.problems.append("\(object) does not match the checksum its history recorded: \(error.message)")
+                }
+                continue
             } catch {
                 report.problems.append("\(object) cannot be read: \(error.message)")
                 continue
             }
             report.verifiedBytes += UInt64(bytes.readableBytes)
-            if UInt64(bytes.readableBytes) != info.lengthBytes {
-                report.problems.append("\(object) is \(bytes.readableBytes) bytes, its history says \(info.lengthBytes)")
-            } else if CRC32C.checksum(bytes) != info.crc {
-                report.problems.append("\(object) does not match the checksum its history recorded")
-            }
             if clusters {
                 let clusterBytes = Int(contents.config.clusterSizeBytes)
                 for version in versions {
@@ -103,24 +108,61 @@ package struct NamespaceCheck {
             }
             progress("checked \(object)")
         }
-        // Orphans.
+        // Orphans. SCOs a scrub wrote but no result names yet may belong to a scrub that is running: they are
+        // orphans only while nobody holds the scrub lease, which `--repair` takes before removing anything.
         let described = Set(contents.results.values.flatMap { $0.created.map(\.sco) })
+        let (inFlight, routerOrphans) = contents.unreferencedRouterSCOs()
+        report.inFlight = inFlight.map { layout.scoObject($0) }
+        var scrubLeftovers: [String] = []
         for (sco, _) in contents.scoObjects.sorted(by: { $0.key < $1.key }) {
             let object = layout.scoObject(sco)
             if ScrubResult.isScrubSCO(sco) && !described.contains(sco.rawValue) {
-                report.orphans.append(object)
+                scrubLeftovers.append(object)
             } else if deleted.contains(sco.rawValue) && bySCO[sco] == nil {
                 report.orphans.append(object)
-            } else if !ScrubResult.isScrubSCO(sco), let last = contents.lastEpoch, sco > last {
-                report.inFlight.append(object)
             }
         }
-        if repair {
+        report.orphans += routerOrphans.map { layout.scoObject($0) }
+        if !repair {
+            report.orphans += scrubLeftovers
+            return report
+        }
+        let lease: ScrubLease
+        do {
+            lease = try await ScrubLease.acquire(layout: layout, backend: backend, seconds: 60, env: env)
+        } catch where error.code == .busy {
+            report.inFlight += scrubLeftovers
+            report.notes.append("a scrub is running: its new SCOs are left alone (\(error.message))")
             for object in report.orphans {
                 try await backend.delete(object)
                 report.removedOrphans.append(object)
             }
+            return report
         }
+        // With the lease: a result written after the replay above would name these; look again.
+        let results = Set(try await scrubResultIDs(layout: layout, backend: backend))
+        var stillUndescribed: [String] = []
+        for object in scrubLeftovers {
+            if let sco = SCONumber(hex: object.dropFirst(layout.scoPrefix.count)),
+                !results.contains(ScrubResult.resultID(ofSCO: sco))
+            {
+                stillUndescribed.append(object)
+            }
+        }
+        report.orphans += stillUndescribed
+        for object in report.orphans {
+            try await backend.delete(object)
+            report.removedOrphans.append(object)
+        }
+        await lease.release(backend: backend)
         return report
+    }
+
+    /// Ids of every scrub result in the namespace now.
+    private func scrubResultIDs(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) -> [UInt64] {
+        try await backend.list(prefix: layout.scrubPrefix).compactMap { info -> UInt64? in
+            let name = info.name.dropFirst(layout.scrubPrefix.count)
+            return name.hasSuffix(".applied") ? nil : UInt64(name, radix: 16)
+        }
     }
 }

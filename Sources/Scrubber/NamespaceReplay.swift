@@ -34,6 +34,21 @@ package struct NamespaceContents: Sendable {
     package var tlogNumbers: [SCONumber] = []
     /// The contiguous prefix of TLogs replayed (nil: none).
     package var lastEpoch: SCONumber?
+    /// Scrub results whose `scrubApplied` entry is in the replayed history.
+    package var appliedInHistory: Set<UInt64> = []
+
+    /// Router SCOs no TLog of the history names: uploads of epochs not stored yet (numbers above every SCO of the
+    /// history) or garbage an earlier life of the volume left (below: that epoch number now has another SCO).
+    package func unreferencedRouterSCOs() -> (inFlight: [SCONumber], orphans: [SCONumber]) {
+        let highest = routerSCOs.keys.max() ?? SCONumber(0)
+        let unreferenced = scoObjects.keys.filter { !ScrubResult.isScrubSCO($0) && routerSCOs[$0] == nil }.sorted()
+        return (unreferenced.filter { $0 > highest }, unreferenced.filter { $0 < highest })
+    }
+
+    /// Sources of results applied in the history and marked applied: deleted, or being deleted.
+    package var deletedSources: Set<UInt64> {
+        Set(results.values.filter { appliedResults.contains($0.id) && appliedInHistory.contains($0.id) }.flatMap(\.sources))
+    }
 
     /// Length and CRC of any SCO the history knows (router or scrub-written).
     package func scoInfo(_ sco: SCONumber) -> (lengthBytes: UInt64, crc: UInt32)? {
@@ -71,24 +86,27 @@ package final class NamespaceReplay: @unchecked Sendable {
         }
         let config = try MetadataRecord.decode(VolumeConfig.self, from: rawConfig, kind: .volumeConfig, what: layout.configObject)
         var contents = NamespaceContents(config: config, snapshots: SnapshotTable())
-        if let table = try await NamespaceObjects.loadSnapshotTable(layout: layout, backend: backend) { contents.snapshots = table }
+        // TLogs first, then what they may depend on: a TLog is uploaded only after the snapshot table version and
+        // the scrub results it relies on, so reading those afterwards sees at least what every listed TLog needs.
+        contents.tlogNumbers = VolumeLayout.numbers(in: try await backend.list(prefix: layout.tlogPrefix).map(\.name), prefix: layout.tlogPrefix)
         for info in try await backend.list(prefix: layout.scoPrefix) {
             if let number = SCONumber(hex: info.name.dropFirst(layout.scoPrefix.count)) { contents.scoObjects[number] = info.sizeBytes }
         }
-        contents.tlogNumbers = VolumeLayout.numbers(in: try await backend.list(prefix: layout.tlogPrefix).map(\.name), prefix: layout.tlogPrefix)
         for info in try await backend.list(prefix: layout.scrubPrefix) {
             let name = info.name.dropFirst(layout.scrubPrefix.count)
             if name.hasSuffix(".applied"), let id = UInt64(name.dropLast(".applied".count), radix: 16) {
                 contents.appliedResults.insert(id)
             } else if let id = UInt64(name, radix: 16) {
-                let result = try MetadataRecord.decode(
-                    ScrubResult.self, from: try await backend.get(info.name), kind: .scrubResult, what: info.name)
+                let result = try await NamespaceObjects.getVerified(info.name, backend: backend) { (bytes) throws(VDError) in
+                    try MetadataRecord.decode(ScrubResult.self, from: bytes, kind: .scrubResult, what: info.name)
+                }
                 guard result.volumeID == config.id, result.id == id else {
                     throw VDError(.corrupt, "\(info.name) belongs to another volume or result")
                 }
                 contents.results[id] = result
             }
         }
+        if let table = try await NamespaceObjects.loadSnapshotTable(layout: layout, backend: backend) { contents.snapshots = table }
 
         let directory = workDirectory + "/replay-" + env.random.hexToken()
         try env.fs.makeDirectories(directory)
@@ -103,15 +121,18 @@ package final class NamespaceReplay: @unchecked Sendable {
                 var done = 0
                 while available.contains(epoch) {
                     let object = layout.tlogObject(epoch)
-                    let tlog = try TLog.decode(try await backend.get(object), what: object)
+                    let tlog = try await NamespaceObjects.getVerified(object, backend: backend) { (bytes) throws(VDError) in
+                        try TLog.decode(bytes, what: object)
+                    }
                     guard tlog.volumeID == config.id, tlog.number == epoch else {
                         throw VDError(.corrupt, "\(object) belongs to another volume or epoch")
                     }
                     for record in tlog.records {
                         if case .scoSealed(let sco, let length, let crc) = record { contents.routerSCOs[sco] = (length, crc) }
+                        if case .scrubApplied(let id) = record { contents.appliedInHistory.insert(id) }
                     }
                     try changes.add(tlog: tlog)
-                    try changes.finish(checkpoint: MapCheckpoint(sco: epoch.next, offset: 0, chainCRC: 0))
+                    try changes.finish(checkpoint: MapCheckpoint(epoch: epoch.next.rawValue, offset: 0, chainCRC: 0))
                     contents.lastEpoch = epoch
                     epoch = epoch.next
                     done += 1
@@ -159,10 +180,20 @@ package final class NamespaceReplay: @unchecked Sendable {
         return live
     }
 
-    /// The bytes of a whole SCO object (decompressed when it is stored compressed).
-    package func readSCO(_ sco: SCONumber) async throws(VDError) -> ByteBuffer {
+    /// The bytes of a whole SCO object (decompressed when it is stored compressed). `crc`: the CRC32C its history
+    /// recorded; a read that does not match is repeated (bytes may be damaged on the way) before it is reported.
+    package func readSCO(_ sco: SCONumber, crc: UInt32? = nil) async throws(VDError) -> ByteBuffer {
         let object = layout.scoObject(sco)
-        let bytes = try await backend.get(object)
+        return try await NamespaceObjects.getVerified(object, backend: backend) { (bytes) throws(VDError) in
+            let data = try Self.decodeSCO(bytes, object: object)
+            if let crc, CRC32C.checksum(data) != crc {
+                throw VDError(.corrupt, "\(object) does not match the checksum its history recorded")
+            }
+            return data
+        }
+    }
+
+    static func decodeSCO(_ bytes: ByteBuffer, object: String) throws(VDError) -> ByteBuffer {
         guard CompressedSCOHeader.isCompressed(bytes) else { return bytes }
         let header = try CompressedSCOHeader.decode(bytes, what: object)
         guard let index = bytes.getSlice(at: bytes.readerIndex + Int(header.indexOffset), length: header.indexBytes) else {
@@ -177,17 +208,36 @@ package final class NamespaceReplay: @unchecked Sendable {
 
 /// Reading namespace metadata objects (shared with the router).
 package enum NamespaceObjects {
-    /// The newest snapshot table on the backend (nil when there is none).
-    package static func loadSnapshotTable(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) -> SnapshotTable? {
-        let names = try await backend.list(prefix: layout.snapshotsPrefix).map(\.name)
-        for name in names.sorted(by: >) {
+    /// Reads an object and decodes it; a decoding that fails verification (`.corrupt`) is retried a few times,
+    /// since bytes can be damaged on the way, then reported. Never falls back to anything else.
+    package static func getVerified<T>(
+        _ name: String, backend: any ObjectStore, attempts: Int = 4, _ decode: (ByteBuffer) throws(VDError) -> T
+    ) async throws(VDError) -> T {
+        var attempt = 0
+        while true {
+            attempt += 1
             do throws(VDError) {
-                return try MetadataRecord.decode(
-                    SnapshotTable.self, from: try await backend.get(name), kind: .snapshotTable, what: name)
-            } catch where error.code == .corrupt || error.code == .notFound {
+                return try decode(try await backend.get(name))
+            } catch where error.code == .corrupt && attempt < attempts {
                 continue
             }
         }
-        return nil
+    }
+
+    /// The newest snapshot table on the backend (nil when there is none). A table that does not verify is an error:
+    /// an older version could lack snapshots, and whatever relies on the table (a scrub) would then lose their data.
+    package static func loadSnapshotTable(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) -> SnapshotTable? {
+        for _ in 0..<3 {
+            let names = try await backend.list(prefix: layout.snapshotsPrefix).map(\.name)
+            guard let newest = names.max() else { return nil }
+            do throws(VDError) {
+                return try await getVerified(newest, backend: backend) { (bytes) throws(VDError) in
+                    try MetadataRecord.decode(SnapshotTable.self, from: bytes, kind: .snapshotTable, what: newest)
+                }
+            } catch where error.code == .notFound {
+                continue  // replaced by a newer version meanwhile: list again
+            }
+        }
+        throw VDError(.backend, "the snapshot table of \(layout.namespace) keeps changing while it is read")
     }
 }

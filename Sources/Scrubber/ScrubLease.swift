@@ -41,15 +41,19 @@ package final class ScrubLease: @unchecked Sendable {
         self.clock = clock
     }
 
+    /// The lease record, or nil when there is none. A record that does not verify (after a few reads: bytes can be
+    /// damaged on the way) is an error, never "no lease": taking a lease someone holds lets two scrubbers run.
     package static func read(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) -> LeaseRecord? {
         do {
-            return try MetadataRecord.decode(
-                LeaseRecord.self, from: try await backend.get(layout.scrubLeaseObject), kind: .lease,
-                what: layout.scrubLeaseObject)
+            return try await NamespaceObjects.getVerified(layout.scrubLeaseObject, backend: backend) { (bytes) throws(VDError) in
+                try MetadataRecord.decode(LeaseRecord.self, from: bytes, kind: .lease, what: layout.scrubLeaseObject)
+            }
         } catch where error.code == .notFound {
             return nil
         } catch where error.code == .corrupt {
-            return nil  // a torn lease is no lease
+            throw VDError(
+                .busy,
+                "the scrub lease \(layout.scrubLeaseObject) does not verify (\(error.message)); if no scrub of \(layout.namespace) runs, delete that object")
         }
     }
 
@@ -98,6 +102,19 @@ package final class ScrubLease: @unchecked Sendable {
         guard expiresAt.timeIntervalSince(clock.wallNow()) < seconds / 2 else { return }
         guard let current = try await Self.read(layout: layout, backend: backend), current.token == token else {
             throw VDError(.busy, "the scrub lease of \(layout.namespace) was taken over; stopping")
+        }
+        var renewed = current
+        renewed.expiresAt = clock.wallNow().addingTimeInterval(seconds)
+        try await backend.put(layout.scrubLeaseObject, data: try MetadataRecord.encode(renewed, kind: .lease))
+        expiresAt = renewed.expiresAt
+    }
+
+    /// Throws `.busy` unless the lease is still this scrubber's, renewing it.
+    package func verifyHeld(backend: any ObjectStore) async throws(VDError) {
+        guard let current = try await Self.read(layout: layout, backend: backend), current.token == token,
+            current.expiresAt > clock.wallNow()
+        else {
+            throw VDError(.busy, "the scrub lease of \(layout.namespace) expired or was taken over; stopping")
         }
         var renewed = current
         renewed.expiresAt = clock.wallNow().addingTimeInterval(seconds)

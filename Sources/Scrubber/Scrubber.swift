@@ -91,6 +91,7 @@ package struct Scrubber {
         let layout = VolumeLayout(flashDirectory: "", namespace: volume.rawValue)
         let lease = try await ScrubLease.acquire(layout: layout, backend: backend, seconds: options.leaseSeconds, env: env)
         defer { env.tasks.spawn { [backend] in await lease.release(backend: backend) } }
+        logger.info("scrub of \(volume): lease taken")
         env.tasks.failpoint("after-lease")
 
         let replay = try await NamespaceReplay.load(
@@ -100,10 +101,22 @@ package struct Scrubber {
         let contents = replay.contents
         env.tasks.failpoint("after-replay")
 
-        // Leftovers of a killed run: scrub SCOs that no result mentions.
+        // Leftovers of a killed run: scrub SCOs that no result mentions, even now (looked up again: a run whose lease
+        // ran out may still have written its result since the replay listed them).
         let described = Set(contents.results.values.flatMap { $0.created.map(\.sco) })
-        for (sco, _) in contents.scoObjects where ScrubResult.isScrubSCO(sco) && !described.contains(sco.rawValue) {
-            if !options.dryRun { try await backend.delete(layout.scoObject(sco)) }
+        let resultsNow = Set(
+            try await backend.list(prefix: layout.scrubPrefix).compactMap { info -> UInt64? in
+                let name = info.name.dropFirst(layout.scrubPrefix.count)
+                return name.hasSuffix(".applied") ? nil : UInt64(name, radix: 16)
+            })
+        for (sco, _) in contents.scoObjects.sorted(by: { $0.key < $1.key })
+        where ScrubResult.isScrubSCO(sco) && !described.contains(sco.rawValue)
+            && !resultsNow.contains(ScrubResult.resultID(ofSCO: sco))
+        {
+            if !options.dryRun {
+                logger.info("removing \(layout.scoObject(sco)), left by a scrub that never wrote its result")
+                try await backend.delete(layout.scoObject(sco))
+            }
             summary.removedLeftovers += 1
         }
 
@@ -119,9 +132,8 @@ package struct Scrubber {
             contents.results.values.filter { contents.appliedResults.contains($0.id) }.flatMap(\.sources))
         var candidates: [(sco: SCONumber, length: UInt64, liveBytes: UInt64)] = []
         for (sco, size) in contents.scoObjects where size > 0 {
+            // Only SCOs a TLog of the replayed history names (or an applied scrub wrote) are settled.
             guard let info = contents.scoInfo(sco), !busy.contains(sco.rawValue) else { continue }
-            // Only SCOs whose TLog is in the replayed history (or written by an applied scrub) are settled.
-            if !ScrubResult.isScrubSCO(sco), let last = contents.lastEpoch, sco > last { continue }
             if ScrubResult.isScrubSCO(sco),
                 !contents.results.values.contains(where: {
                     contents.appliedResults.contains($0.id) && $0.created.contains { $0.sco == sco.rawValue }
@@ -145,8 +157,16 @@ package struct Scrubber {
             return summary
         }
 
-        // Copy live clusters out of the chosen SCOs.
-        let resultID = (contents.results.keys.max() ?? 0) + 1
+        // Copy live clusters out of the chosen SCOs. The result id is random and unused: a scrubber whose lease
+        // expired while it ran, still writing, never writes over another run's objects.
+        var resultID: UInt64 = 0
+        while true {
+            resultID = 1 + env.random.below(ScrubResult.idLimit - 1)
+            let used =
+                contents.results[resultID] != nil
+                || contents.scoObjects.keys.contains { ScrubResult.isScrubSCO($0) && ScrubResult.resultID(ofSCO: $0) == resultID }
+            if !used, try await backend.head(layout.scrubResultObject(resultID)) == nil { break }
+        }
         var writer = SCOPacker(
             volumeID: contents.config.id, clusterSizeBytes: contents.config.clusterSizeBytes, resultID: resultID,
             scoSizeBytes: options.scoSizeBytes)
@@ -201,6 +221,8 @@ package struct Scrubber {
         }
         if let last = writer.finish() { created.append(try await upload(last, layout: layout)) }
         env.tasks.failpoint("before-result")
+        // Only the lease holder publishes: a run that lost its lease leaves its SCOs for the next run to remove.
+        try await lease.verifyHeld(backend: backend)
 
         let result = ScrubResult(
             id: resultID, volumeID: contents.config.id, createdAt: env.clock.wallNow(), sources: sources, created: created, relocations: relocations,
@@ -261,7 +283,7 @@ struct SCOPacker {
         if current == nil {
             let number = ScrubResult.scoNumber(result: resultID, index: index)
             index += 1
-            let header = SCOHeader(volumeID: volumeID, sco: number, clusterSizeBytes: clusterSizeBytes).encode()
+            let header = SCOHeader(volumeID: volumeID, sco: number, clusterSizeBytes: clusterSizeBytes, epoch: 0).encode()
             current = (number, header, BatchHeader.storedCRC(of: header), [], ByteBuffer())
         }
         if current!.entries.count == BatchHeader.entriesMax { flushBatch() }

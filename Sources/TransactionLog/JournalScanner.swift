@@ -47,6 +47,8 @@ package struct JournalScan: Sendable {
                     records.append(.rollback(toEpoch: epoch))
                 case .scrubApplied(let id):
                     records.append(.scrubApplied(resultID: id))
+                case .snapshot(let id):
+                    records.append(.snapshot(snapshotID: id))
                 }
             }
         }

@@ -80,4 +80,10 @@ public struct ScrubResult: Codable, Sendable, Hashable {
     }
 
     public static func isScrubSCO(_ sco: SCONumber) -> Bool { sco.rawValue & scoNumberBase != 0 }
+
+    /// The result that wrote scrub SCO `sco`.
+    public static func resultID(ofSCO sco: SCONumber) -> UInt64 { (sco.rawValue & ~scoNumberBase) >> 20 }
+
+    /// Result ids are random below this (they must fit in an SCO number beside the base bit and the index).
+    public static let idLimit: UInt64 = 1 << 40
 }

@@ -57,6 +57,9 @@ extension Volume {
             let compressed = try await backend.get(object, range: CompressedSCO.objectRange(of: window, offsets: offsets))
             bytes = try CompressedSCO.decompress(compressed, range: window, offsets: offsets, what: object)
         }
+        guard UInt64(bytes.readableBytes) == UInt64(window.count) else {
+            throw .corrupt("\(object): the backend returned \(bytes.readableBytes) bytes for a range of \(window.count)")
+        }
         cache.storeFetched(cacheKey(sco), path: layout.fetchedPath(sco), offset: window.lowerBound, bytes: bytes)
         bytes.moveReaderIndex(forwardBy: Int(range.lowerBound - window.lowerBound))
         return bytes.getSlice(at: bytes.readerIndex, length: range.count)!

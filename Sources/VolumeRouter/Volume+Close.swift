@@ -43,7 +43,7 @@ extension Volume {
                 logger.error("cannot seal the open SCO of \(config.name): \(error)")
             }
             let deadline = env.clock.now() + .milliseconds(Int64(timeout * 1000))
-            let lastSealed = SCONumber(journal.sco.rawValue - 1)
+            let lastSealed = SCONumber(journal.epoch - 1)
             while env.clock.now() < deadline {
                 if uploads.withLock({ $0.storedThrough >= lastSealed }) {
                     drained = true

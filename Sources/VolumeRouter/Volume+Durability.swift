@@ -134,8 +134,9 @@ extension Volume {
         try await env.tasks.blocking(body)
     }
 
-    /// Seals a rolled journal (see the file comment) and queues it for upload.
-    func seal(_ sco: SCONumber, file: FlashFile) async {
+    /// Seals a rolled journal (see the file comment) and queues it for upload. `tableVersion`: the snapshot table
+    /// version the epoch's TLog may depend on (uploaded before it).
+    func seal(_ sco: SCONumber, epoch: UInt64, file: FlashFile, tableVersion: UInt64) async {
         let config = self.config
         let layout = self.layout
         let map = self.map
@@ -143,18 +144,19 @@ extension Volume {
         do {
             let length = try await blocking { () throws(VDError) -> UInt64 in
                 try file.dataSync()
-                // Headers only: this process wrote the payloads and just synced them; every read verifies them.
+                // Every header and payload is read back and verified: what goes to the backend, and the CRC its
+                // TLog records, are what flash really holds.
                 let scan = try JournalScanner.scan(
-                    file: file, volumeID: config.id, sco: sco, clusterSizeBytes: config.clusterSizeBytes,
-                    verifyPayloads: false)
-                guard scan.isSealed else {
+                    file: file, volumeID: config.id, sco: sco, clusterSizeBytes: config.clusterSizeBytes)
+                guard scan.isSealed, scan.header.epoch == epoch else {
                     throw VDError(
                         .corrupt,
                         "SCO \(sco.hex) of volume \(config.name) does not verify up to its seal marker (\(file.path)): local flash returned different data than was written"
                     )
                 }
                 let tlog = TLog(
-                    volumeID: config.id, number: sco, clusterSizeBytes: config.clusterSizeBytes, records: scan.tlogRecords())
+                    volumeID: config.id, number: SCONumber(epoch), clusterSizeBytes: config.clusterSizeBytes,
+                    records: scan.tlogRecords())
                 try TLogFiles.write(tlog, directory: layout.tlogDirectory, fs: fs)
                 try file.truncate(to: scan.validLength)
                 file.dropCache()
@@ -166,7 +168,7 @@ extension Volume {
             }
             writer.withLock { state in state.unsyncedFiles.removeAll { $0 === file } }
             cache.sealed(cacheKey(sco), footprintBytes: length)
-            queueUpload(sco, lengthBytes: length)
+            queueUpload(epoch: SCONumber(epoch), sco: sco, lengthBytes: length, tableVersion: tableVersion)
         } catch {
             markFailed(VDError(error.code, "cannot seal SCO \(sco.hex) of volume \(config.name): \(error.message)"))
         }

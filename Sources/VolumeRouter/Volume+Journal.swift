@@ -47,17 +47,25 @@ struct QueuedRequest {
     var continuation: UnsafeContinuation<LeaderSignal, Never>
 }
 
-/// The open journal. Only the current leader (or recovery/close, when no leader can exist) touches it.
+/// The open journal. Only the current leader (or recovery, before any leader can exist) touches it.
 final class JournalState: @unchecked Sendable {
+    /// The epoch being written (epochs are contiguous: the next one is `epoch + 1`).
+    var epoch: UInt64
+    /// The SCO holding it.
     var sco: SCONumber
+    /// The highest SCO number ever used by this volume (the next journal takes the one after: never reused).
+    var highestSCO: SCONumber
     var file: FlashFile
     /// Where the next batch header goes.
     var writeOffset: UInt64
     /// CRC the next batch must chain to.
     var chainCRC: UInt32
 
-    init(sco: SCONumber, file: FlashFile, writeOffset: UInt64, chainCRC: UInt32) {
+    init(epoch: UInt64, sco: SCONumber, highestSCO: SCONumber, file: FlashFile, writeOffset: UInt64, chainCRC: UInt32) {
+        precondition(sco <= highestSCO && !ScrubResult.isScrubSCO(sco), "a journal SCO number above the high-water mark")
+        self.epoch = epoch
         self.sco = sco
+        self.highestSCO = highestSCO
         self.file = file
         self.writeOffset = writeOffset
         self.chainCRC = chainCRC
@@ -75,8 +83,11 @@ struct WriterState {
     var unsyncedFiles: [FlashFile] = []
     /// When the first write went into the open journal (for age-based sealing).
     var openJournalFirstWrite: MonotonicInstant?
-    /// The open journal's epoch (SCO number).
+    /// The open journal's epoch.
     var openEpoch: UInt64 = 0
+    /// SCOs that exist only on local flash (the open journal and sealed SCOs not yet stored with their TLog): a
+    /// local copy of any other SCO that fails verification is replaced by the backend's.
+    var localOnlySCOs: Set<SCONumber> = []
     /// Bytes in the open journal.
     var openJournalBytes: UInt64 = UInt64(SCOFormat.blockBytes)
     /// When the open journal was started.
@@ -248,12 +259,24 @@ extension Volume {
         journal.chainCRC = pending.chainCRC
         unstoredBytes.add(written, ordering: .relaxed)
         var changes = mapChanges()
-        for batch in pending.batches {
-            try changes.add(
-                entries: batch.header.entries, sco: journal.sco,
-                payloadOffset: batch.header.offset + UInt64(SCOFormat.blockBytes), clusterBytes: clusterBytes)
+        changes.dirtyCheckpoint = MapCheckpoint(
+            epoch: journal.epoch, offset: pending.startOffset, chainCRC: pending.startChainCRC
+        ).dirty(until: pending.endOffset)
+        do {
+            for batch in pending.batches {
+                try changes.add(
+                    entries: batch.header.entries, sco: journal.sco, epoch: journal.epoch,
+                    payloadOffset: batch.header.offset + UInt64(SCOFormat.blockBytes), clusterBytes: clusterBytes)
+            }
+            try changes.finish(
+                checkpoint: MapCheckpoint(epoch: journal.epoch, offset: journal.writeOffset, chainCRC: journal.chainCRC))
+        } catch {
+            // The journal holds the batch but the map does not: reads would no longer match what a replay gives.
+            // Fail-stop: no more writes; a restart replays the journal into the map.
+            let failure = VDError(error.code, "volume \(config.name): the map could not take a journal batch: \(error.message)")
+            markFailed(failure)
+            throw failure
         }
-        try changes.finish(checkpoint: MapCheckpoint(sco: journal.sco, offset: journal.writeOffset, chainCRC: journal.chainCRC))
         let now = env.clock.now()
         let openBytes = journal.writeOffset
         writer.withLock { state in
@@ -267,13 +290,17 @@ extension Volume {
 
     /// Writes entries without payloads (unmaps, a rollback) as one batch and applies them (leader only).
     func writeEntries(_ entries: [BatchEntry]) async throws(VDError) {
+        try await makeRoomForEntries()
         var pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
-        if Int64(options.scoSizeBytes) - Int64(pending.endOffset) < Int64(2 * SCOFormat.blockBytes) {
-            try await roll()
-            pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
-        }
         pending.append(entries: entries, buffer: ByteBuffer(), payloadIndex: [], volumeID: config.id)
         try await commit(&pending)
+    }
+
+    /// Rolls first if the open SCO has no room for one more batch of entries and the seal marker (leader only).
+    func makeRoomForEntries() async throws(VDError) {
+        if Int64(options.scoSizeBytes) - Int64(journal.writeOffset) < Int64(2 * SCOFormat.blockBytes) {
+            try await roll()
+        }
     }
 
     /// Seals the open journal with a marker batch and opens the next SCO (leader only). The next SCO's file is
@@ -282,11 +309,14 @@ extension Volume {
         assertLeader()
         guard journal.writeOffset > UInt64(SCOFormat.blockBytes) else { return }
         let old = journal.sco
+        let oldEpoch = journal.epoch
         let oldFile = journal.file
-        let next = old.next
+        let next = journal.highestSCO.next
+        let nextEpoch = oldEpoch + 1
         let (file, headerCRC) = try Self.createJournalFile(
-            fs: env.fs, layout: layout, volumeID: config.id, sco: next, clusterSizeBytes: config.clusterSizeBytes,
-            sizeBytes: options.scoSizeBytes)
+            fs: env.fs, layout: layout, volumeID: config.id, sco: next, epoch: nextEpoch,
+            clusterSizeBytes: config.clusterSizeBytes, sizeBytes: options.scoSizeBytes)
+        journal.highestSCO = next
         let marker = BatchHeader(
             volumeID: config.id, sco: old, offset: journal.writeOffset, previousCRC: journal.chainCRC,
             flags: BatchHeader.flagSealed, entries: [])
@@ -307,6 +337,7 @@ extension Volume {
         unstoredBytes.add(UInt64(2 * SCOFormat.blockBytes), ordering: .relaxed)
         cache.add(cacheKey(next), file: file, footprintBytes: options.scoSizeBytes)
         journal.sco = next
+        journal.epoch = nextEpoch
         journal.file = file
         journal.writeOffset = UInt64(SCOFormat.blockBytes)
         journal.chainCRC = headerCRC
@@ -318,36 +349,48 @@ extension Volume {
             state.openJournalBytes = UInt64(SCOFormat.blockBytes)
             state.writtenGeneration += 1
             state.journalOpenedAt = now
-            state.openEpoch = next.rawValue
+            state.openEpoch = nextEpoch
+            state.localOnlySCOs.insert(next)
             state.reservedEnd = UInt64(SCOFormat.blockBytes)
             state.zeroFrontier = UInt64(SCOFormat.blockBytes)
             state.zeroingPaused = false
         }
+        // The map now starts the next epoch. Recovery trusts this checkpoint only once the old epoch's seal marker is
+        // durable (until then the map may be ahead of the journal).
         var update = MapUpdate()
         update.metadata.append(
-            (MapCheckpoint.key, MapCheckpoint(sco: next, offset: journal.writeOffset, chainCRC: headerCRC).encode()))
+            (MapCheckpoint.key, MapCheckpoint(epoch: nextEpoch, offset: journal.writeOffset, chainCRC: headerCRC).encode()))
         try map.apply(update)
-        logger.debug("sealing SCO \(old.hex); journal continues in SCO \(next.hex)")
-        startBackground { volume in await volume.seal(old, file: oldFile) }
+        logger.debug("sealing epoch \(oldEpoch) (SCO \(old.hex)); epoch \(nextEpoch) continues in SCO \(next.hex)")
+        let tableVersion = snapshotTable.version
+        startBackground { volume in await volume.seal(old, epoch: oldEpoch, file: oldFile, tableVersion: tableVersion) }
     }
 
-    /// Creates SCO file `sco` with its header, preallocated to `sizeBytes`, durable (file and directory entry).
+    /// Creates SCO file `sco` for epoch `epoch` with its header, preallocated to `sizeBytes`, durable (file and
+    /// directory entry). On failure (a full disk) nothing is left behind.
     static func createJournalFile(
-        fs: any FileSystem, layout: VolumeLayout, volumeID: VolumeID, sco: SCONumber, clusterSizeBytes: UInt32,
-        sizeBytes: UInt64
+        fs: any FileSystem, layout: VolumeLayout, volumeID: VolumeID, sco: SCONumber, epoch: UInt64,
+        clusterSizeBytes: UInt32, sizeBytes: UInt64
     ) throws(VDError) -> (FlashFile, UInt32) {
         let path = layout.scoPath(sco)
-        let file = try fs.open(path, options: [.create, .truncate])
+        precondition(!fs.fileExists(path), "SCO number \(sco.hex) is used again")
+        let file = try fs.open(path, options: [.create, .exclusive])
         do throws(VDError) {
-            try file.preallocate(sizeBytes, keepSize: false)
-        } catch where error.code != .noSpace {
-            // Some file systems cannot preallocate; appending still works.
+            do throws(VDError) {
+                try file.preallocate(sizeBytes, keepSize: false)
+            } catch where error.code != .noSpace {
+                // Some file systems cannot preallocate; appending still works.
+            }
+            let header = SCOHeader(volumeID: volumeID, sco: sco, clusterSizeBytes: clusterSizeBytes, epoch: epoch).encode()
+            try header.withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: 0) }
+            try file.sync()
+            try fs.syncDirectory(layout.scoDirectory)
+            return (file, BatchHeader.storedCRC(of: header))
+        } catch {
+            file.close()
+            try? fs.unlinkIfPresent(path)
+            throw error
         }
-        let header = SCOHeader(volumeID: volumeID, sco: sco, clusterSizeBytes: clusterSizeBytes).encode()
-        try header.withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: 0) }
-        try file.sync()
-        try fs.syncDirectory(layout.scoDirectory)
-        return (file, BatchHeader.storedCRC(of: header))
     }
 
     /// Runs `body` as a tracked background task (cancelled and awaited on close).
@@ -374,6 +417,7 @@ struct PendingBatches {
     }
 
     let startOffset: UInt64
+    let startChainCRC: UInt32
     var endOffset: UInt64
     var chainCRC: UInt32
     let sco: SCONumber
@@ -384,6 +428,7 @@ struct PendingBatches {
 
     init(journal: JournalState, clusterBytes: Int) {
         startOffset = journal.writeOffset
+        startChainCRC = journal.chainCRC
         endOffset = journal.writeOffset
         chainCRC = journal.chainCRC
         sco = journal.sco

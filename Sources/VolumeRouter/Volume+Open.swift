@@ -1,16 +1,22 @@
 // Opening a volume: recovery after a clean stop, a kill -9, a power loss, or the loss of the local flash directory.
 //
-// The volume's history is a sequence of epochs. An epoch is known from its TLog (local file, else the backend
-// object) or, for epochs that were not sealed yet, from a scan of its local journal. Recovery:
+// The volume's history is a sequence of epochs 1, 2, 3, ... with no gap. An epoch is known from its TLog (local file,
+// else the backend object) or, for epochs not sealed yet, from a scan of its local journal (the SCO whose header
+// names the epoch; SCO numbers are unique and never reused, so they need not equal the epoch). Recovery:
 //  1. walks the epochs from the first: TLog epochs are complete; a journal is scanned to its longest valid prefix;
-//     the walk ends at the first journal without a seal marker (the open journal at the crash) or at a gap;
-//  2. checks the map's checkpoint against that history: a map ahead of the durable journal (possible after a power
-//     loss) is rebuilt from scratch rather than trusted;
+//     the walk ends at the first journal without a seal marker (the open journal at the crash) or at the first epoch
+//     nothing describes. Journals past that end never held anything a replied flush covered (a flush syncs every
+//     journal before it, seal markers included), so they are moved aside, never used;
+//  2. checks the map's checkpoint against that history: a map that may be ahead of the durable journal (possible
+//     after a power loss: RocksDB flushes when it likes) is rebuilt from scratch rather than trusted;
 //  3. replays every epoch from the checkpoint into the map (TLogs, then journal batches);
-//  4. seals every journal it scanned (the last at its valid prefix), writes their TLogs, moves files beyond the end
-//     of the history aside (never deletes them), and starts a new journal with a number never used before;
-//  5. queues the sealed epochs the backend does not have yet for upload.
-// With no local flash at all this is a restart from the backend: every TLog comes from the backend.
+//  4. seals every journal it scanned (the last at its valid prefix), writes their TLogs, moves files past the end of
+//     the history aside (never deletes them), and starts the next epoch in a new SCO numbered above every SCO number
+//     ever seen locally or on the backend;
+//  5. queues the sealed epochs the backend does not have yet for upload (each SCO's length from its TLog).
+// With no local flash at all this is a restart from the backend: every TLog comes from the backend. An SCO on the
+// backend without its TLog (uploaded just before the node was lost) is garbage: it is never part of the history
+// and its number is never used again.
 
 import BlockMap
 package import FlashIO
@@ -68,18 +74,21 @@ extension Volume {
             }
             try await recovery.replay(into: map)
             let journal = try await recovery.sealAndStartJournal(map: map)
-            let (storedThrough, pending) = recovery.uploadState()
+            let (storedThrough, pending) = try recovery.uploadState()
             var unstored = UInt64(SCOFormat.blockBytes)
-            for (_, length) in pending { unstored += length }
+            for (_, sealed) in pending { unstored += sealed.lengthBytes }
             let volume = Volume(
                 config: config, layout: layout, options: options, backend: backend, cache: cache, map: map, env: env,
                 logger: logger, journal: journal, storedThrough: storedThrough, unstoredBytes: unstored,
-                snapshots: recovery.snapshots, snapshotsUploadedVersion: recovery.snapshotsUploadedVersion,
-                parent: parent.map { ($0, config.parent!.epoch) })
+                localOnlySCOs: Set(pending.map(\.1.sco)), snapshots: recovery.snapshots,
+                snapshotsUploadedVersion: recovery.snapshotsUploadedVersion, parent: parent.map { ($0, config.parent!.epoch) })
             recovery.registerCache(cache, volume: volume, storedThrough: storedThrough)
             cache.add(volume.cacheKey(journal.sco), file: journal.file, footprintBytes: options.scoSizeBytes)
+            let tableVersion = recovery.snapshots.version
             volume.uploads.withLock { state in
-                for (sco, length) in pending { state.sealed[sco] = length }
+                for (epoch, sealed) in pending {
+                    state.sealed[epoch] = SealedEpoch(sco: sealed.sco, lengthBytes: sealed.lengthBytes, tableVersion: tableVersion)
+                }
             }
             volume.scrubState.withLock { $0.results = recovery.scrubResults }
             volume.startBackground { await $0.uploadLoop() }
@@ -104,17 +113,23 @@ struct Recovery {
     let logger: Logger
     let progress: @Sendable (String) -> Void
 
-    var localSCOs: [SCONumber] = []
-    var localTLogs: Set<SCONumber> = []
-    var backendTLogs: Set<SCONumber> = []
-    var highestNumberSeen = SCONumber(0)
-    var firstEpoch: SCONumber?
-    /// The last epoch of the history (nil: the volume has none).
-    var lastEpoch: SCONumber?
-    /// Scans of local journals without a TLog, up to `lastEpoch`.
-    var scans: [SCONumber: JournalScan] = [:]
+    /// Local journal files by SCO number, with the epoch their header names (nil: no valid header of this volume).
+    var localJournals: [SCONumber: UInt64?] = [:]
+    /// Epochs with a local TLog file, and with a TLog on the backend.
+    var localTLogs: Set<UInt64> = []
+    var backendTLogs: Set<UInt64> = []
+    /// The highest SCO number ever used (local files, moved-aside files, backend objects, the last TLog).
+    var highestSCO = SCONumber(0)
+    var firstEpoch: UInt64?
+    /// The last epoch of the history (nil: the volume has none), and whether it is complete (sealed).
+    var lastEpoch: UInt64?
+    var lastEpochComplete = false
+    /// Scans of local journals without a TLog, up to `lastEpoch`, by epoch.
+    var scans: [UInt64: (sco: SCONumber, scan: JournalScan)] = [:]
+    /// The SCO of every epoch whose local journal is part of the history.
+    var historySCOs: [UInt64: SCONumber] = [:]
     var checkpoint: MapCheckpoint?
-    var sealedNow: [SCONumber: UInt64] = [:]
+    var sealedNow: [UInt64: (sco: SCONumber, lengthBytes: UInt64)] = [:]
     var snapshots = SnapshotTable()
     var snapshotsUploadedVersion: UInt64 = 0
     var scrubResults: [UInt64: ScrubResult] = [:]
@@ -132,51 +147,76 @@ struct Recovery {
         self.progress = progress
     }
 
+    var discardedDirectory: String { layout.flashDirectory + "/discarded" }
+
     /// Step 1: what exists locally and on the backend, and where the history ends.
     mutating func discover() async throws(VDError) {
-        localSCOs = VolumeLayout.numbers(inFiles: try env.fs.listDirectory(layout.scoDirectory), suffix: ".sco")
-        localTLogs = Set(VolumeLayout.numbers(inFiles: try env.fs.listDirectory(layout.tlogDirectory), suffix: ".tlog"))
+        let fs = env.fs
+        for sco in VolumeLayout.numbers(inFiles: try fs.listDirectory(layout.scoDirectory), suffix: ".sco") {
+            localJournals[sco] = readJournalEpoch(sco)
+        }
+        localTLogs = Set(
+            VolumeLayout.numbers(inFiles: try fs.listDirectory(layout.tlogDirectory), suffix: ".tlog").map(\.rawValue))
+        let discarded = VolumeLayout.numbers(inFiles: try fs.listDirectory(discardedDirectory), suffix: ".sco")
         let tlogNames = try await backend.list(prefix: layout.tlogPrefix).map(\.name)
         let scoNames = try await backend.list(prefix: layout.scoPrefix).map(\.name)
-        backendTLogs = Set(VolumeLayout.numbers(in: tlogNames, prefix: layout.tlogPrefix))
-        // SCOs written by scrubs have numbers of their own (top bit set): they take no part in the epoch sequence.
+        backendTLogs = Set(VolumeLayout.numbers(in: tlogNames, prefix: layout.tlogPrefix).map(\.rawValue))
+        // SCOs written by scrubs have numbers of their own (top bit set): they take no part in the numbering.
         let backendSCOs = VolumeLayout.numbers(in: scoNames, prefix: layout.scoPrefix).filter { !ScrubResult.isScrubSCO($0) }
-        let all = localSCOs + Array(localTLogs) + Array(backendTLogs) + backendSCOs
-        highestNumberSeen = all.max() ?? SCONumber(0)
-        firstEpoch = (localSCOs + Array(localTLogs) + Array(backendTLogs)).min()
+        highestSCO = (Array(localJournals.keys) + discarded + backendSCOs).max() ?? SCONumber(0)
+
+        var journalByEpoch: [UInt64: SCONumber] = [:]
+        for (sco, epoch) in localJournals {
+            guard let epoch else { continue }
+            // Two files claiming one epoch cannot both be history: the newer journal (higher number) is.
+            if let other = journalByEpoch[epoch], other > sco { continue }
+            journalByEpoch[epoch] = sco
+        }
+        firstEpoch = (Array(localTLogs) + Array(backendTLogs) + Array(journalByEpoch.keys)).min()
         guard var epoch = firstEpoch else { return }
-        let localSCOSet = Set(localSCOs)
         while true {
-            if localTLogs.contains(epoch) || (backendTLogs.contains(epoch) && !localSCOSet.contains(epoch)) {
+            if localTLogs.contains(epoch) || backendTLogs.contains(epoch) {
+                if let sco = journalByEpoch[epoch] { historySCOs[epoch] = sco }
                 lastEpoch = epoch
-                epoch = epoch.next
+                lastEpochComplete = true
+                epoch += 1
                 continue
             }
-            guard localSCOSet.contains(epoch) else { break }
+            guard let sco = journalByEpoch[epoch] else { break }
             let scan: JournalScan
             do throws(VDError) {
-                let file = try env.fs.open(layout.scoPath(epoch), options: .readOnly)
+                let file = try fs.open(layout.scoPath(sco), options: .readOnly)
                 defer { file.close() }
                 scan = try JournalScanner.scan(
-                    file: file, volumeID: config.id, sco: epoch, clusterSizeBytes: config.clusterSizeBytes)
+                    file: file, volumeID: config.id, sco: sco, clusterSizeBytes: config.clusterSizeBytes)
             } catch where error.code == .corrupt {
-                // A journal whose header never became durable: it holds nothing.
-                logger.warning("ignoring SCO file \(layout.scoPath(epoch)): \(error.message)")
+                logger.warning("ignoring SCO file \(layout.scoPath(sco)): \(error.message)")
                 break
             }
-            scans[epoch] = scan
+            scans[epoch] = (sco, scan)
+            historySCOs[epoch] = sco
             lastEpoch = epoch
+            lastEpochComplete = scan.isSealed
             if !scan.isSealed { break }
-            epoch = epoch.next
+            epoch += 1
         }
-        if let lastEpoch {
-            let beyond = localSCOs.filter { $0 > lastEpoch } + localTLogs.filter { $0 > lastEpoch }
-            if !beyond.isEmpty {
-                logger.warning(
-                    "volume \(config.name): local files past the end of its history (epoch \(lastEpoch.hex)) are moved aside: \(beyond.map(\.hex))"
-                )
+        // The last TLog names its SCO: a number that must never be used again even if that object is gone.
+        if let lastEpoch, scans[lastEpoch] == nil {
+            for record in try await loadTLog(lastEpoch).records {
+                if case .scoSealed(let sco, _, _) = record, !ScrubResult.isScrubSCO(sco) { highestSCO = max(highestSCO, sco) }
             }
         }
+    }
+
+    /// The epoch in a local journal's header, or nil when the file holds no valid header of this volume.
+    private func readJournalEpoch(_ sco: SCONumber) -> UInt64? {
+        guard let file = try? env.fs.open(layout.scoPath(sco), options: .readOnly) else { return nil }
+        defer { file.close() }
+        guard let bytes = try? file.readExactly(SCOFormat.blockBytes, at: 0),
+            let header = try? SCOHeader.decode(ByteBuffer(bytes: bytes), what: file.path),
+            header.volumeID == config.id, header.sco == sco, header.clusterSizeBytes == config.clusterSizeBytes
+        else { return nil }
+        return header.epoch
     }
 
     /// The snapshot table: the local copy, else the backend's newest; snapshots past the history are dropped.
@@ -187,12 +227,14 @@ struct Recovery {
             snapshots = remote
             snapshotsUploadedVersion = remote.version
         }
-        let last = lastEpoch?.rawValue ?? 0
+        // A snapshot of the epoch open at a crash is kept: that epoch is sealed below at what it held, which is
+        // everything replied before the snapshot was requested.
+        let last = lastEpoch ?? 0
         let beyond = snapshots.snapshots.filter { $0.epoch > last }
         if !beyond.isEmpty {
             logger.warning(
                 "volume \(config.name): snapshots past the end of its history are dropped: \(beyond.map(\.name).joined(separator: ", "))")
-            snapshots.snapshots.removeAll { $0.epoch > last }
+            snapshots.snapshots.removeAll { snapshot in beyond.contains { $0.id == snapshot.id } }
             snapshots.version += 1
         }
         try Volume.saveTable(snapshots, layout: layout, fs: env.fs)
@@ -203,50 +245,70 @@ struct Recovery {
         scrubResults = try await Volume.loadScrubResults(layout: layout, backend: backend, volumeID: config.id).results
     }
 
-    /// Step 2: the map may be reused only if its checkpoint lies within the durable history.
+    /// Step 2: the map may be reused only if its checkpoint lies within the durable history: at a batch boundary of
+    /// a journal (with the batch it may be partly through also in the journal), within a complete epoch, or at the
+    /// start of the epoch after a complete last epoch.
     mutating func checkpointIsTrustworthy(map: BlockMap, hadMap: Bool) throws(VDError) -> Bool {
         guard hadMap else { return false }
         guard let raw = try map.metadata(MapCheckpoint.key), let checkpoint = MapCheckpoint.decode(raw) else {
             return false
         }
-        guard let lastEpoch else { return checkpoint.offset <= UInt64(SCOFormat.blockBytes) }
-        if checkpoint.sco > lastEpoch.next { return false }
-        if checkpoint.sco == lastEpoch.next {
-            guard checkpoint.offset <= UInt64(SCOFormat.blockBytes) else { return false }
-        } else if let scan = scans[checkpoint.sco], checkpoint.offset > UInt64(SCOFormat.blockBytes) {
-            let boundary = scan.batches.contains { batch in
-                batch.payloadOffset + UInt64(batch.header.payloadClusters * Int(config.clusterSizeBytes)) == checkpoint.offset
-                    && batch.storedCRC == checkpoint.chainCRC
-            }
-            guard boundary else { return false }
+        let blockBytes = UInt64(SCOFormat.blockBytes)
+        guard let lastEpoch, let firstEpoch else {
+            return checkpoint.epoch <= 1 && checkpoint.offset <= blockBytes && checkpoint.dirtyEnd == nil
         }
+        guard checkpoint.epoch >= firstEpoch, checkpoint.epoch <= lastEpoch + 1 else { return false }
+        if checkpoint.epoch == lastEpoch + 1 {
+            // The start of the next epoch: only once the last one is sealed for good.
+            guard lastEpochComplete, checkpoint.offset <= blockBytes, checkpoint.dirtyEnd == nil else { return false }
+        } else if let (_, scan) = scans[checkpoint.epoch] {
+            func isBoundary(_ offset: UInt64, chain: UInt32?) -> Bool {
+                if offset <= blockBytes { return chain == nil || chain == BatchHeader.storedCRC(of: scan.header.encode()) }
+                return scan.batches.contains { batch in
+                    batch.payloadOffset + UInt64(batch.header.payloadClusters * Int(config.clusterSizeBytes)) == offset
+                        && (chain == nil || batch.storedCRC == chain)
+                }
+            }
+            guard checkpoint.offset <= blockBytes || isBoundary(checkpoint.offset, chain: checkpoint.chainCRC) else {
+                return false
+            }
+            if let end = checkpoint.dirtyEnd {
+                guard end == .max ? scan.isSealed : isBoundary(end, chain: nil) else { return false }
+            }
+        }
+        // Otherwise the epoch has a TLog: complete, so any point in it is durable.
         self.checkpoint = checkpoint
         return true
     }
 
     /// Step 3: replays every epoch from the checkpoint (or the first) through the last into the map.
     func replay(into map: BlockMap) async throws(VDError) {
-        guard let lastEpoch, var epoch = checkpoint?.sco ?? firstEpoch else { return }
+        guard let lastEpoch, var epoch = checkpoint?.epoch ?? firstEpoch else { return }
         var startOffset = checkpoint?.offset ?? 0
-        let total = lastEpoch.rawValue >= epoch.rawValue ? lastEpoch.rawValue - epoch.rawValue + 1 : 0
+        let total = lastEpoch >= epoch ? lastEpoch - epoch + 1 : 0
         var done: UInt64 = 0
         var lastReport = env.clock.now()
         while epoch <= lastEpoch {
             var changes = MapChanges(
                 map: map, retainedEpochs: snapshots.retainedEpochs, isClone: config.parent != nil)
             changes.scrubResults = scrubResults
-            if let scan = scans[epoch] {
+            if let (sco, scan) = scans[epoch] {
+                var clean = checkpoint.flatMap { $0.epoch == epoch ? MapCheckpoint(epoch: epoch, offset: $0.offset, chainCRC: $0.chainCRC) : nil }
+                    ?? MapCheckpoint(epoch: epoch, offset: 0, chainCRC: 0)
                 for batch in scan.batches where batch.offset >= startOffset {
-                    try changes.add(
-                        entries: batch.header.entries, sco: epoch, payloadOffset: batch.payloadOffset,
-                        clusterBytes: Int(config.clusterSizeBytes))
                     let end = batch.payloadOffset + UInt64(batch.header.payloadClusters * Int(config.clusterSizeBytes))
-                    try changes.finish(checkpoint: MapCheckpoint(sco: epoch, offset: end, chainCRC: batch.storedCRC))
+                    changes.dirtyCheckpoint = clean.dirty(until: end)
+                    try changes.add(
+                        entries: batch.header.entries, sco: sco, epoch: epoch, payloadOffset: batch.payloadOffset,
+                        clusterBytes: Int(config.clusterSizeBytes))
+                    clean = MapCheckpoint(epoch: epoch, offset: end, chainCRC: batch.storedCRC)
+                    try changes.finish(checkpoint: clean)
                 }
-                if scan.isSealed { try changes.finish(checkpoint: MapCheckpoint(sco: epoch.next, offset: 0, chainCRC: 0)) }
+                if scan.isSealed { try changes.finish(checkpoint: MapCheckpoint(epoch: epoch + 1, offset: 0, chainCRC: 0)) }
             } else {
+                changes.dirtyCheckpoint = MapCheckpoint(epoch: epoch, offset: 0, chainCRC: 0).dirty(until: .max)
                 try changes.add(tlog: try await loadTLog(epoch))
-                try changes.finish(checkpoint: MapCheckpoint(sco: epoch.next, offset: 0, chainCRC: 0))
+                try changes.finish(checkpoint: MapCheckpoint(epoch: epoch + 1, offset: 0, chainCRC: 0))
             }
             done += 1
             let now = env.clock.now()
@@ -254,26 +316,29 @@ struct Recovery {
                 lastReport = now
                 progress("volume \(config.name): replayed \(done) of \(total) epochs")
             }
-            epoch = epoch.next
+            epoch += 1
             startOffset = 0
         }
     }
 
     /// A TLog from local flash, else from the backend; verified either way.
-    func loadTLog(_ epoch: SCONumber) async throws(VDError) -> TLog {
+    func loadTLog(_ epoch: UInt64) async throws(VDError) -> TLog {
+        let number = SCONumber(epoch)
         if localTLogs.contains(epoch) {
             do throws(VDError) {
-                if let tlog = try TLogFiles.read(epoch, directory: layout.tlogDirectory, fs: env.fs) {
-                    try check(tlog, epoch, what: layout.tlogDirectory + "/" + TLogFiles.fileName(epoch))
+                if let tlog = try TLogFiles.read(number, directory: layout.tlogDirectory, fs: env.fs) {
+                    try check(tlog, number, what: layout.tlogDirectory + "/" + TLogFiles.fileName(number))
                     return tlog
                 }
             } catch where backendTLogs.contains(epoch) {
-                logger.error("local TLog \(epoch.hex) of volume \(config.name) is unreadable (\(error)); using the backend copy")
+                logger.error("local TLog \(number.hex) of volume \(config.name) is unreadable (\(error)); using the backend copy")
             }
         }
-        let object = layout.tlogObject(epoch)
-        let tlog = try TLog.decode(try await backend.get(object), what: object)
-        try check(tlog, epoch, what: object)
+        let object = layout.tlogObject(number)
+        let tlog = try await NamespaceObjects.getVerified(object, backend: backend) { (bytes) throws(VDError) in
+            try TLog.decode(bytes, what: object)
+        }
+        try check(tlog, number, what: object)
         return tlog
     }
 
@@ -283,94 +348,137 @@ struct Recovery {
         }
     }
 
-    /// Step 4: seals scanned journals, moves files past the history aside, starts a new journal.
+    /// Step 4: seals scanned journals, moves files past the history aside, starts the next epoch.
     mutating func sealAndStartJournal(map: BlockMap) async throws(VDError) -> JournalState {
         let fs = env.fs
         for epoch in scans.keys.sorted() {
-            let path = layout.scoPath(epoch)
+            var (sco, scan) = scans[epoch]!
+            let path = layout.scoPath(sco)
             let file = try fs.open(path)
             defer { file.close() }
-            var scan = scans[epoch]!
             if !scan.isSealed {
                 let marker = BatchHeader(
-                    volumeID: config.id, sco: epoch, offset: scan.validLength, previousCRC: scan.chainCRC,
+                    volumeID: config.id, sco: sco, offset: scan.validLength, previousCRC: scan.chainCRC,
                     flags: BatchHeader.flagSealed, entries: [])
                 try marker.encode().withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: scan.validLength) }
                 try file.dataSync()
                 scan = try JournalScanner.scan(
-                    file: file, volumeID: config.id, sco: epoch, clusterSizeBytes: config.clusterSizeBytes)
+                    file: file, volumeID: config.id, sco: sco, clusterSizeBytes: config.clusterSizeBytes)
                 guard scan.isSealed else { throw .corrupt("\(path): cannot seal the recovered journal") }
             }
             let tlog = TLog(
-                volumeID: config.id, number: epoch, clusterSizeBytes: config.clusterSizeBytes, records: scan.tlogRecords())
+                volumeID: config.id, number: SCONumber(epoch), clusterSizeBytes: config.clusterSizeBytes,
+                records: scan.tlogRecords())
             try TLogFiles.write(tlog, directory: layout.tlogDirectory, fs: fs)
             try file.truncate(to: scan.validLength)
             var update = MapUpdate()
-            update.metadata.append((MapChanges.epochBytesKey(epoch), [UInt8](littleEndian64: scan.validLength)))
+            update.metadata.append((MapChanges.epochBytesKey(sco), [UInt8](littleEndian64: scan.validLength)))
             try map.apply(update)
             localTLogs.insert(epoch)
-            sealedNow[epoch] = scan.validLength
+            sealedNow[epoch] = (sco, scan.validLength)
         }
-        if let lastEpoch {
-            let aside = layout.flashDirectory + "/discarded"
-            for sco in localSCOs where sco > lastEpoch {
-                try fs.makeDirectories(aside)
-                try fs.rename(layout.scoPath(sco), aside + "/" + sco.hex + ".sco")
-            }
-            for tlog in localTLogs where tlog > lastEpoch {
-                try fs.makeDirectories(aside)
-                try fs.rename(
-                    layout.tlogDirectory + "/" + TLogFiles.fileName(tlog), aside + "/" + TLogFiles.fileName(tlog))
-                localTLogs.remove(tlog)
-            }
-            localSCOs.removeAll { $0 > lastEpoch }
-        } else {
-            // No history: any local file is a journal that never got a durable header.
-            for sco in localSCOs { try fs.unlinkIfPresent(layout.scoPath(sco)) }
-            localSCOs = []
-        }
-        let next = max(highestNumberSeen, lastEpoch ?? SCONumber(0)).next
+        try moveAsideFilesPastTheHistory()
+        let epoch = (lastEpoch ?? 0) + 1
+        let sco = highestSCO.next
         let (file, headerCRC) = try Volume.createJournalFile(
-            fs: fs, layout: layout, volumeID: config.id, sco: next, clusterSizeBytes: config.clusterSizeBytes,
+            fs: fs, layout: layout, volumeID: config.id, sco: sco, epoch: epoch, clusterSizeBytes: config.clusterSizeBytes,
             sizeBytes: options.scoSizeBytes)
         var update = MapUpdate()
         update.metadata.append(
-            (MapCheckpoint.key, MapCheckpoint(sco: next, offset: UInt64(SCOFormat.blockBytes), chainCRC: headerCRC).encode()))
+            (MapCheckpoint.key, MapCheckpoint(epoch: epoch, offset: UInt64(SCOFormat.blockBytes), chainCRC: headerCRC).encode()))
         try map.apply(update)
         try map.persist()
-        return JournalState(sco: next, file: file, writeOffset: UInt64(SCOFormat.blockBytes), chainCRC: headerCRC)
+        return JournalState(
+            epoch: epoch, sco: sco, highestSCO: sco, file: file, writeOffset: UInt64(SCOFormat.blockBytes),
+            chainCRC: headerCRC)
     }
 
-    /// Step 5: what is stored, and which sealed epochs still need uploading (with their SCO lengths).
-    func uploadState() -> (SCONumber, [(SCONumber, UInt64)]) {
-        let pending = localTLogs.filter { !backendTLogs.contains($0) }.sorted()
-        let storedThrough: SCONumber
-        if let first = pending.first {
-            storedThrough = SCONumber(first.rawValue - 1)
-        } else {
-            storedThrough = max(backendTLogs.max() ?? SCONumber(0), lastEpoch ?? SCONumber(0))
+    /// Local journals and TLogs that are not part of the history go to flash/NAME/discarded/ (never deleted), durably.
+    private mutating func moveAsideFilesPastTheHistory() throws(VDError) {
+        let fs = env.fs
+        let inHistory = Set(historySCOs.values)
+        let journals = localJournals.keys.sorted().filter { !inHistory.contains($0) }
+        let tlogs = localTLogs.sorted().filter { $0 > (lastEpoch ?? 0) }
+        guard !journals.isEmpty || !tlogs.isEmpty else { return }
+        try fs.makeDirectories(discardedDirectory)
+        let existing = Set(try fs.listDirectory(discardedDirectory))
+        func target(_ name: String) -> String {
+            var candidate = name
+            while existing.contains(candidate) { candidate = name + "." + env.random.hexToken() }
+            return discardedDirectory + "/" + candidate
         }
-        let lengths = pending.map { sco -> (SCONumber, UInt64) in
-            if let length = sealedNow[sco] { return (sco, length) }
-            let size = (try? env.fs.open(layout.scoPath(sco), options: .readOnly)).flatMap { file -> UInt64? in
-                defer { file.close() }
-                return try? file.size()
+        var described: [String] = []
+        for sco in journals {
+            let path = layout.scoPath(sco)
+            var what = "SCO \(sco.hex)"
+            if let epoch = localJournals[sco] ?? nil {
+                what += " (epoch \(epoch)"
+                if let file = try? fs.open(path, options: .readOnly) {
+                    if let scan = try? JournalScanner.scan(
+                        file: file, volumeID: config.id, sco: sco, clusterSizeBytes: config.clusterSizeBytes)
+                    {
+                        what += ", \(scan.batches.count) batch(es), \(scan.validLength) bytes"
+                    }
+                    file.close()
+                }
+                what += ")"
+            } else {
+                what += " (no valid header)"
             }
-            return (sco, size ?? 0)
+            described.append(what)
+            try fs.rename(path, target(sco.hex + ".sco"))
         }
-        return (storedThrough, lengths)
+        for epoch in tlogs {
+            let name = TLogFiles.fileName(SCONumber(epoch))
+            described.append("TLog of epoch \(epoch)")
+            try fs.rename(layout.tlogDirectory + "/" + name, target(name))
+            localTLogs.remove(epoch)
+        }
+        try fs.syncDirectory(discardedDirectory)
+        try fs.syncDirectory(layout.scoDirectory)
+        try fs.syncDirectory(layout.tlogDirectory)
+        logger.warning(
+            "volume \(config.name): files past the end of its history (epoch \(lastEpoch.map(String.init) ?? "none")) moved to \(discardedDirectory): \(described.joined(separator: "; ")) (no replied flush covered them)"
+        )
     }
 
-    /// Puts the local sealed SCOs in the flash cache.
+    /// Step 5: what is stored, and which sealed epochs still need uploading (their SCO and its length from the TLog).
+    func uploadState() throws(VDError) -> (SCONumber, [(SCONumber, (sco: SCONumber, lengthBytes: UInt64))]) {
+        let pending = localTLogs.filter { !backendTLogs.contains($0) && $0 <= (lastEpoch ?? 0) }.sorted()
+        let storedThrough: UInt64
+        if let first = pending.first {
+            storedThrough = first - 1
+        } else {
+            storedThrough = max(backendTLogs.max() ?? 0, lastEpoch ?? 0)
+        }
+        var result: [(SCONumber, (sco: SCONumber, lengthBytes: UInt64))] = []
+        for epoch in pending {
+            if let sealed = sealedNow[epoch] {
+                result.append((SCONumber(epoch), sealed))
+                continue
+            }
+            guard let tlog = try TLogFiles.read(SCONumber(epoch), directory: layout.tlogDirectory, fs: env.fs),
+                let sealed = tlog.records.lazy.compactMap({ record -> (SCONumber, UInt64)? in
+                    if case .scoSealed(let sco, let length, _) = record { return (sco, length) }
+                    return nil
+                }).last
+            else {
+                throw VDError(.corrupt, "local TLog of epoch \(epoch) of volume \(config.name) names no SCO")
+            }
+            result.append((SCONumber(epoch), (sealed.0, sealed.1)))
+        }
+        return (SCONumber(storedThrough), result)
+    }
+
+    /// Puts the local sealed SCOs of the history in the flash cache.
     func registerCache(_ cache: FlashCache, volume: Volume, storedThrough: SCONumber) {
-        for sco in localSCOs {
-            guard let file = try? env.fs.open(layout.scoPath(sco), options: .readOnly),
-                let size = try? file.size()
-            else { continue }
+        for (epoch, sco) in historySCOs {
+            guard let file = try? env.fs.open(layout.scoPath(sco), options: .readOnly) else { continue }
+            let length = sealedNow[epoch]?.lengthBytes ?? (try? file.size()) ?? 0
             let key = volume.cacheKey(sco)
-            cache.add(key, file: file, footprintBytes: size)
-            cache.sealed(key, footprintBytes: size)
-            if sco <= storedThrough && backendTLogs.contains(sco) { cache.markEvictable(key) }
+            cache.add(key, file: file, footprintBytes: length)
+            cache.sealed(key, footprintBytes: length)
+            if epoch <= storedThrough.rawValue { cache.markEvictable(key) }
         }
     }
 }

@@ -44,8 +44,9 @@ extension Volume {
             if name.hasSuffix(".applied"), let id = UInt64(name.dropLast(".applied".count), radix: 16) {
                 applied.insert(id)
             } else if let id = UInt64(name, radix: 16) {
-                let result = try MetadataRecord.decode(
-                    ScrubResult.self, from: try await backend.get(info.name), kind: .scrubResult, what: info.name)
+                let result = try await NamespaceObjects.getVerified(info.name, backend: backend) { (bytes) throws(VDError) in
+                    try MetadataRecord.decode(ScrubResult.self, from: bytes, kind: .scrubResult, what: info.name)
+                }
                 guard result.volumeID == volumeID, result.id == id else {
                     throw VDError(.corrupt, "\(info.name) belongs to another volume or result")
                 }
@@ -72,6 +73,7 @@ extension Volume {
                 } else if let epoch = appliedEpoch {
                     try await finishIfDurable(result, appliedEpoch: epoch)
                 } else {
+                    guard try await createdSCOsAreThere(result) else { continue }
                     let request = ScrubApplyRequest(result)
                     try await submit(.applyScrub(request))
                     let now = env.clock.now()
@@ -83,6 +85,28 @@ extension Volume {
         } catch {
             if error.code != .shutdown { logger.warning("scrub results of \(config.name): \(error); retrying later") }
         }
+    }
+
+    /// Whether every SCO a result wrote exists on the backend with the length the result records (a result whose
+    /// SCOs were removed, or never fully written, must never be applied: its sources would be deleted).
+    private func createdSCOsAreThere(_ result: ScrubResult) async throws(VDError) -> Bool {
+        for created in result.created {
+            let sco = SCONumber(created.sco)
+            let format: BackendSCOFormat
+            do {
+                format = try await backendFormat(sco)
+            } catch where error.code == .notFound || error.code == .corrupt || error.code == .outOfRange {
+                logger.error(
+                    "scrub result \(result.id) is not applied: its SCO \(layout.scoObject(sco)) is missing or does not verify (\(error.message))")
+                return false
+            }
+            guard format.lengthBytes == created.lengthBytes else {
+                logger.error(
+                    "scrub result \(result.id) is not applied: \(layout.scoObject(sco)) is \(format.lengthBytes) bytes, the result says \(created.lengthBytes)")
+                return false
+            }
+        }
+        return true
     }
 
     /// Marks a result applied and deletes its sources once its journal entry is on the backend and the grace

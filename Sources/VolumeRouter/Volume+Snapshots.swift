@@ -142,8 +142,11 @@ extension Volume {
     func performSnapshotRequest(_ request: SnapshotRequest) async throws(VDError) {
         switch request.kind {
         case .create(let name):
-            try await roll()
-            let epoch = journal.sco.rawValue - 1
+            // The table first (the snapshot ends the epoch open now), then a snapshot entry in that epoch's journal,
+            // then the roll that seals it: the epoch's TLog records the snapshot and is uploaded only after this
+            // table version. If the entry or the roll fails, the snapshot is taken out of the table again.
+            try await makeRoomForEntries()
+            let epoch = journal.epoch
             var created: SnapshotRecord?
             do {
                 try updateTable { table throws(VDError) in
@@ -155,9 +158,18 @@ extension Volume {
                     table.snapshots.append(record)
                     created = record
                 }
-                request.result = .success(created!)
             } catch {
                 request.result = .failure(error)
+                return
+            }
+            do {
+                try await writeEntries([.snapshot(snapshotID: created!.id)])
+                try await roll()
+                precondition(journal.epoch == epoch + 1, "a snapshot must end its epoch")
+                request.result = .success(created!)
+            } catch {
+                try? updateTable { table throws(VDError) in table.snapshots.removeAll { $0.id == created!.id } }
+                throw error
             }
         case .rollback(let name):
             guard let target = snapshotTable.snapshot(named: name) else {
@@ -165,7 +177,7 @@ extension Volume {
                 return
             }
             // The table first: if the journal entry never lands, the table only keeps more history than needed.
-            let at = journal.sco.rawValue
+            let at = journal.epoch
             try updateTable { table throws(VDError) in
                 table.snapshots.removeAll { $0.epoch > target.epoch }
                 table.rollbacks.append(RollbackRecord(atEpoch: at, toEpoch: target.epoch))

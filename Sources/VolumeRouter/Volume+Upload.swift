@@ -18,11 +18,21 @@ import Synchronization
 import TransactionLog
 package import VolumeCore
 
+/// A sealed epoch waiting to be stored.
+struct SealedEpoch {
+    var sco: SCONumber
+    var lengthBytes: UInt64
+    /// The snapshot table version when the epoch was sealed: its TLog may depend on it (a snapshot or rollback in
+    /// it), so the TLog is uploaded only once that table version is on the backend.
+    var tableVersion: UInt64
+}
+
 struct UploadState {
-    /// Every SCO up to this one is on the backend with its TLog.
+    /// Every epoch up to this one is on the backend: SCO and TLog.
     var storedThrough: SCONumber
-    /// Sealed locally, not yet stored: length in bytes.
-    var sealed: [SCONumber: UInt64] = [:]
+    /// Sealed locally, not yet stored, by epoch.
+    var sealed: [SCONumber: SealedEpoch] = [:]
+    /// Epochs whose SCO is being uploaded, or is uploaded (its TLog not yet).
     var scoUploading: Set<SCONumber> = []
     var scoUploaded: Set<SCONumber> = []
     var wake: UnsafeContinuation<Void, Never>?
@@ -33,6 +43,7 @@ struct UploadState {
 
 /// What `vd` reports about a volume's uploads.
 package struct UploadStatus: Sendable {
+    /// Every epoch up to this one is on the backend.
     package var storedThrough: SCONumber
     package var pendingSCOs: Int
     package var unstoredBytes: UInt64
@@ -50,9 +61,10 @@ extension Volume {
         }
     }
 
-    func queueUpload(_ sco: SCONumber, lengthBytes: UInt64) {
+    func queueUpload(epoch: SCONumber, sco: SCONumber, lengthBytes: UInt64, tableVersion: UInt64) {
         let wake = uploads.withLock { state -> UnsafeContinuation<Void, Never>? in
-            state.sealed[sco] = lengthBytes
+            precondition(epoch > state.storedThrough, "epoch \(epoch.rawValue) is queued again after it was stored")
+            state.sealed[epoch] = SealedEpoch(sco: sco, lengthBytes: lengthBytes, tableVersion: tableVersion)
             defer { state.wake = nil }
             return state.wake
         }
@@ -62,6 +74,7 @@ extension Volume {
     func wakeUploaderForTable() { wakeUploader() }
 
     private var tableNeedsUpload: Bool { snapshotState.withLock { $0.table.version > $0.uploadedVersion } }
+    private var uploadedTableVersion: UInt64 { snapshotState.withLock { $0.uploadedVersion } }
 
     private func wakeUploader() {
         uploads.withLock { state -> UnsafeContinuation<Void, Never>? in
@@ -74,15 +87,16 @@ extension Volume {
         await withTaskGroup(of: Void.self) { group in
             var running = 0
             while true {
-                while running < options.uploadConcurrency, let (sco, length) = takeNextSCO() {
-                    group.addTask { await self.uploadSCO(sco, lengthBytes: length) }
+                while running < options.uploadConcurrency, let (epoch, sealed) = takeNextSCO() {
+                    group.addTask { await self.uploadSCO(epoch: epoch, sealed) }
                     running += 1
                 }
-                while let sco = nextTLogReady() {
-                    guard await uploadTLog(sco) else { break }
-                }
+                // The snapshot table goes up before any TLog that may depend on it.
                 if tableNeedsUpload && !uploads.withLock({ $0.stopping }) {
                     if !(await uploadTableIfNeeded()) { await sleepUnlessStopping(seconds: options.uploadRetryDelaySeconds) }
+                }
+                while let epoch = nextTLogReady() {
+                    guard await uploadTLog(epoch) else { break }
                 }
                 if running > 0 {
                     await group.next()
@@ -95,7 +109,7 @@ extension Volume {
         }
     }
 
-    private func takeNextSCO() -> (SCONumber, UInt64)? {
+    private func takeNextSCO() -> (SCONumber, SealedEpoch)? {
         uploads.withLock { state in
             guard !state.stopping,
                 let next = state.sealed.keys.filter({ !state.scoUploading.contains($0) && !state.scoUploaded.contains($0) }).min()
@@ -105,22 +119,31 @@ extension Volume {
         }
     }
 
+    /// The next epoch whose TLog can go up: its SCO is uploaded, every earlier TLog is, and so is the snapshot
+    /// table it may depend on.
     private func nextTLogReady() -> SCONumber? {
-        uploads.withLock { state in
+        let uploadedTable = uploadedTableVersion
+        return uploads.withLock { state in
             let next = state.storedThrough.next
-            guard !state.stopping, state.scoUploaded.contains(next) else { return nil }
+            guard !state.stopping, state.scoUploaded.contains(next), let sealed = state.sealed[next],
+                sealed.tableVersion <= uploadedTable
+            else { return nil }
             return next
         }
     }
 
     /// Waits for new work; returns true when the loop should end.
     private func waitForUploadWork() async -> Bool {
-        await withUnsafeContinuation { continuation in
+        let uploadedTable = uploadedTableVersion
+        let needsTable = tableNeedsUpload
+        await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
             let resumeNow = uploads.withLock { state -> Bool in
                 if state.stopping { return true }
+                let next = state.storedThrough.next
                 let hasWork =
                     state.sealed.keys.contains { !state.scoUploading.contains($0) && !state.scoUploaded.contains($0) }
-                    || state.scoUploaded.contains(state.storedThrough.next) || tableNeedsUpload
+                    || (state.scoUploaded.contains(next) && (state.sealed[next]?.tableVersion ?? 0) <= uploadedTable)
+                    || needsTable
                 if hasWork { return true }
                 state.wake = continuation
                 return false
@@ -130,48 +153,53 @@ extension Volume {
         return uploads.withLock { $0.stopping }
     }
 
-    private func uploadSCO(_ sco: SCONumber, lengthBytes: UInt64) async {
-        let object = layout.scoObject(sco)
+    private func uploadSCO(epoch: SCONumber, _ sealed: SealedEpoch) async {
+        let object = layout.scoObject(sealed.sco)
         let succeeded = await retrying("upload of \(object)") { () async throws(VDError) in
-            try await self.putSCO(sco, lengthBytes: lengthBytes)
+            try await self.putSCO(sealed.sco, lengthBytes: sealed.lengthBytes)
         }
         uploads.withLock { state in
-            state.scoUploading.remove(sco)
-            if succeeded { state.scoUploaded.insert(sco) }
+            state.scoUploading.remove(epoch)
+            if succeeded { state.scoUploaded.insert(epoch) }
         }
     }
 
-    /// Uploads TLog `sco` and marks the SCO stored. Returns false if stopped before success.
-    private func uploadTLog(_ sco: SCONumber) async -> Bool {
+    /// Uploads TLog `epoch` and marks the epoch stored. Returns false if stopped before success.
+    private func uploadTLog(_ epoch: SCONumber) async -> Bool {
         let directory = layout.tlogDirectory
         let fs = env.fs
-        let object = layout.tlogObject(sco)
+        let object = layout.tlogObject(epoch)
         let succeeded = await retrying("upload of \(object)") { () async throws(VDError) in
             let data = try await self.blocking { () throws(VDError) -> ByteBuffer in
-                try TLogFiles.readBytes(sco, directory: directory, fs: fs)
+                try TLogFiles.readBytes(epoch, directory: directory, fs: fs)
             }
             try await self.backend.put(object, data: data)
         }
         guard succeeded else { return false }
-        let length = uploads.withLock { state -> UInt64 in
-            state.storedThrough = sco
-            state.scoUploaded.remove(sco)
+        let sealed = uploads.withLock { state -> SealedEpoch? in
+            precondition(state.storedThrough.next == epoch, "TLogs on the backend must stay a contiguous prefix")
+            state.storedThrough = epoch
+            state.scoUploaded.remove(epoch)
             state.lastError = nil
-            return state.sealed.removeValue(forKey: sco) ?? 0
+            return state.sealed.removeValue(forKey: epoch)
         }
-        unstoredBytes.subtract(length, ordering: .relaxed)
+        guard let sealed else { return true }
+        unstoredBytes.subtract(sealed.lengthBytes, ordering: .relaxed)
+        writer.withLock { _ = $0.localOnlySCOs.remove(sealed.sco) }
         var update = MapUpdate()
-        update.metadata.append((Self.storedThroughKey, [UInt8](littleEndian64: sco.rawValue)))
+        update.metadata.append((Self.storedThroughKey, [UInt8](littleEndian64: epoch.rawValue)))
         try? map.apply(update)
-        cache.markEvictable(cacheKey(sco))
+        cache.markEvictable(cacheKey(sealed.sco))
         cache.evictIfNeeded()
-        logger.debug("SCO \(sco.hex) and its TLog are on the backend")
+        logger.debug("epoch \(epoch.rawValue) (SCO \(sealed.sco.hex)) and its TLog are on the backend")
         return true
     }
 
     static let storedThroughKey = "stored-through"
 
-    func isStored(_ sco: SCONumber) -> Bool { uploads.withLock { sco <= $0.storedThrough } }
+    /// Whether SCO `sco` exists only on local flash (not yet stored with its TLog); scrub SCOs and everything read
+    /// from the backend never are.
+    func isLocalOnly(_ sco: SCONumber) -> Bool { writer.withLock { $0.localOnlySCOs.contains(sco) } }
 
     /// Runs `operation` until it succeeds or the uploader stops; returns whether it succeeded.
     private func retrying(_ what: String, _ operation: @escaping @Sendable () async throws(VDError) -> Void) async -> Bool {

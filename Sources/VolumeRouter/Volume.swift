@@ -50,8 +50,8 @@ package final class Volume: BlockDevice {
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore,
         cache: FlashCache, map: BlockMap, env: Environment, logger: Logger, journal: JournalState,
-        storedThrough: SCONumber, unstoredBytes: UInt64, snapshots: SnapshotTable, snapshotsUploadedVersion: UInt64,
-        parent: (volume: Volume, epoch: UInt64)?
+        storedThrough: SCONumber, unstoredBytes: UInt64, localOnlySCOs: Set<SCONumber>, snapshots: SnapshotTable,
+        snapshotsUploadedVersion: UInt64, parent: (volume: Volume, epoch: UInt64)?
     ) {
         self.parent = parent
         self.snapshotState = Mutex(SnapshotState(table: snapshots, uploadedVersion: snapshotsUploadedVersion))
@@ -68,7 +68,8 @@ package final class Volume: BlockDevice {
         self.clusterBytes = Int(config.clusterSizeBytes)
         self.journal = journal
         var writerState = WriterState(currentFile: journal.file, journalOpenedAt: env.clock.now())
-        writerState.openEpoch = journal.sco.rawValue
+        writerState.openEpoch = journal.epoch
+        writerState.localOnlySCOs = localOnlySCOs.union([journal.sco])
         self.writer = Mutex(writerState)
         self.uploads = Mutex(UploadState(storedThrough: storedThrough))
         self.unstoredBytes = Atomic(unstoredBytes)
@@ -122,10 +123,18 @@ package final class Volume: BlockDevice {
         let cs = UInt64(clusterBytes)
         let first = offset / cs
         let count = Int((offset + UInt64(length) - 1) / cs - first + 1)
-        var values: [MapValue?] = []
-        values.reserveCapacity(count)
-        for index in 0..<count { values.append(try map.value(first + UInt64(index), atEpoch: epoch)) }
-        return try await assemble(values: values, first: first, offset: offset, length: length)
+        func lookUp() throws(VDError) -> [MapValue?] {
+            var values: [MapValue?] = []
+            values.reserveCapacity(count)
+            for index in 0..<count { values.append(try map.value(first + UInt64(index), atEpoch: epoch)) }
+            return values
+        }
+        do {
+            return try await assemble(values: try lookUp(), first: first, offset: offset, length: length)
+        } catch where error.code == .notFound {
+            // An SCO a scrub relocated away from was deleted after this read looked the map up: look again.
+            return try await assemble(values: try lookUp(), first: first, offset: offset, length: length)
+        }
     }
 
     /// Builds the bytes of `[offset, offset+length)` from the map values of its clusters: located clusters are read
@@ -202,9 +211,13 @@ package final class Volume: BlockDevice {
         return result
     }
 
+    /// Attempts at reading clusters from the backend before a checksum mismatch is reported (the bytes may have
+    /// been damaged on the way).
+    static let backendReadAttemptsMax = 3
+
     /// Reads consecutive clusters of one SCO and verifies each against its CRC: from local flash when the SCO is
-    /// there, else from the backend. A local copy that fails verification is replaced by the backend's when the
-    /// SCO is stored there.
+    /// there, else from the backend. A local copy that fails verification is replaced by the backend's unless the
+    /// SCO exists only locally.
     func readClusters(sco: SCONumber, offset: UInt32, crcs: [UInt32], firstAddress: ClusterAddress)
         async throws(VDError) -> ByteBuffer
     {
@@ -213,17 +226,20 @@ package final class Volume: BlockDevice {
             guard let bad = firstMismatch(local, crcs) else { return local }
             let message =
                 "volume \(config.name) cluster \(firstAddress + UInt64(bad)): checksum mismatch in the local copy of SCO \(sco.hex) at offset \(UInt64(offset) + UInt64(bad * clusterBytes))"
-            guard isStored(sco) else { throw .corrupt(message) }
+            guard !isLocalOnly(sco) else { throw .corrupt(message) }
             logger.error("\(message); reading it from the backend instead")
         }
         let object = layout.scoObject(sco)
-        let remote = try await fetchFromBackend(sco, range: UInt64(offset)..<(UInt64(offset) + UInt64(length)))
-        if let bad = firstMismatch(remote, crcs) {
-            throw .corrupt(
+        var attempt = 0
+        while true {
+            attempt += 1
+            let remote = try await fetchFromBackend(sco, range: UInt64(offset)..<(UInt64(offset) + UInt64(length)))
+            guard let bad = firstMismatch(remote, crcs) else { return remote }
+            let message =
                 "volume \(config.name) cluster \(firstAddress + UInt64(bad)): checksum mismatch in backend object \(object) at offset \(UInt64(offset) + UInt64(bad * clusterBytes))"
-            )
+            guard attempt < Self.backendReadAttemptsMax else { throw .corrupt(message) }
+            logger.warning("\(message) (attempt \(attempt)); reading it again")
         }
-        return remote
     }
 
     /// Index of the first cluster whose CRC does not match, or nil.

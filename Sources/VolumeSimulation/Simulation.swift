@@ -919,6 +919,12 @@ final class Simulation: @unchecked Sendable {
 
     /// Reads every device and snapshot whole and checks them against the model for what `kind` of crash allows.
     func verifyEverything(after kind: CrashKind, stored: [String: UInt64] = [:]) throws {
+        // Reads of data only the backend holds cannot be served while it is down: the check waits for it.
+        if store.outage {
+            store.outage = false
+            outageUntilOperation = nil
+            trace.add("backend outage ends (to verify everything)")
+        }
         for name in devices.keys.sorted() {
             guard let volume = volume(name) else {
                 throw fail("volume \(name) is not open after the restart")

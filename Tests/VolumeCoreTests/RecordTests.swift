@@ -22,7 +22,7 @@ import VolumeCore
     }
 
     @Test func scoHeaderRoundTripsAndRejectsCorruption() throws {
-        let header = SCOHeader(volumeID: Self.volume, sco: SCONumber(7), clusterSizeBytes: 4096)
+        let header = SCOHeader(volumeID: Self.volume, sco: SCONumber(7), clusterSizeBytes: 4096, epoch: 5)
         let decoded = try SCOHeader.decode(header.encode(), what: "test")
         #expect(decoded == header)
         everyFlipIsRejected(header.encode(), stride: 7) { (try? SCOHeader.decode($0, what: "test")) != nil }

@@ -13,7 +13,7 @@ import VolumeCore
     /// Writes a journal of `batches` batches (each with `perBatch` data clusters and one unmap) and returns the file.
     func makeJournal(at path: String, batches: Int, perBatch: Int, sealed: Bool) throws -> (FlashFile, [UInt64]) {
         let file = try FlashFile(path: path, options: [.create, .truncate])
-        let header = SCOHeader(volumeID: volumeID, sco: sco, clusterSizeBytes: 4096).encode()
+        let header = SCOHeader(volumeID: volumeID, sco: sco, clusterSizeBytes: 4096, epoch: sco.rawValue).encode()
         try header.withUnsafeReadableBytes { try file.write($0, at: 0) }
         var chain = BatchHeader.storedCRC(of: header)
         var offset = UInt64(SCOFormat.blockBytes)

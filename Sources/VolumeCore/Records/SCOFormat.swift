@@ -1,5 +1,7 @@
 // The SCO (storage container object) format. An SCO is the local write journal of one epoch and, once sealed, an
-// immutable object on the backend. Layout (little-endian):
+// immutable object on the backend. An SCO's number names it and is never reused; the epoch it holds is in its header
+// (epochs are contiguous, SCO numbers need not be: a journal that never became part of the history leaves its number
+// unused for ever). Layout (little-endian):
 //
 //   [SCO header block, 4096 B] [batch] [batch] ... [batch with the SEALED flag]
 //   batch = [batch header block, 4096 B] [payload cluster] * payloadClusters
@@ -17,7 +19,10 @@ public import NIOCore
 public enum SCOFormat {
     /// Size of the SCO header block and of every batch header block.
     public static let blockBytes = 4096
+    /// Version of batch headers.
     public static let version: UInt16 = 1
+    /// Version of the SCO header: 2 adds the epoch (version 1 headers hold epoch = SCO number).
+    public static let headerVersion: UInt16 = 2
     static let scoMagic: [UInt8] = Array("VDSCOHDR".utf8)
     static let batchMagic: [UInt8] = Array("VDBATCH1".utf8)
 }
@@ -27,22 +32,26 @@ public struct SCOHeader: Sendable, Hashable {
     public var volumeID: VolumeID
     public var sco: SCONumber
     public var clusterSizeBytes: UInt32
+    /// The epoch whose journal this SCO is (0 for SCOs a scrub wrote: they belong to no epoch).
+    public var epoch: UInt64
 
-    public init(volumeID: VolumeID, sco: SCONumber, clusterSizeBytes: UInt32) {
+    public init(volumeID: VolumeID, sco: SCONumber, clusterSizeBytes: UInt32, epoch: UInt64) {
         self.volumeID = volumeID
         self.sco = sco
         self.clusterSizeBytes = clusterSizeBytes
+        self.epoch = epoch
     }
 
     public func encode() -> ByteBuffer {
         var b = ByteBuffer(repeating: 0, count: SCOFormat.blockBytes)
         b.setBytes(SCOFormat.scoMagic, at: 0)
-        b.setLE(SCOFormat.version, at: 8)
+        b.setLE(SCOFormat.headerVersion, at: 8)
         b.setLE(UInt32(SCOFormat.blockBytes), at: 12)
         b.setLE(volumeID.high, at: 16)
         b.setLE(volumeID.low, at: 24)
         b.setLE(sco.rawValue, at: 32)
         b.setLE(clusterSizeBytes, at: 40)
+        b.setLE(epoch, at: 48)
         b.setLE(b.crc32c(0, SCOFormat.blockBytes - 4), at: SCOFormat.blockBytes - 4)
         return b
     }
@@ -53,14 +62,17 @@ public struct SCOHeader: Sendable, Hashable {
             throw .corrupt("\(what): not an SCO (bad magic)")
         }
         let version = b.getLE(UInt16.self, at: 8)
-        guard version == SCOFormat.version else { throw .corrupt("\(what): unsupported SCO version \(version)") }
+        guard version == 1 || version == SCOFormat.headerVersion else {
+            throw .corrupt("\(what): unsupported SCO version \(version)")
+        }
         guard b.getLE(UInt32.self, at: SCOFormat.blockBytes - 4) == b.crc32c(0, SCOFormat.blockBytes - 4) else {
             throw .corrupt("\(what): SCO header checksum mismatch")
         }
+        let sco = SCONumber(b.getLE(UInt64.self, at: 32))
         return SCOHeader(
-            volumeID: VolumeID(high: b.getLE(UInt64.self, at: 16), low: b.getLE(UInt64.self, at: 24)),
-            sco: SCONumber(b.getLE(UInt64.self, at: 32)),
-            clusterSizeBytes: b.getLE(UInt32.self, at: 40))
+            volumeID: VolumeID(high: b.getLE(UInt64.self, at: 16), low: b.getLE(UInt64.self, at: 24)), sco: sco,
+            clusterSizeBytes: b.getLE(UInt32.self, at: 40),
+            epoch: version == 1 ? sco.rawValue : b.getLE(UInt64.self, at: 48))
     }
 }
 
@@ -74,11 +86,14 @@ public enum BatchEntry: Sendable, Hashable {
     case rollback(toEpoch: UInt64)
     /// The relocations of scrub result `resultID` take effect here.
     case scrubApplied(resultID: UInt64)
+    /// Snapshot `snapshotID` (of the volume's snapshot table) is taken at the end of this epoch.
+    case snapshot(snapshotID: UInt64)
 
     static let dataKind: UInt32 = 1
     static let unmapKind: UInt32 = 2
     static let rollbackKind: UInt32 = 3
     static let scrubAppliedKind: UInt32 = 4
+    static let snapshotKind: UInt32 = 5
     static let entryBytes = 16
 }
 
@@ -154,6 +169,9 @@ public struct BatchHeader: Sendable, Hashable {
             case .scrubApplied(let id):
                 b.setLE(id, at: position)
                 b.setLE(BatchEntry.scrubAppliedKind, at: position + 12)
+            case .snapshot(let id):
+                b.setLE(id, at: position)
+                b.setLE(BatchEntry.snapshotKind, at: position + 12)
             }
             position += BatchEntry.entryBytes
         }
@@ -189,6 +207,7 @@ public struct BatchHeader: Sendable, Hashable {
             case BatchEntry.unmapKind: entries.append(.unmap(address: address, count: value))
             case BatchEntry.rollbackKind: entries.append(.rollback(toEpoch: address))
             case BatchEntry.scrubAppliedKind: entries.append(.scrubApplied(resultID: address))
+            case BatchEntry.snapshotKind: entries.append(.snapshot(snapshotID: address))
             default: return nil
             }
             position += BatchEntry.entryBytes

@@ -1,5 +1,6 @@
 // The TLog (transaction log) object of one epoch: the compact, ordered list of what the epoch did to the volume's
-// map. TLogs are what a restart from the backend replays; together they are the volume's history and the source of
+// map. Its number is the epoch (epochs are contiguous from 1); the SCO holding the epoch's data is named by its
+// `scoSealed` record (SCO numbers are unique but need not equal the epoch). TLogs are what a restart from the backend replays; together they are the volume's history and the source of
 // truth from which the RocksDB map can always be rebuilt. Layout (little-endian):
 //
 //   header (64 B): magic "VDTLOG01", version, record size, volume id, TLog number, cluster size, CRC of the header
