@@ -25,6 +25,10 @@ package struct MapChanges {
     /// Written with every intermediate apply: the last clean checkpoint, marked dirty up to the end of the batch or
     /// epoch being applied (see the file comment). Nil only where no crash can matter (a throwaway replay map).
     package var dirtyCheckpoint: MapCheckpoint?
+    /// Clusters handled per intermediate apply of a large unmap, rollback or scrub (bounds memory).
+    package var chunkClusters = 65536
+    /// Called after each intermediate apply (a crash point for the simulation).
+    package var failpoint: (String) -> Void = { _ in }
     package var update = MapUpdate()
     private var pending: Set<ClusterAddress> = []
 
@@ -101,10 +105,12 @@ package struct MapChanges {
 
     private mutating func flush() throws(VDError) {
         guard !update.isEmpty else { return }
-        if let dirtyCheckpoint, !update.metadata.contains(where: { $0.0 == MapCheckpoint.key }) {
+        let intermediate = !update.metadata.contains(where: { $0.0 == MapCheckpoint.key })
+        if let dirtyCheckpoint, intermediate {
             update.metadata.append((MapCheckpoint.key, dirtyCheckpoint.encode()))
         }
         try map.apply(update)
+        if intermediate { failpoint("map-intermediate-apply") }
         update = MapUpdate()
         pending.removeAll(keepingCapacity: true)
     }
@@ -117,7 +123,7 @@ package struct MapChanges {
         if isClone {
             // Every cluster of the range gets a tombstone (or keeps the one it has).
             while start < end {
-                let chunkEnd = min(end, start + 65536)
+                let chunkEnd = min(end, start + UInt64(chunkClusters))
                 var written: [ClusterAddress: MapValue] = [:]
                 for (a, value) in try map.writtenAddresses(from: start, to: chunkEnd) { written[a] = value }
                 for a in start..<chunkEnd {
@@ -141,8 +147,8 @@ package struct MapChanges {
                 }
                 start = end
             } else {
-                found = try map.writtenAddresses(from: start, to: end, limit: 65536)
-                start = found.count == 65536 ? found.last!.0 + 1 : end
+                found = try map.writtenAddresses(from: start, to: end, limit: chunkClusters)
+                start = found.count == chunkClusters ? found.last!.0 + 1 : end
             }
             for (written, previous) in found {
                 if previous.location == nil && !mustRetain(previous: previous.epoch, next: epoch) { continue }
@@ -158,20 +164,20 @@ package struct MapChanges {
         try flush()
         var start: ClusterAddress = 0
         while true {
-            let found = try map.writtenAddresses(from: start, to: .max, limit: 65536)
+            let found = try map.writtenAddresses(from: start, to: .max, limit: chunkClusters)
             for (address, value) in found where value.epoch > target {
                 update.current.append((address, try map.value(address, atEpoch: target)))
             }
             try flush()
-            guard found.count == 65536, let last = found.last else { break }
+            guard found.count == chunkClusters, let last = found.last else { break }
             start = last.0 + 1
         }
         var drop: [(ClusterAddress, UInt64)] = []
         try map.forEachHistory { (address, value) throws(VDError) in
             if value.epoch > target { drop.append((address, value.epoch)) }
         }
-        for chunk in stride(from: 0, to: drop.count, by: 65536) {
-            update.dropHistory = Array(drop[chunk..<min(chunk + 65536, drop.count)])
+        for chunk in stride(from: 0, to: drop.count, by: chunkClusters) {
+            update.dropHistory = Array(drop[chunk..<min(chunk + chunkClusters, drop.count)])
             try flush()
         }
     }
@@ -191,7 +197,7 @@ package struct MapChanges {
             } else if let old = try map.history(relocation.address, epoch: relocation.epoch), old.location == relocation.from {
                 update.history.append((relocation.address, MapValue(epoch: relocation.epoch, location: relocation.to)))
             }
-            if index % 65536 == 65535 { try flush() }
+            if index % chunkClusters == chunkClusters - 1 { try flush() }
         }
         update.metadata.append((Self.scrubAppliedKey(id), [UInt8](littleEndian64: epoch)))
         for created in result.created {

@@ -317,6 +317,7 @@ extension Volume {
             fs: env.fs, layout: layout, volumeID: config.id, sco: next, epoch: nextEpoch,
             clusterSizeBytes: config.clusterSizeBytes, sizeBytes: options.scoSizeBytes)
         journal.highestSCO = next
+        env.tasks.failpoint("roll-after-next-journal")
         let marker = BatchHeader(
             volumeID: config.id, sco: old, offset: journal.writeOffset, previousCRC: journal.chainCRC,
             flags: BatchHeader.flagSealed, entries: [])
@@ -361,6 +362,7 @@ extension Volume {
         update.metadata.append(
             (MapCheckpoint.key, MapCheckpoint(epoch: nextEpoch, offset: journal.writeOffset, chainCRC: headerCRC).encode()))
         try map.apply(update)
+        env.tasks.failpoint("roll-after-checkpoint")
         logger.debug("sealing epoch \(oldEpoch) (SCO \(old.hex)); epoch \(nextEpoch) continues in SCO \(next.hex)")
         let tableVersion = snapshotTable.version
         startBackground { volume in await volume.seal(old, epoch: oldEpoch, file: oldFile, tableVersion: tableVersion) }

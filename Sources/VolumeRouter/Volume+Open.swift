@@ -292,6 +292,7 @@ struct Recovery {
             var changes = MapChanges(
                 map: map, retainedEpochs: snapshots.retainedEpochs, isClone: config.parent != nil)
             changes.scrubResults = scrubResults
+            changes.chunkClusters = options.mapChangeChunkClusters
             if let (sco, scan) = scans[epoch] {
                 var clean = checkpoint.flatMap { $0.epoch == epoch ? MapCheckpoint(epoch: epoch, offset: $0.offset, chainCRC: $0.chainCRC) : nil }
                     ?? MapCheckpoint(epoch: epoch, offset: 0, chainCRC: 0)

@@ -44,6 +44,9 @@ extension Volume {
         var changes = MapChanges(
             map: map, retainedEpochs: snapshotState.withLock { $0.table.retainedEpochs }, isClone: config.parent != nil)
         changes.scrubResults = scrubState.withLock { $0.results }
+        changes.chunkClusters = options.mapChangeChunkClusters
+        let tasks = env.tasks
+        changes.failpoint = { tasks.failpoint($0) }
         return changes
     }
 
@@ -112,7 +115,7 @@ extension Volume {
             var drop: [(ClusterAddress, UInt64)] = []
             try map.forEachLiveVersion(snapshotEpochs: retained, { _, _, _ throws(VDError) in }) {
                 address, value, successor throws(VDError) in
-                if successor + 1 < openEpoch { drop.append((address, value.epoch)) }
+                if openEpoch > 0 && successor < openEpoch - 1 { drop.append((address, value.epoch)) }
             }
             for start in stride(from: 0, to: drop.count, by: 65536) {
                 var update = MapUpdate()

@@ -31,6 +31,9 @@ package struct VolumeOptions: Sendable {
     package var scrubDeleteGraceSeconds: Double = 60
     /// Map entries cached in memory.
     package var mapCacheEntries: Int = 1 << 20
+    /// Clusters per intermediate map apply of a large unmap, rollback or scrub application (not a setting users
+    /// need; the simulation makes it small so those paths run on small volumes).
+    package var mapChangeChunkClusters: Int = 65536
 
     package init() {}
 

@@ -7,6 +7,7 @@
 // The durability rules are POSIX's, strictly: file data after fdatasync/fsync of that file; a name after fsync of
 // its directory. Nothing ext4 happens to give for free is given here.
 
+import Foundation
 import NIOCore
 package import FlashIO
 package import VolumeCore
@@ -252,7 +253,7 @@ final class SimInode {
         if length < cached.count {
             cached.removeLast(cached.count - length)
         } else if length > cached.count {
-            cached.append(contentsOf: repeatElement(0, count: length - cached.count))
+            cached.append(contentsOf: [UInt8](repeating: 0, count: length - cached.count))
         }
     }
 
@@ -272,19 +273,25 @@ final class SimInode {
         let length = cached.count == durable.count || scheduler.chance(0.5) ? durable.count : cached.count
         var result = [UInt8](repeating: 0, count: length)
         let sector = Self.sectorBytes
-        var start = 0
-        while start < length {
-            let end = min(start + sector, length)
-            let old = start < durable.count ? Array(durable[start..<min(end, durable.count)]) : []
-            let new = start < cached.count ? Array(cached[start..<min(end, cached.count)]) : []
-            let chosen: [UInt8]
-            if old == new {
-                chosen = old
-            } else {
-                chosen = scheduler.chance(0.5) ? new : old
+        result.withUnsafeMutableBytes { target in
+            cached.withUnsafeBytes { new in
+                durable.withUnsafeBytes { old in
+                    var start = 0
+                    while start < length {
+                        let end = min(start + sector, length)
+                        let oldEnd = min(end, old.count)
+                        let newEnd = min(end, new.count)
+                        let oldPart = start < oldEnd ? UnsafeRawBufferPointer(rebasing: old[start..<oldEnd]) : UnsafeRawBufferPointer(start: nil, count: 0)
+                        let newPart = start < newEnd ? UnsafeRawBufferPointer(rebasing: new[start..<newEnd]) : UnsafeRawBufferPointer(start: nil, count: 0)
+                        let same = oldPart.count == newPart.count && (oldPart.count == 0 || memcmp(oldPart.baseAddress!, newPart.baseAddress!, oldPart.count) == 0)
+                        let chosen = same || !scheduler.chance(0.5) ? oldPart : newPart
+                        if chosen.count > 0 {
+                            UnsafeMutableRawBufferPointer(rebasing: target[start..<(start + chosen.count)]).copyMemory(from: chosen)
+                        }
+                        start = end
+                    }
+                }
             }
-            for (i, byte) in chosen.enumerated() where start + i < end { result[start + i] = byte }
-            start = end
         }
         cached = result
         durable = result

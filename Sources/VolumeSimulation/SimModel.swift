@@ -19,19 +19,20 @@ import VolumeCore
 package enum SectorPattern {
     package static let sectorBytes = 512
 
-    @inline(__always)
-    static func word(_ id: UInt32, _ sector: UInt64, _ index: Int) -> UInt64 {
-        if index == 0 { return UInt64(id) << 32 | (sector & 0xffff_ffff) }
-        var z = (UInt64(id) << 40) ^ (sector << 8) ^ UInt64(index) &+ 0x9E37_79B9_7F4A_7C15
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
     package static func fill(_ raw: UnsafeMutableRawBufferPointer, id: UInt32, sector: UInt64) {
         precondition(raw.count == sectorBytes)
-        for index in 0..<(sectorBytes / 8) {
-            raw.storeBytes(of: id == 0 ? 0 : word(id, sector, index).littleEndian, toByteOffset: index * 8, as: UInt64.self)
+        guard id != 0 else {
+            raw.initializeMemory(as: UInt8.self, repeating: 0)
+            return
+        }
+        // Word 0 holds the write id and the sector; the others mix them with the word's index.
+        let first = UInt64(id) << 32 | (sector & 0xffff_ffff)
+        let mixed = first &* 0x9E37_79B9_7F4A_7C15
+        raw.storeBytes(of: first.littleEndian, toByteOffset: 0, as: UInt64.self)
+        var step: UInt64 = 0
+        for index in 1..<(sectorBytes / 8) {
+            step &+= 0xBF58_476D_1CE4_E5B9
+            raw.storeBytes(of: (mixed ^ step).littleEndian, toByteOffset: index * 8, as: UInt64.self)
         }
     }
 
@@ -40,9 +41,18 @@ package enum SectorPattern {
         precondition(raw.count == sectorBytes)
         let first = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
         let id = UInt32(truncatingIfNeeded: first >> 32)
-        for index in 0..<(sectorBytes / 8) {
-            let expected: UInt64 = id == 0 ? 0 : word(id, sector, index)
-            if UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self)) != expected { return nil }
+        if id == 0 {
+            // Zeroes: every byte must be zero.
+            var accumulated: UInt64 = 0
+            for index in 0..<(sectorBytes / 8) { accumulated |= raw.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self) }
+            return accumulated == 0 ? 0 : nil
+        }
+        guard first & 0xffff_ffff == sector & 0xffff_ffff else { return nil }
+        let mixed = first &* 0x9E37_79B9_7F4A_7C15
+        var step: UInt64 = 0
+        for index in 1..<(sectorBytes / 8) {
+            step &+= 0xBF58_476D_1CE4_E5B9
+            if UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self)) != mixed ^ step { return nil }
         }
         return id
     }

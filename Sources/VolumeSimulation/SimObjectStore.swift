@@ -26,6 +26,8 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
     package var faults = Faults()
     /// While true every request fails (the backend is unreachable).
     package var outage = false
+    /// Requests on names starting with one of these fail (a store that refuses one kind of object).
+    package var failingPrefixes: Set<String> = []
     private var objects: [String: ByteBuffer] = [:]
     package private(set) var requests = 0
     package private(set) var injectedFaults = 0
@@ -68,6 +70,9 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
         await delay()
         if outage {
             throw VDError(.backend, "simulated store: \(what) \(name): the backend is unreachable")
+        }
+        if failingPrefixes.contains(where: { name.hasPrefix($0) }) {
+            throw VDError(.backend, "simulated store: \(what) \(name): 500 Internal Server Error")
         }
         if scheduler.chance(faults.failBefore) {
             injectedFaults += 1

@@ -34,6 +34,10 @@ package struct SimulationConfig: Sendable {
     package var crashes = true
     package var scrubs = true
     package var clones = true
+    /// Clusters per intermediate map apply (nil: chosen by the seed).
+    package var mapChunkClusters: Int?
+    /// Errors of operations are recorded instead of failing the run (scripts that provoke them).
+    package var tolerateErrors = false
     /// Print the trace as it happens.
     package var verbose = false
     package init(seed: UInt64) { self.seed = seed }
@@ -60,6 +64,8 @@ package enum SimulationRunner {
             result.withLock { $0 = report }
             done.signal()
         }
+        // A trap in the code under test ends the whole process: its backtrace names the seed by the thread's name.
+        thread.name = "seed \(config.seed)"
         thread.stackSize = 64 << 20
         thread.start()
         done.wait()
@@ -72,6 +78,7 @@ package enum SimulationRunner {
                 let report = Simulation(config: config).run()
                 continuation.resume(returning: report)
             }
+            thread.name = "seed \(config.seed)"
             thread.stackSize = 64 << 20
             thread.start()
         }
@@ -134,6 +141,8 @@ final class Simulation: @unchecked Sendable {
     let logger: Logger
     let client: SimProcess
     let compress: Bool
+    /// Small chunks make large unmaps, rollbacks and scrub applications take several intermediate map applies.
+    let mapChunkClusters: Int
     let clusterBytes = 4096
     var report: SimulationReport
 
@@ -168,6 +177,8 @@ final class Simulation: @unchecked Sendable {
     /// Devices on which no new operation may start (a snapshot is being taken, a rollback is coming).
     var frozen: Set<String> = []
     var scrubbers: [SimProcess] = []
+    /// Scrubber processes whose run ended (done or failed).
+    var scrubsFinished: Set<Int> = []
     var failure: SimFailure?
     var outageUntilOperation: Int?
 
@@ -184,6 +195,7 @@ final class Simulation: @unchecked Sendable {
         client = scheduler.makeProcess("client")
         client.role = "client"
         compress = scheduler.chance(0.3)
+        mapChunkClusters = config.mapChunkClusters ?? (scheduler.chance(0.5) ? 64 : 65536)
         report = SimulationReport(seed: config.seed)
         if config.backendFaults {
             store.faults.failBefore = 0.03
@@ -196,7 +208,7 @@ final class Simulation: @unchecked Sendable {
 
     func run() -> SimulationReport {
         scheduler.bindToCurrentThread()
-        trace.add("seed \(config.seed): \(config.operations) operations, volume \(config.volumeBytes >> 20) MiB, SCO \(config.scoBytes >> 20) MiB, compression \(compress)")
+        trace.add("seed \(config.seed): \(config.operations) operations, volume \(config.volumeBytes >> 20) MiB, SCO \(config.scoBytes >> 20) MiB, compression \(compress), map chunks \(mapChunkClusters)")
         do {
             try boot()
             try createVolume("vol1")
@@ -269,6 +281,7 @@ final class Simulation: @unchecked Sendable {
         options.scrubDeleteGraceSeconds = 5
         options.readAheadBytes = 64 << 10
         options.mapCacheEntries = 4096
+        options.mapChangeChunkClusters = mapChunkClusters
         configuration.volumeOptions = options
         return configuration
     }
@@ -336,6 +349,10 @@ final class Simulation: @unchecked Sendable {
     // MARK: the workload
 
     func step(_ index: Int) throws {
+        if let process = node.routerProcess, !process.isAlive {
+            // Killed at a failpoint (or during an operation): it restarts as after any crash.
+            try crashRecovery(.process)
+        }
         if let until = outageUntilOperation, index >= until {
             store.outage = false
             outageUntilOperation = nil
@@ -411,8 +428,14 @@ final class Simulation: @unchecked Sendable {
         let candidates = writableDevices.filter { !frozen.contains($0) }
         guard !candidates.isEmpty else { return }
         let device = candidates[scheduler.below(candidates.count)]
-        guard let range = freeRange(device, maxSectors: 2048), let target = volume(device) else { return }
-        let fua = scheduler.chance(0.1)
+        guard let range = freeRange(device, maxSectors: 2048) else { return }
+        try startWrite(kind: kind, device: device, range: range, fua: scheduler.chance(0.1))
+    }
+
+    /// Starts a write (or zeroing, or trim) of `range` of `device`; returns the operation's id.
+    @discardableResult
+    func startWrite(kind: WriteKind, device: String, range: Range<Int>, fua: Bool) throws -> Int {
+        guard let target = volume(device) else { throw fail("no device \(device) to write") }
         let offset = UInt64(range.lowerBound) * 512
         let length = range.count * 512
         // What each sector will hold once the operation is done.
@@ -452,7 +475,7 @@ final class Simulation: @unchecked Sendable {
         count(name)
         let payload = buffer
         let mayUnmap = scheduler.chance(0.7)
-        start(kind: name, device: device, sectors: range, { () async throws(VDError) -> OpOutput in
+        return start(kind: name, device: device, sectors: range, { () async throws(VDError) -> OpOutput in
             switch kind {
             case .data: try await target.write(offset: offset, data: payload, fua: fua)
             case .zeroes: try await target.writeZeroes(offset: offset, length: UInt32(length), fua: fua, mayUnmap: mayUnmap)
@@ -472,6 +495,10 @@ final class Simulation: @unchecked Sendable {
             case .failure(let error):
                 // In flight at a crash: the sectors stay ambiguous until the restart reads them.
                 if error.message.contains("connection to") { return }
+                if simulation.config.tolerateErrors {
+                    simulation.trace.add("\(name) on \(device) sectors \(range) failed (expected by the script): \(error)")
+                    return
+                }
                 throw simulation.fail("\(name) on \(device) sectors \(range) failed: \(error)")
             }
         }
@@ -487,12 +514,13 @@ final class Simulation: @unchecked Sendable {
         return events
     }
 
-    /// Starts an operation in the client process; `apply` runs when its reply arrives.
+    /// Starts an operation in the client process; `apply` runs when its reply arrives. Returns its id.
+    @discardableResult
     func start(
         kind: String, device: String, sectors: Range<Int>,
         _ body: @escaping @Sendable () async throws(VDError) -> OpOutput,
         apply: @escaping (Simulation, InFlight, Result<OpOutput, VDError>) throws -> Void
-    ) {
+    ) -> Int {
         let issued = nextIssue()
         nextOpID += 1
         let id = nextOpID
@@ -509,6 +537,14 @@ final class Simulation: @unchecked Sendable {
             }
             completions.append((id, result))
         }
+        return id
+    }
+
+    /// Waits until operation `id` completed (and its reply was checked).
+    func waitFor(_ id: Int) throws {
+        try runUntil("operation \(id)") { !completions.isEmpty || inFlight[id] == nil }
+        try processCompletions()
+        if inFlight[id] != nil { try waitFor(id) }
     }
 
     func processCompletions() throws {
@@ -534,12 +570,16 @@ final class Simulation: @unchecked Sendable {
     func startFlush() throws {
         let candidates = writableDevices
         guard !candidates.isEmpty, inFlight.count < config.inFlightMax else { return }
-        let device = candidates[scheduler.below(candidates.count)]
-        guard let target = volume(device) else { return }
+        try startFlush(candidates[scheduler.below(candidates.count)])
+    }
+
+    @discardableResult
+    func startFlush(_ device: String) throws -> Int {
+        guard let target = volume(device) else { throw fail("no device \(device) to flush") }
         trace.add("flush \(device)")
         count("flush")
         let coverable = events
-        start(kind: "flush", device: device, sectors: 0..<0, { () async throws(VDError) -> OpOutput in
+        return start(kind: "flush", device: device, sectors: 0..<0, { () async throws(VDError) -> OpOutput in
             try await target.flush()
             return .none
         }) { simulation, operation, result in
@@ -633,10 +673,13 @@ final class Simulation: @unchecked Sendable {
     func startSnapshotCreate() throws {
         let candidates = writableDevices.filter { !frozen.contains($0) }
         guard !candidates.isEmpty, inFlight.count < config.inFlightMax else { return }
-        let device = candidates[scheduler.below(candidates.count)]
-        guard let target = volume(device), let model = devices[device] else { return }
         snapshotCounter += 1
-        let name = "s\(snapshotCounter)"
+        try startSnapshotCreate(candidates[scheduler.below(candidates.count)], name: "s\(snapshotCounter)")
+    }
+
+    @discardableResult
+    func startSnapshotCreate(_ device: String, name: String) throws -> Int {
+        guard let target = volume(device), let model = devices[device] else { throw fail("no device \(device) to snapshot") }
         let key = "\(device)@\(name)"
         var ambiguous: [Int: Set<UInt32>] = [:]
         for (sector, value) in model.inFlight { ambiguous[sector] = [model.current(sector), value] }
@@ -645,7 +688,7 @@ final class Simulation: @unchecked Sendable {
         trace.add("snapshot create \(key) (\(ambiguous.count) sector(s) in flight)")
         count("snapshot")
         let coverable = events
-        start(kind: "snapshot", device: device, sectors: 0..<0, { () async throws(VDError) -> OpOutput in
+        return start(kind: "snapshot", device: device, sectors: 0..<0, { () async throws(VDError) -> OpOutput in
             .snapshot(try await target.createSnapshot(named: name))
         }) { simulation, operation, result in
             simulation.frozen.remove(device)
@@ -659,6 +702,10 @@ final class Simulation: @unchecked Sendable {
             case .failure(let error):
                 if error.message.contains("connection to") { return }  // decided after the restart
                 simulation.snapshots[key] = nil
+                if simulation.config.tolerateErrors {
+                    simulation.trace.add("snapshot \(key) failed (expected by the script): \(error)")
+                    return
+                }
                 throw simulation.fail("snapshot \(key) failed: \(error)")
             }
         }
@@ -674,8 +721,11 @@ final class Simulation: @unchecked Sendable {
     func snapshotDelete() throws {
         let keys = liveSnapshots()
         guard !keys.isEmpty else { return }
-        let key = keys[scheduler.below(keys.count)]
-        let snapshot = snapshots[key]!
+        try snapshotDelete(keys[scheduler.below(keys.count)])
+    }
+
+    func snapshotDelete(_ key: String) throws {
+        guard let snapshot = snapshots[key] else { throw fail("no snapshot \(key)") }
         guard let target = volume(snapshot.volume) else { return }
         let clones = target.snapshotTable.snapshot(named: snapshot.name)?.clones ?? []
         trace.add("snapshot delete \(key)")
@@ -698,8 +748,11 @@ final class Simulation: @unchecked Sendable {
     func rollback() throws {
         let keys = liveSnapshots().filter { !frozen.contains(snapshots[$0]!.volume) }
         guard !keys.isEmpty else { return }
-        let key = keys[scheduler.below(keys.count)]
-        let snapshot = snapshots[key]!
+        try rollback(keys[scheduler.below(keys.count)])
+    }
+
+    func rollback(_ key: String) throws {
+        guard let snapshot = snapshots[key] else { throw fail("no snapshot \(key)") }
         let device = snapshot.volume
         frozen.insert(device)
         defer { frozen.remove(device) }
@@ -730,7 +783,11 @@ final class Simulation: @unchecked Sendable {
         case .failure(let error):
             if error.code == .busy && blocked { return }
             if error.message.contains("connection to") {
-                try crashRecovery(.process)
+                // The router died during the rollback: every sector may hold its value or the snapshot's.
+                let contents = snapshots[key]!.contents
+                for sector in 0..<contents.count where devices[device]!.current(sector) != contents[sector] {
+                    devices[device]!.inFlight[sector] = contents[sector]
+                }
                 return
             }
             throw fail("rollback of \(device) failed: \(error)")
@@ -774,7 +831,13 @@ final class Simulation: @unchecked Sendable {
     func startScrub() throws {
         let names = writableDevices
         guard !names.isEmpty else { return }
-        let device = names[scheduler.below(names.count)]
+        let killAfter: UInt64? = scheduler.chance(0.3) ? UInt64(scheduler.between(1...3000)) : nil
+        try startScrub(names[scheduler.below(names.count)], threshold: scheduler.chance(0.5) ? 0.9 : 0.5, killAfter: killAfter)
+    }
+
+    /// Starts `vd scrub` of `device` in a process of its own (killed after `killAfter` steps); returns the process.
+    @discardableResult
+    func startScrub(_ device: String, threshold: Double, killAfter: UInt64?) throws -> SimProcess {
         let process = scheduler.makeProcess("scrubber#\(scheduler.steps)")
         process.role = "scrubber"
         scrubbers.append(process)
@@ -782,24 +845,24 @@ final class Simulation: @unchecked Sendable {
             fs: node.fs, clock: SimClock(scheduler: scheduler), random: SimRandomSource(scheduler: scheduler),
             tasks: SimTaskRunner(process: process), keyValueStores: node.maps)
         var options = ScrubOptions()
-        options.liveFractionThreshold = scheduler.chance(0.5) ? 0.9 : 0.5
+        options.liveFractionThreshold = threshold
         options.scoSizeBytes = config.scoBytes
         options.compress = compress
         options.leaseSeconds = 30
         options.workDirectory = node.dataDirectory + "/scrub-tmp"
         let scrubber = Scrubber(
             volume: try VolumeName(validating: device), backend: store, options: options, env: env, logger: logger)
-        let killAfter: UInt64? = scheduler.chance(0.3) ? UInt64(scheduler.between(1...3000)) : nil
         trace.add("scrub \(device) in \(process.name)\(killAfter.map { " (killed after \($0) steps)" } ?? "")")
         count("scrub")
         let trace = self.trace
-        process.spawn {
+        process.spawn { [self] in
             do throws(VDError) {
                 let summary = try await scrubber.run()
                 trace.add("scrub of \(device) done: \(summary.rewrittenSCOs) SCO(s) rewritten, result \(summary.resultID.map(String.init) ?? "none")\(summary.stoppedBecause.map { " (\($0))" } ?? "")")
             } catch {
                 trace.add("scrub of \(device) failed: \(error)")
             }
+            scrubsFinished.insert(process.id)
         }
         if let killAfter {
             let end = scheduler.steps + killAfter
@@ -809,13 +872,17 @@ final class Simulation: @unchecked Sendable {
                 trace.add("scrubber \(process.name) killed")
             }
         }
+        return process
     }
 
     func runCheck(repair: Bool) throws {
         guard !store.outage else { return }
         let names = devices.keys.sorted()
         guard !names.isEmpty else { return }
-        let device = names[scheduler.below(names.count)]
+        try runCheck(names[scheduler.below(names.count)], repair: repair)
+    }
+
+    func runCheck(_ device: String, repair: Bool) throws {
         let process = scheduler.makeProcess("check#\(scheduler.steps)")
         process.role = "check"
         let env = Environment(
@@ -924,6 +991,20 @@ final class Simulation: @unchecked Sendable {
             store.outage = false
             outageUntilOperation = nil
             trace.add("backend outage ends (to verify everything)")
+        }
+        // A snapshot that was never replied may hold, after a power or flash loss, any state its device may recover
+        // to (whatever survived of the epochs it covers): widen what it may read before the devices are adopted.
+        if kind == .power || kind == .flashLost {
+            for key in snapshots.keys.sorted() where !snapshots[key]!.confirmed {
+                let snapshot = snapshots[key]!
+                guard let model = devices[snapshot.volume] else { continue }
+                for sector in 0..<snapshot.contents.count {
+                    var allowed = snapshot.allowed(sector)
+                    allowed.insert(model.storedFloor[sector])
+                    for write in model.writes[sector] ?? [] { allowed.insert(write.id) }
+                    if allowed.count > 1 { snapshots[key]!.ambiguous[sector] = allowed }
+                }
+            }
         }
         for name in devices.keys.sorted() {
             guard let volume = volume(name) else {
