@@ -58,18 +58,17 @@ package struct NamespaceCheck {
             }
         }
         let deleted = contents.deletedSources
-        let live = try replay.liveVersions()
-        report.liveVersions = live.count
-        var bySCO: [SCONumber: [LiveVersion]] = [:]
-        for version in live { bySCO[version.location.sco, default: []].append(version) }
-        report.referencedSCOs = bySCO.count
-        for (sco, versions) in bySCO.sorted(by: { $0.key < $1.key }) {
+        let liveCounts = try replay.liveClustersPerSCO()
+        report.liveVersions = liveCounts.values.reduce(0, +)
+        report.referencedSCOs = liveCounts.count
+        if clusters { try replay.indexLiveVersions(in: Set(liveCounts.keys)) }
+        for (sco, count) in liveCounts.sorted(by: { $0.key < $1.key }) {
             let object = layout.scoObject(sco)
             if deleted.contains(sco.rawValue) {
-                report.problems.append("\(object) is marked for deletion but \(versions.count) live cluster(s) are in it")
+                report.problems.append("\(object) is marked for deletion but \(count) live cluster(s) are in it")
             }
             guard contents.scoObjects[sco] != nil else {
-                report.problems.append("\(object) is missing but \(versions.count) live cluster(s) are in it")
+                report.problems.append("\(object) is missing but \(count) live cluster(s) are in it")
                 continue
             }
             guard let info = contents.scoInfo(sco) else {
@@ -95,7 +94,7 @@ package struct NamespaceCheck {
             report.verifiedBytes += UInt64(bytes.readableBytes)
             if clusters {
                 let clusterBytes = Int(contents.config.clusterSizeBytes)
-                for version in versions {
+                for version in try replay.liveVersions(in: sco) {
                     let offset = Int(version.location.offset)
                     guard let cluster = bytes.getSlice(at: bytes.readerIndex + offset, length: clusterBytes),
                         CRC32C.checksum(cluster) == version.location.crc
@@ -118,7 +117,7 @@ package struct NamespaceCheck {
             let object = layout.scoObject(sco)
             if ScrubResult.isScrubSCO(sco) && !described.contains(sco.rawValue) {
                 scrubLeftovers.append(object)
-            } else if deleted.contains(sco.rawValue) && bySCO[sco] == nil {
+            } else if deleted.contains(sco.rawValue) && liveCounts[sco] == nil {
                 report.orphans.append(object)
             }
         }

@@ -92,19 +92,14 @@ package final class NamespaceReplay: @unchecked Sendable {
         for info in try await backend.list(prefix: layout.scoPrefix) {
             if let number = SCONumber(hex: info.name.dropFirst(layout.scoPrefix.count)) { contents.scoObjects[number] = info.sizeBytes }
         }
-        for info in try await backend.list(prefix: layout.scrubPrefix) {
-            let name = info.name.dropFirst(layout.scrubPrefix.count)
-            if name.hasSuffix(".applied"), let id = UInt64(name.dropLast(".applied".count), radix: 16) {
-                contents.appliedResults.insert(id)
-            } else if let id = UInt64(name, radix: 16) {
-                let result = try await NamespaceObjects.getVerified(info.name, backend: backend) { (bytes) throws(VDError) in
-                    try MetadataRecord.decode(ScrubResult.self, from: bytes, kind: .scrubResult, what: info.name)
-                }
-                guard result.volumeID == config.id, result.id == id else {
-                    throw VDError(.corrupt, "\(info.name) belongs to another volume or result")
-                }
-                contents.results[id] = result
-            }
+        // Results are kept without their relocation tables (what the scrubber and the check reason about is small);
+        // the replay loads a result's relocations only when a TLog applies it.
+        let (resultIDs, applied) = try await NamespaceObjects.listScrubResults(layout: layout, backend: backend)
+        contents.appliedResults = applied
+        for id in resultIDs {
+            var result = try await NamespaceObjects.loadScrubResult(id, layout: layout, backend: backend, volumeID: config.id)
+            result.relocationTable = []
+            contents.results[id] = result
         }
         if let table = try await NamespaceObjects.loadSnapshotTable(layout: layout, backend: backend) { contents.snapshots = table }
 
@@ -115,7 +110,6 @@ package final class NamespaceReplay: @unchecked Sendable {
         do throws(VDError) {
             var changes = MapChanges(
                 map: map, retainedEpochs: contents.snapshots.retainedEpochs, isClone: config.parent != nil)
-            changes.scrubResults = contents.results
             if var epoch = contents.tlogNumbers.first {
                 let available = Set(contents.tlogNumbers)
                 var done = 0
@@ -127,10 +121,16 @@ package final class NamespaceReplay: @unchecked Sendable {
                     guard tlog.volumeID == config.id, tlog.number == epoch else {
                         throw VDError(.corrupt, "\(object) belongs to another volume or epoch")
                     }
+                    var applies: [UInt64] = []
                     for record in tlog.records {
                         if case .scoSealed(let sco, let length, let crc) = record { contents.routerSCOs[sco] = (length, crc) }
-                        if case .scrubApplied(let id) = record { contents.appliedInHistory.insert(id) }
+                        if case .scrubApplied(let id) = record {
+                            contents.appliedInHistory.insert(id)
+                            applies.append(id)
+                        }
                     }
+                    changes.scrubResults = try await NamespaceObjects.resultsApplied(
+                        by: applies, known: [:], layout: layout, backend: backend, volumeID: config.id)
                     try changes.add(tlog: tlog)
                     try changes.finish(checkpoint: MapCheckpoint(epoch: epoch.next.rawValue, offset: 0, chainCRC: 0))
                     contents.lastEpoch = epoch
@@ -170,14 +170,67 @@ package final class NamespaceReplay: @unchecked Sendable {
         try? env.fs.removeTree(directory)
     }
 
-    /// Every live cluster version (see the file comment).
-    package func liveVersions() throws(VDError) -> [LiveVersion] {
-        var live: [LiveVersion] = []
+    /// Live cluster versions per SCO (see the file comment), counted in one pass over the map.
+    package func liveClustersPerSCO() throws(VDError) -> [SCONumber: Int] {
+        var counts: [SCONumber: Int] = [:]
+        try map.forEachLiveVersion(snapshotEpochs: contents.snapshots.snapshots.map(\.epoch)) {
+            (_, value, _) throws(VDError) in
+            counts[value.location!.sco, default: 0] += 1
+        }
+        return counts
+    }
+
+    /// Writes an index of the live versions in `scos` into the replay's own store (one pass over the map, memory
+    /// bounded whatever their number), for `liveVersions(in:)`.
+    package func indexLiveVersions(in scos: Set<SCONumber>) throws(VDError) {
+        var batch = database.makeBatch()
         try map.forEachLiveVersion(snapshotEpochs: contents.snapshots.snapshots.map(\.epoch)) {
             (address, value, _) throws(VDError) in
-            live.append(LiveVersion(address: address, epoch: value.epoch, location: value.location!))
+            let location = value.location!
+            guard scos.contains(location.sco) else { return }
+            batch.put(Self.indexKey(location.sco, offset: location.offset), Self.indexValue(address, value.epoch, location.crc))
+            if batch.count >= 65536 {
+                try database.write(batch)
+                batch = database.makeBatch()
+            }
         }
-        return live
+        try database.write(batch)
+    }
+
+    /// The live versions of `sco` (indexed by `indexLiveVersions`), in offset order.
+    package func liveVersions(in sco: SCONumber) throws(VDError) -> [LiveVersion] {
+        var versions: [LiveVersion] = []
+        try database.scan(from: Self.indexKey(sco, offset: 0), to: Self.indexKey(sco.next, offset: 0)) {
+            (key, value) throws(VDError) -> Bool in
+            guard key.count == 13, value.count == 20 else { throw VDError(.corrupt, "scrub index entry of the wrong size") }
+            let offset = UInt32(bigEndian: key.loadUnaligned(fromByteOffset: 9, as: UInt32.self))
+            let address = UInt64(littleEndian: value.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
+            let epoch = UInt64(littleEndian: value.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+            let crc = UInt32(littleEndian: value.loadUnaligned(fromByteOffset: 16, as: UInt32.self))
+            versions.append(LiveVersion(address: address, epoch: epoch, location: ClusterLocation(sco: sco, offset: offset, crc: crc)))
+            return true
+        }
+        return versions
+    }
+
+    /// Index keys sort by SCO then offset ("l" is not a key prefix the map uses).
+    static func indexKey(_ sco: SCONumber, offset: UInt32) -> [UInt8] {
+        var key = [UInt8](repeating: UInt8(ascii: "l"), count: 13)
+        key.withUnsafeMutableBytes {
+            $0.storeBytes(of: sco.rawValue.bigEndian, toByteOffset: 1, as: UInt64.self)
+            $0.storeBytes(of: offset.bigEndian, toByteOffset: 9, as: UInt32.self)
+        }
+        return key
+    }
+
+    static func indexValue(_ address: ClusterAddress, _ epoch: UInt64, _ crc: UInt32) -> [UInt8] {
+        var value = [UInt8](repeating: 0, count: 20)
+        value.withUnsafeMutableBytes {
+            $0.storeBytes(of: address.littleEndian, toByteOffset: 0, as: UInt64.self)
+            $0.storeBytes(of: epoch.littleEndian, toByteOffset: 8, as: UInt64.self)
+            $0.storeBytes(of: crc.littleEndian, toByteOffset: 16, as: UInt32.self)
+        }
+        return value
     }
 
     /// The bytes of a whole SCO object (decompressed when it is stored compressed). `crc`: the CRC32C its history
@@ -208,6 +261,48 @@ package final class NamespaceReplay: @unchecked Sendable {
 
 /// Reading namespace metadata objects (shared with the router).
 package enum NamespaceObjects {
+    /// The ids of the scrub results in a namespace, and which are marked applied (names only: nothing downloaded).
+    package static func listScrubResults(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError)
+        -> (ids: [UInt64], applied: Set<UInt64>)
+    {
+        var ids: [UInt64] = []
+        var applied: Set<UInt64> = []
+        for info in try await backend.list(prefix: layout.scrubPrefix) {
+            let name = info.name.dropFirst(layout.scrubPrefix.count)
+            if name.hasSuffix(".applied"), let id = UInt64(name.dropLast(".applied".count), radix: 16) {
+                applied.insert(id)
+            } else if let id = UInt64(name, radix: 16) {
+                ids.append(id)
+            }
+        }
+        return (ids.sorted(), applied)
+    }
+
+    /// One scrub result, verified and checked to belong to the volume.
+    package static func loadScrubResult(_ id: UInt64, layout: VolumeLayout, backend: any ObjectStore, volumeID: VolumeID)
+        async throws(VDError) -> ScrubResult
+    {
+        let name = layout.scrubResultObject(id)
+        let result = try await getVerified(name, backend: backend) { (bytes) throws(VDError) in
+            try MetadataRecord.decode(ScrubResult.self, from: bytes, kind: .scrubResult, what: name)
+        }
+        guard result.volumeID == volumeID, result.id == id else {
+            throw VDError(.corrupt, "\(name) belongs to another volume or result")
+        }
+        return result
+    }
+
+    /// The scrub results that `records` apply and `known` lacks, loaded (replays need exactly those).
+    package static func resultsApplied(
+        by ids: [UInt64], known: [UInt64: ScrubResult], layout: VolumeLayout, backend: any ObjectStore, volumeID: VolumeID
+    ) async throws(VDError) -> [UInt64: ScrubResult] {
+        var loaded: [UInt64: ScrubResult] = [:]
+        for id in ids where known[id] == nil && loaded[id] == nil {
+            loaded[id] = try await loadScrubResult(id, layout: layout, backend: backend, volumeID: volumeID)
+        }
+        return loaded
+    }
+
     /// Reads an object and decodes it; a decoding that fails verification (`.corrupt`) is retried a few times,
     /// since bytes can be damaged on the way, then reported. Never falls back to anything else.
     package static func getVerified<T>(

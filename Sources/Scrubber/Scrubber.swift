@@ -37,6 +37,9 @@ package struct ScrubOptions: Sendable {
     /// Compress the SCOs written (like the router does for this backend).
     package var compress = false
     package var leaseSeconds: Double = 300
+    /// Cluster versions one result relocates at most (its size in memory and on the backend); a run stops there and
+    /// the next one goes on.
+    package var relocationsPerResultMax = 1 << 20
     /// Where the temporary replay map goes.
     package var workDirectory: String = "/tmp"
     package var dryRun = false
@@ -120,12 +123,10 @@ package struct Scrubber {
             summary.removedLeftovers += 1
         }
 
-        // Live bytes per SCO.
-        let live = try replay.liveVersions()
+        // Live bytes per SCO (memory: one counter per SCO).
+        let liveCounts = try replay.liveClustersPerSCO()
         let clusterBytes = UInt64(contents.config.clusterSizeBytes)
-        var liveBySCO: [SCONumber: [LiveVersion]] = [:]
-        for version in live { liveBySCO[version.location.sco, default: []].append(version) }
-        summary.liveBytes = UInt64(live.count) * clusterBytes
+        summary.liveBytes = UInt64(liveCounts.values.reduce(0, +)) * clusterBytes
         let pending = contents.pendingResults
         summary.pendingResults = pending.count
         let busy = Set(pending.flatMap { $0.sources + $0.created.map(\.sco) }).union(
@@ -143,7 +144,7 @@ package struct Scrubber {
             }
             summary.scannedSCOs += 1
             summary.scannedBytes += info.lengthBytes
-            let liveBytes = UInt64(liveBySCO[sco]?.count ?? 0) * clusterBytes
+            let liveBytes = UInt64(liveCounts[sco] ?? 0) * clusterBytes
             if Double(liveBytes) < options.liveFractionThreshold * Double(info.lengthBytes) {
                 candidates.append((sco, info.lengthBytes, liveBytes))
             }
@@ -167,6 +168,7 @@ package struct Scrubber {
                 || contents.scoObjects.keys.contains { ScrubResult.isScrubSCO($0) && ScrubResult.resultID(ofSCO: $0) == resultID }
             if !used, try await backend.head(layout.scrubResultObject(resultID)) == nil { break }
         }
+        try replay.indexLiveVersions(in: Set(candidates.map(\.sco)))
         var writer = SCOPacker(
             volumeID: contents.config.id, clusterSizeBytes: contents.config.clusterSizeBytes, resultID: resultID,
             scoSizeBytes: options.scoSizeBytes)
@@ -184,7 +186,11 @@ package struct Scrubber {
                 break
             }
             try await lease.renewIfNeeded(backend: backend)
-            let versions = liveBySCO[candidate.sco] ?? []
+            let versions = try replay.liveVersions(in: candidate.sco)
+            if relocations.count + versions.count > options.relocationsPerResultMax && !sources.isEmpty {
+                summary.stoppedBecause = "the result is full (\(relocations.count) relocations); run again for the rest"
+                break
+            }
             if !versions.isEmpty {
                 let bytes = try await replay.readSCO(candidate.sco)
                 await throttle.account(UInt64(bytes.readableBytes))

@@ -63,7 +63,6 @@ extension Volume {
                 progress: progress)
             try await recovery.discover()
             try await recovery.loadSnapshots()
-            try await recovery.loadScrubResults()
             var map = BlockMap(database: database, cacheEntries: options.mapCacheEntries)
             if try !recovery.checkpointIsTrustworthy(map: map, hadMap: hadMap) {
                 if hadMap { logger.warning("the map of volume \(config.name) is ahead of its durable journal; rebuilding it") }
@@ -90,7 +89,6 @@ extension Volume {
                     state.sealed[epoch] = SealedEpoch(sco: sealed.sco, lengthBytes: sealed.lengthBytes, tableVersion: tableVersion)
                 }
             }
-            volume.scrubState.withLock { $0.results = recovery.scrubResults }
             volume.startBackground { await $0.uploadLoop() }
             volume.startBackground { await $0.ageLoop() }
             volume.startBackground { await $0.scrubLoop() }
@@ -132,7 +130,6 @@ struct Recovery {
     var sealedNow: [UInt64: (sco: SCONumber, lengthBytes: UInt64)] = [:]
     var snapshots = SnapshotTable()
     var snapshotsUploadedVersion: UInt64 = 0
-    var scrubResults: [UInt64: ScrubResult] = [:]
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, env: Environment,
@@ -240,11 +237,6 @@ struct Recovery {
         try Volume.saveTable(snapshots, layout: layout, fs: env.fs)
     }
 
-    /// Every scrub result of the namespace (the history may apply any of them).
-    mutating func loadScrubResults() async throws(VDError) {
-        scrubResults = try await Volume.loadScrubResults(layout: layout, backend: backend, volumeID: config.id).results
-    }
-
     /// Step 2: the map may be reused only if its checkpoint lies within the durable history: at a batch boundary of
     /// a journal (with the batch it may be partly through also in the journal), within a complete epoch, or at the
     /// start of the epoch after a complete last epoch.
@@ -291,9 +283,16 @@ struct Recovery {
         while epoch <= lastEpoch {
             var changes = MapChanges(
                 map: map, retainedEpochs: snapshots.retainedEpochs, isClone: config.parent != nil)
-            changes.scrubResults = scrubResults
             changes.chunkClusters = options.mapChangeChunkClusters
             if let (sco, scan) = scans[epoch] {
+                let applies = scan.batches.flatMap { batch in
+                    batch.header.entries.compactMap { entry -> UInt64? in
+                        if case .scrubApplied(let id) = entry { return id }
+                        return nil
+                    }
+                }
+                changes.scrubResults = try await NamespaceObjects.resultsApplied(
+                    by: applies, known: [:], layout: layout, backend: backend, volumeID: config.id)
                 var clean = checkpoint.flatMap { $0.epoch == epoch ? MapCheckpoint(epoch: epoch, offset: $0.offset, chainCRC: $0.chainCRC) : nil }
                     ?? MapCheckpoint(epoch: epoch, offset: 0, chainCRC: 0)
                 for batch in scan.batches where batch.offset >= startOffset {
@@ -308,7 +307,14 @@ struct Recovery {
                 if scan.isSealed { try changes.finish(checkpoint: MapCheckpoint(epoch: epoch + 1, offset: 0, chainCRC: 0)) }
             } else {
                 changes.dirtyCheckpoint = MapCheckpoint(epoch: epoch, offset: 0, chainCRC: 0).dirty(until: .max)
-                try changes.add(tlog: try await loadTLog(epoch))
+                let tlog = try await loadTLog(epoch)
+                let applies = tlog.records.compactMap { record -> UInt64? in
+                    if case .scrubApplied(let id) = record { return id }
+                    return nil
+                }
+                changes.scrubResults = try await NamespaceObjects.resultsApplied(
+                    by: applies, known: [:], layout: layout, backend: backend, volumeID: config.id)
+                try changes.add(tlog: tlog)
                 try changes.finish(checkpoint: MapCheckpoint(epoch: epoch + 1, offset: 0, chainCRC: 0))
             }
             done += 1

@@ -19,7 +19,7 @@ import Synchronization
 import VolumeCore
 
 struct ScrubState {
-    /// Results known to this volume (needed by the map to apply `scrubApplied` entries).
+    /// Results being applied or finished (the map needs them to apply `scrubApplied` entries; dropped once done).
     var results: [UInt64: ScrubResult] = [:]
     /// When results were applied in this process (the grace period runs from there).
     var appliedAt: [UInt64: MonotonicInstant] = [:]
@@ -33,44 +33,31 @@ final class ScrubApplyRequest: @unchecked Sendable {
 }
 
 extension Volume {
-    /// Loads every scrub result of the namespace (replays need them) and which are marked applied.
-    static func loadScrubResults(layout: VolumeLayout, backend: any ObjectStore, volumeID: VolumeID) async throws(VDError)
-        -> (results: [UInt64: ScrubResult], applied: Set<UInt64>)
-    {
-        var results: [UInt64: ScrubResult] = [:]
-        var applied: Set<UInt64> = []
-        for info in try await backend.list(prefix: layout.scrubPrefix) {
-            let name = info.name.dropFirst(layout.scrubPrefix.count)
-            if name.hasSuffix(".applied"), let id = UInt64(name.dropLast(".applied".count), radix: 16) {
-                applied.insert(id)
-            } else if let id = UInt64(name, radix: 16) {
-                let result = try await NamespaceObjects.getVerified(info.name, backend: backend) { (bytes) throws(VDError) in
-                    try MetadataRecord.decode(ScrubResult.self, from: bytes, kind: .scrubResult, what: info.name)
-                }
-                guard result.volumeID == volumeID, result.id == id else {
-                    throw VDError(.corrupt, "\(info.name) belongs to another volume or result")
-                }
-                results[id] = result
-            }
-        }
-        return (results, applied)
-    }
-
-    /// One pass over the namespace's scrub results: apply new ones, finish applied ones.
+    /// One pass over the namespace's scrub results: apply new ones, finish applied ones. Only names are listed each
+    /// pass; a result is downloaded while it is being applied or finished, and once done it is remembered in the map
+    /// (`scrub-done-ID`) and never downloaded again.
     package func scrubPass() async {
         do throws(VDError) {
-            let (results, applied) = try await Self.loadScrubResults(layout: layout, backend: backend, volumeID: config.id)
-            scrubState.withLock { state in
-                for (id, result) in results where state.results[id] == nil { state.results[id] = result }
-            }
-            for id in results.keys.sorted() {
-                guard let result = results[id], !scrubState.withLock({ $0.done.contains(id) }) else { continue }
+            let (ids, applied) = try await NamespaceObjects.listScrubResults(layout: layout, backend: backend)
+            for id in ids {
+                if scrubState.withLock({ $0.done.contains(id) }) { continue }
+                if try map.metadata(Self.scrubDoneKey(id)) != nil {
+                    scrubState.withLock { _ = $0.done.insert(id) }
+                    continue
+                }
+                let result: ScrubResult
+                if let known = scrubState.withLock({ $0.results[id] }) {
+                    result = known
+                } else {
+                    result = try await NamespaceObjects.loadScrubResult(id, layout: layout, backend: backend, volumeID: config.id)
+                }
                 let appliedEpoch = try map.metadata(MapChanges.scrubAppliedKey(id))?.littleEndianUInt64
                 if applied.contains(id) {
                     // Marked applied: make sure the sources are gone (a crash may have stopped the deletion).
                     try await deleteSources(of: result)
-                    scrubState.withLock { _ = $0.done.insert(id) }
+                    finished(id)
                 } else if let epoch = appliedEpoch {
+                    scrubState.withLock { $0.results[id] = result }
                     try await finishIfDurable(result, appliedEpoch: epoch)
                 } else {
                     guard try await createdSCOsAreThere(result) else { continue }
@@ -84,6 +71,20 @@ extension Volume {
             }
         } catch {
             if error.code != .shutdown { logger.warning("scrub results of \(config.name): \(error); retrying later") }
+        }
+    }
+
+    /// Metadata: scrub result `id` is finished (marked applied, sources deleted).
+    static func scrubDoneKey(_ id: UInt64) -> String { "scrub-done-" + SCONumber(id).hex }
+
+    private func finished(_ id: UInt64) {
+        var update = MapUpdate()
+        update.metadata.append((Self.scrubDoneKey(id), [1]))
+        try? map.apply(update)
+        scrubState.withLock { state in
+            state.done.insert(id)
+            state.results[id] = nil
+            state.appliedAt[id] = nil
         }
     }
 
@@ -123,7 +124,7 @@ extension Volume {
         try await backend.put(layout.scrubAppliedObject(result.id), data: ByteBuffer())
         env.tasks.failpoint("router-scrub-after-marker")
         try await deleteSources(of: result)
-        scrubState.withLock { _ = $0.done.insert(result.id) }
+        finished(result.id)
         logger.info("scrub result \(result.id) is on the backend; deleted its \(result.sources.count) source SCO(s)")
     }
 

@@ -495,6 +495,15 @@ final class Simulation: @unchecked Sendable {
             case .failure(let error):
                 // In flight at a crash: the sectors stay ambiguous until the restart reads them.
                 if error.message.contains("connection to") { return }
+                if error.code == .backend && (simulation.store.outage || simulation.store.injectedFaults > 0) {
+                    // A partial cluster whose data only the backend holds cannot be merged while it is away: the
+                    // write fails before anything reaches the journal.
+                    simulation.trace.add("\(name) on \(device) failed while the backend misbehaved: \(error)")
+                    // A data write fails before anything is written; zeroing may have done its first partial
+                    // cluster: those sectors stay undecided until read.
+                    if kind == .data { for sector in values.keys { simulation.devices[device]?.inFlight[sector] = nil } }
+                    return
+                }
                 if simulation.config.tolerateErrors {
                     simulation.trace.add("\(name) on \(device) sectors \(range) failed (expected by the script): \(error)")
                     return
@@ -641,9 +650,21 @@ final class Simulation: @unchecked Sendable {
             for (index, sector) in range.enumerated() {
                 let observed = SectorPattern.identify(
                     UnsafeRawBufferPointer(rebasing: raw[(index * 512)..<((index + 1) * 512)]), sector: UInt64(sector))
-                let allowed: Set<UInt32>
+                var allowed: Set<UInt32>
                 if let model = devices[device] {
                     allowed = [model.current(sector)]
+                    // Undecided by a failed operation (none in flight overlaps a read): either value.
+                    if let undecided = model.inFlight[sector] {
+                        allowed.insert(undecided)
+                        if let observed, allowed.contains(observed) {
+                            devices[device]!.inFlight[sector] = nil
+                            if observed == undecided && observed != model.current(sector) {
+                                devices[device]!.replied(
+                                    sector, SectorWrite(id: observed, replySeq: events, issueSeq: 0, epochAtReply: volume(device)?.openEpoch ?? 0))
+                            }
+                            continue
+                        }
+                    }
                 } else if let snapshot = snapshots[device] {
                     allowed = snapshot.allowed(sector)
                 } else {
@@ -1074,6 +1095,12 @@ final class Simulation: @unchecked Sendable {
                     try await self.routerProcess.call { () async throws(VDError) -> ByteBuffer in
                         try await device.read(offset: offset, length: UInt32(count * 512))
                     }
+                }
+                if case .failure(let error) = result, error.code == .backend, store.outage {
+                    store.outage = false
+                    outageUntilOperation = nil
+                    trace.add("backend outage ends (to read \(name) whole)")
+                    continue
                 }
                 if case .failure = result, store.injectedFaults > 0, attempts < 5 { continue }
                 break
