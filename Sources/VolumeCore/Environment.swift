@@ -89,6 +89,16 @@ public protocol TaskRunner: Sendable {
     func blocking<T: Sendable>(_ body: @escaping @Sendable () throws(VDError) -> T) async throws(VDError) -> T
     /// A named crash point: a test may end the process here (see `Failpoint`).
     func failpoint(_ name: String)
+    /// An invariant does not hold: the process must not go on (real: a fatal error with the message; simulated: the
+    /// run fails with it and the process is killed).
+    func invariantFailed(_ message: String)
+}
+
+extension TaskRunner {
+    /// Checks an invariant whose failure means data could be lost if the process went on.
+    public func check(_ condition: Bool, _ message: @autoclosure () -> String) {
+        if !condition { invariantFailed(message()) }
+    }
 }
 
 // MARK: the map's key-value store

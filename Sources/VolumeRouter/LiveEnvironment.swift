@@ -29,6 +29,8 @@ package struct PoolTaskRunner: TaskRunner {
     }
 
     package func failpoint(_ name: String) { Failpoint.hit(name) }
+
+    package func invariantFailed(_ message: String) { fatalError("invariant violated: \(message)") }
 }
 
 extension Environment {

@@ -134,3 +134,29 @@ extension Volume {
         }
     }
 }
+
+extension Volume: ScrubApplierDelegate {
+    /// One pass of the scrub results applier now (the management API's "apply scrub results").
+    package func scrubPass() async { await scrubs.pass() }
+
+    func backendSCOLength(_ sco: SCONumber) async throws(VDError) -> UInt64 {
+        try await backendFormat(sco).lengthBytes
+    }
+
+    func forgetSCO(_ sco: SCONumber) {
+        cache.remove(cacheKey(sco))
+        try? env.fs.unlinkIfPresent(layout.scoPath(sco))
+        try? env.fs.unlinkIfPresent(layout.fetchedPath(sco))
+        _ = backendFormats.withLock { $0.formats.removeValue(forKey: sco) }
+    }
+
+    /// Live by the one definition (docs/design.md): what the volume reads now or an existing snapshot reads. (A
+    /// rollback target that is no snapshot any more keeps versions in the map for replays, but nothing reads them.)
+    func mapReferences(_ scos: Set<SCONumber>) throws(VDError) -> Bool {
+        var found = false
+        try map.forEachLiveVersion(snapshotEpochs: snapshotTable.snapshots.map(\.epoch)) { _, value, _ throws(VDError) in
+            if let sco = value.location?.sco, scos.contains(sco) { found = true }
+        }
+        return found
+    }
+}

@@ -22,30 +22,28 @@ extension Volume {
     /// backend to hold everything.
     package func close(drainTimeoutSeconds: Double? = nil) async -> CloseResult {
         // 1. New writes fail; the journal leader finishes what was queued (a barrier through it waits for that).
-        writer.withLock { state in
-            if state.failure == nil { state.failure = VDError(.shutdown, "volume \(config.name) is closing") }
-        }
-        do throws(VDError) { try await submit(.barrier, whileClosing: true) } catch {}
-        while writer.withLock({ $0.leaderActive || !$0.queue.isEmpty }) {
+        journal.refuseWrites(VDError(.shutdown, "volume \(config.name) is closing"))
+        do throws(VDError) { try await journal.submit(.barrier, whileClosing: true) } catch {}
+        while journal.isBusy {
             // Only after a fatal failure (the barrier was refused): wait for the leader directly.
             await env.clock.sleep(for: .milliseconds(1))
         }
         // 2. Everything replied becomes durable.
         do throws(VDError) {
-            try await syncThrough(writer.withLock { $0.writtenGeneration })
+            try await flusher.syncThrough(journal.writtenGeneration)
         } catch {
             logger.error("final sync of volume \(config.name) failed: \(error)")
         }
         var drained = false
         if let timeout = drainTimeoutSeconds {
             // 3. Seal the open journal (through the leader, like any roll) and wait for the uploads.
-            do throws(VDError) { try await submit(.roll, whileClosing: true) } catch {
+            do throws(VDError) { try await journal.submit(.roll, whileClosing: true) } catch {
                 logger.error("cannot seal the open SCO of \(config.name): \(error)")
             }
             let deadline = env.clock.now() + .milliseconds(Int64(timeout * 1000))
-            let lastSealed = SCONumber(journal.epoch - 1)
+            let lastSealed = SCONumber(journal.openEpoch - 1)
             while env.clock.now() < deadline {
-                if uploads.withLock({ $0.storedThrough >= lastSealed }) {
+                if uploader.storedThrough >= lastSealed {
                     drained = true
                     break
                 }
@@ -53,16 +51,16 @@ extension Volume {
             }
         }
         // 4. Stop background work and wait for it.
-        stopUploader()
+        uploader.stop()
         let tasks = background.withLock { tasks -> [Task<Void, Never>] in
             defer { tasks = [] }
             return tasks
         }
         for task in tasks { await task.value }
+        await journal.stop()
         let status = uploadStatus
         do throws(VDError) { try map.persist() } catch { logger.error("cannot persist the map of \(config.name): \(error)") }
         map.close()
-        journal.file.close()
         return CloseResult(
             drained: drained || (drainTimeoutSeconds != nil && status.pendingSCOs == 0 && status.unstoredBytes <= 8192),
             unstoredBytes: status.unstoredBytes, pendingSCOs: status.pendingSCOs)

@@ -84,14 +84,13 @@ extension Volume {
             recovery.registerCache(cache, volume: volume, storedThrough: storedThrough)
             cache.add(volume.cacheKey(journal.sco), file: journal.file, footprintBytes: options.scoSizeBytes)
             let tableVersion = recovery.snapshots.version
-            volume.uploads.withLock { state in
-                for (epoch, sealed) in pending {
-                    state.sealed[epoch] = SealedEpoch(sco: sealed.sco, lengthBytes: sealed.lengthBytes, tableVersion: tableVersion)
-                }
+            for (epoch, sealed) in pending {
+                volume.uploader.queue(
+                    epoch: epoch, SealedEpoch(sco: sealed.sco, lengthBytes: sealed.lengthBytes, tableVersion: tableVersion))
             }
-            volume.startBackground { await $0.uploadLoop() }
+            volume.startBackground { await $0.uploader.run() }
             volume.startBackground { await $0.ageLoop() }
-            volume.startBackground { await $0.scrubLoop() }
+            volume.startBackground { await $0.scrubs.run() }
             cache.evictIfNeeded()
             return volume
         } catch {
@@ -218,7 +217,7 @@ struct Recovery {
 
     /// The snapshot table: the local copy, else the backend's newest; snapshots past the history are dropped.
     mutating func loadSnapshots() async throws(VDError) {
-        if let local = try Volume.loadLocalTable(layout: layout, fs: env.fs) {
+        if let local = try SnapshotCatalog.loadLocal(layout: layout, fs: env.fs) {
             snapshots = local
         } else if let remote = try await NamespaceObjects.loadSnapshotTable(layout: layout, backend: backend) {
             snapshots = remote
@@ -234,7 +233,7 @@ struct Recovery {
             snapshots.snapshots.removeAll { snapshot in beyond.contains { $0.id == snapshot.id } }
             snapshots.version += 1
         }
-        try Volume.saveTable(snapshots, layout: layout, fs: env.fs)
+        try SnapshotCatalog.save(snapshots, layout: layout, fs: env.fs)
     }
 
     /// Step 2: the map may be reused only if its checkpoint lies within the durable history: at a batch boundary of
@@ -387,7 +386,7 @@ struct Recovery {
         try moveAsideFilesPastTheHistory()
         let epoch = (lastEpoch ?? 0) + 1
         let sco = highestSCO.next
-        let (file, headerCRC) = try Volume.createJournalFile(
+        let (file, headerCRC) = try Journal.createJournalFile(
             fs: fs, layout: layout, volumeID: config.id, sco: sco, epoch: epoch, clusterSizeBytes: config.clusterSizeBytes,
             sizeBytes: options.scoSizeBytes)
         var update = MapUpdate()

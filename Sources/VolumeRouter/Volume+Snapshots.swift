@@ -20,35 +20,8 @@ import Synchronization
 import TransactionLog
 package import VolumeCore
 
-final class SnapshotRequest: @unchecked Sendable {
-    enum Kind {
-        case create(name: String)
-        case rollback(name: String)
-    }
-    let kind: Kind
-    var result: Result<SnapshotRecord, VDError> = .failure(VDError(.shutdown, "the request was not processed"))
-    init(_ kind: Kind) { self.kind = kind }
-}
-
-struct SnapshotState {
-    var table: SnapshotTable
-    var uploadedVersion: UInt64
-}
-
 extension Volume {
-    static let snapshotTableFile = "snapshots"
-
-    package var snapshotTable: SnapshotTable { snapshotState.withLock { $0.table } }
-
-    func mapChanges() -> MapChanges {
-        var changes = MapChanges(
-            map: map, retainedEpochs: snapshotState.withLock { $0.table.retainedEpochs }, isClone: config.parent != nil)
-        changes.scrubResults = scrubState.withLock { $0.results }
-        changes.chunkClusters = options.mapChangeChunkClusters
-        let tasks = env.tasks
-        changes.failpoint = { tasks.failpoint($0) }
-        return changes
-    }
+    package var snapshotTable: SnapshotTable { catalog.table }
 
     // MARK: operations
 
@@ -57,9 +30,36 @@ extension Volume {
         if snapshotTable.snapshot(named: name) != nil {
             throw VDError(.alreadyExists, "volume \(config.name) already has a snapshot named \(name)")
         }
-        let request = SnapshotRequest(.create(name: name))
-        try await submit(.snapshot(request))
-        let record = try request.result.get()
+        let catalog = self.catalog
+        let volume = config.name
+        let now = env.clock.wallNow()
+        let created = Mutex<SnapshotRecord?>(nil)
+        try await journal.exclusive { (leader) throws(VDError) in
+            // The table first (the snapshot ends the epoch open now), then a snapshot entry in that epoch's
+            // journal, then the roll that seals it: the epoch's TLog records the snapshot and is uploaded only after
+            // this table version. If the entry or the roll fails, the snapshot is taken out of the table again.
+            try await leader.makeRoomForEntries()
+            let epoch = leader.epoch
+            var record: SnapshotRecord?
+            try catalog.update { table throws(VDError) in
+                guard table.snapshot(named: name) == nil else {
+                    throw VDError(.alreadyExists, "volume \(volume) already has a snapshot named \(name)")
+                }
+                record = SnapshotRecord(id: table.nextID, name: name, epoch: epoch, createdAt: now)
+                table.nextID += 1
+                table.snapshots.append(record!)
+            }
+            do throws(VDError) {
+                try await leader.writeEntries([.snapshot(snapshotID: record!.id)])
+                try await leader.roll()
+                precondition(leader.epoch == epoch + 1, "a snapshot must end its epoch")
+                created.withLock { $0 = record }
+            } catch {
+                try? catalog.update { table throws(VDError) in table.snapshots.removeAll { $0.id == record!.id } }
+                throw error
+            }
+        }
+        guard let record = created.withLock({ $0 }) else { throw VDError(.shutdown, "the snapshot was not taken") }
         // A snapshot that was replied to survives power loss, so its epoch must be on stable storage.
         try await flush()
         logger.info("snapshot \(name) of \(config.name) taken at epoch \(record.epoch)")
@@ -78,17 +78,29 @@ extension Volume {
                 "rolling \(config.name) back to \(name) would delete later snapshots that clones read through: \(clones.joined(separator: ", ")); delete those clones first"
             )
         }
-        let request = SnapshotRequest(.rollback(name: name))
-        try await submit(.snapshot(request))
-        let record = try request.result.get()
+        let catalog = self.catalog
+        let volume = config.name
+        try await journal.exclusive { (leader) throws(VDError) in
+            guard let target = catalog.table.snapshot(named: name) else {
+                throw VDError(.notFound, "volume \(volume) has no snapshot named \(name)")
+            }
+            // The table first: if the journal entry never lands, the table only keeps more history than needed.
+            let at = leader.epoch
+            try catalog.update { table throws(VDError) in
+                table.snapshots.removeAll { $0.epoch > target.epoch }
+                table.rollbacks.append(RollbackRecord(atEpoch: at, toEpoch: target.epoch))
+            }
+            try await leader.writeEntries([.rollback(toEpoch: target.epoch)])
+            try await leader.roll()
+        }
         try await flush()
-        logger.notice("volume \(config.name) rolled back to snapshot \(name) (epoch \(record.epoch))")
-        return record
+        logger.notice("volume \(config.name) rolled back to snapshot \(name) (epoch \(target.epoch))")
+        return target
     }
 
     /// Removes a snapshot from the table. Frees nothing by itself: the scrubber reclaims what only it referenced.
     package func deleteSnapshot(named name: String) throws(VDError) {
-        try updateTable { table throws(VDError) in
+        try catalog.update { table throws(VDError) in
             guard let index = table.snapshots.firstIndex(where: { $0.name == name }) else {
                 throw VDError(.notFound, "volume \(config.name) has no snapshot named \(name)")
             }
@@ -106,23 +118,32 @@ extension Volume {
     /// Removes kept older cluster versions that no snapshot (nor rollback target) reads any more. They could never
     /// be read again; a replay of the TLogs would not keep them either.
     ///
-    /// A snapshot taken while this runs is at or after the epoch open now, minus one; only versions superseded before
-    /// that are dropped, so no such snapshot can need one.
+    /// Read from one consistent view of the map (writes go on meanwhile). A snapshot taken while this runs is at or
+    /// after the epoch open now, minus one; only versions superseded before that are dropped, so no such snapshot can
+    /// need one.
     func dropDeadHistory() async {
-        let openEpoch = writer.withLock { $0.openEpoch }
+        let openEpoch = journal.openEpoch
         let retained = snapshotTable.retainedEpochs
         do throws(VDError) {
             var drop: [(ClusterAddress, UInt64)] = []
+            var dropped = 0
             try map.forEachLiveVersion(snapshotEpochs: retained, { _, _, _ throws(VDError) in }) {
                 address, value, successor throws(VDError) in
-                if openEpoch > 0 && successor < openEpoch - 1 { drop.append((address, value.epoch)) }
+                guard openEpoch > 0 && successor < openEpoch - 1 else { return }
+                drop.append((address, value.epoch))
+                if drop.count == 65536 {
+                    var update = MapUpdate()
+                    update.dropHistory = drop
+                    try map.apply(update)
+                    dropped += drop.count
+                    drop = []
+                }
             }
-            for start in stride(from: 0, to: drop.count, by: 65536) {
-                var update = MapUpdate()
-                update.dropHistory = Array(drop[start..<min(start + 65536, drop.count)])
-                try map.apply(update)
-            }
-            if !drop.isEmpty { logger.info("dropped \(drop.count) cluster version(s) no snapshot reads any more") }
+            var update = MapUpdate()
+            update.dropHistory = drop
+            try map.apply(update)
+            dropped += drop.count
+            if dropped > 0 { logger.info("dropped \(dropped) cluster version(s) no snapshot reads any more") }
         } catch {
             logger.warning("cannot drop unread cluster versions: \(error)")
         }
@@ -130,105 +151,12 @@ extension Volume {
 
     /// Records that `clone` reads through snapshot `name` (or no longer does).
     package func setClone(_ clone: String, ofSnapshot name: String, present: Bool) throws(VDError) {
-        try updateTable { table throws(VDError) in
+        try catalog.update { table throws(VDError) in
             guard let index = table.snapshots.firstIndex(where: { $0.name == name }) else {
                 throw VDError(.notFound, "volume \(config.name) has no snapshot named \(name)")
             }
             table.snapshots[index].clones.removeAll { $0 == clone }
             if present { table.snapshots[index].clones.append(clone) }
-        }
-    }
-
-    // MARK: leader side
-
-    /// Runs a snapshot request inside the journal leader (after `pending` writes were committed).
-    func performSnapshotRequest(_ request: SnapshotRequest) async throws(VDError) {
-        switch request.kind {
-        case .create(let name):
-            // The table first (the snapshot ends the epoch open now), then a snapshot entry in that epoch's journal,
-            // then the roll that seals it: the epoch's TLog records the snapshot and is uploaded only after this
-            // table version. If the entry or the roll fails, the snapshot is taken out of the table again.
-            try await makeRoomForEntries()
-            let epoch = journal.epoch
-            var created: SnapshotRecord?
-            do {
-                try updateTable { table throws(VDError) in
-                    guard table.snapshot(named: name) == nil else {
-                        throw VDError(.alreadyExists, "volume \(config.name) already has a snapshot named \(name)")
-                    }
-                    let record = SnapshotRecord(id: table.nextID, name: name, epoch: epoch, createdAt: env.clock.wallNow())
-                    table.nextID += 1
-                    table.snapshots.append(record)
-                    created = record
-                }
-            } catch {
-                request.result = .failure(error)
-                return
-            }
-            do {
-                try await writeEntries([.snapshot(snapshotID: created!.id)])
-                try await roll()
-                precondition(journal.epoch == epoch + 1, "a snapshot must end its epoch")
-                request.result = .success(created!)
-            } catch {
-                try? updateTable { table throws(VDError) in table.snapshots.removeAll { $0.id == created!.id } }
-                throw error
-            }
-        case .rollback(let name):
-            guard let target = snapshotTable.snapshot(named: name) else {
-                request.result = .failure(VDError(.notFound, "volume \(config.name) has no snapshot named \(name)"))
-                return
-            }
-            // The table first: if the journal entry never lands, the table only keeps more history than needed.
-            let at = journal.epoch
-            try updateTable { table throws(VDError) in
-                table.snapshots.removeAll { $0.epoch > target.epoch }
-                table.rollbacks.append(RollbackRecord(atEpoch: at, toEpoch: target.epoch))
-            }
-            try await writeEntries([.rollback(toEpoch: target.epoch)])
-            try await roll()
-            request.result = .success(target)
-        }
-    }
-
-    /// Changes the table, saves it locally (atomically, durably) and queues it for upload.
-    func updateTable(_ change: (inout SnapshotTable) throws(VDError) -> Void) throws(VDError) {
-        try snapshotState.withLock { (state) throws(VDError) in
-            var table = state.table
-            try change(&table)
-            table.version += 1
-            try Self.saveTable(table, layout: layout, fs: env.fs)
-            state.table = table
-        }
-        wakeUploaderForTable()
-    }
-
-    static func saveTable(_ table: SnapshotTable, layout: VolumeLayout, fs: any FileSystem) throws(VDError) {
-        try MetadataRecord.encode(table, kind: .snapshotTable).withUnsafeReadableBytes { (raw) throws(VDError) in
-            try fs.replaceDurably(directory: layout.flashDirectory, name: snapshotTableFile, with: raw)
-        }
-    }
-
-    static func loadLocalTable(layout: VolumeLayout, fs: any FileSystem) throws(VDError) -> SnapshotTable? {
-        let path = layout.flashDirectory + "/" + snapshotTableFile
-        guard let bytes = try fs.readWholeFile(path) else { return nil }
-        return try MetadataRecord.decode(SnapshotTable.self, from: ByteBuffer(bytes: bytes), kind: .snapshotTable, what: path)
-    }
-
-    /// Uploads the table if it changed since the last upload, then removes older copies (keeping one).
-    func uploadTableIfNeeded() async -> Bool {
-        let (table, uploaded) = snapshotState.withLock { ($0.table, $0.uploadedVersion) }
-        guard table.version > uploaded else { return true }
-        do throws(VDError) {
-            let object = layout.snapshotsPrefix + SCONumber(table.version).hex
-            try await backend.put(object, data: try MetadataRecord.encode(table, kind: .snapshotTable))
-            snapshotState.withLock { $0.uploadedVersion = max($0.uploadedVersion, table.version) }
-            let old = try await backend.list(prefix: layout.snapshotsPrefix).map(\.name).sorted().dropLast(2)
-            for name in old { try await backend.delete(name) }
-            return true
-        } catch {
-            logger.warning("cannot upload the snapshot table of \(config.name): \(error); retrying")
-            return false
         }
     }
 }
@@ -261,7 +189,7 @@ extension Volume {
         for (_, value) in try map.metadata(withPrefix: "scrub-sco-bytes-") { scrubBytes += value.littleEndianUInt64 ?? 0 }
         var live: UInt64 = 0
         try map.forEachLiveVersion(snapshotEpochs: snapshotTable.snapshots.map(\.epoch)) { _, _, _ throws(VDError) in live += 1 }
-        let open = writer.withLock { $0.openJournalBytes }
+        let open = journal.openJournalBytes
         return VolumeSpace(
             writtenBytes: epochs.reduce(open + scrubBytes) { $0 + $1.1 },
             referencedBytes: live * UInt64(clusterBytes), epochBytes: epochs)

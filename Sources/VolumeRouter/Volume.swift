@@ -1,6 +1,21 @@
-// A volume: a thin-provisioned virtual disk stored as a log. This file holds its state and the BlockDevice entry
-// points (read, write, trim, write-zeroes, flush, allocation); the journal, durability, upload and recovery machinery
-// live in the Volume+*.swift files.
+// A volume: a thin-provisioned virtual disk stored as a log. This file holds the volume's parts and the BlockDevice
+// entry points (read, write, trim, write-zeroes, flush, allocation).
+//
+// The parts, each owning its state behind a small interface:
+//   Journal        the open SCO, the leader that appends every change, rolls (Journal.swift, Journal+ZeroAhead.swift)
+//   GroupCommit    flushes: one fdatasync round at a time serves every waiting flush (GroupCommit.swift)
+//   Uploader       sealed epochs to the backend, in order, and the back-pressure measure (Uploader.swift)
+//   SnapshotCatalog the snapshot table, local and on the backend (SnapshotCatalog.swift)
+//   ScrubApplier   scrub results applied through the journal, sources deleted once durable (ScrubApplier.swift)
+// and the volume itself: the map kept in step with the journal, seals, reads, recovery (Volume+*.swift).
+//
+// The order of a write, visible here and in the files named:
+//   write  -> Journal.submit: pwritev of the batch (leader) -> journalCommitted: the map points at it -> reply
+//   flush  -> GroupCommit: fdatasync of the open journal and of rolled journals not yet synced -> reply
+//   roll   -> Journal.roll: next SCO created durably, seal marker on the old -> journalRolled: map checkpoint,
+//             seal (Volume+Durability: fdatasync, verifying scan, TLog written durably) -> Uploader.queue
+//   upload -> SCO (parallel) -> snapshot table if it changed -> TLog N after TLog N-1 -> epochStored: evictable
+//   open   -> Recovery (Volume+Open.swift): walk, trust or rebuild the map, replay, seal, next epoch, queue uploads
 //
 // Contracts (see docs/design.md):
 // - a write is replied to only after its data and its batch header are in the kernel (pwritev returned) and the map
@@ -33,28 +48,24 @@ package final class Volume: BlockDevice {
     let clusterBytes: Int
     let rangeLock = ClusterRangeLock()
 
-    /// The open journal; touched only by the current journal leader (see Volume+Journal.swift).
-    let journal: JournalState
-    let writer: Mutex<WriterState>
-    let syncState = Mutex(SyncState())
-    let uploads: Mutex<UploadState>
-    /// Bytes of every SCO not yet stored on the backend (open journal included): the back-pressure measure.
-    let unstoredBytes: Atomic<UInt64>
+    let journal: Journal
+    let flusher: GroupCommit
+    let uploader: Uploader
+    let catalog: SnapshotCatalog
+    let scrubs: ScrubApplier
+    /// Background tasks (seals, the loops): awaited at close.
     let background = Mutex<[Task<Void, Never>]>([])
     let backendFormats = Mutex(BackendFormats())
-    let snapshotState: Mutex<SnapshotState>
-    let scrubState = Mutex(ScrubState())
     /// For a clone: the parent volume and the epoch of the snapshot it reads through.
     package let parent: (volume: Volume, epoch: UInt64)?
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore,
-        cache: FlashCache, map: BlockMap, env: Environment, logger: Logger, journal: JournalState,
+        cache: FlashCache, map: BlockMap, env: Environment, logger: Logger, journal state: JournalState,
         storedThrough: SCONumber, unstoredBytes: UInt64, localOnlySCOs: Set<SCONumber>, snapshots: SnapshotTable,
         snapshotsUploadedVersion: UInt64, parent: (volume: Volume, epoch: UInt64)?
     ) {
         self.parent = parent
-        self.snapshotState = Mutex(SnapshotState(table: snapshots, uploadedVersion: snapshotsUploadedVersion))
         self.config = config
         self.layout = layout
         self.options = options
@@ -66,13 +77,25 @@ package final class Volume: BlockDevice {
         logger[metadataKey: "volume"] = "\(config.name)"
         self.logger = logger
         self.clusterBytes = Int(config.clusterSizeBytes)
-        self.journal = journal
-        var writerState = WriterState(currentFile: journal.file, journalOpenedAt: env.clock.now())
-        writerState.openEpoch = journal.epoch
-        writerState.localOnlySCOs = localOnlySCOs.union([journal.sco])
-        self.writer = Mutex(writerState)
-        self.uploads = Mutex(UploadState(storedThrough: storedThrough))
-        self.unstoredBytes = Atomic(unstoredBytes)
+        journal = Journal(
+            config: config, layout: layout, options: options, env: env, logger: logger, state: state,
+            unstoredBytes: unstoredBytes)
+        flusher = GroupCommit(journal: journal)
+        let wake = Mutex<(@Sendable () -> Void)?>(nil)
+        catalog = SnapshotCatalog(
+            table: snapshots, uploadedVersion: snapshotsUploadedVersion, layout: layout, fs: env.fs,
+            volumeName: config.name, logger: logger, changed: { wake.withLock { $0 }?() })
+        uploader = Uploader(
+            storedThrough: storedThrough, localOnly: localOnlySCOs.union([state.sco]), backend: backend, layout: layout,
+            options: options, env: env, logger: logger, catalog: catalog, journal: journal)
+        scrubs = ScrubApplier(
+            config: config, layout: layout, backend: backend, map: map, journal: journal, uploader: uploader,
+            options: options, env: env, logger: logger)
+        let uploader = self.uploader
+        wake.withLock { $0 = { uploader.wake() } }
+        journal.attach(self)
+        uploader.attach(self)
+        scrubs.attach(self)
     }
 
     package var name: VolumeName { config.name }
@@ -87,7 +110,26 @@ package final class Volume: BlockDevice {
     func cacheKey(_ sco: SCONumber) -> FlashCache.Key { FlashCache.Key(volume: config.id, sco: sco) }
 
     private func checkWritable() throws(VDError) {
-        if let failure = writer.withLock({ $0.failure }) { throw failure }
+        if let failure = journal.failure { throw failure }
+    }
+
+    /// Runs `body` as a tracked background task (awaited on close).
+    func startBackground(_ body: @escaping @Sendable (Volume) async -> Void) {
+        let task = env.tasks.spawn { [self] in await body(self) }
+        background.withLock { tasks in
+            tasks.removeAll { $0.isCancelled }
+            tasks.append(task)
+        }
+    }
+
+    /// Map changes built the way every replay builds them, with the volume's retained epochs.
+    func mapChanges() -> MapChanges {
+        var changes = MapChanges(map: map, retainedEpochs: catalog.table.retainedEpochs, isClone: config.parent != nil)
+        changes.scrubResults = scrubs.results
+        changes.chunkClusters = options.mapChangeChunkClusters
+        let tasks = env.tasks
+        changes.failpoint = { tasks.failpoint($0) }
+        return changes
     }
 
     // MARK: read
@@ -286,7 +328,7 @@ package final class Volume: BlockDevice {
             merged.setBuffer(data, at: Int(offset - first * cs))
             buffer = merged
         }
-        try await submit(.write(clusterWrite(first: first, buffer: buffer)))
+        try await journal.submit(.write(clusterWrite(first: first, buffer: buffer)))
         if fua { try await flush() }
     }
 
@@ -379,7 +421,7 @@ package final class Volume: BlockDevice {
                 entries.append(.unmap(address: address, count: UInt32(n)))
                 address += n
             }
-            try await submit(.write(ClusterWrite(entries: entries, payloadIndex: [], buffer: ByteBuffer())))
+            try await journal.submit(.write(ClusterWrite(entries: entries, payloadIndex: [], buffer: ByteBuffer())))
         }
         if fua { try await flush() }
     }

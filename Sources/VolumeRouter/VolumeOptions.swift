@@ -34,6 +34,9 @@ package struct VolumeOptions: Sendable {
     /// Clusters per intermediate map apply of a large unmap, rollback or scrub application (not a setting users
     /// need; the simulation makes it small so those paths run on small volumes).
     package var mapChangeChunkClusters: Int = 65536
+    /// Check invariants that cost a scan of the map (a deleted SCO holds no live cluster): the simulation turns
+    /// this on; production does not pay for it.
+    package var checkExpensiveInvariants = false
 
     package init() {}
 

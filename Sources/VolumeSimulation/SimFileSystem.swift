@@ -16,6 +16,8 @@ package final class SimFileSystem: FileSystem, @unchecked Sendable {
     package let name: String
     let scheduler: SimScheduler
     private let root = SimDirectory()
+    /// Every file ever created (to free their contents when the run ends: tasks a crash abandoned keep handles).
+    private var inodes: [SimInode] = []
     private var locks: [String: (holder: String, process: SimProcess?)] = [:]
     /// Counters for the trace and for tests.
     package private(set) var syncCount = 0
@@ -95,6 +97,7 @@ package final class SimFileSystem: FileSystem, @unchecked Sendable {
         case nil:
             guard options.contains(.create) else { throw VDError(.notFound, "open \(path): No such file or directory") }
             inode = SimInode()
+            inodes.append(inode)
             directory.record(leaf, .file(inode))
         }
         let file = SimFile(fs: self, inode: inode, path: path, readOnly: options.contains(.readOnly), owner: scheduler.currentProcess)
@@ -181,6 +184,15 @@ package final class SimFileSystem: FileSystem, @unchecked Sendable {
         inode.durable = bytes
         directory.record(parts.last!, .file(inode))
         directory.sync()
+    }
+
+    /// Frees every file's contents (the run is over).
+    package func releaseAll() {
+        for inode in inodes {
+            inode.cached = []
+            inode.durable = []
+        }
+        inodes = []
     }
 
     /// Removes everything under `path` at once, durably (a lost disk).

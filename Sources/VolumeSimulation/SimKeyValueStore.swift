@@ -154,6 +154,8 @@ package final class SimKeyValueStores: KeyValueStoreFactory, @unchecked Sendable
     package var autoFlushProbability: Double
     private var durable: [String: PersistentMap] = [:]
     private var open: [String: SimKeyValueStore] = [:]
+    /// Every store ever opened (to free their contents when the run ends).
+    private var opened: [SimKeyValueStore] = []
 
     package init(scheduler: SimScheduler, autoFlushProbability: Double = 0.05) {
         self.scheduler = scheduler
@@ -168,6 +170,7 @@ package final class SimKeyValueStores: KeyValueStoreFactory, @unchecked Sendable
         let store = SimKeyValueStore(factory: self, path: path, state: durable[path] ?? PersistentMap(), owner: process)
         durable[path] = durable[path] ?? PersistentMap()
         open[path] = store
+        opened.append(store)
         process?.whenKilled { [weak store] in store?.crash() }
         return store
     }
@@ -181,6 +184,14 @@ package final class SimKeyValueStores: KeyValueStoreFactory, @unchecked Sendable
     package func exists(path: String) -> Bool { durable[path] != nil }
 
     fileprivate func persist(_ path: String, _ state: PersistentMap) { durable[path] = state }
+
+    /// Frees every store's contents (the run is over).
+    package func releaseAll() {
+        for store in opened { store.release() }
+        opened = []
+        open = [:]
+        durable = [:]
+    }
 
     /// Forgets every store whose path matches (their files were on a lost disk).
     package func forgetStores(where matches: (String) -> Bool) {
@@ -262,6 +273,11 @@ final class SimKeyValueStore: KeyValueStore, @unchecked Sendable {
 
     /// The memtable is gone: the store reopens at its durable state.
     func crash() { isOpen = false }
+
+    func release() {
+        isOpen = false
+        state = PersistentMap()
+    }
 }
 
 final class SimBatch: KeyValueBatch {

@@ -36,6 +36,9 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
 
     package var description: String { "simulated store" }
 
+    /// Frees every object (the run is over).
+    package func releaseAll() { objects = [:] }
+
     /// Every object name (for checks).
     package var names: [String] { objects.keys.sorted() }
     package func peek(_ name: String) -> ByteBuffer? { objects[name] }

@@ -112,6 +112,13 @@ package final class SimScheduler: @unchecked Sendable {
         return false
     }
 
+    /// Drops every job and timer (the run is over; their tasks are never resumed).
+    package func releaseAll() {
+        ready = []
+        timers = Heap()
+        foreign.withLock { $0 = [] }
+    }
+
     /// Whether anything is runnable now (without advancing time).
     package var hasReadyJobs: Bool { !ready.isEmpty }
 
@@ -154,7 +161,17 @@ package final class SimScheduler: @unchecked Sendable {
         timers.insert(SimTimer(deadline: now + duration, sequence: timerSequence, process: process, fire: fire))
     }
 
-    // MARK: failpoints
+    // MARK: failpoints and invariants
+
+    /// Invariants the code under test found broken (each ends the run).
+    package private(set) var invariantFailures: [String] = []
+
+    fileprivate func invariantFailed(_ message: String) {
+        let process = currentProcess
+        invariantFailures.append("\(process?.name ?? "?"): \(message)")
+        trace.add("INVARIANT VIOLATED in \(process?.name ?? "?"): \(message)")
+        process?.kill()
+    }
 
     fileprivate func failpoint(_ name: String) {
         guard let process = currentProcess, armedFailpoints[name] == process.role else { return }
@@ -304,4 +321,6 @@ package struct SimTaskRunner: TaskRunner {
     }
 
     package func failpoint(_ name: String) { process.scheduler.failpoint(name) }
+
+    package func invariantFailed(_ message: String) { process.scheduler.invariantFailed(message) }
 }

@@ -60,6 +60,7 @@ package enum SimulationRunner {
         let result = Mutex<SimulationReport?>(nil)
         let done = DispatchSemaphore(value: 0)
         let thread = Thread {
+            setThreadName("seed \(config.seed)")
             let report = Simulation(config: config).run()
             result.withLock { $0 = report }
             done.signal()
@@ -75,6 +76,7 @@ package enum SimulationRunner {
     package static func runAsync(_ config: SimulationConfig) async -> SimulationReport {
         await withCheckedContinuation { continuation in
             let thread = Thread {
+                setThreadName("seed \(config.seed)")
                 let report = Simulation(config: config).run()
                 continuation.resume(returning: report)
             }
@@ -83,6 +85,11 @@ package enum SimulationRunner {
             thread.start()
         }
     }
+}
+
+/// Names the calling thread (a crash's backtrace shows it, so it names the seed).
+func setThreadName(_ name: String) {
+    Thread.current.name = String(name.prefix(15))
 }
 
 /// A failed check: ends the run.
@@ -215,6 +222,7 @@ final class Simulation: @unchecked Sendable {
             for index in 0..<config.operations {
                 report.operations = index + 1
                 try step(index)
+                try checkInvariants()
                 if let failure { throw failure }
             }
             try quiesce()
@@ -232,10 +240,30 @@ final class Simulation: @unchecked Sendable {
         report.steps = scheduler.steps
         report.virtualSeconds = scheduler.now.seconds
         report.trace = trace.tail
+        releaseAll()
         return report
     }
 
+    /// Frees what the run held: tasks abandoned by crashes are never resumed, and they keep references to volumes,
+    /// files and stores; emptying those keeps memory flat over many runs.
+    func releaseAll() {
+        scheduler.releaseAll()
+        node.fs.releaseAll()
+        node.maps.releaseAll()
+        store.releaseAll()
+        node.router = nil
+        devices = [:]
+        snapshots = [:]
+        inFlight = [:]
+        completions = []
+    }
+
     func count(_ what: String) { report.counts[what, default: 0] += 1 }
+
+    /// Fails the run if the code under test reported a broken invariant.
+    func checkInvariants() throws {
+        if let first = scheduler.invariantFailures.first { throw fail("invariant violated: \(first)") }
+    }
 
     func fail(_ message: String) -> SimFailure {
         trace.add("FAILED: \(message)")
@@ -282,6 +310,7 @@ final class Simulation: @unchecked Sendable {
         options.readAheadBytes = 64 << 10
         options.mapCacheEntries = 4096
         options.mapChangeChunkClusters = mapChunkClusters
+        options.checkExpensiveInvariants = true
         configuration.volumeOptions = options
         return configuration
     }

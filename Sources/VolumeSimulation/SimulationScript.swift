@@ -140,6 +140,7 @@ extension Simulation {
             try boot()
             try createVolume("vol1")
             try body()
+            try checkInvariants()
             try quiesce()
             try verifyEverything(after: .none)
         } catch let error as SimFailure {
@@ -151,6 +152,7 @@ extension Simulation {
         report.steps = scheduler.steps
         report.virtualSeconds = scheduler.now.seconds
         report.trace = trace.tail
+        releaseAll()
         return report
     }
 }

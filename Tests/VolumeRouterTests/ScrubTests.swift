@@ -72,7 +72,7 @@ import VolumeCore
         try h.volume.deleteSnapshot(named: "s1")
         // What is referenced: the volume now (8 MiB) and what only s2 still reads (the half overwritten after it).
         #expect(try h.volume.space().referencedBytes == UInt64(Self.size + Self.size / 2))
-        try await h.volume.submit(.roll)
+        try await h.volume.journal.submit(.roll)
         try await h.waitUntilStored()
         let stored1 = try await backendSCOBytes()
         let first = try await scrub(store)
@@ -84,7 +84,7 @@ import VolumeCore
         #expect(try await contents(h) == current)
         // Round 2: s2 goes; half of the second fill is garbage, the other half is live and must be copied.
         try h.volume.deleteSnapshot(named: "s2")
-        try await h.volume.submit(.roll)
+        try await h.volume.journal.submit(.roll)
         try await h.waitUntilStored()
         let stored2 = try await backendSCOBytes()
         let second2 = try await scrub(store, threshold: 0.75)
@@ -121,7 +121,7 @@ import VolumeCore
             try await h.volume.trim(offset: UInt64(chunk) << 20, length: 1 << 20, fua: false)
             current.replaceSubrange((chunk << 20)..<((chunk + 1) << 20), with: repeatElement(0, count: 1 << 20))
         }
-        try await h.volume.submit(.roll)
+        try await h.volume.journal.submit(.roll)
         try await h.waitUntilStored()
         let summary = try await scrub(store, threshold: 0.99)
         #expect(summary.copiedBytes > 0)

@@ -68,7 +68,7 @@ final class VolumeHarness: @unchecked Sendable {
 
     /// Waits until every SCO rolled so far (all but the open journal) is on the backend with its TLog.
     func waitUntilStored(timeoutSeconds: Double = 120) async throws {
-        let target = SCONumber(volume.journal.epoch - 1)
+        let target = SCONumber(volume.journal.openEpoch - 1)
         let deadline = Date().addingTimeInterval(timeoutSeconds)
         while Date() < deadline {
             if volume.uploadStatus.storedThrough >= target { return }

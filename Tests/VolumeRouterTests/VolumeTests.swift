@@ -136,7 +136,7 @@ import VolumeCore
         defer { Task { await h.shutdown() } }
         let data = pattern(8 << 20, seed: 3)
         try await h.volume.write(offset: 0, data: data, fua: false)
-        try await h.volume.submit(.roll)
+        try await h.volume.journal.submit(.roll)
         try await h.waitUntilStored()
         #expect(h.cache.statistics.evictedCount > 0)
         let back = try await h.volume.read(offset: 0, length: 8 << 20)
@@ -354,11 +354,11 @@ import VolumeCore
         defer { Task { await h.shutdown() } }
         let writer = Task { try await h.volume.write(offset: 0, data: pattern(8192, seed: 1), fua: false) }
         try await writer.value
-        let written = h.volume.writer.withLock { $0.writtenGeneration }
+        let written = h.volume.journal.writtenGeneration
         let flusher = Task { try await h.volume.flush() }
         try await flusher.value
-        #expect(h.volume.syncState.withLock { $0.syncedGeneration } >= written)
-        #expect(h.volume.writer.withLock { $0.unsyncedFiles.isEmpty })
+        #expect(h.volume.flusher.syncedGeneration >= written)
+        #expect(h.volume.journal.shared.withLock { $0.unsyncedFiles.isEmpty })
     }
 }
 

@@ -1,11 +1,16 @@
-// The write path's core: requests are appended to the open SCO journal by one leader at a time. Whoever submits
+// The journal of a volume: the open SCO that every change is appended to, one leader at a time. Whoever submits
 // while no leader is active becomes the leader; others queue. A leader takes every queued request (up to a bound),
-// writes them as chained batches with one pwritev, updates the map, replies to the followers and hands leadership to
-// the next queued request. Concurrent writers thus share system calls (group writes) without any added wait at
+// writes them as chained batches with one pwritev, has the map updated, replies to the followers and hands leadership
+// to the next queued request. Concurrent writers thus share system calls (group writes) without any added wait at
 // queue depth 1.
 //
-// Rolling (sealing the open SCO and starting the next) happens inside the leader too, so every journal operation
-// is ordered: a roll, or a snapshot later, falls between two writes, never through one.
+// Rolling (sealing the open SCO and starting the next epoch in a new one) happens inside the leader too, so every
+// journal operation is ordered: a roll, a snapshot or a scrub application falls between two writes, never through
+// one. Such requests run as `exclusive` closures with leader rights (`JournalLeader`).
+//
+// Owns: the open journal (epoch, SCO, write position, chain), the leader queue, the write generation and the files a
+// flush must sync, the zero-ahead coordination (Journal+ZeroAhead.swift), and the failure that stops writes. Every
+// leader-only path checks that it runs as the leader.
 
 import BlockMap
 import Collections
@@ -14,7 +19,6 @@ import Logging
 import NIOCore
 import SCOCache
 import Synchronization
-import TransactionLog
 import VolumeCore
 
 /// Full clusters to append: batch entries in address order, and for each data entry the index of its cluster in
@@ -25,26 +29,30 @@ struct ClusterWrite: Sendable {
     var buffer: ByteBuffer
 }
 
+/// Something to run with the journal's leader rights (a snapshot, a rollback, a scrub application).
+struct ExclusiveRequest: Sendable {
+    var run: @Sendable (JournalLeader) async throws(VDError) -> Void
+}
+
 enum JournalRequest: Sendable {
     case write(ClusterWrite)
-    /// Seal the open SCO (if it holds anything) and start the next.
+    /// Seal the open SCO (if it holds anything) and start the next epoch.
     case roll
     /// Nothing: completes once every request queued before it is done (close waits with it).
     case barrier
-    /// Take a snapshot or roll back (see Volume+Snapshots.swift).
-    case snapshot(SnapshotRequest)
-    /// Apply a scrub result (see Volume+Scrub.swift).
-    case applyScrub(ScrubApplyRequest)
+    case exclusive(ExclusiveRequest)
 }
 
-enum LeaderSignal: Sendable {
-    case done(Result<Void, VDError>)
-    case lead
-}
-
-struct QueuedRequest {
-    var request: JournalRequest
-    var continuation: UnsafeContinuation<LeaderSignal, Never>
+/// What the journal needs from its volume: the map kept in step with every batch, and the seal of a rolled epoch.
+protocol JournalDelegate: AnyObject, Sendable {
+    /// `batches` were just written to the journal of `epoch` (in `sco`) from `start` to `end` (the new position):
+    /// the map must point at them. A failure here stops the volume's writes (the journal has what the map lacks).
+    func journalCommitted(
+        _ batches: [PendingBatches.Batch], epoch: UInt64, sco: SCONumber, start: MapCheckpoint, end: MapCheckpoint
+    ) throws(VDError)
+    /// Epoch `epoch` was rolled (its seal marker written): the map now begins `next` at `checkpoint`; the rolled
+    /// journal `file` of SCO `sco` is to be sealed.
+    func journalRolled(epoch: UInt64, sco: SCONumber, file: FlashFile, checkpoint: MapCheckpoint) throws(VDError)
 }
 
 /// The open journal. Only the current leader (or recovery, before any leader can exist) touches it.
@@ -72,7 +80,18 @@ final class JournalState: @unchecked Sendable {
     }
 }
 
-struct WriterState {
+enum LeaderSignal: Sendable {
+    case done(Result<Void, VDError>)
+    case lead
+}
+
+struct QueuedRequest {
+    var request: JournalRequest
+    var continuation: UnsafeContinuation<LeaderSignal, Never>
+}
+
+/// The journal's state shared with other tasks (flushers, the zeroer, the age loop), under one mutex.
+struct JournalShared {
     var queue = Deque<QueuedRequest>()
     var leaderActive = false
     /// Bumped after every journal write: a flush covers every write with a generation at or below the one it read.
@@ -84,15 +103,12 @@ struct WriterState {
     /// When the first write went into the open journal (for age-based sealing).
     var openJournalFirstWrite: MonotonicInstant?
     /// The open journal's epoch.
-    var openEpoch: UInt64 = 0
-    /// SCOs that exist only on local flash (the open journal and sealed SCOs not yet stored with their TLog): a
-    /// local copy of any other SCO that fails verification is replaced by the backend's.
-    var localOnlySCOs: Set<SCONumber> = []
+    var openEpoch: UInt64
     /// Bytes in the open journal.
     var openJournalBytes: UInt64 = UInt64(SCOFormat.blockBytes)
     /// When the open journal was started.
     var journalOpenedAt: MonotonicInstant
-    /// Zeroing ahead (Volume+ZeroAhead.swift): how far the leader has reserved the open journal, up to where it is
+    /// Zeroing ahead (Journal+ZeroAhead.swift): how far the leader has reserved the open journal, up to where it is
     /// initialized, the chunk being zeroed, and whether the zeroer runs or must pause (a roll is under way).
     var reservedEnd = UInt64(SCOFormat.blockBytes)
     var zeroFrontier = UInt64(SCOFormat.blockBytes)
@@ -105,15 +121,55 @@ struct WriterState {
     var failure: VDError?
 }
 
-extension Volume {
+final class Journal: Sendable {
+    let volumeName: VolumeName
+    let volumeID: VolumeID
+    let layout: VolumeLayout
+    let options: VolumeOptions
+    let env: Environment
+    let logger: Logger
+    let clusterBytes: Int
+    let clusterSizeBytes: UInt32
+    /// The open journal: touched by the leader only.
+    let state: JournalState
+    let shared: Mutex<JournalShared>
+    /// Bytes of every SCO not yet stored on the backend (open journal included): the back-pressure measure.
+    let unstoredBytes: Atomic<UInt64>
+    private let delegateBox = Mutex<(any JournalDelegate)?>(nil)
+    /// The zeroer's tasks (awaited at close).
+    private let background = Mutex<[Task<Void, Never>]>([])
+
     /// Most bytes a leader writes in one round (the rest waits for the next leader).
     static let leaderRoundBytesMax = 64 << 20
+
+    init(
+        config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, env: Environment, logger: Logger,
+        state: JournalState, unstoredBytes: UInt64
+    ) {
+        volumeName = config.name
+        volumeID = config.id
+        self.layout = layout
+        self.options = options
+        self.env = env
+        self.logger = logger
+        clusterBytes = Int(config.clusterSizeBytes)
+        clusterSizeBytes = config.clusterSizeBytes
+        self.state = state
+        shared = Mutex(JournalShared(currentFile: state.file, openEpoch: state.epoch, journalOpenedAt: env.clock.now()))
+        self.unstoredBytes = Atomic(unstoredBytes)
+    }
+
+    /// Set once, before any request.
+    func attach(_ delegate: any JournalDelegate) { delegateBox.withLock { $0 = delegate } }
+    private var delegate: any JournalDelegate { delegateBox.withLock { $0! } }
+
+    // MARK: submitting
 
     /// Appends a request to the journal, as leader or as a follower of the current leader. `whileClosing`: the
     /// volume's own requests at close (the final roll), accepted after client writes are refused.
     func submit(_ request: JournalRequest, whileClosing: Bool = false) async throws(VDError) {
         let signal: LeaderSignal = await withUnsafeContinuation { continuation in
-            let outcome = writer.withLock { state -> LeaderSignal? in
+            let outcome = shared.withLock { state -> LeaderSignal? in
                 if let failure = state.failure, !(whileClosing && failure.code == .shutdown) {
                     return .done(.failure(failure))
                 }
@@ -137,13 +193,20 @@ extension Volume {
         }
     }
 
+    /// Runs `body` with leader rights, ordered with every write.
+    func exclusive(whileClosing: Bool = false, _ body: @escaping @Sendable (JournalLeader) async throws(VDError) -> Void)
+        async throws(VDError)
+    {
+        try await submit(.exclusive(ExclusiveRequest(run: body)), whileClosing: whileClosing)
+    }
+
     /// Only the journal leader touches the journal: checked wherever it does.
     func assertLeader() {
-        precondition(writer.withLock { $0.leaderActive }, "the journal was touched outside the leader")
+        precondition(shared.withLock { $0.leaderActive }, "the journal was touched outside the leader")
     }
 
     private func lead(own: JournalRequest) async throws(VDError) {
-        let followers = writer.withLock { state -> [QueuedRequest] in
+        let followers = shared.withLock { state -> [QueuedRequest] in
             var taken: [QueuedRequest] = []
             var bytes = 0
             while let next = state.queue.first, bytes < Self.leaderRoundBytesMax {
@@ -160,7 +223,7 @@ extension Volume {
             result = .failure(error)
         }
         for follower in followers { follower.continuation.resume(returning: .done(result)) }
-        let next = writer.withLock { state -> QueuedRequest? in
+        let next = shared.withLock { state -> QueuedRequest? in
             if state.queue.isEmpty {
                 state.leaderActive = false
                 return nil
@@ -174,23 +237,19 @@ extension Volume {
     /// Writes requests to the journal in order (leader only).
     private func perform(_ requests: [JournalRequest]) async throws(VDError) {
         assertLeader()
-        var pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+        var pending = PendingBatches(journal: state, clusterBytes: clusterBytes)
         for request in requests {
             switch request {
             case .roll:
                 try await commit(&pending)
                 try await roll()
-                pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+                pending = PendingBatches(journal: state, clusterBytes: clusterBytes)
             case .barrier:
                 break
-            case .snapshot(let request):
+            case .exclusive(let exclusive):
                 try await commit(&pending)
-                try await performSnapshotRequest(request)
-                pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
-            case .applyScrub(let request):
-                try await commit(&pending)
-                try await performScrubApply(request)
-                pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+                try await exclusive.run(JournalLeader(journal: self))
+                pending = PendingBatches(journal: state, clusterBytes: clusterBytes)
             case .write(let write):
                 var entryIndex = 0
                 var payloadCursor = 0
@@ -210,12 +269,12 @@ extension Volume {
                         // The open SCO is full: write what is pending, seal it and continue in the next one.
                         try await commit(&pending)
                         try await roll()
-                        pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+                        pending = PendingBatches(journal: state, clusterBytes: clusterBytes)
                         continue
                     }
                     let entries = Array(write.entries[entryIndex..<(entryIndex + take)])
                     let indices = Array(write.payloadIndex[payloadCursor..<(payloadCursor + dataCount)])
-                    pending.append(entries: entries, buffer: write.buffer, payloadIndex: indices, volumeID: config.id)
+                    pending.append(entries: entries, buffer: write.buffer, payloadIndex: indices, volumeID: volumeID)
                     entryIndex += take
                     payloadCursor += dataCount
                 }
@@ -224,12 +283,14 @@ extension Volume {
         try await commit(&pending)
     }
 
-    /// Writes the pending batches with one pwritev, then points the map at them.
-    func commit(_ pending: inout PendingBatches) async throws(VDError) {
+    // MARK: leader only
+
+    /// Writes the pending batches with one pwritev, then has the map point at them.
+    fileprivate func commit(_ pending: inout PendingBatches) async throws(VDError) {
         guard !pending.batches.isEmpty else { return }
         assertLeader()
         let headers = pending.encodeHeaders()
-        let file = journal.file
+        let file = state.file
         let start = pending.startOffset
         await reserveJournal(start, pending.endOffset)
         do {
@@ -254,118 +315,105 @@ extension Volume {
             logger.error("journal write to \(file.path) failed: \(error)")
             throw error
         }
+        let startCheckpoint = MapCheckpoint(epoch: state.epoch, offset: pending.startOffset, chainCRC: pending.startChainCRC)
         let written = pending.endOffset - pending.startOffset
-        journal.writeOffset = pending.endOffset
-        journal.chainCRC = pending.chainCRC
+        state.writeOffset = pending.endOffset
+        state.chainCRC = pending.chainCRC
         unstoredBytes.add(written, ordering: .relaxed)
-        var changes = mapChanges()
-        changes.dirtyCheckpoint = MapCheckpoint(
-            epoch: journal.epoch, offset: pending.startOffset, chainCRC: pending.startChainCRC
-        ).dirty(until: pending.endOffset)
-        do {
-            for batch in pending.batches {
-                try changes.add(
-                    entries: batch.header.entries, sco: journal.sco, epoch: journal.epoch,
-                    payloadOffset: batch.header.offset + UInt64(SCOFormat.blockBytes), clusterBytes: clusterBytes)
-            }
-            try changes.finish(
-                checkpoint: MapCheckpoint(epoch: journal.epoch, offset: journal.writeOffset, chainCRC: journal.chainCRC))
+        do throws(VDError) {
+            try delegate.journalCommitted(
+                pending.batches, epoch: state.epoch, sco: state.sco, start: startCheckpoint,
+                end: MapCheckpoint(epoch: state.epoch, offset: state.writeOffset, chainCRC: state.chainCRC))
         } catch {
             // The journal holds the batch but the map does not: reads would no longer match what a replay gives.
             // Fail-stop: no more writes; a restart replays the journal into the map.
-            let failure = VDError(error.code, "volume \(config.name): the map could not take a journal batch: \(error.message)")
+            let failure = VDError(error.code, "volume \(volumeName): the map could not take a journal batch: \(error.message)")
             markFailed(failure)
             throw failure
         }
         let now = env.clock.now()
-        let openBytes = journal.writeOffset
-        writer.withLock { state in
-            state.writtenGeneration += 1
-            state.openJournalBytes = openBytes
-            if state.openJournalFirstWrite == nil { state.openJournalFirstWrite = now }
+        let openBytes = state.writeOffset
+        shared.withLock { shared in
+            shared.writtenGeneration += 1
+            shared.openJournalBytes = openBytes
+            if shared.openJournalFirstWrite == nil { shared.openJournalFirstWrite = now }
         }
-        pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
+        pending = PendingBatches(journal: state, clusterBytes: clusterBytes)
         considerZeroAhead()
     }
 
-    /// Writes entries without payloads (unmaps, a rollback) as one batch and applies them (leader only).
-    func writeEntries(_ entries: [BatchEntry]) async throws(VDError) {
+    /// Writes entries without payloads (unmaps, a rollback, a snapshot mark) as one batch (leader only).
+    fileprivate func writeEntries(_ entries: [BatchEntry]) async throws(VDError) {
         try await makeRoomForEntries()
-        var pending = PendingBatches(journal: journal, clusterBytes: clusterBytes)
-        pending.append(entries: entries, buffer: ByteBuffer(), payloadIndex: [], volumeID: config.id)
+        var pending = PendingBatches(journal: state, clusterBytes: clusterBytes)
+        pending.append(entries: entries, buffer: ByteBuffer(), payloadIndex: [], volumeID: volumeID)
         try await commit(&pending)
     }
 
     /// Rolls first if the open SCO has no room for one more batch of entries and the seal marker (leader only).
-    func makeRoomForEntries() async throws(VDError) {
-        if Int64(options.scoSizeBytes) - Int64(journal.writeOffset) < Int64(2 * SCOFormat.blockBytes) {
+    fileprivate func makeRoomForEntries() async throws(VDError) {
+        if Int64(options.scoSizeBytes) - Int64(state.writeOffset) < Int64(2 * SCOFormat.blockBytes) {
             try await roll()
         }
     }
 
-    /// Seals the open journal with a marker batch and opens the next SCO (leader only). The next SCO's file is
-    /// created first, so a failure leaves the open journal exactly as it was.
-    func roll() async throws(VDError) {
+    /// Seals the open journal with a marker batch and opens the next epoch in a new SCO (leader only). The next SCO's
+    /// file is created first, so a failure leaves the open journal exactly as it was.
+    fileprivate func roll() async throws(VDError) {
         assertLeader()
-        guard journal.writeOffset > UInt64(SCOFormat.blockBytes) else { return }
-        let old = journal.sco
-        let oldEpoch = journal.epoch
-        let oldFile = journal.file
-        let next = journal.highestSCO.next
+        guard state.writeOffset > UInt64(SCOFormat.blockBytes) else { return }
+        let old = state.sco
+        let oldEpoch = state.epoch
+        let oldFile = state.file
+        let next = state.highestSCO.next
         let nextEpoch = oldEpoch + 1
         let (file, headerCRC) = try Self.createJournalFile(
-            fs: env.fs, layout: layout, volumeID: config.id, sco: next, epoch: nextEpoch,
-            clusterSizeBytes: config.clusterSizeBytes, sizeBytes: options.scoSizeBytes)
-        journal.highestSCO = next
+            fs: env.fs, layout: layout, volumeID: volumeID, sco: next, epoch: nextEpoch, clusterSizeBytes: clusterSizeBytes,
+            sizeBytes: options.scoSizeBytes)
+        state.highestSCO = next
         env.tasks.failpoint("roll-after-next-journal")
         let marker = BatchHeader(
-            volumeID: config.id, sco: old, offset: journal.writeOffset, previousCRC: journal.chainCRC,
+            volumeID: volumeID, sco: old, offset: state.writeOffset, previousCRC: state.chainCRC,
             flags: BatchHeader.flagSealed, entries: [])
         // Nothing may touch the old file once it is sealed: the zeroer finishes with it first.
         await waitForZeroer()
-        await reserveJournal(journal.writeOffset, journal.writeOffset + UInt64(SCOFormat.blockBytes))
+        await reserveJournal(state.writeOffset, state.writeOffset + UInt64(SCOFormat.blockBytes))
         do {
             try marker.encode().withUnsafeReadableBytes { (raw) throws(VDError) in
-                try oldFile.write(raw, at: journal.writeOffset)
+                try oldFile.write(raw, at: state.writeOffset)
             }
         } catch {
-            writer.withLock { $0.zeroingPaused = false }
+            shared.withLock { $0.zeroingPaused = false }
             file.close()
             try? env.fs.unlinkIfPresent(file.path)
             throw error
         }
-        journal.writeOffset += UInt64(SCOFormat.blockBytes)
+        state.writeOffset += UInt64(SCOFormat.blockBytes)
         unstoredBytes.add(UInt64(2 * SCOFormat.blockBytes), ordering: .relaxed)
-        cache.add(cacheKey(next), file: file, footprintBytes: options.scoSizeBytes)
-        journal.sco = next
-        journal.epoch = nextEpoch
-        journal.file = file
-        journal.writeOffset = UInt64(SCOFormat.blockBytes)
-        journal.chainCRC = headerCRC
+        state.sco = next
+        state.epoch = nextEpoch
+        state.file = file
+        state.writeOffset = UInt64(SCOFormat.blockBytes)
+        state.chainCRC = headerCRC
         let now = env.clock.now()
-        writer.withLock { state in
-            state.unsyncedFiles.append(oldFile)
-            state.currentFile = file
-            state.openJournalFirstWrite = nil
-            state.openJournalBytes = UInt64(SCOFormat.blockBytes)
-            state.writtenGeneration += 1
-            state.journalOpenedAt = now
-            state.openEpoch = nextEpoch
-            state.localOnlySCOs.insert(next)
-            state.reservedEnd = UInt64(SCOFormat.blockBytes)
-            state.zeroFrontier = UInt64(SCOFormat.blockBytes)
-            state.zeroingPaused = false
+        shared.withLock { shared in
+            shared.unsyncedFiles.append(oldFile)
+            shared.currentFile = file
+            shared.openJournalFirstWrite = nil
+            shared.openJournalBytes = UInt64(SCOFormat.blockBytes)
+            shared.writtenGeneration += 1
+            shared.journalOpenedAt = now
+            shared.openEpoch = nextEpoch
+            shared.reservedEnd = UInt64(SCOFormat.blockBytes)
+            shared.zeroFrontier = UInt64(SCOFormat.blockBytes)
+            shared.zeroingPaused = false
         }
+        logger.debug("sealing epoch \(oldEpoch) (SCO \(old.hex)); epoch \(nextEpoch) continues in SCO \(next.hex)")
         // The map now starts the next epoch. Recovery trusts this checkpoint only once the old epoch's seal marker is
         // durable (until then the map may be ahead of the journal).
-        var update = MapUpdate()
-        update.metadata.append(
-            (MapCheckpoint.key, MapCheckpoint(epoch: nextEpoch, offset: journal.writeOffset, chainCRC: headerCRC).encode()))
-        try map.apply(update)
-        env.tasks.failpoint("roll-after-checkpoint")
-        logger.debug("sealing epoch \(oldEpoch) (SCO \(old.hex)); epoch \(nextEpoch) continues in SCO \(next.hex)")
-        let tableVersion = snapshotTable.version
-        startBackground { volume in await volume.seal(old, epoch: oldEpoch, file: oldFile, tableVersion: tableVersion) }
+        try delegate.journalRolled(
+            epoch: oldEpoch, sco: old, file: oldFile,
+            checkpoint: MapCheckpoint(epoch: nextEpoch, offset: state.writeOffset, chainCRC: headerCRC))
     }
 
     /// Creates SCO file `sco` for epoch `epoch` with its header, preallocated to `sizeBytes`, durable (file and
@@ -395,14 +443,82 @@ extension Volume {
         }
     }
 
-    /// Runs `body` as a tracked background task (cancelled and awaited on close).
-    func startBackground(_ body: @escaping @Sendable (Volume) async -> Void) {
-        let task = env.tasks.spawn { [self] in await body(self) }
+    // MARK: state others read
+
+    /// The epoch the journal appends to now (every write replied so far is in this epoch or an earlier one).
+    var openEpoch: UInt64 { shared.withLock { $0.openEpoch } }
+    var failure: VDError? { shared.withLock { $0.failure } }
+    var writtenGeneration: UInt64 { shared.withLock { $0.writtenGeneration } }
+
+    /// What a flush must sync now to cover every write so far: the generation and the files.
+    func syncTarget() -> (generation: UInt64, files: [FlashFile]) {
+        shared.withLock { ($0.writtenGeneration, $0.unsyncedFiles + [$0.currentFile]) }
+    }
+
+    /// `files` were synced: rolled ones among them need no more syncs.
+    func synced(_ files: [FlashFile]) {
+        shared.withLock { shared in
+            shared.unsyncedFiles.removeAll { synced in synced !== shared.currentFile && files.contains { $0 === synced } }
+        }
+    }
+
+    /// A rolled journal was sealed (synced): flushes need not sync it any more.
+    func sealedFile(_ file: FlashFile) {
+        shared.withLock { state in state.unsyncedFiles.removeAll { $0 === file } }
+    }
+
+    /// When the open journal's first write happened (nil: empty, or writes are stopped).
+    var openJournalFirstWrite: MonotonicInstant? { shared.withLock { $0.failure == nil ? $0.openJournalFirstWrite : nil } }
+    var openJournalBytes: UInt64 { shared.withLock { $0.openJournalBytes } }
+
+    /// Refuses further writes: closing (`.shutdown`), or a failure that may have lost acknowledged data. Returns
+    /// whether this was the first failure.
+    @discardableResult
+    func refuseWrites(_ error: VDError) -> Bool {
+        shared.withLock { state -> Bool in
+            guard state.failure == nil || (state.failure?.code == .shutdown && error.code != .shutdown) else { return false }
+            state.failure = error
+            return true
+        }
+    }
+
+    /// Stops writes for good after a failure that may have lost acknowledged data on local flash.
+    func markFailed(_ error: VDError) {
+        if refuseWrites(error) { logger.critical("writes to volume \(volumeName) are stopped: \(error)") }
+    }
+
+    /// Whether a leader is active or requests are queued.
+    var isBusy: Bool { shared.withLock { $0.leaderActive || !$0.queue.isEmpty } }
+
+    /// Starts a task the journal waits for when it stops.
+    func spawnTracked(_ body: @escaping @Sendable () async -> Void) {
+        let task = env.tasks.spawn(body)
         background.withLock { tasks in
             tasks.removeAll { $0.isCancelled }
             tasks.append(task)
         }
     }
+
+    /// Waits for the journal's own tasks (writes are refused by then).
+    func stop() async {
+        let tasks = background.withLock { tasks -> [Task<Void, Never>] in
+            defer { tasks = [] }
+            return tasks
+        }
+        for task in tasks { await task.value }
+        state.file.close()
+    }
+}
+
+/// Leader rights, handed to an exclusive request while it runs: the journal operations only a leader may do.
+struct JournalLeader: @unchecked Sendable {
+    fileprivate let journal: Journal
+
+    /// The epoch being written.
+    var epoch: UInt64 { journal.assertLeader(); return journal.state.epoch }
+    func writeEntries(_ entries: [BatchEntry]) async throws(VDError) { try await journal.writeEntries(entries) }
+    func roll() async throws(VDError) { try await journal.roll() }
+    func makeRoomForEntries() async throws(VDError) { try await journal.makeRoomForEntries() }
 }
 
 /// Batches gathered by a leader before one pwritev.
@@ -490,4 +606,3 @@ private func nest(
         try nest(rest.dropFirst(), &pointers, body)
     }
 }
-

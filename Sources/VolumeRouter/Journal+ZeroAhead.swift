@@ -17,7 +17,7 @@ import Logging
 import Synchronization
 import VolumeCore
 
-extension Volume {
+extension Journal {
     static let zeroChunkBytes: UInt64 = 1 << 20
     /// How far ahead of the write position zeroes are kept.
     static let zeroRunwayBytes: UInt64 = 8 << 20
@@ -29,7 +29,7 @@ extension Volume {
         assertLeader()
         while true {
             await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
-                let busy = writer.withLock { state -> Bool in
+                let busy = shared.withLock { state -> Bool in
                     state.reservedEnd = max(state.reservedEnd, end)
                     guard let zeroing = state.zeroing, zeroing.lowerBound < end && start < zeroing.upperBound else {
                         return false
@@ -40,7 +40,7 @@ extension Volume {
                 if !busy { continuation.resume() }
             }
             // Checked again: the zeroer may have started the next chunk (never one overlapping the reservation).
-            let clear = writer.withLock { state -> Bool in
+            let clear = shared.withLock { state -> Bool in
                 guard let zeroing = state.zeroing else { return true }
                 return !(zeroing.lowerBound < end && start < zeroing.upperBound)
             }
@@ -53,7 +53,7 @@ extension Volume {
         assertLeader()
         while true {
             await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
-                let busy = writer.withLock { state -> Bool in
+                let busy = shared.withLock { state -> Bool in
                     state.zeroingPaused = true
                     guard state.zeroing != nil else { return false }
                     state.zeroWaiters.append(continuation)
@@ -61,7 +61,7 @@ extension Volume {
                 }
                 if !busy { continuation.resume() }
             }
-            if writer.withLock({ $0.zeroing == nil }) { return }
+            if shared.withLock({ $0.zeroing == nil }) { return }
         }
     }
 
@@ -70,21 +70,21 @@ extension Volume {
         guard options.zeroAhead else { return }
         let scoSize = options.scoSizeBytes
         let now = env.clock.now()
-        let start = writer.withLock { state -> Bool in
+        let start = shared.withLock { state -> Bool in
             guard !state.zeroerRunning, state.failure == nil, !state.zeroingPaused, state.zeroFrontier < scoSize,
                 state.zeroFrontier < state.reservedEnd + Self.zeroRunwayBytes, state.journalIsSlow(now: now)
             else { return false }
             state.zeroerRunning = true
             return true
         }
-        if start { startBackground { await $0.zeroAhead() } }
+        if start { spawnTracked { await self.zeroAhead() } }
     }
 
     private func zeroAhead() async {
         let scoSize = options.scoSizeBytes
         while true {
             let now = env.clock.now()
-            let job = writer.withLock { state -> (FlashFile, Range<UInt64>)? in
+            let job = shared.withLock { state -> (FlashFile, Range<UInt64>)? in
                 let alignedReserve = (state.reservedEnd + Self.zeroChunkBytes - 1) / Self.zeroChunkBytes * Self.zeroChunkBytes
                 let start = max(state.zeroFrontier, alignedReserve)
                 guard state.failure == nil, !state.zeroingPaused, start < scoSize,
@@ -102,7 +102,7 @@ extension Volume {
             guard let (file, range) = job else { return }
             let ok: Bool
             do {
-                try await blocking { () throws(VDError) in
+                try await env.tasks.blocking { () throws(VDError) in
                     try VDError.catching {
                         try Self.zeroBuffer.withUnsafeBytes { raw in
                             var offset = range.lowerBound
@@ -120,7 +120,7 @@ extension Volume {
                 logger.debug("zeroing the journal ahead stopped: \(error)")
                 ok = false
             }
-            let waiters = writer.withLock { state -> [UnsafeContinuation<Void, Never>] in
+            let waiters = shared.withLock { state -> [UnsafeContinuation<Void, Never>] in
                 if ok, state.currentFile === file { state.zeroFrontier = max(state.zeroFrontier, range.upperBound) }
                 state.zeroing = nil
                 if !ok { state.zeroerRunning = false }
@@ -135,10 +135,10 @@ extension Volume {
     private static let zeroBuffer = [UInt8](repeating: 0, count: Int(zeroChunkBytes))
 }
 
-extension WriterState {
+extension JournalShared {
     /// The open journal fills slowly enough that zeroing ahead pays (and keeps up).
     func journalIsSlow(now: MonotonicInstant) -> Bool {
         let seconds = max(0.05, journalOpenedAt.duration(to: now).seconds)
-        return Double(openJournalBytes) / seconds < Volume.zeroAheadRateMaxBytesPerSecond
+        return Double(openJournalBytes) / seconds < Journal.zeroAheadRateMaxBytesPerSecond
     }
 }
