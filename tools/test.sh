@@ -32,10 +32,11 @@ fi
 if grep -q "error:" "$log" || ! grep -q "Build complete" "$log"; then exit 1; fi
 echo "built in $(( $(date +%s) - started )) s"
 
-export VD_TEST_TMP="${VD_TEST_TMP:-/tmp}" VD_TEST_FILTER="$filter"
+# The simulation replays a seed exactly only with deterministic hashing (dictionary order).
+export VD_TEST_TMP="${VD_TEST_TMP:-/tmp}" VD_TEST_FILTER="$filter" SWIFT_DETERMINISTIC_HASHING=1
 run_targets() {
   local failed=0 target t0 summary log
-  for target in VolumeCoreTests VDCommandsTests VolumeRouterTests NBDServerTests ObjectStoreTests IntegrationTests; do
+  for target in VolumeCoreTests VDCommandsTests VolumeRouterTests SimulationTests NBDServerTests ObjectStoreTests IntegrationTests; do
     t0=$(date +%s)
     log="$VD_TEST_TMP/vd-test-$target.log"
     if [ -n "$VD_TEST_FILTER" ]; then

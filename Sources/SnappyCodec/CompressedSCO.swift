@@ -36,7 +36,7 @@ package struct CompressedSCOHeader: Sendable, Hashable {
     }
 
     func encode() -> ByteBuffer {
-        var b = ByteBuffer(repeating: 0, count: Self.headerBytes)
+        var b = ByteBuffer.zeroes(Self.headerBytes)
         b.setBytes(Self.magic, at: 0)
         b.setInteger(Self.version, at: 8, endianness: .little)
         b.setInteger(UInt32(Self.chunkBytes), at: 12, endianness: .little)

@@ -189,14 +189,14 @@ package final class Volume: BlockDevice {
         let count = values.count
         if count == 1 && offset % cs == 0 && length == UInt32(clusterBytes), parent == nil || values[0] != nil {
             guard let location = values[0]?.location else {
-                return SparseData(data: ByteBuffer(repeating: 0, count: clusterBytes), holes: [0..<clusterBytes])
+                return SparseData(data: ByteBuffer.zeroes(clusterBytes), holes: [0..<clusterBytes])
             }
             return SparseData(
                 data: try await readClusters(
                     sco: location.sco, offset: location.offset, crcs: [location.crc], firstAddress: first))
         }
         let end = offset + UInt64(length)
-        var result = SparseData(data: ByteBuffer(repeating: 0, count: Int(length)))
+        var result = SparseData(data: ByteBuffer.zeroes(Int(length)))
         /// The part of the cluster run `[runStart, runEnd)` inside the request, relative to its start.
         func clip(_ runStart: UInt64, _ runEnd: UInt64) -> Range<Int> {
             Int(max(runStart, offset) - offset)..<Int(min(runEnd, end) - offset)
@@ -318,7 +318,7 @@ package final class Volume: BlockDevice {
             buffer = data
         } else {
             // Read-modify-write of the partial clusters at either end (under the range lock).
-            var merged = ByteBuffer(repeating: 0, count: Int((last - first + 1) * cs))
+            var merged = ByteBuffer.zeroes(Int((last - first + 1) * cs))
             if offset % cs != 0 {
                 merged.setBuffer(try await read(offset: first * cs, length: UInt32(cs)), at: 0)
             }
@@ -399,15 +399,15 @@ package final class Volume: BlockDevice {
         let endFull = end / cs
         if zeroPartialClusters {
             if firstFull >= endFull {
-                try await write(offset: offset, data: ByteBuffer(repeating: 0, count: Int(length)), fua: false)
+                try await write(offset: offset, data: ByteBuffer.zeroes(Int(length)), fua: false)
             } else {
                 if offset < firstFull * cs {
                     try await write(
-                        offset: offset, data: ByteBuffer(repeating: 0, count: Int(firstFull * cs - offset)), fua: false)
+                        offset: offset, data: ByteBuffer.zeroes(Int(firstFull * cs - offset)), fua: false)
                 }
                 if end > endFull * cs {
                     try await write(
-                        offset: endFull * cs, data: ByteBuffer(repeating: 0, count: Int(end - endFull * cs)), fua: false)
+                        offset: endFull * cs, data: ByteBuffer.zeroes(Int(end - endFull * cs)), fua: false)
                 }
             }
         }

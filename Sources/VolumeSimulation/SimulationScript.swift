@@ -119,7 +119,7 @@ package final class SimulationScript: @unchecked Sendable {
     }
 
     /// Reads everything back and checks it against the model (exact: nothing crashed).
-    package func verify() throws { try simulation.verifyEverything(after: .none) }
+    package func verify() throws { try simulation.verifyEverything(after: .none, full: true) }
 
     /// The epoch every earlier one of which, and itself, is on the backend.
     package func storedEpoch(_ device: String = "vol1") -> UInt64 {
@@ -142,7 +142,7 @@ extension Simulation {
             try body()
             try checkInvariants()
             try quiesce()
-            try verifyEverything(after: .none)
+            try verifyEverything(after: .none, full: true)
         } catch let error as SimFailure {
             report.failure = error.message
         } catch {

@@ -50,7 +50,7 @@ public final class MemoryBlockDevice: BlockDevice {
     public func readSparse(offset: UInt64, length: UInt32) async throws(VDError) -> SparseData {
         try takeFailure()
         try checkRange(offset: offset, length: UInt64(length))
-        var out = SparseData(data: ByteBuffer(repeating: 0, count: Int(length)))
+        var out = SparseData(data: ByteBuffer.zeroes(Int(length)))
         state.withLock { state in
             var position = offset
             let end = offset + UInt64(length)

@@ -1,27 +1,48 @@
 // The deterministic simulation as part of the test suite: a batch of seeds, each a whole node (router, volumes,
 // uploader, scrubber, checker) on a simulated disk, map store, backend and clock, checked against the model after
-// every step. A failing seed is printed with its trace; `tools/sim.sh --replay SEED` reruns it.
+// every step. A failing seed is printed with its trace; `tools/sim.sh --replay SEED --ops N` reruns it.
+//
+// VD_SIM_SEEDS, VD_SIM_FIRST_SEED and VD_SIM_OPS change the batch (longer runs: tools/sim.sh).
 
 import Foundation
 import Testing
 import VolumeSimulation
 
 @Suite struct SimulationTests {
-    static let seedCount = Int(ProcessInfo.processInfo.environment["VD_SIM_SEEDS"] ?? "") ?? 64
-    static let firstSeed = UInt64(ProcessInfo.processInfo.environment["VD_SIM_FIRST_SEED"] ?? "") ?? 1
+    static let environment = ProcessInfo.processInfo.environment
+    static let seedCount = Int(environment["VD_SIM_SEEDS"] ?? "") ?? 200
+    static let firstSeed = UInt64(environment["VD_SIM_FIRST_SEED"] ?? "") ?? 1
+    static let operations = Int(environment["VD_SIM_OPS"] ?? "") ?? 60
+    /// Seeds run at once (each on a thread of its own).
+    static let parallelism = max(1, ProcessInfo.processInfo.activeProcessorCount)
 
     @Test func seededRuns() async throws {
-        var failures: [String] = []
-        for index in 0..<Self.seedCount {
-            let seed = Self.firstSeed + UInt64(index)
-            var config = SimulationConfig(seed: seed)
-            config.operations = 120
-            let report = await SimulationRunner.runAsync(config)
-            if let failure = report.failure {
-                failures.append(
-                    "seed \(seed): \(failure)\n" + report.trace.suffix(60).map { "    \($0)" }.joined(separator: "\n"))
+        let seeds = (0..<Self.seedCount).map { Self.firstSeed + UInt64($0) }
+        let reports = await withTaskGroup(of: SimulationReport.self) { group in
+            var reports: [SimulationReport] = []
+            var next = 0
+            func start() {
+                guard next < seeds.count else { return }
+                var config = SimulationConfig(seed: seeds[next])
+                config.operations = Self.operations
+                next += 1
+                group.addTask { await SimulationRunner.runAsync(config) }
             }
+            for _ in 0..<Self.parallelism { start() }
+            for await report in group {
+                reports.append(report)
+                start()
+            }
+            return reports.sorted { $0.seed < $1.seed }
         }
-        #expect(failures.isEmpty, "\(failures.count) seed(s) failed (replay with tools/sim.sh --replay SEED):\n\(failures.joined(separator: "\n"))")
+        let failures = reports.filter { !$0.passed }
+        let operations = reports.reduce(0) { $0 + $1.operations }
+        print("simulation: \(reports.count) seeds from \(Self.firstSeed), \(operations) operations, \(failures.count) failed")
+        let details = failures.map { report in
+            "seed \(report.seed): \(report.failure!)\n" + report.trace.suffix(60).map { "    \($0)" }.joined(separator: "\n")
+        }
+        #expect(
+            failures.isEmpty,
+            "\(failures.count) seed(s) failed (replay with tools/sim.sh --replay SEED --ops \(Self.operations)):\n\(details.joined(separator: "\n"))")
     }
 }

@@ -29,7 +29,7 @@ public enum MetadataRecord {
         encoder.dateEncodingStrategy = .iso8601
         let json: Data
         do { json = try encoder.encode(value) } catch { throw VDError(.invalidArgument, "cannot encode metadata: \(error)") }
-        var b = ByteBuffer(repeating: 0, count: headerBytes)
+        var b = ByteBuffer.zeroes(headerBytes)
         b.setBytes(magic, at: 0)
         b.setLE(version, at: 8)
         b.setLE(kind.rawValue, at: 10)

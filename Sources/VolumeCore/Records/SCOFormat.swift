@@ -43,7 +43,7 @@ public struct SCOHeader: Sendable, Hashable {
     }
 
     public func encode() -> ByteBuffer {
-        var b = ByteBuffer(repeating: 0, count: SCOFormat.blockBytes)
+        var b = ByteBuffer.zeroes(SCOFormat.blockBytes)
         b.setBytes(SCOFormat.scoMagic, at: 0)
         b.setLE(SCOFormat.headerVersion, at: 8)
         b.setLE(UInt32(SCOFormat.blockBytes), at: 12)
@@ -136,7 +136,7 @@ public struct BatchHeader: Sendable, Hashable {
     }
 
     public func encode() -> ByteBuffer {
-        var b = ByteBuffer(repeating: 0, count: SCOFormat.blockBytes)
+        var b = ByteBuffer.zeroes(SCOFormat.blockBytes)
         encode(into: &b)
         return b
     }

@@ -57,7 +57,7 @@ public struct TLog: Sendable, Hashable {
     public var encodedBytes: Int { TLog.headerBytes + (records.count + 1) * TLog.recordBytes }
 
     public func encode() -> ByteBuffer {
-        var b = ByteBuffer(repeating: 0, count: encodedBytes)
+        var b = ByteBuffer.zeroes(encodedBytes)
         b.setBytes(TLog.magic, at: 0)
         b.setLE(TLog.version, at: 8)
         b.setLE(UInt32(TLog.recordBytes), at: 12)
