@@ -29,6 +29,11 @@ package struct MapChanges {
     package var chunkClusters = 65536
     /// Called after each intermediate apply (a crash point for the simulation).
     package var failpoint: (String) -> Void = { _ in }
+    /// For a clone: the addresses in `[start, end)` where the parent's view may hold data (a superset is fine). An
+    /// unmap tombstones only those and the clone's own written clusters, so trimming a large range costs what was
+    /// written there, not the range's size. Nil: only the clone's own clusters (a replay that never reads through
+    /// the parent, such as the scrubber's).
+    package var parentAddresses: ((ClusterAddress, ClusterAddress) throws(VDError) -> [ClusterAddress])?
     package var update = MapUpdate()
     private var pending: Set<ClusterAddress> = []
 
@@ -121,12 +126,15 @@ package struct MapChanges {
         var start = address
         let end = address + count
         if isClone {
-            // Every cluster of the range gets a tombstone (or keeps the one it has).
+            // Every cluster of the range that the clone wrote, or that its parent's view may hold data for, gets a
+            // tombstone (or keeps the one it has): nothing of the parent shows through an unmapped range.
             while start < end {
                 let chunkEnd = min(end, start + UInt64(chunkClusters))
                 var written: [ClusterAddress: MapValue] = [:]
                 for (a, value) in try map.writtenAddresses(from: start, to: chunkEnd) { written[a] = value }
-                for a in start..<chunkEnd {
+                var addresses = Set(written.keys)
+                if let parentAddresses { addresses.formUnion(try parentAddresses(start, chunkEnd)) }
+                for a in addresses.sorted() {
                     if let previous = written[a] {
                         let retain = mustRetain(previous: previous.epoch, next: epoch)
                         if previous.location == nil && !retain { continue }

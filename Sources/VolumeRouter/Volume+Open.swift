@@ -61,6 +61,7 @@ extension Volume {
             var recovery = Recovery(
                 config: config, layout: layout, options: options, backend: backend, env: env, logger: logger,
                 progress: progress)
+            recovery.parent = parent
             try await recovery.discover()
             try await recovery.loadSnapshots()
             var map = BlockMap(database: database, cacheEntries: options.mapCacheEntries)
@@ -129,6 +130,8 @@ struct Recovery {
     var sealedNow: [UInt64: (sco: SCONumber, lengthBytes: UInt64)] = [:]
     var snapshots = SnapshotTable()
     var snapshotsUploadedVersion: UInt64 = 0
+    /// For a clone, its parent (an unmap hides what the parent's view holds).
+    var parent: Volume?
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, env: Environment,
@@ -283,6 +286,11 @@ struct Recovery {
             var changes = MapChanges(
                 map: map, retainedEpochs: snapshots.retainedEpochs, isClone: config.parent != nil)
             changes.chunkClusters = options.mapChangeChunkClusters
+            if let parent {
+                changes.parentAddresses = { (start, end) throws(VDError) in
+                    try parent.addressesPossiblyWithData(from: start, to: end)
+                }
+            }
             if let (sco, scan) = scans[epoch] {
                 let applies = scan.batches.flatMap { batch in
                     batch.header.entries.compactMap { entry -> UInt64? in

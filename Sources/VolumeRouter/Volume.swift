@@ -122,9 +122,20 @@ package final class Volume: BlockDevice {
         }
     }
 
+    /// Addresses in `[start, end)` this volume's view may hold data for, at any epoch: every cluster it ever wrote
+    /// (a superset), and for a clone its parent's. What a clone's unmap must hide of its parent.
+    func addressesPossiblyWithData(from start: ClusterAddress, to end: ClusterAddress) throws(VDError) -> [ClusterAddress] {
+        var addresses = try map.writtenAddresses(from: start, to: end).map(\.0)
+        if let parent { addresses += try parent.volume.addressesPossiblyWithData(from: start, to: end) }
+        return addresses
+    }
+
     /// Map changes built the way every replay builds them, with the volume's retained epochs.
     func mapChanges() -> MapChanges {
         var changes = MapChanges(map: map, retainedEpochs: catalog.table.retainedEpochs, isClone: config.parent != nil)
+        if let parent = parent?.volume {
+            changes.parentAddresses = { (start, end) throws(VDError) in try parent.addressesPossiblyWithData(from: start, to: end) }
+        }
         changes.scrubResults = scrubs.results
         changes.chunkClusters = options.mapChangeChunkClusters
         let tasks = env.tasks

@@ -184,6 +184,8 @@ final class Simulation: @unchecked Sendable {
     /// Devices on which no new operation may start (a snapshot is being taken, a rollback is coming).
     var frozen: Set<String> = []
     var scrubbers: [SimProcess] = []
+    /// Clones that cannot open any more (their base never reached the backend before a flash loss).
+    var lostClones: Set<String> = []
     /// Scrubber processes whose run ended (done or failed).
     var scrubsFinished: Set<Int> = []
     var failure: SimFailure?
@@ -315,7 +317,9 @@ final class Simulation: @unchecked Sendable {
         return configuration
     }
 
-    func boot() throws {
+    /// `afterFlashLoss`: a clone whose parent's snapshot never reached the backend cannot be rebuilt (its base is
+    /// gone with the flash): it may fail to open, and leaves the model.
+    func boot(afterFlashLoss: Bool = false) throws {
         let process = scheduler.makeProcess("router#\(scheduler.steps)")
         process.role = "router"
         node.routerProcess = process
@@ -334,6 +338,15 @@ final class Simulation: @unchecked Sendable {
         case .success(let (router, failures)):
             node.router = router
             for (name, error) in failures {
+                if lostClones.contains(name.rawValue) { continue }
+                if afterFlashLoss,
+                    error.message.contains("which no longer exists") || error.message.contains("which is not open on this router")
+                {
+                    trace.add("clone \(name) is lost with its parent's snapshot (it never reached the backend): \(error)")
+                    devices[name.rawValue] = nil
+                    lostClones.insert(name.rawValue)
+                    continue
+                }
                 // A backend that is down when the router starts: the volume opens once it is back.
                 guard store.outage || error.code == .backend else {
                     throw fail("volume \(name) does not open after a restart: \(error)")
@@ -1003,7 +1016,7 @@ final class Simulation: @unchecked Sendable {
         for id in inFlight.keys.sorted() { inFlight[id] = nil }
         frozen = []
         node.router = nil
-        try boot()
+        try boot(afterFlashLoss: kind == .flashLost)
         try verifyEverything(after: kind, stored: stored)
     }
 
