@@ -32,8 +32,8 @@ TRACE_TAIL = 30
 
 # Operation weights (percent-ish).
 OPERATIONS = [
-    ("io", 24), ("batch", 16), ("read", 5), ("flush", 2), ("snapshot", 7), ("delete_snapshot", 5),
-    ("rollback", 3), ("clone", 3), ("scrub", 12), ("kill", 4), ("restart_from_backend", 4), ("check", 3),
+    ("io", 26), ("batch", 17), ("read", 6), ("flush", 2), ("snapshot", 7), ("delete_snapshot", 5),
+    ("rollback", 3), ("clone", 3), ("scrub", 8), ("kill", 3), ("restart_from_backend", 3), ("check", 3),
     ("verify", 2),
 ]
 
@@ -72,11 +72,12 @@ class Torture:
         self.trace = []
         self.trace_file = open(trace_path, "w")
         self.counters = {"snapshot": 0, "clone": 0}
+        self.started = time.monotonic()
 
     # ---- trace and model helpers
 
     def log(self, text):
-        line = f"[{self.index:4d}] {text}"
+        line = f"[{self.index:4d} {time.monotonic() - self.started:6.1f}s] {text}"
         self.trace.append(line)
         self.trace_file.write(line + "\n")
         self.trace_file.flush()
@@ -226,11 +227,22 @@ class Torture:
         if differences:
             raise Mismatch(f"export {export} differs from the model", report(differences, self.origin))
 
-    def verify_all(self, why, resolve=False):
-        """Every volume and clone, and every snapshot export, read whole against the model."""
+    def family(self, name):
+        """`name` and every clone that reads through it, directly or through other clones."""
+        names = [name]
+        for volume in self.volumes.values():
+            if volume.parent and volume.parent[0] == name:
+                names += self.family(volume.name)
+        return names
+
+    def verify_all(self, why, resolve=False, only=None):
+        """Every volume and clone (or those named in `only`), and their snapshot exports, read whole against the
+        model."""
         started = time.monotonic()
         exports = 0
         for volume in self.volumes.values():
+            if only is not None and volume.name not in only:
+                continue
             conn = self.rng.randrange(2)
             self.verify_export(volume.name, volume.disk, self.handles[(volume.name, conn)], resolve=resolve)
             exports += 1
@@ -408,11 +420,16 @@ class Torture:
         blocked = [s for s in later if volume.has_clones(s)]
         force = self.rng.random() < 0.3
         if blocked:
-            self.log(f"snapshot rollback {name}@{snapshot} (later snapshots {blocked} have clones: must be refused)")
-            result = self.vd.run("snapshot", "rollback", name, snapshot, "--force", check=False)
+            self.log(f"snapshot rollback {name}@{snapshot}" + (" --force" if force else "")
+                     + f" (later snapshots {blocked} have clones: must be refused)")
+            result = self.vd.run("snapshot", "rollback", name, snapshot, *(["--force"] if force else []), check=False)
             if result.returncode == 0:
                 raise Mismatch(f"rollback of {name} to {snapshot} succeeded over later snapshots with clones")
             self.expect_snapshot_list(name)
+            # A refused forced rollback still disconnects the clients (vd disconnects before it checks the clones).
+            self.disconnect_volume(name)
+            self.connect_volume(name)
+            self.verify_export(name, volume.disk, self.handles[(name, 0)])
             return
         self.log(f"snapshot rollback {name}@{snapshot}" + (" --force (clients connected)" if force else "")
                  + (f", dropping later {later}" if later else ""))
@@ -467,11 +484,10 @@ class Torture:
                 process.kill()
                 process.communicate()
                 self.log("  scrub killed (SIGKILL)")
-                self.verify_all("a killed scrub")
+                self.verify_all("a killed scrub", only=self.family(name))
                 return
         elif variant == "under load":
-            family = [n for n, v in self.volumes.items() if n == name or (v.parent and v.parent[0] == name)]
-            self.load_while(process, family)
+            self.load_while(process, self.family(name))
         elif variant == "router killed":
             try:
                 process.wait(timeout=delay)
@@ -485,14 +501,14 @@ class Torture:
         if variant == "router killed":
             self.vd.start(f"after kill -9 during scrub, op {self.index}")
             self.reconnect_all()
-        self.verify_all("the scrub")
+        self.verify_all(f"the scrub (the exports of {name} and its clones)", only=self.family(name))
         # Once applied, the router deletes the replaced SCOs (after the grace period): wait for that, then read
         # everything again (a source deleted too early shows here).
         found = wait_until(lambda: (lambda r: r if not r.get("orphans") else None)(self.check(name, "after scrub")),
                            60, f"the router to apply the scrub result of {name} and delete the replaced SCOs")
         self.log(f"  vd check {name}: clean, {found.get('liveVersions')} live versions in "
                  f"{found.get('referencedSCOs')} SCOs")
-        self.verify_all("the replaced SCOs were deleted")
+        self.verify_all("the replaced SCOs were deleted", only=self.family(name))
 
     def crash_batch(self, stop):
         """Requests in flight on every volume when the router is stopped by `stop` (kill -9 or SIGTERM). Replied
