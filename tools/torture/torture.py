@@ -635,6 +635,8 @@ def main():
 
     work = args.work or tempfile.mkdtemp(prefix=f"vd-torture-{args.seed}-")
     os.makedirs(work, exist_ok=True)
+    if os.listdir(work):
+        sys.exit(f"torture: the work directory {work} is not empty (a run needs a fresh data directory)")
     vd = VD(args.vd, work)
     torture = Torture(args.seed, vd, os.path.join(work, "trace.log"))
     started = time.monotonic()
