@@ -5,7 +5,7 @@
 #
 # Steps: write VOL FIRST COUNT | zero VOL FIRST COUNT | trim VOL FIRST COUNT | flush VOL | snapshot VOL SNAP |
 # delete VOL SNAP | delete-while-writing VOL SNAP FIRST COUNT N (N writes of
-# COUNT sectors from FIRST on, one after the other) | rollback VOL SNAP | clone VOL SNAP CLONE | scrub VOL | kill | restart-from-backend |
+# COUNT sectors from FIRST on, 16 in flight at a time) | rollback VOL SNAP | clone VOL SNAP CLONE | scrub VOL | kill | restart-from-backend |
 # load VOL FIRST COUNT N (N writes of COUNT sectors from FIRST on, in flight while the next step runs) | check VOL.
 # Exit 1 at the first export that differs from the model (the differences are printed), 0 when all steps pass.
 
@@ -90,8 +90,11 @@ class Scenario:
             # delete VOL SNAP while N sequential writes of COUNT sectors go to FIRST (and go on after it returns)
             name, snap, first, count, n = args[0], args[1], int(args[2]), int(args[3]), int(args[4])
             process = self.vd.spawn("snapshot", "delete", name, snap)
-            for i in range(n):
-                self.run([self.io("write", name, (first + i * count) % SECTORS, count)])
+            for i in range(0, n, 16):  # 16 writes in flight at a time, on both connections
+                group = [self.io("write", name, (first + j * count) % SECTORS, count) for j in range(i, min(n, i + 16))]
+                for j, request in enumerate(group):
+                    request.conn = j % 2
+                self.run(group)
             if process.wait(timeout=120) != 0:
                 sys.exit(f"snapshot delete failed: {process.communicate()}")
             del self.snapshots[(name, snap)]
