@@ -6,7 +6,8 @@
 #   (deleting s1 while writes land makes clusters of s2 read zeroes: seen in about half the runs)
 #
 # Steps: write VOL FIRST COUNT | zero VOL FIRST COUNT | trim VOL FIRST COUNT | flush VOL | snapshot VOL SNAP |
-# delete VOL SNAP | delete-while-writing VOL SNAP FIRST COUNT N (N writes of
+# snapshot-while VOL SNAP KIND FIRST COUNT N (N requests of KIND write|zero|trim, 8 in flight at a time, while the
+# snapshot is taken) | delete VOL SNAP | delete-while-writing VOL SNAP FIRST COUNT N (N writes of
 # COUNT sectors from FIRST on, 16 in flight at a time) | rollback VOL SNAP | clone VOL SNAP CLONE | scrub VOL | kill | restart-from-backend |
 # load VOL FIRST COUNT N (N writes of COUNT sectors from FIRST on, in flight while the next step runs) | check VOL.
 # Exit 1 at the first export that differs from the model (the differences are printed), 0 when all steps pass.
@@ -100,6 +101,27 @@ class Scenario:
             if process.wait(timeout=120) != 0:
                 sys.exit(f"snapshot delete failed: {process.communicate()}")
             del self.snapshots[(name, snap)]
+        elif verb == "snapshot-while":
+            # snapshot VOL SNAP while N requests of KIND (write, zero, trim) of COUNT sectors from FIRST on run, 8 in
+            # flight at a time: each sector they touch may be old or new in the snapshot
+            name, snap, kind, first, count, n = args[0], args[1], args[2], int(args[3]), int(args[4]), int(args[5])
+            frozen = self.disks[name].copy()
+            process = self.vd.spawn("snapshot", "create", name, snap)
+            for i in range(0, n, 8):
+                group = [self.io(kind, name, (first + j * count) % SECTORS, count) for j in range(i, min(n, i + 8))]
+                for j, request in enumerate(group):
+                    request.conn = j % 2
+                self.run(group)
+                for request in group:
+                    before = request.first
+                    if kind == "trim":
+                        start = -(-request.first // 8) * 8
+                        frozen.allow(start, max(0, (request.first + request.count) // 8 * 8 - start), 0)
+                    else:
+                        frozen.allow(before, request.count, request.wid if kind == "write" else 0)
+            if process.wait(timeout=120) != 0:
+                sys.exit(f"snapshot create failed: {process.communicate()}")
+            self.snapshots[(name, snap)] = frozen
         elif verb == "delete":
             self.vd.run("snapshot", "delete", args[0], args[1])
             del self.snapshots[(args[0], args[1])]
@@ -148,7 +170,7 @@ class Scenario:
             handle = connect(self.vd.socket, export)
             data = read(handle, 0, SECTORS)
             close(handle)
-            differences = disk.compare(0, data)
+            differences = disk.compare(0, data, resolve=True)
             if differences:
                 print(f"FAILED after step {after!r}: export {export} differs from the model")
                 print("\n".join(report(differences, lambda wid: f"write #{wid}")))
