@@ -113,12 +113,11 @@ class Scenario:
                     request.conn = j % 2
                 self.run(group)
                 for request in group:
-                    before = request.first
                     if kind == "trim":
                         start = -(-request.first // 8) * 8
                         frozen.allow(start, max(0, (request.first + request.count) // 8 * 8 - start), 0)
                     else:
-                        frozen.allow(before, request.count, request.wid if kind == "write" else 0)
+                        frozen.allow(request.first, request.count, request.wid if kind == "write" else 0)
             if process.wait(timeout=120) != 0:
                 sys.exit(f"snapshot create failed: {process.communicate()}")
             self.snapshots[(name, snap)] = frozen
