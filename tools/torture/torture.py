@@ -478,7 +478,10 @@ class Torture:
         name = self.pick_volume()
         r = self.rng.random()
         variant = "killed" if r < 0.25 else "under load" if r < 0.55 else "router killed" if r < 0.62 else "plain"
-        delay = self.rng.uniform(0.05, 1.5)
+        # vd scrub spends its first 1.5 s taking the lease (write, settle, read back): most kills land after that,
+        # while it reads, packs, uploads and records its result (one draw, so the sequence of choices is unchanged).
+        u = self.rng.random()
+        delay = 0.05 + 1.45 * u / 0.3 if u < 0.3 else 1.5 + (u - 0.3) / 0.7
         self.log(f"scrub {name} --threshold 0.9 ({variant}"
                  + (f" after {delay:.2f} s" if "killed" in variant else "") + ")")
         process = self.vd.spawn("scrub", "--volume", name, "--threshold", "0.9", "--json")
