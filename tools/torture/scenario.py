@@ -181,6 +181,7 @@ def main():
     parser = argparse.ArgumentParser(description="Replay a short sequence of vd operations and check every export.")
     parser.add_argument("--vd", required=True)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--verify-at-end", action="store_true", help="check the exports only after the last step")
     parser.add_argument("steps", nargs="+")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="vd-scenario-")
@@ -194,9 +195,13 @@ def main():
         for text in args.steps:
             print(f"step: {text}", flush=True)
             scenario.step(text)
-            if not scenario.verify(text):
+            vd.check_alive()
+            if (not args.verify_at_end or text == args.steps[-1]) and not scenario.verify(text):
                 ok = False
                 break
+    except BaseException:
+        ok = False
+        raise
     finally:
         vd.stop_quietly()
         print(f"vd serve log: {vd.log_path}" if (args.keep or not ok) else "", end="")
