@@ -485,10 +485,12 @@ class Torture:
         # vd scrub spends its first 1.5 s taking the lease (write, settle, read back): most kills land after that,
         # while it reads, packs, uploads and records its result (one draw, so the sequence of choices is unchanged).
         u = self.rng.random()
-        delay = 0.05 + 1.45 * u / 0.3 if u < 0.3 else 1.5 + (u - 0.3) / 0.7
+        # A scrub to be killed reads at --rate 4M, so it spends a second or more copying, where a kill matters most.
+        delay = 0.05 + 1.45 * u / 0.3 if u < 0.3 else 1.5 + 2.0 * (u - 0.3) / 0.7
         self.log(f"scrub {name} --threshold 0.9 ({variant}"
                  + (f" after {delay:.2f} s" if "killed" in variant else "") + ")")
-        process = self.vd.spawn("scrub", "--volume", name, "--threshold", "0.9", "--json")
+        rate = ["--rate", "4M"] if "killed" in variant else []
+        process = self.vd.spawn("scrub", "--volume", name, "--threshold", "0.9", "--json", *rate)
         if variant == "killed":
             try:
                 process.wait(timeout=delay)
