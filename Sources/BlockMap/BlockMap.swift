@@ -182,8 +182,13 @@ package final class BlockMap: Sendable {
     }
 
     /// The value a snapshot taken at `epoch` sees for a cluster: the newest version with epoch <= `epoch`.
+    ///
+    /// History is reached only through a current key (a value or a tombstone): an unmap removes the key only when no
+    /// retained epoch needs an older version, so whatever history that cluster still has is dead (kept for a
+    /// snapshot deleted since) and must not be read.
     package func value(_ address: ClusterAddress, atEpoch epoch: UInt64) throws(VDError) -> MapValue? {
-        if let current = try current(address), current.epoch <= epoch { return current }
+        guard let current = try current(address) else { return nil }
+        if current.epoch <= epoch { return current }
         var result: MapValue?
         let path = database.path
         try database.scan(from: Self.historyKey(address, epoch: epoch), to: Self.historyKey(address, epoch: 0)) {
@@ -277,7 +282,8 @@ package final class BlockMap: Sendable {
                 let address = Self.address(ofKey: key)
                 let value = try MapValue.decode(raw, key: "history", path: path)
                 let next = successor?.address == address ? successor!.epoch : (currentEpochs[address] ?? .max)
-                if readBySnapshot(value.epoch, successor: next) {
+                // A cluster with no current key reads as never written at every epoch (see `value(_:atEpoch:)`).
+                if currentEpochs[address] != nil && readBySnapshot(value.epoch, successor: next) {
                     if value.location != nil { try body(address, value, false) }
                 } else {
                     try dead(address, value, next)

@@ -129,7 +129,8 @@ extension Volume {
             var dropped = 0
             try map.forEachLiveVersion(snapshotEpochs: retained, { _, _, _ throws(VDError) in }) {
                 address, value, successor throws(VDError) in
-                guard openEpoch > 0 && successor < openEpoch - 1 else { return }
+                // No successor (`.max`): the cluster has no current key, so nothing reads its history any more.
+                guard successor == .max || (openEpoch > 0 && successor < openEpoch - 1) else { return }
                 drop.append((address, value.epoch))
                 if drop.count == 65536 {
                     var update = MapUpdate()

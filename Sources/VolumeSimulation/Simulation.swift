@@ -98,7 +98,7 @@ struct SimFailure: Error {
 }
 
 /// One simulated machine: its local file system, its map stores and the router running on it.
-final class SimNode {
+final class SimNode: @unchecked Sendable {
     let name: String
     let fs: SimFileSystem
     let maps: SimKeyValueStores
@@ -144,7 +144,9 @@ final class Simulation: @unchecked Sendable {
     let scheduler: SimScheduler
     let trace: SimTrace
     let store: SimObjectStore
-    let node: SimNode
+    /// The node serving the volumes now (a move attaches them on a new one).
+    var node: SimNode
+    var nodeCount = 1
     let logger: Logger
     let client: SimProcess
     let compress: Bool
@@ -415,7 +417,8 @@ final class Simulation: @unchecked Sendable {
         case 720..<735: if config.scrubs { try runCheck(repair: scheduler.chance(0.3)) }
         case 735..<750: if config.crashes { try crash(.process) }
         case 750..<758: if config.crashes { try crash(.power) }
-        case 758..<765: if config.crashes { try drainAndRestoreFromBackend() }
+        case 758..<763: if config.crashes { try drainAndRestoreFromBackend() }
+        case 763..<765: if config.crashes { try moveToAnotherNode() }
         case 765..<770: if config.crashes { try crash(.flashLost) }
         case 770..<780: if config.backendFaults { startOutage(index) }
         case 780..<860: try wait(.milliseconds(Int64(scheduler.between(1...3000))))
@@ -1041,6 +1044,51 @@ final class Simulation: @unchecked Sendable {
         for name in devices.keys { devices[name]!.allStored() }
         node.fs.wipe(node.flashDirectory)
         node.maps.forget(prefix: node.flashDirectory)
+        try boot()
+        try verifyEverything(after: .drained, stored: [:])
+    }
+
+    /// A clean stop (drain), then every volume attached from the backend on another node, which serves them from
+    /// then on (`vd volume attach` on a fresh machine).
+    func moveToAnotherNode() throws {
+        trace.add("drain, then attach every volume on another node")
+        count("move")
+        try quiesce()
+        let router = self.router
+        let result = try runIn(routerProcess, "drain") { () async throws(VDError) -> Bool in
+            let results = await router.stop(drainTimeoutSeconds: 60)
+            return results.allSatisfy { $0.1.drained }
+        }
+        routerProcess.kill()
+        node.router = nil
+        guard case .success(true) = result else {
+            trace.add("the drain did not finish (backend down?): restarting where it was")
+            try boot()
+            try verifyEverything(after: .process, stored: [:])
+            return
+        }
+        for scrubber in scrubbers { scrubber.kill() }
+        let registrations = try VolumeRegistry.list(dataDirectory: node.dataDirectory, fs: node.fs)
+        nodeCount += 1
+        let next = SimNode(name: "node\(nodeCount)", scheduler: scheduler)
+        let cli = scheduler.makeProcess("attach#\(scheduler.steps)")
+        cli.role = "cli"
+        let store = self.store
+        let random = SimRandomSource(scheduler: scheduler)
+        // Parents first: a clone opens only once its parent is open.
+        let ordered = registrations.sorted { ($0.config.parent == nil ? 0 : 1, $0.config.name) < ($1.config.parent == nil ? 0 : 1, $1.config.name) }
+        for registration in ordered where !lostClones.contains(registration.config.name.rawValue) {
+            let name = registration.config.name
+            let attached = try runIn(cli, "attach \(name)") { () async throws(VDError) -> Bool in
+                _ = try await VolumeAdministration.attach(
+                    dataDirectory: next.dataDirectory, flashDirectory: next.flashDirectory, fs: next.fs, random: random,
+                    name: name, backendName: "sim", backend: store)
+                return true
+            }
+            if case .failure(let error) = attached { throw fail("cannot attach \(name) on \(next.name): \(error)") }
+        }
+        node = next
+        for name in devices.keys { devices[name]!.allStored() }
         try boot()
         try verifyEverything(after: .drained, stored: [:])
     }

@@ -162,6 +162,23 @@ import VolumeSimulation
         expectPasses(report, "scrub with a stale snapshot table")
     }
 
+    /// Found by the torture run ("Bug B"): once the only snapshot is deleted, an unmap leaves an older version in the
+    /// map's history that a later snapshot must never read.
+    @Test(arguments: seeds) func aSnapshotAfterAnUnmapNeverReadsADeletedSnapshotsVersion(seed: UInt64) {
+        let report = SimulationScript.run(seed: seed) { script in
+            try script.write(sectors: 0..<128)
+            try script.snapshot("s1")
+            try script.write(sectors: 0..<128)
+            try script.deleteSnapshot("s1")
+            try script.wait(seconds: 1)
+            try script.trim(sectors: 0..<128)
+            try script.snapshot("s2")
+            try script.verify()
+            try script.crash(.process)
+        }
+        expectPasses(report, "unmap after the only snapshot was deleted")
+    }
+
     /// Scenario 4: `vd check --repair` while a scrub runs must leave the scrub's new SCOs alone.
     @Test(arguments: seeds) func checkRepairLeavesARunningScrubAlone(seed: UInt64) {
         let report = SimulationScript.run(seed: seed) { script in
