@@ -54,7 +54,24 @@ run_targets() {
   return $failed
 }
 export -f run_targets
-if tools/s3/with-rgw.sh bash -c run_targets; then
+failed=0
+tools/s3/with-rgw.sh bash -c run_targets || failed=1
+# A bounded torture run over real NBD (tools/torture.sh): seeded I/O, snapshots, clones, rollbacks, scrubs (killed),
+# kill -9 and restarts from the backend, every export checked against a model. Seeds that once failed.
+if [ -z "$VD_TEST_FILTER" ]; then
+  for seed in 24 4; do
+    t0=$(date +%s)
+    log="$VD_TEST_TMP/vd-test-torture-$seed.log"
+    if VD_BIN="$(swift build --show-bin-path)/vd" tools/torture.sh --seed "$seed" --ops 150 >"$log" 2>&1; then
+      echo "torture seed $seed ($(( $(date +%s) - t0 )) s): $(tail -1 "$log")"
+    else
+      echo "torture seed $seed FAILED ($(( $(date +%s) - t0 )) s), see $log:" >&2
+      tail -40 "$log" >&2
+      failed=1
+    fi
+  done
+fi
+if [ $failed -eq 0 ]; then
   echo "all tests passed in $(( $(date +%s) - started )) s"
 else
   echo "tests FAILED after $(( $(date +%s) - started )) s" >&2
