@@ -48,7 +48,8 @@ package struct MapValue: Hashable, Sendable {
         let sco = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
         let offset = UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 16, as: UInt32.self))
         let crc = UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 20, as: UInt32.self))
-        return MapValue(epoch: epoch, location: sco == 0 ? nil : ClusterLocation(sco: SCONumber(sco), offset: offset, crc: crc))
+        return MapValue(
+            epoch: epoch, location: sco == 0 ? nil : ClusterLocation(sco: SCONumber(sco), offset: offset, crc: crc))
     }
 }
 
@@ -198,7 +199,9 @@ package final class BlockMap: Sendable {
         }
         // Also accept the epoch-0 key itself (the scan's end bound is exclusive).
         if result == nil, let raw = try database.get(Self.historyKey(address, epoch: 0)) {
-            result = try VDError.catching { try raw.withUnsafeBytes { try MapValue.decode($0, key: "history", path: path) } }
+            result = try VDError.catching {
+                try raw.withUnsafeBytes { try MapValue.decode($0, key: "history", path: path) }
+            }
         }
         return result
     }
@@ -211,12 +214,15 @@ package final class BlockMap: Sendable {
     }
 
     /// Addresses in `[start, end)` that have a current key (written at least once and not forgotten).
-    package func writtenAddresses(from start: ClusterAddress, to end: ClusterAddress, limit: Int = .max) throws(VDError)
+    package func writtenAddresses(
+        from start: ClusterAddress, to end: ClusterAddress, limit: Int = .max
+    ) throws(VDError)
         -> [(ClusterAddress, MapValue)]
     {
         var result: [(ClusterAddress, MapValue)] = []
         let path = database.path
-        try database.scan(from: Self.currentKey(start), to: Self.currentKey(end)) { (key, value) throws(VDError) -> Bool in
+        try database.scan(from: Self.currentKey(start), to: Self.currentKey(end)) {
+            (key, value) throws(VDError) -> Bool in
             result.append((Self.address(ofKey: key), try MapValue.decode(value, key: "current", path: path)))
             return result.count < limit
         }
@@ -243,7 +249,9 @@ package final class BlockMap: Sendable {
     package func forEachLiveVersion(
         snapshotEpochs: [UInt64], chunkClusters: Int = 65536,
         _ body: (ClusterAddress, MapValue, _ isCurrent: Bool) throws(VDError) -> Void,
-        dead: (ClusterAddress, MapValue, _ successorEpoch: UInt64) throws(VDError) -> Void = { _, _, _ throws(VDError) in }
+        dead: (ClusterAddress, MapValue, _ successorEpoch: UInt64) throws(VDError) -> Void = {
+            _, _, _ throws(VDError) in
+        }
     ) throws(VDError) {
         precondition(chunkClusters > 0)
         let epochs = snapshotEpochs.sorted()
@@ -278,7 +286,8 @@ package final class BlockMap: Sendable {
             let isLastChunk = currentEpochs.count < chunkClusters || last == .max
             let historyEnd = isLastChunk ? [UInt8(ascii: "i")] : Self.historyKey(last! + 1, epoch: .max)
             var successor: (address: ClusterAddress, epoch: UInt64)?
-            try view.scan(from: Self.historyKey(start, epoch: .max), to: historyEnd) { (key, raw) throws(VDError) -> Bool in
+            try view.scan(from: Self.historyKey(start, epoch: .max), to: historyEnd) {
+                (key, raw) throws(VDError) -> Bool in
                 let address = Self.address(ofKey: key)
                 let value = try MapValue.decode(raw, key: "history", path: path)
                 let next = successor?.address == address ? successor!.epoch : (currentEpochs[address] ?? .max)
@@ -330,7 +339,9 @@ package final class BlockMap: Sendable {
                 }
             }
         }
-        for (address, value) in update.history { batch.put(Self.historyKey(address, epoch: value.epoch), value.encode()) }
+        for (address, value) in update.history {
+            batch.put(Self.historyKey(address, epoch: value.epoch), value.encode())
+        }
         for (address, epoch) in update.dropHistory { batch.delete(Self.historyKey(address, epoch: epoch)) }
         for (name, value) in update.metadata { batch.put(Self.metadataKey(name), value) }
         try database.write(batch)

@@ -202,14 +202,17 @@ package struct MapChanges {
                 current.location == relocation.from
             {
                 update.current.append((relocation.address, MapValue(epoch: relocation.epoch, location: relocation.to)))
-            } else if let old = try map.history(relocation.address, epoch: relocation.epoch), old.location == relocation.from {
+            } else if let old = try map.history(relocation.address, epoch: relocation.epoch),
+                old.location == relocation.from
+            {
                 update.history.append((relocation.address, MapValue(epoch: relocation.epoch, location: relocation.to)))
             }
             if index % chunkClusters == chunkClusters - 1 { try flush() }
         }
         update.metadata.append((Self.scrubAppliedKey(id), [UInt8](littleEndian64: epoch)))
         for created in result.created {
-            update.metadata.append((Self.scrubSCOBytesKey(SCONumber(created.sco)), [UInt8](littleEndian64: created.lengthBytes)))
+            update.metadata.append(
+                (Self.scrubSCOBytesKey(SCONumber(created.sco)), [UInt8](littleEndian64: created.lengthBytes)))
         }
         try flush()
     }

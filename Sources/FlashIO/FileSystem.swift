@@ -58,7 +58,7 @@ extension FileSystem {
         let file: FlashFile
         do throws(VDError) {
             file = try open(path, options: .readOnly)
-        } catch where error.code == .notFound {
+        } catch  where error.code == .notFound {
             return nil
         }
         defer { file.close() }

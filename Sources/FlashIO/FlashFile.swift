@@ -5,11 +5,12 @@
 // A FlashFile is a handle on a `FileIO`: a real descriptor (`PosixFileIO`), or a simulated file (VolumeSimulation)
 // whose page cache and durable contents differ until it is synced.
 
+import Synchronization
+package import VolumeCore
+
 #if canImport(Glibc)
     @preconcurrency import Glibc
 #endif
-import Synchronization
-package import VolumeCore
 
 /// The operations on one open file.
 package protocol FileIO: Sendable {

@@ -49,12 +49,14 @@ package struct NamespaceCheck {
         defer { replay.close() }
         let contents = replay.contents
         let layout = replay.layout
-        report.tlogs = contents.lastEpoch.map { Int($0.rawValue - (contents.tlogNumbers.first?.rawValue ?? 1) + 1) } ?? 0
+        report.tlogs =
+            contents.lastEpoch.map { Int($0.rawValue - (contents.tlogNumbers.first?.rawValue ?? 1) + 1) } ?? 0
         if let last = contents.lastEpoch {
             let beyond = contents.tlogNumbers.filter { $0 > last.next }
             if !beyond.isEmpty {
                 report.problems.append(
-                    "the history stops at TLog \(last.hex) but later TLogs exist (\(beyond.map(\.hex).prefix(5).joined(separator: ", "))): a TLog is missing")
+                    "the history stops at TLog \(last.hex) but later TLogs exist (\(beyond.map(\.hex).prefix(5).joined(separator: ", "))): a TLog is missing"
+                )
             }
         }
         let deleted = contents.deletedSources
@@ -79,12 +81,14 @@ package struct NamespaceCheck {
             let bytes: ByteBuffer
             do {
                 bytes = try await replay.readSCO(sco, crc: info.crc)
-            } catch where error.code == .corrupt {
+            } catch  where error.code == .corrupt {
                 // Read again without the check to say how it differs.
                 if let raw = try? await replay.readSCO(sco), UInt64(raw.readableBytes) != info.lengthBytes {
-                    report.problems.append("\(object) is \(raw.readableBytes) bytes, its history says \(info.lengthBytes)")
+                    report.problems.append(
+                        "\(object) is \(raw.readableBytes) bytes, its history says \(info.lengthBytes)")
                 } else {
-                    report.problems.append("\(object) does not match the checksum its history recorded: \(error.message)")
+                    report.problems.append(
+                        "\(object) does not match the checksum its history recorded: \(error.message)")
                 }
                 continue
             } catch {
@@ -100,7 +104,8 @@ package struct NamespaceCheck {
                         CRC32C.checksum(cluster) == version.location.crc
                     else {
                         report.problems.append(
-                            "cluster \(version.address) (epoch \(version.epoch)) in \(object) at offset \(offset) does not verify")
+                            "cluster \(version.address) (epoch \(version.epoch)) in \(object) at offset \(offset) does not verify"
+                        )
                         continue
                     }
                 }
@@ -129,7 +134,7 @@ package struct NamespaceCheck {
         let lease: ScrubLease
         do {
             lease = try await ScrubLease.acquire(layout: layout, backend: backend, seconds: 60, env: env)
-        } catch where error.code == .busy {
+        } catch  where error.code == .busy {
             report.inFlight += scrubLeftovers
             report.notes.append("a scrub is running: its new SCOs are left alone (\(error.message))")
             for object in report.orphans {

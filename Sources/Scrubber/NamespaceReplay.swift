@@ -47,20 +47,26 @@ package struct NamespaceContents: Sendable {
 
     /// Sources of results applied in the history and marked applied: deleted, or being deleted.
     package var deletedSources: Set<UInt64> {
-        Set(results.values.filter { appliedResults.contains($0.id) && appliedInHistory.contains($0.id) }.flatMap(\.sources))
+        Set(
+            results.values.filter { appliedResults.contains($0.id) && appliedInHistory.contains($0.id) }.flatMap(
+                \.sources))
     }
 
     /// Length and CRC of any SCO the history knows (router or scrub-written).
     package func scoInfo(_ sco: SCONumber) -> (lengthBytes: UInt64, crc: UInt32)? {
         if let info = routerSCOs[sco] { return info }
         for result in results.values {
-            if let created = result.created.first(where: { $0.sco == sco.rawValue }) { return (created.lengthBytes, created.crc) }
+            if let created = result.created.first(where: { $0.sco == sco.rawValue }) {
+                return (created.lengthBytes, created.crc)
+            }
         }
         return nil
     }
 
     /// Results not yet applied: their sources must not be touched and their new SCOs are not referenced yet.
-    package var pendingResults: [ScrubResult] { results.values.filter { !appliedResults.contains($0.id) }.sorted { $0.id < $1.id } }
+    package var pendingResults: [ScrubResult] {
+        results.values.filter { !appliedResults.contains($0.id) }.sorted { $0.id < $1.id }
+    }
 }
 
 package final class NamespaceReplay: @unchecked Sendable {
@@ -81,27 +87,34 @@ package final class NamespaceReplay: @unchecked Sendable {
         let rawConfig: ByteBuffer
         do {
             rawConfig = try await backend.get(layout.configObject)
-        } catch where error.code == .notFound {
+        } catch  where error.code == .notFound {
             throw VDError(.notFound, "the backend (\(backend.description)) has no volume named \(volume)")
         }
-        let config = try MetadataRecord.decode(VolumeConfig.self, from: rawConfig, kind: .volumeConfig, what: layout.configObject)
+        let config = try MetadataRecord.decode(
+            VolumeConfig.self, from: rawConfig, kind: .volumeConfig, what: layout.configObject)
         var contents = NamespaceContents(config: config, snapshots: SnapshotTable())
         // TLogs first, then what they may depend on: a TLog is uploaded only after the snapshot table version and
         // the scrub results it relies on, so reading those afterwards sees at least what every listed TLog needs.
-        contents.tlogNumbers = VolumeLayout.numbers(in: try await backend.list(prefix: layout.tlogPrefix).map(\.name), prefix: layout.tlogPrefix)
+        contents.tlogNumbers = VolumeLayout.numbers(
+            in: try await backend.list(prefix: layout.tlogPrefix).map(\.name), prefix: layout.tlogPrefix)
         for info in try await backend.list(prefix: layout.scoPrefix) {
-            if let number = SCONumber(hex: info.name.dropFirst(layout.scoPrefix.count)) { contents.scoObjects[number] = info.sizeBytes }
+            if let number = SCONumber(hex: info.name.dropFirst(layout.scoPrefix.count)) {
+                contents.scoObjects[number] = info.sizeBytes
+            }
         }
         // Results are kept without their relocation tables (what the scrubber and the check reason about is small);
         // the replay loads a result's relocations only when a TLog applies it.
         let (resultIDs, applied) = try await NamespaceObjects.listScrubResults(layout: layout, backend: backend)
         contents.appliedResults = applied
         for id in resultIDs {
-            var result = try await NamespaceObjects.loadScrubResult(id, layout: layout, backend: backend, volumeID: config.id)
+            var result = try await NamespaceObjects.loadScrubResult(
+                id, layout: layout, backend: backend, volumeID: config.id)
             result.relocationTable = []
             contents.results[id] = result
         }
-        if let table = try await NamespaceObjects.loadSnapshotTable(layout: layout, backend: backend) { contents.snapshots = table }
+        if let table = try await NamespaceObjects.loadSnapshotTable(layout: layout, backend: backend) {
+            contents.snapshots = table
+        }
 
         let directory = workDirectory + "/replay-" + env.random.hexToken()
         try env.fs.makeDirectories(directory)
@@ -115,7 +128,8 @@ package final class NamespaceReplay: @unchecked Sendable {
                 var done = 0
                 while available.contains(epoch) {
                     let object = layout.tlogObject(epoch)
-                    let tlog = try await NamespaceObjects.getVerified(object, backend: backend) { (bytes) throws(VDError) in
+                    let tlog = try await NamespaceObjects.getVerified(object, backend: backend) {
+                        (bytes) throws(VDError) in
                         try TLog.decode(bytes, what: object)
                     }
                     guard tlog.volumeID == config.id, tlog.number == epoch else {
@@ -123,7 +137,9 @@ package final class NamespaceReplay: @unchecked Sendable {
                     }
                     var applies: [UInt64] = []
                     for record in tlog.records {
-                        if case .scoSealed(let sco, let length, let crc) = record { contents.routerSCOs[sco] = (length, crc) }
+                        if case .scoSealed(let sco, let length, let crc) = record {
+                            contents.routerSCOs[sco] = (length, crc)
+                        }
                         if case .scrubApplied(let id) = record {
                             contents.appliedInHistory.insert(id)
                             applies.append(id)
@@ -188,7 +204,9 @@ package final class NamespaceReplay: @unchecked Sendable {
             (address, value, _) throws(VDError) in
             let location = value.location!
             guard scos.contains(location.sco) else { return }
-            batch.put(Self.indexKey(location.sco, offset: location.offset), Self.indexValue(address, value.epoch, location.crc))
+            batch.put(
+                Self.indexKey(location.sco, offset: location.offset),
+                Self.indexValue(address, value.epoch, location.crc))
             if batch.count >= 65536 {
                 try database.write(batch)
                 batch = database.makeBatch()
@@ -202,12 +220,16 @@ package final class NamespaceReplay: @unchecked Sendable {
         var versions: [LiveVersion] = []
         try database.scan(from: Self.indexKey(sco, offset: 0), to: Self.indexKey(sco.next, offset: 0)) {
             (key, value) throws(VDError) -> Bool in
-            guard key.count == 13, value.count == 20 else { throw VDError(.corrupt, "scrub index entry of the wrong size") }
+            guard key.count == 13, value.count == 20 else {
+                throw VDError(.corrupt, "scrub index entry of the wrong size")
+            }
             let offset = UInt32(bigEndian: key.loadUnaligned(fromByteOffset: 9, as: UInt32.self))
             let address = UInt64(littleEndian: value.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
             let epoch = UInt64(littleEndian: value.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
             let crc = UInt32(littleEndian: value.loadUnaligned(fromByteOffset: 16, as: UInt32.self))
-            versions.append(LiveVersion(address: address, epoch: epoch, location: ClusterLocation(sco: sco, offset: offset, crc: crc)))
+            versions.append(
+                LiveVersion(
+                    address: address, epoch: epoch, location: ClusterLocation(sco: sco, offset: offset, crc: crc)))
             return true
         }
         return versions
@@ -249,7 +271,8 @@ package final class NamespaceReplay: @unchecked Sendable {
     static func decodeSCO(_ bytes: ByteBuffer, object: String) throws(VDError) -> ByteBuffer {
         guard CompressedSCOHeader.isCompressed(bytes) else { return bytes }
         let header = try CompressedSCOHeader.decode(bytes, what: object)
-        guard let index = bytes.getSlice(at: bytes.readerIndex + Int(header.indexOffset), length: header.indexBytes) else {
+        guard let index = bytes.getSlice(at: bytes.readerIndex + Int(header.indexOffset), length: header.indexBytes)
+        else {
             throw VDError(.corrupt, "\(object): the compressed SCO is shorter than its index")
         }
         let offsets = try CompressedSCO.decodeIndex(index, header: header, what: object)
@@ -262,7 +285,9 @@ package final class NamespaceReplay: @unchecked Sendable {
 /// Reading namespace metadata objects (shared with the router).
 package enum NamespaceObjects {
     /// The ids of the scrub results in a namespace, and which are marked applied (names only: nothing downloaded).
-    package static func listScrubResults(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError)
+    package static func listScrubResults(
+        layout: VolumeLayout, backend: any ObjectStore
+    ) async throws(VDError)
         -> (ids: [UInt64], applied: Set<UInt64>)
     {
         var ids: [UInt64] = []
@@ -279,7 +304,9 @@ package enum NamespaceObjects {
     }
 
     /// One scrub result, verified and checked to belong to the volume.
-    package static func loadScrubResult(_ id: UInt64, layout: VolumeLayout, backend: any ObjectStore, volumeID: VolumeID)
+    package static func loadScrubResult(
+        _ id: UInt64, layout: VolumeLayout, backend: any ObjectStore, volumeID: VolumeID
+    )
         async throws(VDError) -> ScrubResult
     {
         let name = layout.scrubResultObject(id)
@@ -294,7 +321,8 @@ package enum NamespaceObjects {
 
     /// The scrub results that `records` apply and `known` lacks, loaded (replays need exactly those).
     package static func resultsApplied(
-        by ids: [UInt64], known: [UInt64: ScrubResult], layout: VolumeLayout, backend: any ObjectStore, volumeID: VolumeID
+        by ids: [UInt64], known: [UInt64: ScrubResult], layout: VolumeLayout, backend: any ObjectStore,
+        volumeID: VolumeID
     ) async throws(VDError) -> [UInt64: ScrubResult] {
         var loaded: [UInt64: ScrubResult] = [:]
         for id in ids where known[id] == nil && loaded[id] == nil {
@@ -313,7 +341,7 @@ package enum NamespaceObjects {
             attempt += 1
             do throws(VDError) {
                 return try decode(try await backend.get(name))
-            } catch where error.code == .corrupt && attempt < attempts {
+            } catch  where error.code == .corrupt && attempt < attempts {
                 continue
             }
         }
@@ -321,7 +349,9 @@ package enum NamespaceObjects {
 
     /// The newest snapshot table on the backend (nil when there is none). A table that does not verify is an error:
     /// an older version could lack snapshots, and whatever relies on the table (a scrub) would then lose their data.
-    package static func loadSnapshotTable(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) -> SnapshotTable? {
+    package static func loadSnapshotTable(
+        layout: VolumeLayout, backend: any ObjectStore
+    ) async throws(VDError) -> SnapshotTable? {
         for _ in 0..<3 {
             let names = try await backend.list(prefix: layout.snapshotsPrefix).map(\.name)
             guard let newest = names.max() else { return nil }
@@ -329,7 +359,7 @@ package enum NamespaceObjects {
                 return try await getVerified(newest, backend: backend) { (bytes) throws(VDError) in
                     try MetadataRecord.decode(SnapshotTable.self, from: bytes, kind: .snapshotTable, what: newest)
                 }
-            } catch where error.code == .notFound {
+            } catch  where error.code == .notFound {
                 continue  // replaced by a newer version meanwhile: list again
             }
         }

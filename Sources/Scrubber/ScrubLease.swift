@@ -45,19 +45,23 @@ package final class ScrubLease: @unchecked Sendable {
     /// damaged on the way) is an error, never "no lease": taking a lease someone holds lets two scrubbers run.
     package static func read(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) -> LeaseRecord? {
         do {
-            return try await NamespaceObjects.getVerified(layout.scrubLeaseObject, backend: backend) { (bytes) throws(VDError) in
+            return try await NamespaceObjects.getVerified(layout.scrubLeaseObject, backend: backend) {
+                (bytes) throws(VDError) in
                 try MetadataRecord.decode(LeaseRecord.self, from: bytes, kind: .lease, what: layout.scrubLeaseObject)
             }
-        } catch where error.code == .notFound {
+        } catch  where error.code == .notFound {
             return nil
-        } catch where error.code == .corrupt {
+        } catch  where error.code == .corrupt {
             throw VDError(
                 .busy,
-                "the scrub lease \(layout.scrubLeaseObject) does not verify (\(error.message)); if no scrub of \(layout.namespace) runs, delete that object")
+                "the scrub lease \(layout.scrubLeaseObject) does not verify (\(error.message)); if no scrub of \(layout.namespace) runs, delete that object"
+            )
         }
     }
 
-    package static func acquire(layout: VolumeLayout, backend: any ObjectStore, seconds: Double, env: Environment)
+    package static func acquire(
+        layout: VolumeLayout, backend: any ObjectStore, seconds: Double, env: Environment
+    )
         async throws(VDError) -> ScrubLease
     {
         let clock = env.clock

@@ -92,7 +92,8 @@ package struct Scrubber {
         func elapsedSeconds() -> Double { started.duration(to: env.clock.now()).seconds }
         var summary = ScrubSummary(volume: volume.rawValue)
         let layout = VolumeLayout(flashDirectory: "", namespace: volume.rawValue)
-        let lease = try await ScrubLease.acquire(layout: layout, backend: backend, seconds: options.leaseSeconds, env: env)
+        let lease = try await ScrubLease.acquire(
+            layout: layout, backend: backend, seconds: options.leaseSeconds, env: env)
         defer { env.tasks.spawn { [backend] in await lease.release(backend: backend) } }
         logger.info("scrub of \(volume): lease taken")
         env.tasks.failpoint("after-lease")
@@ -165,7 +166,9 @@ package struct Scrubber {
             resultID = 1 + env.random.below(ScrubResult.idLimit - 1)
             let used =
                 contents.results[resultID] != nil
-                || contents.scoObjects.keys.contains { ScrubResult.isScrubSCO($0) && ScrubResult.resultID(ofSCO: $0) == resultID }
+                || contents.scoObjects.keys.contains {
+                    ScrubResult.isScrubSCO($0) && ScrubResult.resultID(ofSCO: $0) == resultID
+                }
             if !used, try await backend.head(layout.scrubResultObject(resultID)) == nil { break }
         }
         try replay.indexLiveVersions(in: Set(candidates.map(\.sco)))
@@ -201,7 +204,8 @@ package struct Scrubber {
                     else {
                         throw VDError(
                             .corrupt,
-                            "\(layout.scoObject(candidate.sco)) is shorter than the cluster the map places at offset \(offset)")
+                            "\(layout.scoObject(candidate.sco)) is shorter than the cluster the map places at offset \(offset)"
+                        )
                     }
                     guard CRC32C.checksum(cluster) == version.location.crc else {
                         throw VDError(
@@ -223,7 +227,9 @@ package struct Scrubber {
             summary.sourceBytes += candidate.length
             summary.copiedBytes += UInt64(versions.count) * clusterBytes
             summary.rewrittenSCOs += 1
-            progress("scrub \(volume): \(summary.rewrittenSCOs)/\(candidates.count) SCOs, \(ByteSize.format(summary.sourceBytes)) processed")
+            progress(
+                "scrub \(volume): \(summary.rewrittenSCOs)/\(candidates.count) SCOs, \(ByteSize.format(summary.sourceBytes)) processed"
+            )
         }
         if let last = writer.finish() { created.append(try await upload(last, layout: layout)) }
         env.tasks.failpoint("before-result")
@@ -231,9 +237,11 @@ package struct Scrubber {
         try await lease.verifyHeld(backend: backend)
 
         let result = ScrubResult(
-            id: resultID, volumeID: contents.config.id, createdAt: env.clock.wallNow(), sources: sources, created: created, relocations: relocations,
+            id: resultID, volumeID: contents.config.id, createdAt: env.clock.wallNow(), sources: sources,
+            created: created, relocations: relocations,
             sourceBytes: summary.sourceBytes, copiedBytes: summary.copiedBytes)
-        try await backend.put(layout.scrubResultObject(resultID), data: try MetadataRecord.encode(result, kind: .scrubResult))
+        try await backend.put(
+            layout.scrubResultObject(resultID), data: try MetadataRecord.encode(result, kind: .scrubResult))
         env.tasks.failpoint("after-result")
         summary.resultID = resultID
         let createdBytes = created.reduce(0) { $0 + $1.lengthBytes }
@@ -246,7 +254,8 @@ package struct Scrubber {
         let crc = CRC32C.checksum(sco.bytes)
         let data =
             options.compress
-            ? CompressedSCO.compress(sco.bytes, volumeID: sco.volumeID, number: sco.number, originalCRC: crc) : sco.bytes
+            ? CompressedSCO.compress(sco.bytes, volumeID: sco.volumeID, number: sco.number, originalCRC: crc)
+            : sco.bytes
         try await backend.put(layout.scoObject(sco.number), data: data)
         return ScrubResult.CreatedSCO(sco: sco.number.rawValue, lengthBytes: UInt64(sco.bytes.readableBytes), crc: crc)
     }
@@ -267,7 +276,8 @@ struct SCOPacker {
     let resultID: UInt64
     let scoSizeBytes: UInt64
     private var index = 0
-    private var current: (number: SCONumber, bytes: ByteBuffer, chain: UInt32, entries: [BatchEntry], payloads: ByteBuffer)?
+    private var current:
+        (number: SCONumber, bytes: ByteBuffer, chain: UInt32, entries: [BatchEntry], payloads: ByteBuffer)?
     private(set) var lastLocation: ClusterLocation?
 
     init(volumeID: VolumeID, clusterSizeBytes: UInt32, resultID: UInt64, scoSizeBytes: UInt64) {
@@ -282,14 +292,16 @@ struct SCOPacker {
         var finished: PackedSCO?
         let needed = UInt64(SCOFormat.blockBytes) * 2 + UInt64(clusterSizeBytes)
         if let open = current,
-            UInt64(open.bytes.readableBytes + SCOFormat.blockBytes + open.payloads.readableBytes) + needed > scoSizeBytes
+            UInt64(open.bytes.readableBytes + SCOFormat.blockBytes + open.payloads.readableBytes) + needed
+                > scoSizeBytes
         {
             finished = finish()
         }
         if current == nil {
             let number = ScrubResult.scoNumber(result: resultID, index: index)
             index += 1
-            let header = SCOHeader(volumeID: volumeID, sco: number, clusterSizeBytes: clusterSizeBytes, epoch: 0).encode()
+            let header = SCOHeader(volumeID: volumeID, sco: number, clusterSizeBytes: clusterSizeBytes, epoch: 0)
+                .encode()
             current = (number, header, BatchHeader.storedCRC(of: header), [], ByteBuffer())
         }
         if current!.entries.count == BatchHeader.entriesMax { flushBatch() }
@@ -348,4 +360,3 @@ actor Throttle {
         if due > elapsed { await clock.sleep(for: .seconds(double: due - elapsed)) }
     }
 }
-

@@ -39,7 +39,9 @@ package struct JournalScan: Sendable {
                 switch entry {
                 case .data(let address, let crc):
                     records.append(
-                        .write(address: address, location: ClusterLocation(sco: header.sco, offset: UInt32(payload), crc: crc)))
+                        .write(
+                            address: address,
+                            location: ClusterLocation(sco: header.sco, offset: UInt32(payload), crc: crc)))
                     payload += clusterBytes
                 case .unmap(let address, let count):
                     records.append(.unmap(address: address, count: count))
@@ -123,7 +125,8 @@ package enum JournalScanner {
             if payloadBytes > 0 {
                 let got = try VDError.catching {
                     try payload.withUnsafeMutableBytes {
-                        try file.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<payloadBytes]), at: payloadStart)
+                        try file.read(
+                            into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<payloadBytes]), at: payloadStart)
                     }
                 }
                 guard got == payloadBytes else { break }
@@ -133,7 +136,8 @@ package enum JournalScanner {
             for entry in batch.entries {
                 guard case .data(_, let crc) = entry else { continue }
                 let actual = payload.withUnsafeBytes {
-                    CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[(index * clusterBytes)..<((index + 1) * clusterBytes)]))
+                    CRC32C.checksum(
+                        UnsafeRawBufferPointer(rebasing: $0[(index * clusterBytes)..<((index + 1) * clusterBytes)]))
                 }
                 if actual != crc { break scanning }
                 index += 1

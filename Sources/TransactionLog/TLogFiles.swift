@@ -23,7 +23,9 @@ package enum TLogFiles {
     }
 
     /// The bytes of a local TLog file (for upload).
-    package static func readBytes(_ number: SCONumber, directory: String, fs: any FileSystem) throws(VDError) -> ByteBuffer {
+    package static func readBytes(
+        _ number: SCONumber, directory: String, fs: any FileSystem
+    ) throws(VDError) -> ByteBuffer {
         let path = directory + "/" + fileName(number)
         guard let bytes = try fs.readWholeFile(path) else { throw VDError(.notFound, "\(path) does not exist") }
         return ByteBuffer(bytes: bytes)

@@ -12,7 +12,9 @@ public struct MonotonicInstant: Comparable, Hashable, Sendable, CustomStringConv
     public var sinceOrigin: Duration
     public init(sinceOrigin: Duration) { self.sinceOrigin = sinceOrigin }
     public static func < (a: MonotonicInstant, b: MonotonicInstant) -> Bool { a.sinceOrigin < b.sinceOrigin }
-    public static func + (a: MonotonicInstant, b: Duration) -> MonotonicInstant { MonotonicInstant(sinceOrigin: a.sinceOrigin + b) }
+    public static func + (a: MonotonicInstant, b: Duration) -> MonotonicInstant {
+        MonotonicInstant(sinceOrigin: a.sinceOrigin + b)
+    }
     public func duration(to later: MonotonicInstant) -> Duration { later.sinceOrigin - sinceOrigin }
     public var description: String { "\(sinceOrigin)" }
 }

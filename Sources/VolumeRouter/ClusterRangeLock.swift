@@ -24,7 +24,9 @@ final class ClusterRangeLock: Sendable {
 
     func acquire(_ range: ClosedRange<ClusterAddress>) async {
         let granted = state.withLock { state -> Bool in
-            guard state.isFree(range), !state.waiters.contains(where: { $0.range.overlaps(range) }) else { return false }
+            guard state.isFree(range), !state.waiters.contains(where: { $0.range.overlaps(range) }) else {
+                return false
+            }
             state.held.append(range)
             return true
         }

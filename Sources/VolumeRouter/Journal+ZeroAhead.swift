@@ -85,7 +85,8 @@ extension Journal {
         while true {
             let now = env.clock.now()
             let job = shared.withLock { state -> (FlashFile, Range<UInt64>)? in
-                let alignedReserve = (state.reservedEnd + Self.zeroChunkBytes - 1) / Self.zeroChunkBytes * Self.zeroChunkBytes
+                let alignedReserve =
+                    (state.reservedEnd + Self.zeroChunkBytes - 1) / Self.zeroChunkBytes * Self.zeroChunkBytes
                 let start = max(state.zeroFrontier, alignedReserve)
                 guard state.failure == nil, !state.zeroingPaused, start < scoSize,
                     start < state.reservedEnd + Self.zeroRunwayBytes, state.journalIsSlow(now: now)

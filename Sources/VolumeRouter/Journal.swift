@@ -70,7 +70,8 @@ final class JournalState: @unchecked Sendable {
     var chainCRC: UInt32
 
     init(epoch: UInt64, sco: SCONumber, highestSCO: SCONumber, file: FlashFile, writeOffset: UInt64, chainCRC: UInt32) {
-        precondition(sco <= highestSCO && !ScrubResult.isScrubSCO(sco), "a journal SCO number above the high-water mark")
+        precondition(
+            sco <= highestSCO && !ScrubResult.isScrubSCO(sco), "a journal SCO number above the high-water mark")
         self.epoch = epoch
         self.sco = sco
         self.highestSCO = highestSCO
@@ -194,7 +195,9 @@ final class Journal: Sendable {
     }
 
     /// Runs `body` with leader rights, ordered with every write.
-    func exclusive(whileClosing: Bool = false, _ body: @escaping @Sendable (JournalLeader) async throws(VDError) -> Void)
+    func exclusive(
+        whileClosing: Bool = false, _ body: @escaping @Sendable (JournalLeader) async throws(VDError) -> Void
+    )
         async throws(VDError)
     {
         try await submit(.exclusive(ExclusiveRequest(run: body)), whileClosing: whileClosing)
@@ -300,7 +303,8 @@ final class Journal: Sendable {
                     for (index, batch) in pending.batches.enumerated() {
                         iovecs.append(
                             UnsafeRawBufferPointer(
-                                rebasing: headerBytes[(index * SCOFormat.blockBytes)..<((index + 1) * SCOFormat.blockBytes)]))
+                                rebasing: headerBytes[
+                                    (index * SCOFormat.blockBytes)..<((index + 1) * SCOFormat.blockBytes)]))
                         for run in batch.payloadRuns {
                             let base = pointers[run.buffer]
                             iovecs.append(UnsafeRawBufferPointer(rebasing: base[run.start..<(run.start + run.length)]))
@@ -315,7 +319,8 @@ final class Journal: Sendable {
             logger.error("journal write to \(file.path) failed: \(error)")
             throw error
         }
-        let startCheckpoint = MapCheckpoint(epoch: state.epoch, offset: pending.startOffset, chainCRC: pending.startChainCRC)
+        let startCheckpoint = MapCheckpoint(
+            epoch: state.epoch, offset: pending.startOffset, chainCRC: pending.startChainCRC)
         let written = pending.endOffset - pending.startOffset
         state.writeOffset = pending.endOffset
         state.chainCRC = pending.chainCRC
@@ -327,7 +332,8 @@ final class Journal: Sendable {
         } catch {
             // The journal holds the batch but the map does not: reads would no longer match what a replay gives.
             // Fail-stop: no more writes; a restart replays the journal into the map.
-            let failure = VDError(error.code, "volume \(volumeName): the map could not take a journal batch: \(error.message)")
+            let failure = VDError(
+                error.code, "volume \(volumeName): the map could not take a journal batch: \(error.message)")
             markFailed(failure)
             throw failure
         }
@@ -368,7 +374,8 @@ final class Journal: Sendable {
         let next = state.highestSCO.next
         let nextEpoch = oldEpoch + 1
         let (file, headerCRC) = try Self.createJournalFile(
-            fs: env.fs, layout: layout, volumeID: volumeID, sco: next, epoch: nextEpoch, clusterSizeBytes: clusterSizeBytes,
+            fs: env.fs, layout: layout, volumeID: volumeID, sco: next, epoch: nextEpoch,
+            clusterSizeBytes: clusterSizeBytes,
             sizeBytes: options.scoSizeBytes)
         state.highestSCO = next
         env.tasks.failpoint("roll-after-next-journal")
@@ -428,10 +435,11 @@ final class Journal: Sendable {
         do throws(VDError) {
             do throws(VDError) {
                 try file.preallocate(sizeBytes, keepSize: false)
-            } catch where error.code != .noSpace {
+            } catch  where error.code != .noSpace {
                 // Some file systems cannot preallocate; appending still works.
             }
-            let header = SCOHeader(volumeID: volumeID, sco: sco, clusterSizeBytes: clusterSizeBytes, epoch: epoch).encode()
+            let header = SCOHeader(volumeID: volumeID, sco: sco, clusterSizeBytes: clusterSizeBytes, epoch: epoch)
+                .encode()
             try header.withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: 0) }
             try file.sync()
             try fs.syncDirectory(layout.scoDirectory)
@@ -458,7 +466,8 @@ final class Journal: Sendable {
     /// `files` were synced: rolled ones among them need no more syncs.
     func synced(_ files: [FlashFile]) {
         shared.withLock { shared in
-            shared.unsyncedFiles.removeAll { synced in synced !== shared.currentFile && files.contains { $0 === synced } }
+            shared.unsyncedFiles.removeAll { synced in synced !== shared.currentFile && files.contains { $0 === synced }
+            }
         }
     }
 
@@ -468,7 +477,9 @@ final class Journal: Sendable {
     }
 
     /// When the open journal's first write happened (nil: empty, or writes are stopped).
-    var openJournalFirstWrite: MonotonicInstant? { shared.withLock { $0.failure == nil ? $0.openJournalFirstWrite : nil } }
+    var openJournalFirstWrite: MonotonicInstant? {
+        shared.withLock { $0.failure == nil ? $0.openJournalFirstWrite : nil }
+    }
     var openJournalBytes: UInt64 { shared.withLock { $0.openJournalBytes } }
 
     /// Refuses further writes: closing (`.shutdown`), or a failure that may have lost acknowledged data. Returns
@@ -476,7 +487,9 @@ final class Journal: Sendable {
     @discardableResult
     func refuseWrites(_ error: VDError) -> Bool {
         shared.withLock { state -> Bool in
-            guard state.failure == nil || (state.failure?.code == .shutdown && error.code != .shutdown) else { return false }
+            guard state.failure == nil || (state.failure?.code == .shutdown && error.code != .shutdown) else {
+                return false
+            }
             state.failure = error
             return true
         }
@@ -554,7 +567,8 @@ struct PendingBatches {
     }
 
     mutating func append(entries: [BatchEntry], buffer: ByteBuffer, payloadIndex: [Int], volumeID: VolumeID) {
-        let header = BatchHeader(volumeID: volumeID, sco: sco, offset: endOffset, previousCRC: chainCRC, entries: entries)
+        let header = BatchHeader(
+            volumeID: volumeID, sco: sco, offset: endOffset, previousCRC: chainCRC, entries: entries)
         var runs: [PayloadRun] = []
         if !payloadIndex.isEmpty {
             let bufferIndex: Int

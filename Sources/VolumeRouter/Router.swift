@@ -12,12 +12,12 @@
 
 import BlockMap
 package import FlashIO
+package import Foundation
 package import Logging
 import NIOCore
 import NIOPosix
 package import ObjectStore
 package import SCOCache
-package import Foundation
 import Synchronization
 import TransactionLog
 package import VolumeCore
@@ -76,18 +76,24 @@ package struct RouterConfiguration: Sendable {
 /// The registrations of a data directory (usable without owning it, for read-only listing).
 package enum VolumeRegistry {
     package static func directory(_ data: String) -> String { data + "/volumes" }
-    package static func path(_ data: String, _ name: VolumeName) -> String { directory(data) + "/" + name.rawValue + ".volume" }
+    package static func path(_ data: String, _ name: VolumeName) -> String {
+        directory(data) + "/" + name.rawValue + ".volume"
+    }
 
     package static func list(dataDirectory: String, fs: any FileSystem) throws(VDError) -> [VolumeRegistration] {
         var result: [VolumeRegistration] = []
         for file in try fs.listDirectory(directory(dataDirectory)).sorted() where file.hasSuffix(".volume") {
             guard let name = VolumeName(rawValue: String(file.dropLast(".volume".count))) else { continue }
-            if let registration = try read(dataDirectory: dataDirectory, name: name, fs: fs) { result.append(registration) }
+            if let registration = try read(dataDirectory: dataDirectory, name: name, fs: fs) {
+                result.append(registration)
+            }
         }
         return result
     }
 
-    package static func read(dataDirectory: String, name: VolumeName, fs: any FileSystem) throws(VDError)
+    package static func read(
+        dataDirectory: String, name: VolumeName, fs: any FileSystem
+    ) throws(VDError)
         -> VolumeRegistration?
     {
         let path = path(dataDirectory, name)
@@ -96,7 +102,9 @@ package enum VolumeRegistry {
             VolumeRegistration.self, from: ByteBuffer(bytes: bytes), kind: .volumeRegistration, what: path)
     }
 
-    package static func write(_ registration: VolumeRegistration, dataDirectory: String, fs: any FileSystem)
+    package static func write(
+        _ registration: VolumeRegistration, dataDirectory: String, fs: any FileSystem
+    )
         throws(VDError)
     {
         let directory = directory(dataDirectory)
@@ -126,7 +134,8 @@ package enum VolumeAdministration {
             throw VDError(.alreadyExists, "volume \(name) already exists")
         }
         let config = VolumeConfig(
-            name: name, id: id, sizeBytes: sizeBytes, clusterSizeBytes: clusterSizeBytes, createdAt: createdAt, parent: parent)
+            name: name, id: id, sizeBytes: sizeBytes, clusterSizeBytes: clusterSizeBytes, createdAt: createdAt,
+            parent: parent)
         let layout = VolumeLayout(flashDirectory: "", namespace: name.rawValue)
         let existingConfig = try await backend.head(layout.configObject)
         let existingObjects = try await backend.list(prefix: layout.namespace + "/")
@@ -138,7 +147,8 @@ package enum VolumeAdministration {
         }
         try await backend.put(layout.configObject, data: try MetadataRecord.encode(config, kind: .volumeConfig))
         try VolumeRegistry.write(
-            VolumeRegistration(config: config, backend: backendName, namespace: name.rawValue), dataDirectory: dataDirectory,
+            VolumeRegistration(config: config, backend: backendName, namespace: name.rawValue),
+            dataDirectory: dataDirectory,
             fs: fs)
         return config
     }
@@ -156,10 +166,13 @@ package enum VolumeAdministration {
         let raw: ByteBuffer
         do {
             raw = try await backend.get(layout.configObject)
-        } catch where error.code == .notFound {
-            throw VDError(.notFound, "the backend (\(backend.description)) has no volume named \(name) (no \(layout.configObject))")
+        } catch  where error.code == .notFound {
+            throw VDError(
+                .notFound,
+                "the backend (\(backend.description)) has no volume named \(name) (no \(layout.configObject))")
         }
-        let config = try MetadataRecord.decode(VolumeConfig.self, from: raw, kind: .volumeConfig, what: layout.configObject)
+        let config = try MetadataRecord.decode(
+            VolumeConfig.self, from: raw, kind: .volumeConfig, what: layout.configObject)
         guard config.name == name else {
             throw VDError(.corrupt, "\(layout.configObject) describes volume \(config.name), not \(name)")
         }
@@ -173,7 +186,8 @@ package enum VolumeAdministration {
             try fs.syncDirectory(flashDirectory)
         }
         try VolumeRegistry.write(
-            VolumeRegistration(config: config, backend: backendName, namespace: name.rawValue), dataDirectory: dataDirectory,
+            VolumeRegistration(config: config, backend: backendName, namespace: name.rawValue),
+            dataDirectory: dataDirectory,
             fs: fs)
         return (config, tlogs.count, scos.reduce(0) { $0 + $1.sizeBytes })
     }
@@ -294,7 +308,9 @@ package final class Router: Sendable {
 
     /// Opens a registered volume (its parent first, for a clone) if it is not open yet.
     @discardableResult
-    package func open(_ registration: VolumeRegistration, progress: @escaping @Sendable (String) -> Void) async throws(VDError)
+    package func open(
+        _ registration: VolumeRegistration, progress: @escaping @Sendable (String) -> Void
+    ) async throws(VDError)
         -> Volume
     {
         if let existing = volume(named: registration.config.name) { return existing }
@@ -306,7 +322,8 @@ package final class Router: Sendable {
             else {
                 throw VDError(
                     .notFound,
-                    "volume \(registration.config.name) is a clone of \(link.volume), which is not registered here; attach \(link.volume) first")
+                    "volume \(registration.config.name) is a clone of \(link.volume), which is not registered here; attach \(link.volume) first"
+                )
             }
             parent = try await open(parentRegistration, progress: progress)
         }
@@ -337,7 +354,9 @@ package final class Router: Sendable {
     /// Creates a thin clone `name` of `parentName`@`snapshotName` and opens it. The clone is recorded on the parent's
     /// snapshot first: a crash between the two leaves a snapshot that refuses to be deleted for a clone that does not
     /// exist (visible and fixable), never a clone without its snapshot.
-    package func createClone(named name: VolumeName, of parentName: VolumeName, snapshot snapshotName: String)
+    package func createClone(
+        named name: VolumeName, of parentName: VolumeName, snapshot snapshotName: String
+    )
         async throws(VDError) -> Volume
     {
         let parent = try await openVolume(named: parentName)
@@ -354,7 +373,8 @@ package final class Router: Sendable {
             _ = try await VolumeAdministration.create(
                 dataDirectory: configuration.dataDirectory, fs: env.fs, name: name, sizeBytes: parent.config.sizeBytes,
                 clusterSizeBytes: parent.config.clusterSizeBytes, backendName: parentRegistration.backend,
-                backend: store, parent: VolumeConfig.Parent(volume: parentName, snapshot: snapshot.name, epoch: snapshot.epoch),
+                backend: store,
+                parent: VolumeConfig.Parent(volume: parentName, snapshot: snapshot.name, epoch: snapshot.epoch),
                 id: .random(using: env.random), createdAt: env.clock.wallNow())
         } catch {
             try? parent.setClone(name.rawValue, ofSnapshot: snapshot.name, present: false)
@@ -366,7 +386,9 @@ package final class Router: Sendable {
     /// The open volume, opening it (and its parents) on demand.
     package func openVolume(named name: VolumeName) async throws(VDError) -> Volume {
         if let volume = volume(named: name) { return volume }
-        guard let registration = try VolumeRegistry.read(dataDirectory: configuration.dataDirectory, name: name, fs: env.fs)
+        guard
+            let registration = try VolumeRegistry.read(
+                dataDirectory: configuration.dataDirectory, name: name, fs: env.fs)
         else {
             throw VDError(.notFound, "no volume named \(name) in \(configuration.dataDirectory) (see `vd volume list`)")
         }

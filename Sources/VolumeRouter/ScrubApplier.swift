@@ -99,7 +99,8 @@ final class ScrubApplier: Sendable {
                 if let known = state.withLock({ $0.results[id] }) {
                     result = known
                 } else {
-                    result = try await NamespaceObjects.loadScrubResult(id, layout: layout, backend: backend, volumeID: volumeID)
+                    result = try await NamespaceObjects.loadScrubResult(
+                        id, layout: layout, backend: backend, volumeID: volumeID)
                 }
                 let appliedEpoch = try map.metadata(MapChanges.scrubAppliedKey(id))?.littleEndianUInt64
                 if applied.contains(id) {
@@ -115,7 +116,8 @@ final class ScrubApplier: Sendable {
                     let now = env.clock.now()
                     state.withLock { $0.appliedAt[id] = now }
                     logger.info(
-                        "applied scrub result \(id): \(result.relocationTable.count / 7) cluster(s) now in \(result.created.count) new SCO(s)")
+                        "applied scrub result \(id): \(result.relocationTable.count / 7) cluster(s) now in \(result.created.count) new SCO(s)"
+                    )
                 }
             }
         } catch {
@@ -154,14 +156,16 @@ final class ScrubApplier: Sendable {
             let length: UInt64
             do {
                 length = try await delegate.backendSCOLength(sco)
-            } catch where error.code == .notFound || error.code == .corrupt || error.code == .outOfRange {
+            } catch  where error.code == .notFound || error.code == .corrupt || error.code == .outOfRange {
                 logger.error(
-                    "scrub result \(result.id) is not applied: its SCO \(layout.scoObject(sco)) is missing or does not verify (\(error.message))")
+                    "scrub result \(result.id) is not applied: its SCO \(layout.scoObject(sco)) is missing or does not verify (\(error.message))"
+                )
                 return false
             }
             guard length == created.lengthBytes else {
                 logger.error(
-                    "scrub result \(result.id) is not applied: \(layout.scoObject(sco)) is \(length) bytes, the result says \(created.lengthBytes)")
+                    "scrub result \(result.id) is not applied: \(layout.scoObject(sco)) is \(length) bytes, the result says \(created.lengthBytes)"
+                )
                 return false
             }
         }
@@ -178,7 +182,9 @@ final class ScrubApplier: Sendable {
             state.appliedAt[result.id] = now
             return now
         }
-        guard appliedAt.duration(to: now) >= .milliseconds(Int64(options.scrubDeleteGraceSeconds * 1000)) else { return }
+        guard appliedAt.duration(to: now) >= .milliseconds(Int64(options.scrubDeleteGraceSeconds * 1000)) else {
+            return
+        }
         try await backend.put(layout.scrubAppliedObject(result.id), data: ByteBuffer())
         env.tasks.failpoint("router-scrub-after-marker")
         try await deleteSources(of: result)

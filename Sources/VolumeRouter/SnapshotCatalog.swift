@@ -65,7 +65,8 @@ final class SnapshotCatalog: Sendable {
     static func loadLocal(layout: VolumeLayout, fs: any FileSystem) throws(VDError) -> SnapshotTable? {
         let path = layout.flashDirectory + "/" + fileName
         guard let bytes = try fs.readWholeFile(path) else { return nil }
-        return try MetadataRecord.decode(SnapshotTable.self, from: ByteBuffer(bytes: bytes), kind: .snapshotTable, what: path)
+        return try MetadataRecord.decode(
+            SnapshotTable.self, from: ByteBuffer(bytes: bytes), kind: .snapshotTable, what: path)
     }
 
     /// Uploads the table if it changed since the last upload, then removes older copies (keeping one). False when

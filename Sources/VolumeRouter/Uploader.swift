@@ -91,7 +91,9 @@ final class Uploader: Sendable {
     var status: UploadStatus {
         let bytes = journal.unstoredBytes.load(ordering: .relaxed)
         return state.withLock {
-            UploadStatus(storedThrough: $0.storedThrough, pendingSCOs: $0.sealed.count, unstoredBytes: bytes, lastError: $0.lastError)
+            UploadStatus(
+                storedThrough: $0.storedThrough, pendingSCOs: $0.sealed.count, unstoredBytes: bytes,
+                lastError: $0.lastError)
         }
     }
 
@@ -159,7 +161,9 @@ final class Uploader: Sendable {
     private func takeNextSCO() -> (SCONumber, SealedEpoch)? {
         state.withLock { state in
             guard !state.stopping,
-                let next = state.sealed.keys.filter({ !state.scoUploading.contains($0) && !state.scoUploaded.contains($0) }).min()
+                let next = state.sealed.keys.filter({
+                    !state.scoUploading.contains($0) && !state.scoUploaded.contains($0)
+                }).min()
             else { return nil }
             state.scoUploading.insert(next)
             return (next, state.sealed[next]!)
@@ -243,7 +247,9 @@ final class Uploader: Sendable {
     }
 
     /// Runs `operation` until it succeeds or the uploader stops; returns whether it succeeded.
-    private func retrying(_ what: String, _ operation: @escaping @Sendable () async throws(VDError) -> Void) async -> Bool {
+    private func retrying(
+        _ what: String, _ operation: @escaping @Sendable () async throws(VDError) -> Void
+    ) async -> Bool {
         var attempt = 0
         while !isStopping {
             do throws(VDError) {

@@ -46,7 +46,8 @@ extension Volume {
         let object = layout.scoObject(sco)
         guard range.upperBound <= format.lengthBytes else {
             throw .corrupt(
-                "volume \(config.name): the map points past the end of backend object \(object) (\(range.upperBound) > \(format.lengthBytes))")
+                "volume \(config.name): the map points past the end of backend object \(object) (\(range.upperBound) > \(format.lengthBytes))"
+            )
         }
         let window = readAheadWindow(range, lengthBytes: format.lengthBytes)
         var bytes: ByteBuffer
@@ -54,11 +55,13 @@ extension Volume {
         case .plain:
             bytes = try await backend.get(object, range: window)
         case .compressed(_, let offsets):
-            let compressed = try await backend.get(object, range: CompressedSCO.objectRange(of: window, offsets: offsets))
+            let compressed = try await backend.get(
+                object, range: CompressedSCO.objectRange(of: window, offsets: offsets))
             bytes = try CompressedSCO.decompress(compressed, range: window, offsets: offsets, what: object)
         }
         guard UInt64(bytes.readableBytes) == UInt64(window.count) else {
-            throw .corrupt("\(object): the backend returned \(bytes.readableBytes) bytes for a range of \(window.count)")
+            throw .corrupt(
+                "\(object): the backend returned \(bytes.readableBytes) bytes for a range of \(window.count)")
         }
         cache.storeFetched(cacheKey(sco), path: layout.fetchedPath(sco), offset: window.lowerBound, bytes: bytes)
         bytes.moveReaderIndex(forwardBy: Int(range.lowerBound - window.lowerBound))
@@ -84,7 +87,8 @@ extension Volume {
             }
             let index = try await backend.get(
                 object, range: header.indexOffset..<(header.indexOffset + UInt64(header.indexBytes)))
-            format = .compressed(header: header, offsets: try CompressedSCO.decodeIndex(index, header: header, what: object))
+            format = .compressed(
+                header: header, offsets: try CompressedSCO.decodeIndex(index, header: header, what: object))
         } else {
             let header = try SCOHeader.decode(first, what: object)
             guard header.volumeID == config.id, header.sco == sco else {
@@ -154,7 +158,8 @@ extension Volume: ScrubApplierDelegate {
     /// rollback target that is no snapshot any more keeps versions in the map for replays, but nothing reads them.)
     func mapReferences(_ scos: Set<SCONumber>) throws(VDError) -> Bool {
         var found = false
-        try map.forEachLiveVersion(snapshotEpochs: snapshotTable.snapshots.map(\.epoch)) { _, value, _ throws(VDError) in
+        try map.forEachLiveVersion(snapshotEpochs: snapshotTable.snapshots.map(\.epoch)) {
+            _, value, _ throws(VDError) in
             if let sco = value.location?.sco, scos.contains(sco) { found = true }
         }
         return found

@@ -59,7 +59,9 @@ extension Volume {
         for task in tasks { await task.value }
         await journal.stop()
         let status = uploadStatus
-        do throws(VDError) { try map.persist() } catch { logger.error("cannot persist the map of \(config.name): \(error)") }
+        do throws(VDError) { try map.persist() } catch {
+            logger.error("cannot persist the map of \(config.name): \(error)")
+        }
         map.close()
         return CloseResult(
             drained: drained || (drainTimeoutSeconds != nil && status.pendingSCOs == 0 && status.unstoredBytes <= 8192),

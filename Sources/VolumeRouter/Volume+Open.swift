@@ -24,8 +24,8 @@ package import Logging
 import NIOCore
 import NIOPosix
 package import ObjectStore
-import Scrubber
 package import SCOCache
+import Scrubber
 import Synchronization
 import TransactionLog
 package import VolumeCore
@@ -42,11 +42,13 @@ extension Volume {
             guard let parent, parent.name == link.volume else {
                 throw VDError(
                     .notFound,
-                    "volume \(config.name) is a clone of \(link.volume)@\(link.snapshot), which is not open on this router (attach it first)")
+                    "volume \(config.name) is a clone of \(link.volume)@\(link.snapshot), which is not open on this router (attach it first)"
+                )
             }
             guard parent.snapshotTable.snapshot(named: link.snapshot)?.epoch == link.epoch else {
                 throw VDError(
-                    .corrupt, "volume \(config.name) reads through \(link.volume)@\(link.snapshot), which no longer exists")
+                    .corrupt,
+                    "volume \(config.name) reads through \(link.volume)@\(link.snapshot), which no longer exists")
             }
         }
         let fs = env.fs
@@ -66,7 +68,9 @@ extension Volume {
             try await recovery.loadSnapshots()
             var map = BlockMap(database: database, cacheEntries: options.mapCacheEntries)
             if try !recovery.checkpointIsTrustworthy(map: map, hadMap: hadMap) {
-                if hadMap { logger.warning("the map of volume \(config.name) is ahead of its durable journal; rebuilding it") }
+                if hadMap {
+                    logger.warning("the map of volume \(config.name) is ahead of its durable journal; rebuilding it")
+                }
                 database.close()
                 try env.keyValueStores.destroy(path: layout.mapDirectory)
                 database = try env.keyValueStores.open(path: layout.mapDirectory)
@@ -81,13 +85,15 @@ extension Volume {
                 config: config, layout: layout, options: options, backend: backend, cache: cache, map: map, env: env,
                 logger: logger, journal: journal, storedThrough: storedThrough, unstoredBytes: unstored,
                 localOnlySCOs: Set(pending.map(\.1.sco)), snapshots: recovery.snapshots,
-                snapshotsUploadedVersion: recovery.snapshotsUploadedVersion, parent: parent.map { ($0, config.parent!.epoch) })
+                snapshotsUploadedVersion: recovery.snapshotsUploadedVersion,
+                parent: parent.map { ($0, config.parent!.epoch) })
             recovery.registerCache(cache, volume: volume, storedThrough: storedThrough)
             cache.add(volume.cacheKey(journal.sco), file: journal.file, footprintBytes: options.scoSizeBytes)
             let tableVersion = recovery.snapshots.version
             for (epoch, sealed) in pending {
                 volume.uploader.queue(
-                    epoch: epoch, SealedEpoch(sco: sealed.sco, lengthBytes: sealed.lengthBytes, tableVersion: tableVersion))
+                    epoch: epoch,
+                    SealedEpoch(sco: sealed.sco, lengthBytes: sealed.lengthBytes, tableVersion: tableVersion))
             }
             volume.startBackground { await $0.uploader.run() }
             volume.startBackground { await $0.ageLoop() }
@@ -161,7 +167,9 @@ struct Recovery {
         let scoNames = try await backend.list(prefix: layout.scoPrefix).map(\.name)
         backendTLogs = Set(VolumeLayout.numbers(in: tlogNames, prefix: layout.tlogPrefix).map(\.rawValue))
         // SCOs written by scrubs have numbers of their own (top bit set): they take no part in the numbering.
-        let backendSCOs = VolumeLayout.numbers(in: scoNames, prefix: layout.scoPrefix).filter { !ScrubResult.isScrubSCO($0) }
+        let backendSCOs = VolumeLayout.numbers(in: scoNames, prefix: layout.scoPrefix).filter {
+            !ScrubResult.isScrubSCO($0)
+        }
         highestSCO = (Array(localJournals.keys) + discarded + backendSCOs).max() ?? SCONumber(0)
 
         var journalByEpoch: [UInt64: SCONumber] = [:]
@@ -188,7 +196,7 @@ struct Recovery {
                 defer { file.close() }
                 scan = try JournalScanner.scan(
                     file: file, volumeID: config.id, sco: sco, clusterSizeBytes: config.clusterSizeBytes)
-            } catch where error.code == .corrupt {
+            } catch  where error.code == .corrupt {
                 logger.warning("ignoring SCO file \(layout.scoPath(sco)): \(error.message)")
                 break
             }
@@ -202,7 +210,9 @@ struct Recovery {
         // The last TLog names its SCO: a number that must never be used again even if that object is gone.
         if let lastEpoch, scans[lastEpoch] == nil {
             for record in try await loadTLog(lastEpoch).records {
-                if case .scoSealed(let sco, _, _) = record, !ScrubResult.isScrubSCO(sco) { highestSCO = max(highestSCO, sco) }
+                if case .scoSealed(let sco, _, _) = record, !ScrubResult.isScrubSCO(sco) {
+                    highestSCO = max(highestSCO, sco)
+                }
             }
         }
     }
@@ -232,7 +242,8 @@ struct Recovery {
         let beyond = snapshots.snapshots.filter { $0.epoch > last }
         if !beyond.isEmpty {
             logger.warning(
-                "volume \(config.name): snapshots past the end of its history are dropped: \(beyond.map(\.name).joined(separator: ", "))")
+                "volume \(config.name): snapshots past the end of its history are dropped: \(beyond.map(\.name).joined(separator: ", "))"
+            )
             snapshots.snapshots.removeAll { snapshot in beyond.contains { $0.id == snapshot.id } }
             snapshots.version += 1
         }
@@ -257,7 +268,9 @@ struct Recovery {
             guard lastEpochComplete, checkpoint.offset <= blockBytes, checkpoint.dirtyEnd == nil else { return false }
         } else if let (_, scan) = scans[checkpoint.epoch] {
             func isBoundary(_ offset: UInt64, chain: UInt32?) -> Bool {
-                if offset <= blockBytes { return chain == nil || chain == BatchHeader.storedCRC(of: scan.header.encode()) }
+                if offset <= blockBytes {
+                    return chain == nil || chain == BatchHeader.storedCRC(of: scan.header.encode())
+                }
                 return scan.batches.contains { batch in
                     batch.payloadOffset + UInt64(batch.header.payloadClusters * Int(config.clusterSizeBytes)) == offset
                         && (chain == nil || batch.storedCRC == chain)
@@ -300,7 +313,10 @@ struct Recovery {
                 }
                 changes.scrubResults = try await NamespaceObjects.resultsApplied(
                     by: applies, known: [:], layout: layout, backend: backend, volumeID: config.id)
-                var clean = checkpoint.flatMap { $0.epoch == epoch ? MapCheckpoint(epoch: epoch, offset: $0.offset, chainCRC: $0.chainCRC) : nil }
+                var clean =
+                    checkpoint.flatMap {
+                        $0.epoch == epoch ? MapCheckpoint(epoch: epoch, offset: $0.offset, chainCRC: $0.chainCRC) : nil
+                    }
                     ?? MapCheckpoint(epoch: epoch, offset: 0, chainCRC: 0)
                 for batch in scan.batches where batch.offset >= startOffset {
                     let end = batch.payloadOffset + UInt64(batch.header.payloadClusters * Int(config.clusterSizeBytes))
@@ -311,7 +327,9 @@ struct Recovery {
                     clean = MapCheckpoint(epoch: epoch, offset: end, chainCRC: batch.storedCRC)
                     try changes.finish(checkpoint: clean)
                 }
-                if scan.isSealed { try changes.finish(checkpoint: MapCheckpoint(epoch: epoch + 1, offset: 0, chainCRC: 0)) }
+                if scan.isSealed {
+                    try changes.finish(checkpoint: MapCheckpoint(epoch: epoch + 1, offset: 0, chainCRC: 0))
+                }
             } else {
                 changes.dirtyCheckpoint = MapCheckpoint(epoch: epoch, offset: 0, chainCRC: 0).dirty(until: .max)
                 let tlog = try await loadTLog(epoch)
@@ -344,8 +362,10 @@ struct Recovery {
                     try check(tlog, number, what: layout.tlogDirectory + "/" + TLogFiles.fileName(number))
                     return tlog
                 }
-            } catch where backendTLogs.contains(epoch) {
-                logger.error("local TLog \(number.hex) of volume \(config.name) is unreadable (\(error)); using the backend copy")
+            } catch  where backendTLogs.contains(epoch) {
+                logger.error(
+                    "local TLog \(number.hex) of volume \(config.name) is unreadable (\(error)); using the backend copy"
+                )
             }
         }
         let object = layout.tlogObject(number)
@@ -358,7 +378,8 @@ struct Recovery {
 
     private func check(_ tlog: TLog, _ epoch: SCONumber, what: String) throws(VDError) {
         guard tlog.volumeID == config.id, tlog.number == epoch, tlog.clusterSizeBytes == config.clusterSizeBytes else {
-            throw .corrupt("\(what) belongs to volume \(tlog.volumeID) epoch \(tlog.number.hex), not \(config.id) \(epoch.hex)")
+            throw .corrupt(
+                "\(what) belongs to volume \(tlog.volumeID) epoch \(tlog.number.hex), not \(config.id) \(epoch.hex)")
         }
     }
 
@@ -374,7 +395,9 @@ struct Recovery {
                 let marker = BatchHeader(
                     volumeID: config.id, sco: sco, offset: scan.validLength, previousCRC: scan.chainCRC,
                     flags: BatchHeader.flagSealed, entries: [])
-                try marker.encode().withUnsafeReadableBytes { (raw) throws(VDError) in try file.write(raw, at: scan.validLength) }
+                try marker.encode().withUnsafeReadableBytes { (raw) throws(VDError) in
+                    try file.write(raw, at: scan.validLength)
+                }
                 try file.dataSync()
                 scan = try JournalScanner.scan(
                     file: file, volumeID: config.id, sco: sco, clusterSizeBytes: config.clusterSizeBytes)
@@ -395,11 +418,15 @@ struct Recovery {
         let epoch = (lastEpoch ?? 0) + 1
         let sco = highestSCO.next
         let (file, headerCRC) = try Journal.createJournalFile(
-            fs: fs, layout: layout, volumeID: config.id, sco: sco, epoch: epoch, clusterSizeBytes: config.clusterSizeBytes,
+            fs: fs, layout: layout, volumeID: config.id, sco: sco, epoch: epoch,
+            clusterSizeBytes: config.clusterSizeBytes,
             sizeBytes: options.scoSizeBytes)
         var update = MapUpdate()
         update.metadata.append(
-            (MapCheckpoint.key, MapCheckpoint(epoch: epoch, offset: UInt64(SCOFormat.blockBytes), chainCRC: headerCRC).encode()))
+            (
+                MapCheckpoint.key,
+                MapCheckpoint(epoch: epoch, offset: UInt64(SCOFormat.blockBytes), chainCRC: headerCRC).encode()
+            ))
         try map.apply(update)
         try map.persist()
         return JournalState(

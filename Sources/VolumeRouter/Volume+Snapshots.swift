@@ -108,7 +108,8 @@ extension Volume {
             guard clones.isEmpty else {
                 throw VDError(
                     .busy,
-                    "snapshot \(name) of \(config.name) has clones: \(clones.joined(separator: ", ")); delete them first")
+                    "snapshot \(name) of \(config.name) has clones: \(clones.joined(separator: ", ")); delete them first"
+                )
             }
             table.snapshots.remove(at: index)
         }
@@ -187,9 +188,13 @@ extension Volume {
     package func space() throws(VDError) -> VolumeSpace {
         let epochs = try epochBytes()
         var scrubBytes: UInt64 = 0
-        for (_, value) in try map.metadata(withPrefix: "scrub-sco-bytes-") { scrubBytes += value.littleEndianUInt64 ?? 0 }
+        for (_, value) in try map.metadata(withPrefix: "scrub-sco-bytes-") {
+            scrubBytes += value.littleEndianUInt64 ?? 0
+        }
         var live: UInt64 = 0
-        try map.forEachLiveVersion(snapshotEpochs: snapshotTable.snapshots.map(\.epoch)) { _, _, _ throws(VDError) in live += 1 }
+        try map.forEachLiveVersion(snapshotEpochs: snapshotTable.snapshots.map(\.epoch)) { _, _, _ throws(VDError) in
+            live += 1
+        }
         let open = journal.openJournalBytes
         return VolumeSpace(
             writtenBytes: epochs.reduce(open + scrubBytes) { $0 + $1.1 },

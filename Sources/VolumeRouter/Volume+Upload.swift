@@ -49,7 +49,8 @@ extension Volume {
                 loggedAt = now
                 let reason = uploader.lastError.map { ": \($0.message)" } ?? ""
                 logger.warning(
-                    "writes wait: \(ByteSize.format(pending)) are not on the backend yet (limit \(ByteSize.format(limit)))\(reason)")
+                    "writes wait: \(ByteSize.format(pending)) are not on the backend yet (limit \(ByteSize.format(limit)))\(reason)"
+                )
             }
             await env.clock.sleep(for: .milliseconds(20))
             pending = journal.unstoredBytes.load(ordering: .relaxed)

@@ -103,7 +103,8 @@ package final class Volume: BlockDevice {
     package var info: BlockDeviceInfo {
         BlockDeviceInfo(
             sizeBytes: config.sizeBytes, minimumBlockSizeBytes: 512, preferredBlockSizeBytes: config.clusterSizeBytes,
-            maximumPayloadBytes: Limits.requestBytesMax, isReadOnly: false, supportsTrim: true, supportsWriteZeroes: true,
+            maximumPayloadBytes: Limits.requestBytesMax, isReadOnly: false, supportsTrim: true,
+            supportsWriteZeroes: true,
             flushCoversAllConnections: true)
     }
 
@@ -124,7 +125,9 @@ package final class Volume: BlockDevice {
 
     /// Addresses in `[start, end)` this volume's view may hold data for, at any epoch: every cluster it ever wrote
     /// (a superset), and for a clone its parent's. What a clone's unmap must hide of its parent.
-    func addressesPossiblyWithData(from start: ClusterAddress, to end: ClusterAddress) throws(VDError) -> [ClusterAddress] {
+    func addressesPossiblyWithData(
+        from start: ClusterAddress, to end: ClusterAddress
+    ) throws(VDError) -> [ClusterAddress] {
         var addresses = try map.writtenAddresses(from: start, to: end).map(\.0)
         if let parent { addresses += try parent.volume.addressesPossiblyWithData(from: start, to: end) }
         return addresses
@@ -134,7 +137,9 @@ package final class Volume: BlockDevice {
     func mapChanges() -> MapChanges {
         var changes = MapChanges(map: map, retainedEpochs: catalog.table.retainedEpochs, isClone: config.parent != nil)
         if let parent = parent?.volume {
-            changes.parentAddresses = { (start, end) throws(VDError) in try parent.addressesPossiblyWithData(from: start, to: end) }
+            changes.parentAddresses = { (start, end) throws(VDError) in
+                try parent.addressesPossiblyWithData(from: start, to: end)
+            }
         }
         changes.scrubResults = scrubs.results
         changes.chunkClusters = options.mapChangeChunkClusters
@@ -158,7 +163,7 @@ package final class Volume: BlockDevice {
         do {
             return try await assemble(
                 values: try map.current(from: first, count: count), first: first, offset: offset, length: length)
-        } catch where error.code == .notFound {
+        } catch  where error.code == .notFound {
             // An SCO a scrub relocated away from was deleted after this read looked the map up: look again.
             return try await assemble(
                 values: try map.current(from: first, count: count), first: first, offset: offset, length: length)
@@ -184,7 +189,7 @@ package final class Volume: BlockDevice {
         }
         do {
             return try await assemble(values: try lookUp(), first: first, offset: offset, length: length)
-        } catch where error.code == .notFound {
+        } catch  where error.code == .notFound {
             // An SCO a scrub relocated away from was deleted after this read looked the map up: look again.
             return try await assemble(values: try lookUp(), first: first, offset: offset, length: length)
         }
@@ -193,7 +198,9 @@ package final class Volume: BlockDevice {
     /// Builds the bytes of `[offset, offset+length)` from the map values of its clusters: located clusters are read
     /// (runs in one SCO at a time), unmapped ones are zeroes (holes), never-written ones come from the parent snapshot
     /// of a clone (holes otherwise).
-    private func assemble(values: [MapValue?], first: ClusterAddress, offset: UInt64, length: UInt32)
+    private func assemble(
+        values: [MapValue?], first: ClusterAddress, offset: UInt64, length: UInt32
+    )
         async throws(VDError) -> SparseData
     {
         let cs = UInt64(clusterBytes)
@@ -271,7 +278,9 @@ package final class Volume: BlockDevice {
     /// Reads consecutive clusters of one SCO and verifies each against its CRC: from local flash when the SCO is
     /// there, else from the backend. A local copy that fails verification is replaced by the backend's unless the
     /// SCO exists only locally.
-    func readClusters(sco: SCONumber, offset: UInt32, crcs: [UInt32], firstAddress: ClusterAddress)
+    func readClusters(
+        sco: SCONumber, offset: UInt32, crcs: [UInt32], firstAddress: ClusterAddress
+    )
         async throws(VDError) -> ByteBuffer
     {
         let length = crcs.count * clusterBytes
@@ -460,7 +469,9 @@ package final class Volume: BlockDevice {
     /// Allocation from the map only: data where a cluster is located, holes (reading as zeroes) where it is unmapped,
     /// and for clones the parent snapshot's allocation where the clone never wrote. Covers `[offset, ...)` without
     /// gaps; may stop before `offset + length` (at least one extent).
-    package func allocation(offset: UInt64, length: UInt64, atEpoch epoch: UInt64?) async throws(VDError) -> [BlockExtent] {
+    package func allocation(
+        offset: UInt64, length: UInt64, atEpoch epoch: UInt64?
+    ) async throws(VDError) -> [BlockExtent] {
         guard length > 0 else { return [BlockExtent(lengthBytes: 0, isHole: true, isZero: true)] }
         let cs = UInt64(clusterBytes)
         let end = offset + length

@@ -56,6 +56,8 @@ package struct VolumeOptions: Sendable {
             )
         }
         guard uploadAgeSecondsMax > 0 else { throw VDError(.configuration, "upload max_age_seconds must be positive") }
-        guard (1...64).contains(uploadConcurrency) else { throw VDError(.configuration, "upload concurrency must be 1 to 64") }
+        guard (1...64).contains(uploadConcurrency) else {
+            throw VDError(.configuration, "upload concurrency must be 1 to 64")
+        }
     }
 }

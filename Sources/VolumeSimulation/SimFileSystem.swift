@@ -7,9 +7,9 @@
 // The durability rules are POSIX's, strictly: file data after fdatasync/fsync of that file; a name after fsync of
 // its directory. Nothing ext4 happens to give for free is given here.
 
+package import FlashIO
 import Foundation
 import NIOCore
-package import FlashIO
 package import VolumeCore
 
 package final class SimFileSystem: FileSystem, @unchecked Sendable {
@@ -38,7 +38,9 @@ package final class SimFileSystem: FileSystem, @unchecked Sendable {
     }
 
     /// The directory at `parts`; with `create`, missing ones are created and (`durably`) their parents synced.
-    private func directory(_ parts: ArraySlice<String>, create: Bool = false, durably: Bool = false) throws(VDError)
+    private func directory(
+        _ parts: ArraySlice<String>, create: Bool = false, durably: Bool = false
+    ) throws(VDError)
         -> SimDirectory
     {
         var current = root
@@ -100,7 +102,8 @@ package final class SimFileSystem: FileSystem, @unchecked Sendable {
             inodes.append(inode)
             directory.record(leaf, .file(inode))
         }
-        let file = SimFile(fs: self, inode: inode, path: path, readOnly: options.contains(.readOnly), owner: scheduler.currentProcess)
+        let file = SimFile(
+            fs: self, inode: inode, path: path, readOnly: options.contains(.readOnly), owner: scheduler.currentProcess)
         return FlashFile(path: path, io: file)
     }
 
@@ -108,7 +111,9 @@ package final class SimFileSystem: FileSystem, @unchecked Sendable {
         try checkCaller()
         let (source, sourceName) = try split(from)
         let (target, targetName) = try split(to)
-        guard let entry = source.cached[sourceName] else { throw VDError(.notFound, "rename \(from): No such file or directory") }
+        guard let entry = source.cached[sourceName] else {
+            throw VDError(.notFound, "rename \(from): No such file or directory")
+        }
         if source === target {
             source.recordRename(from: sourceName, to: targetName, entry)
         } else {
@@ -171,7 +176,9 @@ package final class SimFileSystem: FileSystem, @unchecked Sendable {
 
     /// Test hook: the bytes of a file as the page cache has them (nil when absent).
     package func contents(_ path: String) -> [UInt8]? {
-        guard let (directory, leaf) = try? split(path), case .file(let inode)? = directory.cached[leaf] else { return nil }
+        guard let (directory, leaf) = try? split(path), case .file(let inode)? = directory.cached[leaf] else {
+            return nil
+        }
         return Array(inode.cached)
     }
 
@@ -293,12 +300,22 @@ final class SimInode {
                         let end = min(start + sector, length)
                         let oldEnd = min(end, old.count)
                         let newEnd = min(end, new.count)
-                        let oldPart = start < oldEnd ? UnsafeRawBufferPointer(rebasing: old[start..<oldEnd]) : UnsafeRawBufferPointer(start: nil, count: 0)
-                        let newPart = start < newEnd ? UnsafeRawBufferPointer(rebasing: new[start..<newEnd]) : UnsafeRawBufferPointer(start: nil, count: 0)
-                        let same = oldPart.count == newPart.count && (oldPart.count == 0 || memcmp(oldPart.baseAddress!, newPart.baseAddress!, oldPart.count) == 0)
+                        let oldPart =
+                            start < oldEnd
+                            ? UnsafeRawBufferPointer(rebasing: old[start..<oldEnd])
+                            : UnsafeRawBufferPointer(start: nil, count: 0)
+                        let newPart =
+                            start < newEnd
+                            ? UnsafeRawBufferPointer(rebasing: new[start..<newEnd])
+                            : UnsafeRawBufferPointer(start: nil, count: 0)
+                        let same =
+                            oldPart.count == newPart.count
+                            && (oldPart.count == 0
+                                || memcmp(oldPart.baseAddress!, newPart.baseAddress!, oldPart.count) == 0)
                         let chosen = same || !scheduler.chance(0.5) ? oldPart : newPart
                         if chosen.count > 0 {
-                            UnsafeMutableRawBufferPointer(rebasing: target[start..<(start + chosen.count)]).copyMemory(from: chosen)
+                            UnsafeMutableRawBufferPointer(rebasing: target[start..<(start + chosen.count)]).copyMemory(
+                                from: chosen)
                         }
                         start = end
                     }

@@ -72,7 +72,9 @@ struct PersistentMap {
         if removed { count -= 1 }
     }
 
-    private static func insert(_ node: Node?, _ key: [UInt8], _ value: [UInt8], _ priority: UInt64, _ added: inout Bool)
+    private static func insert(
+        _ node: Node?, _ key: [UInt8], _ value: [UInt8], _ priority: UInt64, _ added: inout Bool
+    )
         -> Node
     {
         guard let node else {
@@ -84,13 +86,17 @@ struct PersistentMap {
         if c < 0 {
             let left = insert(node.left, key, value, priority, &added)
             if left.priority > node.priority {
-                return Node(left.key, left.value, left.priority, left.left, Node(node.key, node.value, node.priority, left.right, node.right))
+                return Node(
+                    left.key, left.value, left.priority, left.left,
+                    Node(node.key, node.value, node.priority, left.right, node.right))
             }
             return Node(node.key, node.value, node.priority, left, node.right)
         }
         let right = insert(node.right, key, value, priority, &added)
         if right.priority > node.priority {
-            return Node(right.key, right.value, right.priority, Node(node.key, node.value, node.priority, node.left, right.left), right.right)
+            return Node(
+                right.key, right.value, right.priority,
+                Node(node.key, node.value, node.priority, node.left, right.left), right.right)
         }
         return Node(node.key, node.value, node.priority, node.left, right)
     }
@@ -119,7 +125,8 @@ struct PersistentMap {
 
     /// Visits keys in `[start, end)` in order (an empty `end`: no upper bound) until `body` returns false.
     func scan(
-        from start: [UInt8], to end: [UInt8], _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws(VDError) -> Bool
+        from start: [UInt8], to end: [UInt8],
+        _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws(VDError) -> Bool
     ) throws(VDError) {
         var stack: [Node] = []
         var node = root
@@ -135,7 +142,9 @@ struct PersistentMap {
         while let current = stack.popLast() {
             if !end.isEmpty && Self.compare(current.key, end) >= 0 { return }
             let more = try VDError.catching {
-                try current.key.withUnsafeBytes { key in try current.value.withUnsafeBytes { value in try body(key, value) } }
+                try current.key.withUnsafeBytes { key in
+                    try current.value.withUnsafeBytes { value in try body(key, value) }
+                }
             }
             if !more { return }
             var next = current.right
@@ -249,7 +258,8 @@ final class SimKeyValueStore: KeyValueStore, @unchecked Sendable {
     }
 
     func scan(
-        from start: [UInt8], to end: [UInt8], _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws(VDError) -> Bool
+        from start: [UInt8], to end: [UInt8],
+        _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws(VDError) -> Bool
     ) throws(VDError) {
         try check()
         try state.scan(from: start, to: end, body)
@@ -282,7 +292,9 @@ final class SimKeyValueStore: KeyValueStore, @unchecked Sendable {
 
 final class SimBatch: KeyValueBatch {
     var operations: [([UInt8], [UInt8]?)] = []
-    func put(_ key: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) { operations.append((Array(key), Array(value))) }
+    func put(_ key: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) {
+        operations.append((Array(key), Array(value)))
+    }
     func delete(_ key: UnsafeRawBufferPointer) { operations.append((Array(key), nil)) }
     var count: Int { operations.count }
 }
@@ -291,7 +303,8 @@ struct SimSnapshot: KeyValueSnapshot, @unchecked Sendable {
     let state: PersistentMap
     func get(_ key: [UInt8]) throws(VDError) -> [UInt8]? { state.get(key) }
     func scan(
-        from start: [UInt8], to end: [UInt8], _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws(VDError) -> Bool
+        from start: [UInt8], to end: [UInt8],
+        _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws(VDError) -> Bool
     ) throws(VDError) {
         try state.scan(from: start, to: end, body)
     }

@@ -44,14 +44,18 @@ package enum SectorPattern {
         let first = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
         let id = UInt32(truncatingIfNeeded: first >> 32)
         if id == 0 {
-            let probes = [8, 256, 504].map { UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: $0, as: UInt64.self)) }
+            let probes = [8, 256, 504].map {
+                UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: $0, as: UInt64.self))
+            }
             return first == 0 && probes.allSatisfy { $0 == 0 } ? 0 : nil
         }
         guard first & 0xffff_ffff == sector & 0xffff_ffff else { return nil }
         let mixed = first &* 0x9E37_79B9_7F4A_7C15
         for index in [1, 32, 63] {
             let expected = mixed ^ (UInt64(index) &* 0xBF58_476D_1CE4_E5B9)
-            if UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self)) != expected { return nil }
+            if UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self)) != expected {
+                return nil
+            }
         }
         return id
     }

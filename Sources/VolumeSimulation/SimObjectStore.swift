@@ -52,15 +52,18 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
     }
 
     /// Runs a request with S3Store's retry policy: attempts that fail with `.backend` are repeated.
-    private func request<T>(_ what: String, _ name: String, _ perform: () throws(VDError) -> T) async throws(VDError) -> T {
+    private func request<T>(
+        _ what: String, _ name: String, _ perform: () throws(VDError) -> T
+    ) async throws(VDError) -> T {
         var attempt = 0
         while true {
             attempt += 1
             do throws(VDError) {
                 return try await self.attempt(what, name, perform)
-            } catch where error.code == .backend && attempt < Self.attemptsMax {
+            } catch  where error.code == .backend && attempt < Self.attemptsMax {
                 let cap = min(2.0, 0.05 * Double(1 << min(attempt - 1, 20)))
-                await scheduler.sleep(for: .seconds(double: Double(scheduler.nextRandom() >> 11) / Double(1 << 53) * cap))
+                await scheduler.sleep(
+                    for: .seconds(double: Double(scheduler.nextRandom() >> 11) / Double(1 << 53) * cap))
             }
         }
     }
@@ -68,7 +71,9 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
     static let attemptsMax = 10
 
     /// One attempt: latency, maybe a failure before, the effect, latency, maybe a failure after.
-    private func attempt<T>(_ what: String, _ name: String, _ perform: () throws(VDError) -> T) async throws(VDError) -> T {
+    private func attempt<T>(
+        _ what: String, _ name: String, _ perform: () throws(VDError) -> T
+    ) async throws(VDError) -> T {
         requests += 1
         await delay()
         if outage {

@@ -252,7 +252,8 @@ package final class SimProcess: TaskExecutor, @unchecked Sendable, CustomStringC
 
     /// Runs `body` in this process on behalf of a caller in another process (a request over a connection): the
     /// caller gets the result, or a lost-connection error if this process dies first.
-    package func call<T: Sendable>(_ body: @escaping @Sendable () async throws(VDError) -> T) async throws(VDError) -> T {
+    package func call<T: Sendable>(_ body: @escaping @Sendable () async throws(VDError) -> T) async throws(VDError) -> T
+    {
         let result: Result<T, VDError> = await withUnsafeContinuation { continuation in
             guard isAlive else {
                 continuation.resume(returning: .failure(VDError(.io, "connection to \(name) lost")))

@@ -12,6 +12,7 @@
 // and goes away; process crashes; power losses; a clean stop then the local flash lost then a restart from the
 // backend; the local flash lost without a stop.
 
+import FlashIO
 import Foundation
 import Logging
 import NIOCore
@@ -20,7 +21,6 @@ import Scrubber
 import Synchronization
 import VolumeCore
 import VolumeRouter
-import FlashIO
 
 package struct SimulationConfig: Sendable {
     package var seed: UInt64
@@ -219,7 +219,9 @@ final class Simulation: @unchecked Sendable {
 
     func run() -> SimulationReport {
         scheduler.bindToCurrentThread()
-        trace.add("seed \(config.seed): \(config.operations) operations, volume \(config.volumeBytes >> 20) MiB, SCO \(config.scoBytes >> 20) MiB, compression \(compress), map chunks \(mapChunkClusters)")
+        trace.add(
+            "seed \(config.seed): \(config.operations) operations, volume \(config.volumeBytes >> 20) MiB, SCO \(config.scoBytes >> 20) MiB, compression \(compress), map chunks \(mapChunkClusters)"
+        )
         do {
             try boot()
             try createVolume("vol1")
@@ -280,12 +282,18 @@ final class Simulation: @unchecked Sendable {
         let ok = scheduler.run(until: { done() || scheduler.now > deadline || failure != nil })
         if let failure { throw failure }
         if !done() {
-            throw fail(ok ? "\(what): not done after \(timeout) of virtual time" : "\(what): stalled (nothing left to run: a deadlock)")
+            throw fail(
+                ok
+                    ? "\(what): not done after \(timeout) of virtual time"
+                    : "\(what): stalled (nothing left to run: a deadlock)")
         }
     }
 
     /// Runs `body` in `process` and waits for it.
-    func runIn<T>(_ process: SimProcess, _ what: String, timeout: Duration = .seconds(600), _ body: @escaping @Sendable () async throws(VDError) -> T) throws -> Result<T, VDError> {
+    func runIn<T>(
+        _ process: SimProcess, _ what: String, timeout: Duration = .seconds(600),
+        _ body: @escaping @Sendable () async throws(VDError) -> T
+    ) throws -> Result<T, VDError> {
         let box = ResultBox<T>()
         process.spawn {
             let result: Result<T, VDError>
@@ -331,7 +339,8 @@ final class Simulation: @unchecked Sendable {
         let configuration = routerConfiguration
         let backends = SimBackends(store: store, compress: compress)
         let logger = self.logger
-        let outcome = try runIn(process, "router start") { () async throws(VDError) -> (Router, [(VolumeName, VDError)]) in
+        let outcome = try runIn(process, "router start") {
+            () async throws(VDError) -> (Router, [(VolumeName, VDError)]) in
             let router = try Router(configuration: configuration, backends: backends, logger: logger, environment: env)
             let failures = await router.openAll { _ in }
             return (router, failures)
@@ -342,9 +351,11 @@ final class Simulation: @unchecked Sendable {
             for (name, error) in failures {
                 if lostClones.contains(name.rawValue) { continue }
                 if afterFlashLoss,
-                    error.message.contains("which no longer exists") || error.message.contains("which is not open on this router")
+                    error.message.contains("which no longer exists")
+                        || error.message.contains("which is not open on this router")
                 {
-                    trace.add("clone \(name) is lost with its parent's snapshot (it never reached the backend): \(error)")
+                    trace.add(
+                        "clone \(name) is lost with its parent's snapshot (it never reached the backend): \(error)")
                     devices[name.rawValue] = nil
                     lostClones.insert(name.rawValue)
                     continue
@@ -377,7 +388,8 @@ final class Simulation: @unchecked Sendable {
         let size = config.volumeBytes
         let router = self.router
         let result = try runIn(routerProcess, "create \(name)") { () async throws(VDError) -> Volume in
-            try await router.createVolume(named: volumeName, sizeBytes: size, clusterSizeBytes: 4096, backendName: "sim")
+            try await router.createVolume(
+                named: volumeName, sizeBytes: size, clusterSizeBytes: 4096, backendName: "sim")
         }
         if case .failure(let error) = result { throw fail("cannot create \(name): \(error)") }
         devices[name] = DeviceModel(name: name, sectorCount: Int(size / 512))
@@ -520,21 +532,26 @@ final class Simulation: @unchecked Sendable {
         count(name)
         let payload = buffer
         let mayUnmap = scheduler.chance(0.7)
-        return start(kind: name, device: device, sectors: range, { () async throws(VDError) -> OpOutput in
-            switch kind {
-            case .data: try await target.write(offset: offset, data: payload, fua: fua)
-            case .zeroes: try await target.writeZeroes(offset: offset, length: UInt32(length), fua: fua, mayUnmap: mayUnmap)
-            case .trim: try await target.trim(offset: offset, length: UInt32(length), fua: fua)
+        return start(
+            kind: name, device: device, sectors: range,
+            { () async throws(VDError) -> OpOutput in
+                switch kind {
+                case .data: try await target.write(offset: offset, data: payload, fua: fua)
+                case .zeroes:
+                    try await target.writeZeroes(offset: offset, length: UInt32(length), fua: fua, mayUnmap: mayUnmap)
+                case .trim: try await target.trim(offset: offset, length: UInt32(length), fua: fua)
+                }
+                return .none
             }
-            return .none
-        }) { simulation, operation, result in
+        ) { simulation, operation, result in
             switch result {
             case .success:
                 let reply = simulation.nextReply()
                 let epoch = target.openEpoch
                 for (sector, value) in values.sorted(by: { $0.key < $1.key }) {
                     simulation.devices[device]?.replied(
-                        sector, SectorWrite(id: value, replySeq: reply, issueSeq: operation.issueSeq, epochAtReply: epoch))
+                        sector,
+                        SectorWrite(id: value, replySeq: reply, issueSeq: operation.issueSeq, epochAtReply: epoch))
                 }
                 if fua { simulation.coveredSeq[device] = max(simulation.coveredSeq[device] ?? 0, reply) }
             case .failure(let error):
@@ -546,11 +563,14 @@ final class Simulation: @unchecked Sendable {
                     simulation.trace.add("\(name) on \(device) failed while the backend misbehaved: \(error)")
                     // A data write fails before anything is written; zeroing may have done its first partial
                     // cluster: those sectors stay undecided until read.
-                    if kind == .data { for sector in values.keys { simulation.devices[device]?.inFlight[sector] = nil } }
+                    if kind == .data {
+                        for sector in values.keys { simulation.devices[device]?.inFlight[sector] = nil }
+                    }
                     return
                 }
                 if simulation.config.tolerateErrors {
-                    simulation.trace.add("\(name) on \(device) sectors \(range) failed (expected by the script): \(error)")
+                    simulation.trace.add(
+                        "\(name) on \(device) sectors \(range) failed (expected by the script): \(error)")
                     return
                 }
                 throw simulation.fail("\(name) on \(device) sectors \(range) failed: \(error)")
@@ -633,10 +653,13 @@ final class Simulation: @unchecked Sendable {
         trace.add("flush \(device)")
         count("flush")
         let coverable = events
-        return start(kind: "flush", device: device, sectors: 0..<0, { () async throws(VDError) -> OpOutput in
-            try await target.flush()
-            return .none
-        }) { simulation, operation, result in
+        return start(
+            kind: "flush", device: device, sectors: 0..<0,
+            { () async throws(VDError) -> OpOutput in
+                try await target.flush()
+                return .none
+            }
+        ) { simulation, operation, result in
             switch result {
             case .success: simulation.coveredSeq[device] = max(simulation.coveredSeq[device] ?? 0, coverable)
             case .failure(let error):
@@ -650,7 +673,9 @@ final class Simulation: @unchecked Sendable {
 
     func startRead() throws {
         guard inFlight.count < config.inFlightMax else { return }
-        var targets: [(String, any BlockDevice)] = writableDevices.compactMap { name in volume(name).map { (name, $0 as any BlockDevice) } }
+        var targets: [(String, any BlockDevice)] = writableDevices.compactMap { name in
+            volume(name).map { (name, $0 as any BlockDevice) }
+        }
         for (key, snapshot) in snapshots.sorted(by: { $0.key < $1.key }) where snapshot.confirmed && !snapshot.deleted {
             if let parent = volume(snapshot.volume), let record = parent.snapshotTable.snapshot(named: snapshot.name) {
                 targets.append((key, SnapshotView(volume: parent, snapshot: record)))
@@ -662,21 +687,29 @@ final class Simulation: @unchecked Sendable {
         let length = scheduler.between(1...min(2048, sectorCount))
         let first = scheduler.below(sectorCount - length + 1)
         let range = first..<(first + length)
-        if devices[device] != nil, inFlight.values.contains(where: { $0.device == device && $0.sectors.overlaps(range) }) {
+        if devices[device] != nil,
+            inFlight.values.contains(where: { $0.device == device && $0.sectors.overlaps(range) })
+        {
             return
         }
         trace.add("read \(device) sectors \(first)+\(length)")
         count("read")
-        start(kind: "read", device: device, sectors: range, { () async throws(VDError) -> OpOutput in
-            .data(try await target.read(offset: UInt64(first) * 512, length: UInt32(length * 512)))
-        }) { simulation, operation, result in
+        start(
+            kind: "read", device: device, sectors: range,
+            { () async throws(VDError) -> OpOutput in
+                .data(try await target.read(offset: UInt64(first) * 512, length: UInt32(length * 512)))
+            }
+        ) { simulation, operation, result in
             switch result {
             case .success(.data(let bytes)):
                 try simulation.checkRead(device, range: range, bytes: bytes)
             case .success: break
             case .failure(let error):
                 if error.message.contains("connection to") { return }
-                if simulation.store.outage || simulation.store.injectedFaults > 0 && (error.code == .backend || error.code == .corrupt || error.code == .timeout) {
+                if simulation.store.outage
+                    || simulation.store.injectedFaults > 0
+                        && (error.code == .backend || error.code == .corrupt || error.code == .timeout)
+                {
                     simulation.trace.add("read of \(device) failed while the backend misbehaved: \(error)")
                     return
                 }
@@ -705,7 +738,10 @@ final class Simulation: @unchecked Sendable {
                             devices[device]!.inFlight[sector] = nil
                             if observed == undecided && observed != model.current(sector) {
                                 devices[device]!.replied(
-                                    sector, SectorWrite(id: observed, replySeq: events, issueSeq: 0, epochAtReply: volume(device)?.openEpoch ?? 0))
+                                    sector,
+                                    SectorWrite(
+                                        id: observed, replySeq: events, issueSeq: 0,
+                                        epochAtReply: volume(device)?.openEpoch ?? 0))
                             }
                             continue
                         }
@@ -721,7 +757,8 @@ final class Simulation: @unchecked Sendable {
                 }
                 if mismatches.count < 8 {
                     mismatches.append(
-                        "sector \(sector) (cluster \(sector / 8)): read \(observed.map { "write \($0)" } ?? "garbage"), expected \(allowed.sorted())")
+                        "sector \(sector) (cluster \(sector / 8)): read \(observed.map { "write \($0)" } ?? "garbage"), expected \(allowed.sorted())"
+                    )
                 }
             }
         }
@@ -745,18 +782,24 @@ final class Simulation: @unchecked Sendable {
 
     @discardableResult
     func startSnapshotCreate(_ device: String, name: String) throws -> Int {
-        guard let target = volume(device), let model = devices[device] else { throw fail("no device \(device) to snapshot") }
+        guard let target = volume(device), let model = devices[device] else {
+            throw fail("no device \(device) to snapshot")
+        }
         let key = "\(device)@\(name)"
         var ambiguous: [Int: Set<UInt32>] = [:]
         for (sector, value) in model.inFlight { ambiguous[sector] = [model.current(sector), value] }
-        snapshots[key] = SnapshotModel(volume: device, name: name, contents: model.currentContents, ambiguous: ambiguous)
+        snapshots[key] = SnapshotModel(
+            volume: device, name: name, contents: model.currentContents, ambiguous: ambiguous)
         frozen.insert(device)
         trace.add("snapshot create \(key) (\(ambiguous.count) sector(s) in flight)")
         count("snapshot")
         let coverable = events
-        return start(kind: "snapshot", device: device, sectors: 0..<0, { () async throws(VDError) -> OpOutput in
-            .snapshot(try await target.createSnapshot(named: name))
-        }) { simulation, operation, result in
+        return start(
+            kind: "snapshot", device: device, sectors: 0..<0,
+            { () async throws(VDError) -> OpOutput in
+                .snapshot(try await target.createSnapshot(named: name))
+            }
+        ) { simulation, operation, result in
             simulation.frozen.remove(device)
             switch result {
             case .success(.snapshot(let record)):
@@ -830,10 +873,14 @@ final class Simulation: @unchecked Sendable {
         count("rollback")
         let name = snapshot.name
         let later = liveSnapshots(of: device).filter { snapshots[$0]!.epoch > snapshot.epoch }
-        let blocked = later.contains { target.snapshotTable.snapshot(named: snapshots[$0]!.name)?.clones.isEmpty == false }
+        let blocked = later.contains {
+            target.snapshotTable.snapshot(named: snapshots[$0]!.name)?.clones.isEmpty == false
+        }
         let issued = nextIssue()
         let result = try runIn(client, "rollback") { () async throws(VDError) -> SnapshotRecord in
-            try await self.routerProcess.call { () async throws(VDError) -> SnapshotRecord in try await target.rollback(toSnapshot: name) }
+            try await self.routerProcess.call { () async throws(VDError) -> SnapshotRecord in
+                try await target.rollback(toSnapshot: name)
+            }
         }
         switch result {
         case .success:
@@ -842,7 +889,8 @@ final class Simulation: @unchecked Sendable {
             let epoch = target.openEpoch
             let contents = snapshots[key]!.contents
             for sector in 0..<contents.count where devices[device]!.current(sector) != contents[sector] {
-                devices[device]!.replied(sector, SectorWrite(id: contents[sector], replySeq: reply, issueSeq: issued, epochAtReply: epoch))
+                devices[device]!.replied(
+                    sector, SectorWrite(id: contents[sector], replySeq: reply, issueSeq: issued, epochAtReply: epoch))
             }
             coveredSeq[device] = reply
             for gone in later { snapshots[gone]?.deleted = true }
@@ -898,7 +946,8 @@ final class Simulation: @unchecked Sendable {
         let names = writableDevices
         guard !names.isEmpty else { return }
         let killAfter: UInt64? = scheduler.chance(0.3) ? UInt64(scheduler.between(1...3000)) : nil
-        try startScrub(names[scheduler.below(names.count)], threshold: scheduler.chance(0.5) ? 0.9 : 0.5, killAfter: killAfter)
+        try startScrub(
+            names[scheduler.below(names.count)], threshold: scheduler.chance(0.5) ? 0.9 : 0.5, killAfter: killAfter)
     }
 
     /// Starts `vd scrub` of `device` in a process of its own (killed after `killAfter` steps); returns the process.
@@ -924,7 +973,9 @@ final class Simulation: @unchecked Sendable {
         process.spawn { [self] in
             do throws(VDError) {
                 let summary = try await scrubber.run()
-                trace.add("scrub of \(device) done: \(summary.rewrittenSCOs) SCO(s) rewritten, result \(summary.resultID.map(String.init) ?? "none")\(summary.stoppedBecause.map { " (\($0))" } ?? "")")
+                trace.add(
+                    "scrub of \(device) done: \(summary.rewrittenSCOs) SCO(s) rewritten, result \(summary.resultID.map(String.init) ?? "none")\(summary.stoppedBecause.map { " (\($0))" } ?? "")"
+                )
             } catch {
                 trace.add("scrub of \(device) failed: \(error)")
             }
@@ -1068,6 +1119,12 @@ final class Simulation: @unchecked Sendable {
             return
         }
         for scrubber in scrubbers { scrubber.kill() }
+        // Attaching reads the namespaces: the operator waits for the backend.
+        if store.outage {
+            store.outage = false
+            outageUntilOperation = nil
+            trace.add("backend outage ends (to attach)")
+        }
         let registrations = try VolumeRegistry.list(dataDirectory: node.dataDirectory, fs: node.fs)
         nodeCount += 1
         let next = SimNode(name: "node\(nodeCount)", scheduler: scheduler)
@@ -1076,7 +1133,9 @@ final class Simulation: @unchecked Sendable {
         let store = self.store
         let random = SimRandomSource(scheduler: scheduler)
         // Parents first: a clone opens only once its parent is open.
-        let ordered = registrations.sorted { ($0.config.parent == nil ? 0 : 1, $0.config.name) < ($1.config.parent == nil ? 0 : 1, $1.config.name) }
+        let ordered = registrations.sorted {
+            ($0.config.parent == nil ? 0 : 1, $0.config.name) < ($1.config.parent == nil ? 0 : 1, $1.config.name)
+        }
         for registration in ordered where !lostClones.contains(registration.config.name.rawValue) {
             let name = registration.config.name
             let attached = try runIn(cli, "attach \(name)") { () async throws(VDError) -> Bool in
@@ -1141,7 +1200,9 @@ final class Simulation: @unchecked Sendable {
             guard let record else {
                 if snapshot.confirmed {
                     let lostAllowed = kind == .flashLost && snapshot.epoch > (stored[snapshot.volume] ?? 0)
-                    if !lostAllowed { throw fail("snapshot \(key) (epoch \(snapshot.epoch)) is gone after a \(kind.rawValue)") }
+                    if !lostAllowed {
+                        throw fail("snapshot \(key) (epoch \(snapshot.epoch)) is gone after a \(kind.rawValue)")
+                    }
                 }
                 trace.add("snapshot \(key) did not survive the \(kind.rawValue) (never replied or not stored)")
                 snapshots[key] = nil
@@ -1165,7 +1226,9 @@ final class Simulation: @unchecked Sendable {
             if snapshot.allowed(sector).contains(value) {
                 snapshots[key]!.resolve(sector, value)
             } else if mismatches.count < 8 {
-                mismatches.append("sector \(sector) (cluster \(sector / 8)): read write \(value), expected \(snapshot.allowed(sector).sorted())")
+                mismatches.append(
+                    "sector \(sector) (cluster \(sector / 8)): read write \(value), expected \(snapshot.allowed(sector).sorted())"
+                )
             }
         }
         if !mismatches.isEmpty { throw fail("snapshot \(key) reads wrong data: \(mismatches.joined(separator: "; "))") }
@@ -1208,7 +1271,8 @@ final class Simulation: @unchecked Sendable {
                 for index in 0..<count {
                     let sector = first + index
                     if let id = SectorPattern.identify(
-                        UnsafeRawBufferPointer(rebasing: raw[(index * 512)..<((index + 1) * 512)]), sector: UInt64(sector))
+                        UnsafeRawBufferPointer(rebasing: raw[(index * 512)..<((index + 1) * 512)]),
+                        sector: UInt64(sector))
                     {
                         values[sector] = id
                     } else {
@@ -1217,7 +1281,9 @@ final class Simulation: @unchecked Sendable {
                 }
             }
             if !garbage.isEmpty {
-                throw fail("\(name) returns bytes no write wrote in sectors \(garbage.prefix(8).map(String.init).joined(separator: ", "))")
+                throw fail(
+                    "\(name) returns bytes no write wrote in sectors \(garbage.prefix(8).map(String.init).joined(separator: ", "))"
+                )
             }
             first += count
         }
@@ -1240,16 +1306,19 @@ final class Simulation: @unchecked Sendable {
                 allowed = [model.current(sector)]
             case .power:
                 let floor = list.lastIndex { $0.replySeq <= covered }
-                allowed = [floor.map { list[$0].id } ?? model.storedFloor[sector]] + list[((floor ?? -1) + 1)...].map(\.id)
+                allowed =
+                    [floor.map { list[$0].id } ?? model.storedFloor[sector]] + list[((floor ?? -1) + 1)...].map(\.id)
             case .flashLost:
                 let bound = stored ?? 0
                 let floor = list.lastIndex { $0.epochAtReply <= bound }
-                allowed = [floor.map { list[$0].id } ?? model.storedFloor[sector]] + list[((floor ?? -1) + 1)...].map(\.id)
+                allowed =
+                    [floor.map { list[$0].id } ?? model.storedFloor[sector]] + list[((floor ?? -1) + 1)...].map(\.id)
             }
             if let pending = model.inFlight[sector] { allowed.append(pending) }
             if !allowed.contains(value) {
                 if mismatches.count < 8 {
-                    mismatches.append("sector \(sector) (cluster \(sector / 8)): read write \(value), allowed \(allowed)")
+                    mismatches.append(
+                        "sector \(sector) (cluster \(sector / 8)): read write \(value), allowed \(allowed)")
                 }
                 continue
             }
@@ -1259,17 +1328,21 @@ final class Simulation: @unchecked Sendable {
             }
         }
         if !mismatches.isEmpty {
-            throw fail("after a \(kind.rawValue) crash, \(name) reads wrong data: \(mismatches.joined(separator: "; "))")
+            throw fail(
+                "after a \(kind.rawValue) crash, \(name) reads wrong data: \(mismatches.joined(separator: "; "))")
         }
         if kind == .power && survivorIssue > 0 {
             // Every write replied before the newest survivor was issued is before it in the journal: it survived.
             for sector in 0..<model.sectorCount {
                 let list = model.writes[sector] ?? []
-                guard let required = list.lastIndex(where: { $0.replySeq < survivorIssue && $0.replySeq > 0 }) else { continue }
+                guard let required = list.lastIndex(where: { $0.replySeq < survivorIssue && $0.replySeq > 0 }) else {
+                    continue
+                }
                 let observedIndex = list.lastIndex { $0.id == observed[sector] } ?? -1
                 if observedIndex < required && model.inFlight[sector] != observed[sector] {
                     throw fail(
-                        "after a power loss \(name) is not a prefix of its writes: sector \(sector) lost write \(list[required].id) (replied before write-issue \(survivorIssue) that survived)")
+                        "after a power loss \(name) is not a prefix of its writes: sector \(sector) lost write \(list[required].id) (replied before write-issue \(survivorIssue) that survived)"
+                    )
                 }
             }
         }

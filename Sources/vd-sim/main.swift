@@ -88,6 +88,7 @@ struct SimCommand: ParsableCommand {
 
     func summary(_ report: SimulationReport) -> String {
         let counts = report.counts.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
-        return "seed \(report.seed): \(report.operations) operations, \(report.steps) steps, \(String(format: "%.1f", report.virtualSeconds)) s virtual; \(counts)"
+        return
+            "seed \(report.seed): \(report.operations) operations, \(report.steps) steps, \(String(format: "%.1f", report.virtualSeconds)) s virtual; \(counts)"
     }
 }

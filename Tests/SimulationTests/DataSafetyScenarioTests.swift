@@ -189,7 +189,9 @@ import VolumeSimulation
             try script.flush()
             try script.wait(seconds: 30)
             let scrubber = try script.startScrub()
-            try script.runUntil { script.store.names.contains { $0.hasPrefix("vol1/sco/8") } || script.scrubDone(scrubber) }
+            try script.runUntil {
+                script.store.names.contains { $0.hasPrefix("vol1/sco/8") } || script.scrubDone(scrubber)
+            }
             try script.check(repair: true)
             try script.runUntil { script.scrubDone(scrubber) }
             try script.wait(seconds: 60)

@@ -37,12 +37,16 @@ import VolumeSimulation
         }
         let failures = reports.filter { !$0.passed }
         let operations = reports.reduce(0) { $0 + $1.operations }
-        print("simulation: \(reports.count) seeds from \(Self.firstSeed), \(operations) operations, \(failures.count) failed")
+        print(
+            "simulation: \(reports.count) seeds from \(Self.firstSeed), \(operations) operations, \(failures.count) failed"
+        )
         let details = failures.map { report in
-            "seed \(report.seed): \(report.failure!)\n" + report.trace.suffix(60).map { "    \($0)" }.joined(separator: "\n")
+            "seed \(report.seed): \(report.failure!)\n"
+                + report.trace.suffix(60).map { "    \($0)" }.joined(separator: "\n")
         }
         #expect(
             failures.isEmpty,
-            "\(failures.count) seed(s) failed (replay with tools/sim.sh --replay SEED --ops \(Self.operations)):\n\(details.joined(separator: "\n"))")
+            "\(failures.count) seed(s) failed (replay with tools/sim.sh --replay SEED --ops \(Self.operations)):\n\(details.joined(separator: "\n"))"
+        )
     }
 }

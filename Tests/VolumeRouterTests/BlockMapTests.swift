@@ -19,7 +19,9 @@ import VolumeCore
         try body(BlockMap(database: database, cacheEntries: 1024))
     }
 
-    func location(_ sco: UInt64) -> ClusterLocation { ClusterLocation(sco: SCONumber(sco), offset: 4096, crc: UInt32(sco)) }
+    func location(_ sco: UInt64) -> ClusterLocation {
+        ClusterLocation(sco: SCONumber(sco), offset: 4096, crc: UInt32(sco))
+    }
 
     /// A write moves a version a snapshot reads into history while the scan runs: the scan must still judge it
     /// live (before the fix, the current values and the history came from two moments, and the version looked
@@ -32,18 +34,20 @@ import VolumeCore
             var dead: [(ClusterAddress, UInt64)] = []
             var live = 0
             var wrote = false
-            try map.forEachLiveVersion(snapshotEpochs: [1], { _, _, _ throws(VDError) in
-                live += 1
-                guard !wrote else { return }
-                wrote = true
-                // Epoch 3 overwrites every cluster: the epoch-1 versions move into history.
-                var overwrite = MapUpdate()
-                for address in 0..<UInt64(64) {
-                    overwrite.history.append((address, MapValue(epoch: 1, location: location(1))))
-                    overwrite.current.append((address, MapValue(epoch: 3, location: location(3))))
-                }
-                try map.apply(overwrite)
-            }, dead: { address, value, _ throws(VDError) in dead.append((address, value.epoch)) })
+            try map.forEachLiveVersion(
+                snapshotEpochs: [1],
+                { _, _, _ throws(VDError) in
+                    live += 1
+                    guard !wrote else { return }
+                    wrote = true
+                    // Epoch 3 overwrites every cluster: the epoch-1 versions move into history.
+                    var overwrite = MapUpdate()
+                    for address in 0..<UInt64(64) {
+                        overwrite.history.append((address, MapValue(epoch: 1, location: location(1))))
+                        overwrite.current.append((address, MapValue(epoch: 3, location: location(3))))
+                    }
+                    try map.apply(overwrite)
+                }, dead: { address, value, _ throws(VDError) in dead.append((address, value.epoch)) })
             #expect(dead.isEmpty, "versions the snapshot at epoch 1 reads were judged dead: \(dead.prefix(4))")
             #expect(live == 64)
         }
@@ -56,7 +60,9 @@ import VolumeCore
             var update = MapUpdate()
             for address in stride(from: UInt64(0), to: 500, by: 1) where Bool.random(using: &generator) {
                 let epochs = (1...UInt64.random(in: 1...5, using: &generator)).map { $0 * 2 }
-                for epoch in epochs.dropLast() { update.history.append((address, MapValue(epoch: epoch, location: location(epoch)))) }
+                for epoch in epochs.dropLast() {
+                    update.history.append((address, MapValue(epoch: epoch, location: location(epoch))))
+                }
                 if Bool.random(using: &generator) {
                     update.current.append((address, MapValue(epoch: epochs.last!, location: location(epochs.last!))))
                 }
@@ -64,9 +70,14 @@ import VolumeCore
             try map.apply(update)
             func collect(_ chunk: Int) throws -> [String] {
                 var seen: [String] = []
-                try map.forEachLiveVersion(snapshotEpochs: [3, 7], chunkClusters: chunk, { address, value, current throws(VDError) in
-                    seen.append("live \(address) \(value.epoch) \(current)")
-                }, dead: { address, value, successor throws(VDError) in seen.append("dead \(address) \(value.epoch) \(successor)") })
+                try map.forEachLiveVersion(
+                    snapshotEpochs: [3, 7], chunkClusters: chunk,
+                    { address, value, current throws(VDError) in
+                        seen.append("live \(address) \(value.epoch) \(current)")
+                    },
+                    dead: { address, value, successor throws(VDError) in
+                        seen.append("dead \(address) \(value.epoch) \(successor)")
+                    })
                 return seen.sorted()
             }
             let whole = try collect(1 << 20)
