@@ -60,6 +60,27 @@ package struct NamespaceCheck {
             }
         }
         let deleted = contents.deletedSources
+        // A router may finish a scrub result while the check runs (its history moved past the replay): a source it
+        // deleted meanwhile is no problem of the namespace. Looked up once, on the first object found missing.
+        var sourcesFinishedSince: Set<UInt64>?
+        func finishedSince(_ sco: SCONumber) async throws(VDError) -> Bool {
+            if sourcesFinishedSince == nil {
+                var sources: Set<UInt64> = []
+                let (ids, applied) = try await NamespaceObjects.listScrubResults(layout: layout, backend: backend)
+                for id in ids where applied.contains(id) {
+                    if let known = contents.results[id] {
+                        sources.formUnion(known.sources)
+                    } else {
+                        sources.formUnion(
+                            try await NamespaceObjects.loadScrubResult(
+                                id, layout: layout, backend: backend, volumeID: contents.config.id
+                            ).sources)
+                    }
+                }
+                sourcesFinishedSince = sources
+            }
+            return sourcesFinishedSince!.contains(sco.rawValue)
+        }
         let liveCounts = try replay.liveClustersPerSCO()
         report.liveVersions = liveCounts.values.reduce(0, +)
         report.referencedSCOs = liveCounts.count
@@ -70,7 +91,11 @@ package struct NamespaceCheck {
                 report.problems.append("\(object) is marked for deletion but \(count) live cluster(s) are in it")
             }
             guard contents.scoObjects[sco] != nil else {
-                report.problems.append("\(object) is missing but \(count) live cluster(s) are in it")
+                if try await finishedSince(sco) {
+                    report.notes.append("\(object) was deleted by a scrub result the router finished during the check")
+                } else {
+                    report.problems.append("\(object) is missing but \(count) live cluster(s) are in it")
+                }
                 continue
             }
             guard let info = contents.scoInfo(sco) else {
@@ -89,6 +114,13 @@ package struct NamespaceCheck {
                 } else {
                     report.problems.append(
                         "\(object) does not match the checksum its history recorded: \(error.message)")
+                }
+                continue
+            } catch where error.code == .notFound {
+                if try await finishedSince(sco) {
+                    report.notes.append("\(object) was deleted by a scrub result the router finished during the check")
+                } else {
+                    report.problems.append("\(object) cannot be read: \(error.message)")
                 }
                 continue
             } catch {
