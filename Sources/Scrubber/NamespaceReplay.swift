@@ -84,14 +84,15 @@ package final class NamespaceReplay: @unchecked Sendable {
         progress: @escaping @Sendable (String) -> Void
     ) async throws(VDError) -> NamespaceReplay {
         let layout = VolumeLayout(flashDirectory: "", namespace: volume.rawValue)
-        let rawConfig: ByteBuffer
+        let config: VolumeConfig
         do {
-            rawConfig = try await backend.get(layout.configObject)
-        } catch  where error.code == .notFound {
+            config = try await NamespaceObjects.getVerified(layout.configObject, backend: backend) {
+                (bytes) throws(VDError) in
+                try MetadataRecord.decode(VolumeConfig.self, from: bytes, kind: .volumeConfig, what: layout.configObject)
+            }
+        } catch where error.code == .notFound {
             throw VDError(.notFound, "the backend (\(backend.description)) has no volume named \(volume)")
         }
-        let config = try MetadataRecord.decode(
-            VolumeConfig.self, from: rawConfig, kind: .volumeConfig, what: layout.configObject)
         var contents = NamespaceContents(config: config, snapshots: SnapshotTable())
         // TLogs first, then what they may depend on: a TLog is uploaded only after the snapshot table version and
         // the scrub results it relies on, so reading those afterwards sees at least what every listed TLog needs.

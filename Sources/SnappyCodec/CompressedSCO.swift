@@ -74,44 +74,75 @@ package struct CompressedSCOHeader: Sendable, Hashable {
 }
 
 package enum CompressedSCO {
-    /// Compresses a whole SCO (its length a multiple of 4096). Returns the object to store.
+    /// Compresses a whole SCO held in memory (its length a multiple of 4096). Returns the object to store.
     package static func compress(_ sco: ByteBuffer, volumeID: VolumeID, number: SCONumber, originalCRC: UInt32)
         -> ByteBuffer
     {
+        let object = try? compress(lengthBytes: sco.readableBytes, volumeID: volumeID, number: number) {
+            (offset, into) throws(VDError) in
+            sco.withUnsafeReadableBytes { raw in
+                into.copyMemory(from: UnsafeRawBufferPointer(rebasing: raw[offset..<(offset + into.count)]))
+            }
+        }
+        return object!
+    }
+
+    /// Bytes of the original read at a time by the streaming compressor.
+    static let pieceBytes = 1 << 20
+
+    /// Compresses an SCO of `lengthBytes` (a multiple of 4096) read piece by piece through `read(offset, into)`, so
+    /// only the compressed object and one piece are in memory (uploads of large SCOs must not hold them whole).
+    /// The original's CRC is computed on the way.
+    package static func compress(
+        lengthBytes: Int, volumeID: VolumeID, number: SCONumber,
+        read: (_ offset: Int, _ into: UnsafeMutableRawBufferPointer) throws(VDError) -> Void
+    ) throws(VDError) -> ByteBuffer {
         let chunk = CompressedSCOHeader.chunkBytes
-        precondition(sco.readableBytes % chunk == 0, "SCO length must be a multiple of 4096")
-        let chunkCount = sco.readableBytes / chunk
-        var body = ByteBufferAllocator().buffer(capacity: sco.readableBytes / 2 + CompressedSCOHeader.headerBytes)
-        body.moveWriterIndex(forwardBy: 0)
+        precondition(lengthBytes % chunk == 0, "SCO length must be a multiple of 4096")
+        let chunkCount = lengthBytes / chunk
+        let headerBytes = CompressedSCOHeader.headerBytes
+        var object = ByteBufferAllocator().buffer(capacity: headerBytes + lengthBytes / 2 + (chunkCount + 1) * 8)
+        object.writeWithUnsafeMutableBytes(minimumWritableBytes: headerBytes) { raw in
+            UnsafeMutableRawBufferPointer(rebasing: raw[0..<headerBytes]).initializeMemory(as: UInt8.self, repeating: 0)
+            return headerBytes
+        }
         var offsets: [UInt64] = []
         offsets.reserveCapacity(chunkCount + 1)
-        var position = UInt64(CompressedSCOHeader.headerBytes)
+        var position = UInt64(headerBytes)
+        var originalCRC: UInt32 = 0
         let scratchLength = Snappy.maxCompressedLength(chunk)
-        sco.withUnsafeReadableBytes { raw in
-            withUnsafeTemporaryAllocation(byteCount: scratchLength, alignment: 16) { scratch in
-                for index in 0..<chunkCount {
-                    offsets.append(position)
-                    let input = UnsafeRawBufferPointer(rebasing: raw[(index * chunk)..<((index + 1) * chunk)])
-                    let length = Snappy.compress(input, into: scratch)
-                    if length < chunk {
-                        body.writeBytes(UnsafeRawBufferPointer(rebasing: scratch[0..<length]))
-                        position += UInt64(length)
-                    } else {
-                        body.writeBytes(input)
-                        position += UInt64(chunk)
-                    }
+        let piece = UnsafeMutableRawBufferPointer.allocate(byteCount: min(pieceBytes, max(lengthBytes, chunk)), alignment: 16)
+        defer { piece.deallocate() }
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: scratchLength, alignment: 16)
+        defer { scratch.deallocate() }
+        var pieceStart = 0
+        while pieceStart < lengthBytes {
+            let count = min(piece.count, lengthBytes - pieceStart)
+            let input = UnsafeMutableRawBufferPointer(rebasing: piece[0..<count])
+            try read(pieceStart, input)
+            originalCRC = CRC32C.checksum(UnsafeRawBufferPointer(input), seed: originalCRC)
+            for index in 0..<(count / chunk) {
+                offsets.append(position)
+                let source = UnsafeRawBufferPointer(rebasing: piece[(index * chunk)..<((index + 1) * chunk)])
+                let length = Snappy.compress(source, into: scratch)
+                if length < chunk {
+                    object.writeBytes(UnsafeRawBufferPointer(rebasing: scratch[0..<length]))
+                    position += UInt64(length)
+                } else {
+                    object.writeBytes(source)
+                    position += UInt64(chunk)
                 }
             }
+            pieceStart += count
         }
         offsets.append(position)
         var index = ByteBufferAllocator().buffer(capacity: offsets.count * 8)
         for offset in offsets { index.writeInteger(offset, endianness: .little) }
         let header = CompressedSCOHeader(
-            volumeID: volumeID, sco: number, originalLength: UInt64(sco.readableBytes), originalCRC: originalCRC,
+            volumeID: volumeID, sco: number, originalLength: UInt64(lengthBytes), originalCRC: originalCRC,
             chunkCount: UInt64(chunkCount), indexOffset: position, indexCRC: CRC32C.checksum(index))
-        var object = header.encode()
-        object.writeBuffer(&body)
         object.writeBuffer(&index)
+        object.setBuffer(header.encode(), at: object.readerIndex)
         return object
     }
 

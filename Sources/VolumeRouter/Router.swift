@@ -16,6 +16,7 @@ package import Foundation
 package import Logging
 import NIOCore
 import NIOPosix
+import Scrubber
 package import ObjectStore
 package import SCOCache
 import Synchronization
@@ -163,16 +164,17 @@ package enum VolumeAdministration {
             throw VDError(.alreadyExists, "volume \(name) is already registered in \(dataDirectory)")
         }
         let layout = VolumeLayout(flashDirectory: "", namespace: name.rawValue)
-        let raw: ByteBuffer
+        let config: VolumeConfig
         do {
-            raw = try await backend.get(layout.configObject)
-        } catch  where error.code == .notFound {
+            config = try await NamespaceObjects.getVerified(layout.configObject, backend: backend) {
+                (bytes) throws(VDError) in
+                try MetadataRecord.decode(VolumeConfig.self, from: bytes, kind: .volumeConfig, what: layout.configObject)
+            }
+        } catch where error.code == .notFound {
             throw VDError(
                 .notFound,
                 "the backend (\(backend.description)) has no volume named \(name) (no \(layout.configObject))")
         }
-        let config = try MetadataRecord.decode(
-            VolumeConfig.self, from: raw, kind: .volumeConfig, what: layout.configObject)
         guard config.name == name else {
             throw VDError(.corrupt, "\(layout.configObject) describes volume \(config.name), not \(name)")
         }

@@ -75,8 +75,22 @@ extension Volume {
         return start..<max(end, range.upperBound)
     }
 
+    /// The format of a backend SCO, probed once (a probe whose bytes do not verify is repeated: they may have been
+    /// damaged on the way).
     func backendFormat(_ sco: SCONumber) async throws(VDError) -> BackendSCOFormat {
         if let known = backendFormats.withLock({ $0.formats[sco] }) { return known }
+        var attempt = 0
+        while true {
+            attempt += 1
+            do throws(VDError) {
+                return try await probeBackendFormat(sco)
+            } catch where error.code == .corrupt && attempt < Self.backendReadAttemptsMax {
+                continue
+            }
+        }
+    }
+
+    private func probeBackendFormat(_ sco: SCONumber) async throws(VDError) -> BackendSCOFormat {
         let object = layout.scoObject(sco)
         let first = try await backend.get(object, range: 0..<UInt64(SCOFormat.blockBytes))
         let format: BackendSCOFormat
@@ -115,9 +129,17 @@ extension Volume {
             return
         }
         let id = config.id
-        let data = try await readSealed(path: path, lengthBytes: lengthBytes)
+        let fs = env.fs
+        // Read and compressed a piece at a time: only the compressed object is held (uploads run in parallel).
         let compressed = try await blocking { () throws(VDError) -> ByteBuffer in
-            CompressedSCO.compress(data, volumeID: id, number: sco, originalCRC: CRC32C.checksum(data))
+            let file = try fs.open(path, options: .readOnly)
+            defer { file.close() }
+            return try CompressedSCO.compress(lengthBytes: Int(lengthBytes), volumeID: id, number: sco) {
+                (offset, into) throws(VDError) in
+                guard try file.read(into: into, at: UInt64(offset)) == into.count else {
+                    throw VDError(.corrupt, "\(path) is shorter than its sealed length")
+                }
+            }
         }
         try await backend.put(object, data: compressed)
     }

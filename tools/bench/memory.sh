@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Memory against data written: the peak RSS of `vd serve` (filling the volume, then `vd volume info`, then
-# `vd snapshot delete` under it), of `vd scrub` and of `vd check`, on a volume with 1, 10 and 50 GiB written (each
+# `vd snapshot delete` under it) and its RSS once uploads caught up, of `vd scrub` and of `vd check`, on a volume with 1, 10 and 50 GiB written (each
 # level adds to the previous one). Target: flat beyond the configured map cache (`map_cache_entries`, ~64 MiB at the
 # default 1 Mi entries), under 512 MiB at 50 GiB.
 #
@@ -38,8 +38,10 @@ start_serve() {
 stop_serve() { kill -TERM "$pid"; wait "$pid" || true; pid=""; : >"$DIR/serve.log"; }
 mib() { echo $(( $1 / 1024 )); }
 hwm() { awk '/VmHWM/ {print $2}' "/proc/$pid/status"; }
+rss() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
+unstored() { curl -s --unix-socket "$DIR/data/api.sock" http://vd/metrics | awk '/^vd_volume_unstored_bytes\{volume="vol1"\}/ {print $2}'; }
 U="nbd+unix:///vol1?socket=$DIR/data/nbd.sock"
-printf "%-9s %14s %14s %16s %12s %12s\n" "written" "serve fill MiB" "serve info MiB" "snap delete MiB" "scrub MiB" "check MiB"
+printf "%-9s %14s %14s %14s %16s %12s %12s\n" "written" "serve peak MiB" "serve idle MiB" "serve info MiB" "snap delete MiB" "scrub MiB" "check MiB"
 done_gib=0
 snap=0
 for w in $WRITTEN; do
@@ -53,6 +55,9 @@ for w in $WRITTEN; do
   fio --name=over --ioengine=nbd --uri="$U" --rw=randwrite --bs=4k --iodepth=32 --size="${w}G" \
     --io_size="$((w * 1024 * 1024 / 100))k" --buffer_compress_percentage=70 --refill_buffers >/dev/null
   fill=$(hwm)
+  for _ in $(seq 900); do [ "$(unstored)" -lt $((64 << 20)) ] 2>/dev/null && break; sleep 1; done
+  sleep 5
+  idle=$(rss)
   "$VD" volume info vol1 --data-dir "$DIR/data" >/dev/null
   info=$(hwm)
   "$VD" snapshot delete vol1 "s$snap" --data-dir "$DIR/data" >/dev/null
@@ -62,5 +67,5 @@ for w in $WRITTEN; do
   /usr/bin/time -f "%M" -o "$DIR/scrub.rss" "$VD" scrub --volume vol1 --threshold 0.9 --data-dir "$DIR/data" --config "$DIR/vd.toml" >/dev/null 2>&1 || true
   /usr/bin/time -f "%M" -o "$DIR/check.rss" "$VD" check vol1 --quick --data-dir "$DIR/data" --config "$DIR/vd.toml" >/dev/null 2>&1 || true
   scrub=$(tail -1 "$DIR/scrub.rss"); check=$(tail -1 "$DIR/check.rss")
-  printf "%-9s %14s %14s %16s %12s %12s\n" "${w} GiB" "$(mib "$fill")" "$(mib "$info")" "$(mib "$delete")" "$(mib "$scrub")" "$(mib "$check")"
+  printf "%-9s %14s %14s %14s %16s %12s %12s\n" "${w} GiB" "$(mib "$fill")" "$(mib "$idle")" "$(mib "$info")" "$(mib "$delete")" "$(mib "$scrub")" "$(mib "$check")"
 done
