@@ -229,6 +229,21 @@ package final class BlockMap: Sendable {
         return result
     }
 
+    /// The kept older versions of the clusters in `[start, end)`, as (cluster, epoch), in key order.
+    package func historyVersions(from start: ClusterAddress, to end: ClusterAddress) throws(VDError)
+        -> [(ClusterAddress, UInt64)]
+    {
+        var result: [(ClusterAddress, UInt64)] = []
+        guard start < end else { return result }
+        try database.scan(from: Self.historyKey(start, epoch: .max), to: Self.historyKey(end, epoch: .max)) {
+            (key, _) throws(VDError) -> Bool in
+            let epoch = ~UInt64(bigEndian: key.loadUnaligned(fromByteOffset: 9, as: UInt64.self))
+            result.append((Self.address(ofKey: key), epoch))
+            return true
+        }
+        return result
+    }
+
     /// Every history version, in key order (for garbage accounting and checks).
     package func forEachHistory(_ body: (ClusterAddress, MapValue) throws(VDError) -> Void) throws(VDError) {
         let path = database.path

@@ -4,7 +4,9 @@
 // Versions: when a cluster changes at epoch e and its previous value (epoch p) is still what some retained epoch s
 // sees (p <= s < e: a snapshot, or a rollback target), the previous value moves to the history keys first. Unmapping
 // leaves a tombstone (a value with no location) when the volume is a clone (where "never written" means "read the
-// parent") or keeps snapshots (so a snapshot after the unmap does not see older history); otherwise the key goes.
+// parent") or keeps snapshots (so a snapshot after the unmap does not see older history); otherwise the key goes, and
+// any history of the cluster (dead: kept for snapshots deleted since) goes with it in the same batch. History is only
+// ever read through a current key, so a cluster without one must have none: a later write would bring it back.
 //
 // Unmaps, rollbacks and scrub applications need the map's current state, so pending changes are applied first. Such
 // an intermediate apply may reach durable storage (RocksDB flushes when it likes) before the journal batch it comes
@@ -158,10 +160,20 @@ package struct MapChanges {
                 found = try map.writtenAddresses(from: start, to: end, limit: chunkClusters)
                 start = found.count == chunkClusters ? found.last!.0 + 1 : end
             }
+            var removed: Set<ClusterAddress> = []
             for (written, previous) in found {
                 if previous.location == nil && !mustRetain(previous: previous.epoch, next: epoch) { continue }
                 if mustRetain(previous: previous.epoch, next: epoch) { update.history.append((written, previous)) }
                 update.current.append((written, keepTombstones ? MapValue(epoch: epoch, location: nil) : nil))
+                if !keepTombstones { removed.insert(written) }
+            }
+            // A key that goes takes the cluster's history with it, in the same batch: versions a deleted snapshot
+            // read may still be there, and a later write recreating the key would let a later snapshot see them.
+            if let first = found.first?.0, let last = found.last?.0, !removed.isEmpty {
+                for (address, old) in try map.historyVersions(from: first, to: last + 1)
+                where removed.contains(address) {
+                    update.dropHistory.append((address, old))
+                }
             }
             if start < end { try flush() }
         }

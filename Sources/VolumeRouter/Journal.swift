@@ -373,10 +373,17 @@ final class Journal: Sendable {
         let oldFile = state.file
         let next = state.highestSCO.next
         let nextEpoch = oldEpoch + 1
-        let (file, headerCRC) = try Self.createJournalFile(
-            fs: env.fs, layout: layout, volumeID: volumeID, sco: next, epoch: nextEpoch,
-            clusterSizeBytes: clusterSizeBytes,
-            sizeBytes: options.scoSizeBytes)
+        // Creating the file syncs it and its directory: blocking work, off the event loops (a leader may run on one).
+        let (fs, layout, volumeID, clusterSizeBytes, sizeBytes) = (
+            env.fs, layout, volumeID, clusterSizeBytes, options.scoSizeBytes
+        )
+        let created = try await env.tasks.blocking { () throws(VDError) -> CreatedJournal in
+            let (file, headerCRC) = try Self.createJournalFile(
+                fs: fs, layout: layout, volumeID: volumeID, sco: next, epoch: nextEpoch,
+                clusterSizeBytes: clusterSizeBytes, sizeBytes: sizeBytes)
+            return CreatedJournal(file: file, headerCRC: headerCRC)
+        }
+        let (file, headerCRC) = (created.file, created.headerCRC)
         state.highestSCO = next
         env.tasks.failpoint("roll-after-next-journal")
         let marker = BatchHeader(
@@ -521,6 +528,12 @@ final class Journal: Sendable {
         for task in tasks { await task.value }
         state.file.close()
     }
+}
+
+/// A journal file just created (sent back from the blocking pool).
+struct CreatedJournal: @unchecked Sendable {
+    var file: FlashFile
+    var headerCRC: UInt32
 }
 
 /// Leader rights, handed to an exclusive request while it runs: the journal operations only a leader may do.

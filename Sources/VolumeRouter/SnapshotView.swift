@@ -34,14 +34,20 @@ package final class SnapshotView: BlockDevice {
 
     private var readOnly: VDError { VDError(.readOnly, "\(volume.name)@\(snapshotName) is a read-only snapshot") }
 
+    // Checked again after the read: a deletion during it may have dropped versions the read looked up later (it
+    // would have read older data there), so a snapshot deleted meanwhile gives an error, never a mix.
     package func read(offset: UInt64, length: UInt32) async throws(VDError) -> ByteBuffer {
         try checkExists()
-        return try await volume.read(offset: offset, length: length, atEpoch: epoch)
+        let data = try await volume.read(offset: offset, length: length, atEpoch: epoch)
+        try checkExists()
+        return data
     }
 
     package func readSparse(offset: UInt64, length: UInt32) async throws(VDError) -> SparseData {
         try checkExists()
-        return try await volume.readSparse(offset: offset, length: length, atEpoch: epoch)
+        let data = try await volume.readSparse(offset: offset, length: length, atEpoch: epoch)
+        try checkExists()
+        return data
     }
 
     package func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws(VDError) { throw readOnly }

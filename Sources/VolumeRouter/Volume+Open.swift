@@ -10,7 +10,8 @@
 //  2. checks the map's checkpoint against that history: a map that may be ahead of the durable journal (possible
 //     after a power loss: RocksDB flushes when it likes) is rebuilt from scratch rather than trusted;
 //  3. replays every epoch from the checkpoint into the map (TLogs, then journal batches);
-//  4. seals every journal it scanned (the last at its valid prefix), writes their TLogs, moves files past the end of
+//  4. seals every journal it scanned (the last at its valid prefix; each synced first, as a journal sealed before a
+//     process crash may be sealed in the page cache only), writes their TLogs, moves files past the end of
 //     the history aside (never deletes them), and starts the next epoch in a new SCO numbered above every SCO number
 //     ever seen locally or on the backend;
 //  5. queues the sealed epochs the backend does not have yet for upload (each SCO's length from its TLog).
@@ -402,6 +403,9 @@ struct Recovery {
                 scan = try JournalScanner.scan(
                     file: file, volumeID: config.id, sco: sco, clusterSizeBytes: config.clusterSizeBytes)
                 guard scan.isSealed else { throw .corrupt("\(path): cannot seal the recovered journal") }
+            } else {
+                // Sealed before a process crash, maybe only in the page cache: durable before a TLog claims it.
+                try file.dataSync()
             }
             let tlog = TLog(
                 volumeID: config.id, number: SCONumber(epoch), clusterSizeBytes: config.clusterSizeBytes,

@@ -123,6 +123,7 @@ extension Volume {
     /// after the epoch open now, minus one; only versions superseded before that are dropped, so no such snapshot can
     /// need one.
     func dropDeadHistory() async {
+        env.tasks.failpoint("drop-dead-history")
         let openEpoch = journal.openEpoch
         let retained = snapshotTable.retainedEpochs
         do throws(VDError) {

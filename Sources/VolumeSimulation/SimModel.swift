@@ -70,6 +70,8 @@ struct SectorWrite: Equatable {
     var issueSeq: UInt64
     /// The journal's open epoch when the reply came (the write is in this epoch or an earlier one).
     var epochAtReply: UInt64
+    /// Written with FUA: durable once replied, whatever flush came or did not.
+    var durable = false
 }
 
 /// What one writable device (a volume or a clone) may contain.

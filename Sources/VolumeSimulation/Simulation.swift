@@ -227,10 +227,17 @@ final class Simulation: @unchecked Sendable {
             try createVolume("vol1")
             for index in 0..<config.operations {
                 report.operations = index + 1
-                try step(index)
+                do {
+                    try step(index)
+                } catch is RouterKilled {
+                    trace.add("the router was killed at a failpoint before a verification could read: recovering")
+                    try crashRecovery(.process)
+                }
                 try checkInvariants()
                 if let failure { throw failure }
             }
+            scheduler.armedFailpoints = [:]
+            if !routerProcess.isAlive { try crashRecovery(.process) }
             try quiesce()
             store.outage = false
             try verifyEverything(after: .none, full: true)
@@ -371,11 +378,22 @@ final class Simulation: @unchecked Sendable {
                     try await router.openVolume(named: name)
                 }
                 if case .failure(let error) = reopened {
+                    if !process.isAlive {
+                        trace.add("the router died while opening \(name) (\(error)): starting it again")
+                        node.router = nil
+                        return try boot(afterFlashLoss: afterFlashLoss)
+                    }
                     throw fail("volume \(name) does not open after a restart with the backend back: \(error)")
                 }
             }
             trace.add("router started: \(router.volumes.map(\.name.rawValue))")
         case .failure(let error):
+            // Killed at an armed failpoint while it recovered: a crash during recovery, recovered from in turn.
+            if !process.isAlive {
+                trace.add("the router died while starting (\(error)): starting it again")
+                node.router = nil
+                return try boot(afterFlashLoss: afterFlashLoss)
+            }
             throw fail("the router does not start: \(error)")
         }
     }
@@ -434,6 +452,7 @@ final class Simulation: @unchecked Sendable {
         case 765..<770: if config.crashes { try crash(.flashLost) }
         case 770..<780: if config.backendFaults { startOutage(index) }
         case 780..<860: try wait(.milliseconds(Int64(scheduler.between(1...3000))))
+        case 860..<875: if config.crashes { armFailpoint() }
         default: try verifyRandomRange()
         }
         // Let the system run a little between operations.
@@ -441,6 +460,25 @@ final class Simulation: @unchecked Sendable {
         let end = scheduler.steps + budget
         scheduler.run(until: { scheduler.steps >= end || !completions.isEmpty || failure != nil })
         try processCompletions()
+    }
+
+    /// Named crash points in the code (`TaskRunner.failpoint`) and the process they are in: one is armed now and then,
+    /// so a crash lands inside a multi-step change (a roll, a scrub's application, a snapshot deletion's cleanup), not
+    /// only between operations.
+    static let failpoints: [(name: String, role: String)] = [
+        ("roll-after-next-journal", "router"), ("roll-after-checkpoint", "router"),
+        ("map-intermediate-apply", "router"), ("router-scrub-after-entry", "router"),
+        ("router-scrub-after-marker", "router"), ("router-scrub-mid-delete", "router"),
+        ("drop-dead-history", "router"), ("after-lease", "scrubber"), ("after-replay", "scrubber"),
+        ("after-sco-upload", "scrubber"), ("before-result", "scrubber"), ("after-result", "scrubber"),
+    ]
+
+    func armFailpoint() {
+        let (name, role) = Self.failpoints[scheduler.below(Self.failpoints.count)]
+        guard scheduler.armedFailpoints[name] == nil else { return }
+        scheduler.armedFailpoints[name] = role
+        trace.add("armed failpoint \(name) (\(role))")
+        count("failpoint-armed")
     }
 
     func startOutage(_ index: Int) {
@@ -471,7 +509,9 @@ final class Simulation: @unchecked Sendable {
             case 6..<9: length = scheduler.between(1...min(maxSectors, 256))
             default: length = scheduler.between(1...maxSectors)
             }
-            let start = scheduler.below(model.sectorCount - length + 1)
+            // Half the ranges start in a hot first eighth of the device, so operations meet on the same clusters.
+            let span = scheduler.chance(0.5) ? max(1, model.sectorCount / 8) : model.sectorCount
+            let start = min(scheduler.below(span), model.sectorCount - length)
             let range = start..<(start + length)
             if !inFlight.values.contains(where: { $0.device == device && $0.sectors.overlaps(range) }) { return range }
         }
@@ -551,9 +591,13 @@ final class Simulation: @unchecked Sendable {
                 for (sector, value) in values.sorted(by: { $0.key < $1.key }) {
                     simulation.devices[device]?.replied(
                         sector,
-                        SectorWrite(id: value, replySeq: reply, issueSeq: operation.issueSeq, epochAtReply: epoch))
+                        SectorWrite(
+                            id: value, replySeq: reply, issueSeq: operation.issueSeq, epochAtReply: epoch,
+                            durable: fua))
                 }
-                if fua { simulation.coveredSeq[device] = max(simulation.coveredSeq[device] ?? 0, reply) }
+                // FUA makes this write durable; the sync behind it also covers every write replied before it was
+                // issued (they are before it in the journal), not those replied while it waited.
+                if fua { simulation.coveredSeq[device] = max(simulation.coveredSeq[device] ?? 0, operation.issueSeq) }
             case .failure(let error):
                 // In flight at a crash: the sectors stay ambiguous until the restart reads them.
                 if error.message.contains("connection to") { return }
@@ -706,6 +750,13 @@ final class Simulation: @unchecked Sendable {
             case .success: break
             case .failure(let error):
                 if error.message.contains("connection to") { return }
+                // A snapshot deleted (or rolled past) while the read was in flight: a clean error is right.
+                if simulation.devices[device] == nil, error.code == .notFound,
+                    simulation.snapshots[device].map({ $0.deleted || !$0.confirmed }) ?? true
+                {
+                    simulation.trace.add("read of \(device) ended with the snapshot's deletion: \(error)")
+                    return
+                }
                 if simulation.store.outage
                     || simulation.store.injectedFaults > 0
                         && (error.code == .backend || error.code == .corrupt || error.code == .timeout)
@@ -902,6 +953,9 @@ final class Simulation: @unchecked Sendable {
                 for sector in 0..<contents.count where devices[device]!.current(sector) != contents[sector] {
                     devices[device]!.inFlight[sector] = contents[sector]
                 }
+                // The table drops the later snapshots before the journal entry lands: a rollback cut short may have
+                // deleted them (what is left must still read exactly right).
+                for gone in later { snapshots[gone]?.confirmed = false }
                 return
             }
             throw fail("rollback of \(device) failed: \(error)")
@@ -1237,7 +1291,12 @@ final class Simulation: @unchecked Sendable {
     /// The whole device as write ids per sector.
     func readWhole(_ name: String, _ device: any BlockDevice) throws -> [UInt32] {
         let total = Int(config.volumeBytes / 512)
+        guard routerProcess.isAlive else { throw RouterKilled() }
         var values = [UInt32](repeating: 0, count: total)
+        // A verification observes: an armed failpoint waits until it is done (a kill would fail the read).
+        let armed = scheduler.armedFailpoints
+        scheduler.armedFailpoints = [:]
+        defer { scheduler.armedFailpoints.merge(armed) { kept, _ in kept } }
         let chunk = 2048
         var first = 0
         while first < total {
@@ -1264,7 +1323,9 @@ final class Simulation: @unchecked Sendable {
             let bytes: ByteBuffer
             switch result {
             case .success(let data): bytes = data
-            case .failure(let error): throw fail("reading \(name) sectors \(first)+\(count) failed: \(error)")
+            case .failure(let error):
+                guard routerProcess.isAlive else { throw RouterKilled() }
+                throw fail("reading \(name) sectors \(first)+\(count) failed: \(error)")
             }
             var garbage: [Int] = []
             bytes.withUnsafeReadableBytes { raw in
@@ -1305,7 +1366,7 @@ final class Simulation: @unchecked Sendable {
             case .none, .process, .drained:
                 allowed = [model.current(sector)]
             case .power:
-                let floor = list.lastIndex { $0.replySeq <= covered }
+                let floor = list.lastIndex { $0.replySeq <= covered || $0.durable }
                 allowed =
                     [floor.map { list[$0].id } ?? model.storedFloor[sector]] + list[((floor ?? -1) + 1)...].map(\.id)
             case .flashLost:
@@ -1383,3 +1444,6 @@ extension SimKeyValueStores {
         forgetStores { $0.hasPrefix(prefix) }
     }
 }
+
+/// The router died at an armed failpoint before a verification could read from it: the run recovers as from a crash.
+struct RouterKilled: Error {}
