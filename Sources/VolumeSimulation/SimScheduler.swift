@@ -36,6 +36,8 @@ package final class SimScheduler: @unchecked Sendable {
     package private(set) var escaped: String?
     /// Failpoints armed by the workload: the process that reaches one is killed there.
     package var armedFailpoints: [String: String] = [:]
+    /// Called after a failpoint killed its process (the workload may turn the kill into a power loss).
+    package var failpointFired: ((String) -> Void)?
 
     package init(seed: UInt64, trace: SimTrace) {
         self.seed = seed
@@ -178,6 +180,7 @@ package final class SimScheduler: @unchecked Sendable {
         armedFailpoints[name] = nil
         trace.add("failpoint \(name): \(process.name) killed")
         process.kill()
+        failpointFired?(name)
     }
 }
 

@@ -192,6 +192,9 @@ final class Simulation: @unchecked Sendable {
     var scrubsFinished: Set<Int> = []
     var failure: SimFailure?
     var outageUntilOperation: Int?
+    /// Armed failpoints that stand for a power loss, and whether one fired since the last recovery.
+    var powerLossFailpoints: Set<String> = []
+    var powerLossPending = false
 
     init(config: SimulationConfig) {
         self.config = config
@@ -207,7 +210,13 @@ final class Simulation: @unchecked Sendable {
         client.role = "client"
         compress = scheduler.chance(0.3)
         mapChunkClusters = config.mapChunkClusters ?? (scheduler.chance(0.5) ? 64 : 65536)
+        // How eagerly the map store makes its memtable durable by itself: rarely, often, or after every write (a map
+        // ahead of the journal is then the rule: recovery must judge it).
+        node.maps.autoFlushProbability = [0.05, 0.3, 1.0][scheduler.below(3)]
         report = SimulationReport(seed: config.seed)
+        scheduler.failpointFired = { [unowned self] name in
+            if self.powerLossFailpoints.contains(name) { self.powerLossPending = true }
+        }
         if config.backendFaults {
             store.faults.failBefore = 0.03
             store.faults.failAfter = 0.02
@@ -220,7 +229,7 @@ final class Simulation: @unchecked Sendable {
     func run() -> SimulationReport {
         scheduler.bindToCurrentThread()
         trace.add(
-            "seed \(config.seed): \(config.operations) operations, volume \(config.volumeBytes >> 20) MiB, SCO \(config.scoBytes >> 20) MiB, compression \(compress), map chunks \(mapChunkClusters)"
+            "seed \(config.seed): \(config.operations) operations, volume \(config.volumeBytes >> 20) MiB, SCO \(config.scoBytes >> 20) MiB, compression \(compress), map chunks \(mapChunkClusters), map auto-flush \(node.maps.autoFlushProbability)"
         )
         do {
             try boot()
@@ -231,13 +240,13 @@ final class Simulation: @unchecked Sendable {
                     try step(index)
                 } catch is RouterKilled {
                     trace.add("the router was killed at a failpoint before a verification could read: recovering")
-                    try crashRecovery(.process)
+                    try recoverFromFailpoint()
                 }
                 try checkInvariants()
                 if let failure { throw failure }
             }
             scheduler.armedFailpoints = [:]
-            if !routerProcess.isAlive { try crashRecovery(.process) }
+            try recoverFromFailpoint()
             try quiesce()
             store.outage = false
             try verifyEverything(after: .none, full: true)
@@ -423,10 +432,8 @@ final class Simulation: @unchecked Sendable {
     // MARK: the workload
 
     func step(_ index: Int) throws {
-        if let process = node.routerProcess, !process.isAlive {
-            // Killed at a failpoint (or during an operation): it restarts as after any crash.
-            try crashRecovery(.process)
-        }
+        // Killed at a failpoint (or during an operation): it restarts as after any crash.
+        try recoverFromFailpoint()
         if let until = outageUntilOperation, index >= until {
             store.outage = false
             outageUntilOperation = nil
@@ -473,12 +480,27 @@ final class Simulation: @unchecked Sendable {
         ("after-sco-upload", "scrubber"), ("before-result", "scrubber"), ("after-result", "scrubber"),
     ]
 
+    /// Some armed failpoints are a power loss of the whole node at that point rather than a crash of one process:
+    /// the killed process writes nothing more, so the power loss taken at the next step keeps exactly what was
+    /// durable when it died (plus what other processes synced since, a state a power loss then could also leave).
     func armFailpoint() {
         let (name, role) = Self.failpoints[scheduler.below(Self.failpoints.count)]
         guard scheduler.armedFailpoints[name] == nil else { return }
         scheduler.armedFailpoints[name] = role
-        trace.add("armed failpoint \(name) (\(role))")
+        let power = scheduler.chance(0.4)
+        if power { powerLossFailpoints.insert(name) } else { powerLossFailpoints.remove(name) }
+        trace.add("armed failpoint \(name) (\(role))\(power ? " as a power loss" : "")")
         count("failpoint-armed")
+    }
+
+    /// After a failpoint killed a process: the crash the next step recovers from.
+    func recoverFromFailpoint() throws {
+        if powerLossPending {
+            powerLossPending = false
+            try crashRecovery(.power)
+        } else if let process = node.routerProcess, !process.isAlive {
+            try crashRecovery(.process)
+        }
     }
 
     func startOutage(_ index: Int) {
@@ -1102,7 +1124,13 @@ final class Simulation: @unchecked Sendable {
         return result
     }
 
-    func crashRecovery(_ kind: CrashKind) throws {
+    func crashRecovery(_ requested: CrashKind) throws {
+        var kind = requested
+        if powerLossPending {
+            // A failpoint standing for a power loss fired since: this crash is that power loss.
+            powerLossPending = false
+            if kind == .process { kind = .power }
+        }
         let stored = storedEpochs()
         routerProcess.kill()
         if kind == .power || kind == .flashLost {
