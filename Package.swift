@@ -220,7 +220,9 @@ let package = Package(
         ),
         .testTarget(
             name: "SimulationTests",
-            dependencies: ["VolumeSimulation", "VolumeCore", "FlashIO"],
+            dependencies: [
+                "VolumeSimulation", "VolumeCore", "FlashIO", .product(name: "NIOCore", package: "swift-nio"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

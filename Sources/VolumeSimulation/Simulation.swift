@@ -190,6 +190,8 @@ final class Simulation: @unchecked Sendable {
     var lostClones: Set<String> = []
     /// Scrubber processes whose run ended (done or failed).
     var scrubsFinished: Set<Int> = []
+    /// How each scrubber's run ended with an error (by process id).
+    var scrubErrors: [Int: VDError] = [:]
     var failure: SimFailure?
     var outageUntilOperation: Int?
     /// Armed failpoints that stand for a power loss, and whether one fired since the last recovery.
@@ -1054,6 +1056,7 @@ final class Simulation: @unchecked Sendable {
                 )
             } catch {
                 trace.add("scrub of \(device) failed: \(error)")
+                scrubErrors[process.id] = error
             }
             scrubsFinished.insert(process.id)
         }

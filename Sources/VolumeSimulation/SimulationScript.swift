@@ -4,7 +4,7 @@
 
 import Foundation
 import Synchronization
-import VolumeCore
+package import VolumeCore
 
 /// What a script may do. Every call runs on the simulation thread, in virtual time.
 package final class SimulationScript: @unchecked Sendable {
@@ -113,6 +113,9 @@ package final class SimulationScript: @unchecked Sendable {
     package func scrubDone(_ process: SimProcess) -> Bool {
         simulation.scrubsFinished.contains(process.id) || !process.isAlive
     }
+
+    /// The error a scrubber's run ended with (nil: it succeeded, or has not ended).
+    package func scrubError(_ process: SimProcess) -> VDError? { simulation.scrubErrors[process.id] }
 
     package func check(_ device: String = "vol1", repair: Bool) throws {
         try simulation.runCheck(device, repair: repair)
