@@ -306,13 +306,17 @@ package final class BlockMap: Sendable {
                 let address = Self.address(ofKey: key)
                 let value = try MapValue.decode(raw, key: "history", path: path)
                 let next = successor?.address == address ? successor!.epoch : (currentEpochs[address] ?? .max)
+                successor = (address, value.epoch)
+                // A kept copy of the current version itself (a rollback restored it from history): neither a live
+                // older version nor dead. Never report it dead: a write after this view moves the current version
+                // into history under this very key, and dropping the key then would drop a version snapshots read.
+                if value.epoch >= next { return true }
                 // A cluster with no current key reads as never written at every epoch (see `value(_:atEpoch:)`).
                 if currentEpochs[address] != nil && readBySnapshot(value.epoch, successor: next) {
                     if value.location != nil { try body(address, value, false) }
                 } else {
                     try dead(address, value, next)
                 }
-                successor = (address, value.epoch)
                 return true
             }
             if isLastChunk { return }

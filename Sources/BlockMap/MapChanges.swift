@@ -186,7 +186,11 @@ package struct MapChanges {
         while true {
             let found = try map.writtenAddresses(from: start, to: .max, limit: chunkClusters)
             for (address, value) in found where value.epoch > target {
-                update.current.append((address, try map.value(address, atEpoch: target)))
+                let restored = try map.value(address, atEpoch: target)
+                update.current.append((address, restored))
+                // The restored version is current again: its history copy goes (history stays strictly older
+                // than the current version; see `BlockMap.forEachLiveVersion`).
+                if let restored { update.dropHistory.append((address, restored.epoch)) }
             }
             try flush()
             guard found.count == chunkClusters, let last = found.last else { break }
