@@ -377,11 +377,12 @@ public final class S3Store: ObjectStore {
                         + "access key ID \(accessKey) (\(detail)); check the credentials and the bucket's "
                         + "permissions"))
         case S3StatusErrorRequestTimeTooSkewed:
-            return .fail(
-                VDError(
-                    .authentication,
-                    "the S3 endpoint \(endpoint) rejected \(verb) \(object) because this machine's clock differs too "
-                        + "much from the server's (\(detail)); synchronise the clock"))
+            // Retried: libs3 formats each request's date with gmtime(), which is not thread-safe, so concurrent
+            // requests now and then send a garbled date that the server reads as skew. A real skew fails every
+            // attempt and ends with this message.
+            return .retry(
+                "the S3 endpoint \(endpoint) rejected \(verb) \(object) because this machine's clock differs too "
+                    + "much from the server's (\(detail)); synchronise the clock")
         case S3StatusErrorNoSuchBucket:
             return .fail(missingBucket())
         case S3StatusErrorNoSuchKey, S3StatusHttpErrorNotFound:
