@@ -9,7 +9,8 @@
 //   everything -> VolumeCore
 //
 // Each C library is reached through exactly one Swift target:
-//   CRocksDB -> RocksKV, CLibS3 -> ObjectStore, CSnappy -> SnappyCodec, CLibAIO -> FlashIO.
+//   CRocksDB -> RocksKV, CLibS3 -> ObjectStore (signature V2; V4 goes through AsyncHTTPClient), CSnappy -> SnappyCodec,
+//   CLibAIO -> FlashIO.
 
 import PackageDescription
 
@@ -34,6 +35,7 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
         .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
     ],
     targets: [
         // MARK: C libraries (system) and our one C helper
@@ -73,6 +75,10 @@ let package = Package(
                 "VolumeCore", "FlashIO", "CLibS3",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Collections", package: "swift-collections"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
@@ -168,6 +174,7 @@ let package = Package(
                 "VolumeCore", "ObjectStore", "FlashIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -1,6 +1,9 @@
 // Backend URLs as operators write them in configuration and on the command line:
 //   file:///var/lib/vd/objects                                       a local directory
-//   s3://BUCKET?endpoint=HOST:PORT&scheme=http&style=path              an S3-compatible bucket
+//   s3://BUCKET?endpoint=HOST:PORT&scheme=https&region=R&signature=v4&style=path   an S3-compatible bucket
+// S3 parameters: endpoint (required), scheme (https, default, or http), region (us-east-1), signature (v4, default,
+// or v2), style (path, default, or virtual-host), ca_file (a PEM CA for https), insecure_skip_verify (false),
+// create_only (true: If-None-Match on every object created).
 // Credentials never appear in the URL: they come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (an injectable
 // environment, so tests need not touch the process's). Every malformed URL is rejected with a message that says what
 // to write instead; nothing here sends a request.
@@ -24,7 +27,7 @@ public enum BackendSpec: Sendable, Hashable, CustomStringConvertible {
         func bad(_ message: String) -> VDError {
             VDError(.configuration, "backend URL '\(url)': \(message)")
         }
-        let examples = "use file:///DIRECTORY or s3://BUCKET?endpoint=HOST:PORT&scheme=http&style=path"
+        let examples = "use file:///DIRECTORY or s3://BUCKET?endpoint=HOST:PORT&scheme=https&region=us-east-1"
         guard let schemeEnd = url.range(of: "://") else { throw bad("no scheme; \(examples)") }
         let scheme = url[..<schemeEnd.lowerBound].lowercased()
         let rest = url[schemeEnd.upperBound...]
@@ -70,6 +73,18 @@ public enum BackendSpec: Sendable, Hashable, CustomStringConvertible {
         var endpoint: String?
         var scheme = S3Configuration.Scheme.https
         var style = S3Configuration.URIStyle.path
+        var signature = S3Configuration.Signature.v4
+        var region = "us-east-1"
+        var caFile: String?
+        var insecureSkipVerify = false
+        var createOnly = true
+        func flag(_ name: String, _ value: String) throws(VDError) -> Bool {
+            switch value.lowercased() {
+            case "true", "1", "yes": return true
+            case "false", "0", "no": return false
+            default: throw bad("\(name) must be true or false, not '\(value)'")
+            }
+        }
         for pair in query.split(separator: "&", omittingEmptySubsequences: true) {
             let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             let name = String(parts[0])
@@ -88,8 +103,24 @@ public enum BackendSpec: Sendable, Hashable, CustomStringConvertible {
                 case "virtual-host", "virtualhost", "virtual", "host": style = .virtualHost
                 default: throw bad("style must be path or virtual-host, not '\(value)'")
                 }
+            case "signature":
+                guard let parsed = S3Configuration.Signature(rawValue: value.lowercased()) else {
+                    throw bad("signature must be v4 or v2, not '\(value)'")
+                }
+                signature = parsed
+            case "region":
+                region = value
+            case "ca_file":
+                guard value.hasPrefix("/") else { throw bad("ca_file must be an absolute path, not '\(value)'") }
+                caFile = value
+            case "insecure_skip_verify":
+                insecureSkipVerify = try flag(name, value)
+            case "create_only":
+                createOnly = try flag(name, value)
             default:
-                throw bad("unknown parameter '\(name)' (known: endpoint, scheme, style)")
+                throw bad(
+                    "unknown parameter '\(name)' (known: endpoint, scheme, region, signature, style, ca_file, "
+                        + "insecure_skip_verify, create_only)")
             }
         }
         guard let endpoint, !endpoint.isEmpty else {
@@ -114,7 +145,8 @@ public enum BackendSpec: Sendable, Hashable, CustomStringConvertible {
         }
         let configuration = S3Configuration(
             endpoint: endpoint, bucket: String(bucket), uriStyle: style, scheme: scheme, accessKeyID: accessKey,
-            secretAccessKey: S3Secret(secret))
+            secretAccessKey: S3Secret(secret), signature: signature, region: region, caFile: caFile,
+            insecureSkipVerify: insecureSkipVerify, createOnly: createOnly)
         do {
             try configuration.validate()
         } catch {

@@ -29,7 +29,7 @@ enum S3Calls {
                                 hostName: host, bucketName: bucket, protocol: protocolValue, uriStyle: style,
                                 accessKeyId: accessKeyID, secretAccessKey: secret)
                             switch request.operation {
-                            case .put(let body, let md5):
+                            case .put(let body, let md5, _):
                                 md5.withCString { md5 in
                                     var properties = S3PutProperties(
                                         contentType: nil, md5: md5, cacheControl: nil,
@@ -47,7 +47,8 @@ enum S3Calls {
                             case .get(let startByte, let byteCount):
                                 var handler = S3GetObjectHandler(
                                     responseHandler: responseHandler,
-                                    getObjectDataCallback: { size, buffer, data in S3Calls.getData(size, buffer, data) })
+                                    getObjectDataCallback: { size, buffer, data in S3Calls.getData(size, buffer, data) }
+                                )
                                 if byteCount > 0 {
                                     request.result.body = ByteBufferAllocator().buffer(capacity: Int(byteCount))
                                 }
@@ -83,6 +84,10 @@ enum S3Calls {
                                 S3_create_bucket(
                                     protocolValue, accessKeyID, secret, host, bucket, S3CannedAclPrivate, nil,
                                     context, &handler, callbackData)
+                            case .createMultipart, .uploadPart, .completeMultipart, .abortMultipart, .listMultipart:
+                                // S3Store sends these on signature V4 only.
+                                request.result.errorMessage = "multipart uploads need signature v4"
+                                S3Calls.complete(S3StatusErrorNotImplemented, nil, callbackData)
                             }
                         }
                     }
@@ -105,7 +110,9 @@ enum S3Calls {
         return String(cString: pointer)
     }
 
-    static func properties(_ properties: UnsafePointer<S3ResponseProperties>?, _ data: UnsafeMutableRawPointer?)
+    static func properties(
+        _ properties: UnsafePointer<S3ResponseProperties>?, _ data: UnsafeMutableRawPointer?
+    )
         -> S3Status
     {
         let request = request(data)
@@ -139,11 +146,13 @@ enum S3Calls {
         request.finish()
     }
 
-    static func putData(_ size: Int32, _ buffer: UnsafeMutablePointer<CChar>?, _ data: UnsafeMutableRawPointer?)
+    static func putData(
+        _ size: Int32, _ buffer: UnsafeMutablePointer<CChar>?, _ data: UnsafeMutableRawPointer?
+    )
         -> Int32
     {
         let request = request(data)
-        guard case .put(let body, _) = request.operation, let buffer, size > 0 else { return 0 }
+        guard case .put(let body, _, _) = request.operation, let buffer, size > 0 else { return 0 }
         let count = min(Int(size), body.readableBytes - request.putOffset)
         guard count > 0 else { return 0 }
         body.withUnsafeReadableBytes { bytes in

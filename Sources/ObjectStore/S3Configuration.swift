@@ -59,11 +59,17 @@ public struct S3Configuration: Sendable, Hashable, CustomStringConvertible {
         case virtualHost = "virtual-host"
     }
 
-    /// Transport. `https` verifies nothing beyond what libs3 2.0 does (it disables peer verification); use it only
-    /// on networks you trust, or put a verifying proxy in front.
+    /// Transport. With signature V4, `https` verifies the server's certificate (system roots, or `caFile`); libs3
+    /// (signature V2) cannot verify certificates, so V2 over https needs `insecureSkipVerify` written out.
     public enum Scheme: String, Sendable, Hashable, CaseIterable {
         case http
         case https
+    }
+
+    /// How requests are signed: AWS signature V4 (every current store; AsyncHTTPClient) or V2 (older stores; libs3).
+    public enum Signature: String, Sendable, Hashable, CaseIterable {
+        case v4
+        case v2
     }
 
     /// `HOST:PORT` (or `HOST`) of the S3 endpoint.
@@ -73,6 +79,21 @@ public struct S3Configuration: Sendable, Hashable, CustomStringConvertible {
     public var scheme: Scheme
     public var accessKeyID: String
     public var secretAccessKey: S3Secret
+    public var signature: Signature
+    /// The region V4 signatures name (RGW, MinIO and most single-site stores accept `us-east-1`).
+    public var region: String
+    /// PEM file of the CA that signs the server's certificate (instead of the system's roots). V4 only.
+    public var caFile: String?
+    /// Accept any certificate over https: only when written out, for test set-ups.
+    public var insecureSkipVerify: Bool
+    /// Create every object with `If-None-Match: *`, so an existing name is never overwritten (V4 only; a store that
+    /// does not implement it answers 501 and the store then stops asking).
+    public var createOnly: Bool
+    /// V4: objects larger than this go up as multipart uploads (parts of `multipartPartBytes`, `multipartConcurrency`
+    /// at a time; a failed upload is aborted). The default keeps 64 MiB SCOs (the default size) single PUTs.
+    public var multipartThresholdBytes: UInt64 = 64 << 20
+    public var multipartPartBytes: UInt64 = 16 << 20
+    public var multipartConcurrency: Int = 4
 
     /// Longest time one HTTP request may take, start to end (a 64 MiB transfer must fit in it).
     public var requestTimeoutSeconds: Double
@@ -98,6 +119,11 @@ public struct S3Configuration: Sendable, Hashable, CustomStringConvertible {
         scheme: Scheme = .http,
         accessKeyID: String,
         secretAccessKey: S3Secret,
+        signature: Signature = .v4,
+        region: String = "us-east-1",
+        caFile: String? = nil,
+        insecureSkipVerify: Bool = false,
+        createOnly: Bool = true,
         requestTimeoutSeconds: Double = 120,
         stallTimeoutSeconds: Double = 15,
         operationDeadlineSeconds: Double = 300,
@@ -113,6 +139,11 @@ public struct S3Configuration: Sendable, Hashable, CustomStringConvertible {
         self.scheme = scheme
         self.accessKeyID = accessKeyID
         self.secretAccessKey = secretAccessKey
+        self.signature = signature
+        self.region = region
+        self.caFile = caFile
+        self.insecureSkipVerify = insecureSkipVerify
+        self.createOnly = createOnly
         self.requestTimeoutSeconds = requestTimeoutSeconds
         self.stallTimeoutSeconds = stallTimeoutSeconds
         self.operationDeadlineSeconds = operationDeadlineSeconds
@@ -125,7 +156,8 @@ public struct S3Configuration: Sendable, Hashable, CustomStringConvertible {
 
     /// `s3://BUCKET at http://HOST:PORT (path style, access key AKID)`: for logs and messages.
     public var description: String {
-        "s3://\(bucket) at \(scheme.rawValue)://\(endpoint) (\(uriStyle.rawValue) style, access key \(accessKeyID))"
+        "s3://\(bucket) at \(scheme.rawValue)://\(endpoint) (\(uriStyle.rawValue) style, signature "
+            + "\(signature.rawValue)\(signature == .v4 ? ", region \(region)" : ""), access key \(accessKeyID))"
     }
 
     /// The largest number of in-flight requests accepted (each is one TCP connection and one select() descriptor).
@@ -153,6 +185,25 @@ public struct S3Configuration: Sendable, Hashable, CustomStringConvertible {
         guard !secretAccessKey.isEmpty else {
             throw bad("the secret access key for access key \(accessKeyID) is empty (set AWS_SECRET_ACCESS_KEY)")
         }
+        guard !region.isEmpty, region.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "/") }) else {
+            throw bad("the region '\(region)' must be a name like us-east-1")
+        }
+        if signature == .v2 && scheme == .https && !insecureSkipVerify {
+            throw bad(
+                "signature v2 goes through libs3, which cannot verify the server's certificate over https: use "
+                    + "signature=v4 (verified TLS), or write insecure_skip_verify=true to accept an unverified "
+                    + "connection")
+        }
+        if signature == .v2 && caFile != nil {
+            throw bad("ca_file needs signature=v4 (libs3, used for v2, cannot verify certificates)")
+        }
+        guard multipartPartBytes >= 5 << 20, multipartPartBytes <= 5 << 30 else {
+            throw bad("multipartPartBytes must be in 5 MiB...5 GiB (S3's bounds on a part)")
+        }
+        guard multipartThresholdBytes >= multipartPartBytes else {
+            throw bad("multipartThresholdBytes must be at least multipartPartBytes")
+        }
+        guard (1...64).contains(multipartConcurrency) else { throw bad("multipartConcurrency must be in 1...64") }
         guard requestTimeoutSeconds > 0, requestTimeoutSeconds.isFinite else {
             throw bad("requestTimeoutSeconds must be positive")
         }

@@ -139,3 +139,40 @@ package enum S3RawPutBenchmark {
         }
     }
 }
+
+/// The V4 transport alone (AsyncHTTPClient + signing, no S3Store retries, Content-MD5 computed once beforehand): the
+/// "raw transport" S3Store's V4 uploads are compared with in `vd-bench-s3`.
+package enum S3RawV4PutBenchmark {
+    /// Seconds to PUT `body` under every name in `names`, `concurrency` at a time.
+    package static func run(
+        configuration: S3Configuration, names: [String], body: ByteBuffer, concurrency: Int
+    ) async throws(VDError) -> Double {
+        var v4 = configuration
+        v4.signature = .v4
+        try v4.validate()
+        let configuration = v4
+        let transport = try S3HTTPTransport(configuration: configuration, now: S3Store.systemSeconds)
+        defer { transport.shutdown() }
+        let md5 = S3Encoding.base64(S3Encoding.md5(body))
+        let start = monotonicNanoseconds()
+        let failure = await withTaskGroup(of: String?.self) { group -> String? in
+            var failure: String?
+            for (index, name) in names.enumerated() {
+                if index >= concurrency, let result = await group.next(), let result { failure = failure ?? result }
+                group.addTask {
+                    let request = S3Request(
+                        operation: .put(body: body, md5Base64: md5, createOnly: false), key: name,
+                        timeoutSeconds: configuration.requestTimeoutSeconds,
+                        stallTimeoutSeconds: configuration.stallTimeoutSeconds,
+                        bodySizeBytesMax: configuration.objectSizeBytesMax)
+                    let result = await transport.perform(request)
+                    return result.isOK ? nil : "PUT \(name): \(result.statusName) \(result.errorMessage ?? "")"
+                }
+            }
+            for await result in group { if let result { failure = failure ?? result } }
+            return failure
+        }
+        if let failure { throw VDError(.backend, "raw V4 benchmark: \(failure)") }
+        return Double(monotonicNanoseconds() - start) / 1e9
+    }
+}

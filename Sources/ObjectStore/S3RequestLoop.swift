@@ -28,7 +28,8 @@ func monotonicNanoseconds() -> UInt64 {
 
 /// What an attempt asks libs3 to do.
 enum S3Operation {
-    case put(body: ByteBuffer, md5Base64: String)
+    /// `createOnly`: fail with 412 if the name exists (If-None-Match: *; V4 only, libs3 cannot send it).
+    case put(body: ByteBuffer, md5Base64: String, createOnly: Bool)
     /// `byteCount == 0` means to the end of the object.
     case get(startByte: UInt64, byteCount: UInt64)
     case head
@@ -36,6 +37,13 @@ enum S3Operation {
     case list(prefix: String, marker: String?, maxKeys: Int32)
     case testBucket
     case createBucket
+    // Multipart uploads: signature V4 only (S3HTTPTransport); libs3's loop refuses them.
+    case createMultipart
+    case uploadPart(body: ByteBuffer, md5Base64: String, partNumber: Int, uploadID: String)
+    /// `body` is the CompleteMultipartUpload XML.
+    case completeMultipart(uploadID: String, body: ByteBuffer, createOnly: Bool)
+    case abortMultipart(uploadID: String)
+    case listMultipart(prefix: String, keyMarker: String?, uploadIDMarker: String?)
 
     var verb: String {
         switch self {
@@ -46,6 +54,11 @@ enum S3Operation {
         case .list: "LIST"
         case .testBucket: "GET location of"
         case .createBucket: "CREATE"
+        case .createMultipart: "CREATE MULTIPART UPLOAD"
+        case .uploadPart: "UPLOAD PART"
+        case .completeMultipart: "COMPLETE MULTIPART UPLOAD"
+        case .abortMultipart: "ABORT MULTIPART UPLOAD"
+        case .listMultipart: "LIST MULTIPART UPLOADS"
         }
     }
 }
@@ -78,11 +91,27 @@ struct S3AttemptResult: Sendable {
     var eTag: String?
     /// LIST: one page.
     var listed: [ObjectInfo] = []
+    /// V4 transport: the HTTP status and the S3 error code of the response (libs3 reports neither).
+    var httpStatus: Int?
+    var errorCode: String?
+    /// CREATE MULTIPART: the upload's id. LIST MULTIPART: one page of uploads and where the next starts.
+    var uploadID: String?
+    var uploads: [S3MultipartUpload] = []
+    var nextKeyMarker: String?
+    var nextUploadIDMarker: String?
     var isTruncated = false
     var nextMarker: String?
 
     var isOK: Bool { status == S3StatusOK.rawValue && abort == nil }
     var s3Status: S3Status { S3Status(rawValue: status) }
+}
+
+/// A multipart upload in progress (not completed nor aborted).
+package struct S3MultipartUpload: Sendable, Hashable {
+    package var key: String
+    package var uploadID: String
+    /// As the server wrote it (ISO 8601).
+    package var initiated: String
 }
 
 /// The credentials and addressing that every request of one store carries.
@@ -173,7 +202,8 @@ final class S3RequestLoop: @unchecked Sendable {
         let status = libraryStatus
         guard status == S3StatusOK.rawValue else {
             throw VDError(
-                .backend, "libs3 failed to initialise: \(String(cString: S3_get_status_name(S3Status(rawValue: status))))")
+                .backend,
+                "libs3 failed to initialise: \(String(cString: S3_get_status_name(S3Status(rawValue: status))))")
         }
     }
 
@@ -195,7 +225,8 @@ final class S3RequestLoop: @unchecked Sendable {
         guard wakeReadFD < FD_SETSIZE else {
             Glibc.close(wakeReadFD)
             Glibc.close(wakeWriteFD)
-            throw VDError(.io, "the process has too many open files for select() (descriptor \(fds[0]) >= \(FD_SETSIZE))")
+            throw VDError(
+                .io, "the process has too many open files for select() (descriptor \(fds[0]) >= \(FD_SETSIZE))")
         }
         var handle = pthread_t()
         let box = Unmanaged.passRetained(self)

@@ -1,5 +1,6 @@
-// The S3 backend: an ObjectStore over any S3-compatible endpoint through libs3 (AWS signature V2), with every HTTP
-// request run by one S3RequestLoop thread and every operation retried here.
+// The S3 backend: an ObjectStore over any S3-compatible endpoint, signed with AWS signature V4 (S3HTTPTransport, on
+// AsyncHTTPClient with verified TLS) or V2 (libs3, every request run by one S3RequestLoop thread), and every operation
+// retried here, the same way for both.
 //
 // Faults it must survive, and how:
 // - connection refused/reset, timeouts, stalls, HTTP 500, 503 SlowDown, garbled error bodies: retried with
@@ -10,35 +11,62 @@
 // - a body corrupted on the way up: every PUT carries Content-MD5, so the server rejects it (BadDigest) and it is
 //   retried. On the way down a whole-object GET is checked against the ETag when that is a plain MD5; range GETs
 //   cannot be checked here (callers verify their CRCs).
-// - a PUT whose outcome is unknown is simply sent again: VolumeDriver never reuses an object name.
+// - a PUT whose outcome is unknown is simply sent again: VolumeDriver never reuses an object name. On V4 every PUT
+//   is create-only (If-None-Match: *): a 412 means the name exists, which is fine only when what is there is this
+//   very body (our own earlier attempt whose reply was lost: same MD5 ETag and size); anything else is a typed
+//   `.alreadyExists` error naming the object, never retried and never overwritten.
 // - not retried: rejected credentials (`.authentication`, naming the access key ID, never the secret), a missing
 //   object (`.notFound`), a missing bucket (`.configuration`: "create bucket X"), a range past the end
 //   (`.outOfRange`).
 
-public import Logging
-public import NIOCore
-public import VolumeCore
 import CLibS3
 import Crypto
+import Foundation
+public import Logging
+public import NIOCore
+import Synchronization
+public import VolumeCore
 
 /// An `ObjectStore` on an S3-compatible bucket. Thread-safe; call `shutdown()` when done (also done on deinit).
 public final class S3Store: ObjectStore {
     /// The configuration this store was opened with (its description never shows the secret key).
     public let configuration: S3Configuration
-    private let loop: S3RequestLoop
+    private let loop: any S3Transport
     private let logger: Logger
+    /// Cleared when the store answers 501 to If-None-Match (it cannot do create-only writes).
+    private let sendsCreateOnly: Atomic<Bool>
 
     /// Validates `configuration` and starts the request loop thread. Sends no request (see `verifyAccess()`).
-    public init(configuration: S3Configuration, logger: Logger = Logger(label: "vd.objectstore.s3")) throws(VDError) {
+    public convenience init(
+        configuration: S3Configuration, logger: Logger = Logger(label: "vd.objectstore.s3")
+    )
+        throws(VDError)
+    {
+        try self.init(configuration: configuration, logger: logger, secondsSince1970: S3Store.systemSeconds)
+    }
+
+    static let systemSeconds: @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970) }
+
+    /// `secondsSince1970` dates V4 signatures (tests skew it; V2 signs with libs3's own clock).
+    package init(
+        configuration: S3Configuration, logger: Logger = Logger(label: "vd.objectstore.s3"),
+        secondsSince1970: @escaping @Sendable () -> Int64
+    ) throws(VDError) {
         try configuration.validate()
         self.configuration = configuration
         self.logger = logger
-        loop = try S3RequestLoop(
-            target: S3Target(
-                host: configuration.endpoint, bucket: configuration.bucket,
-                accessKeyID: configuration.accessKeyID, secret: configuration.secretAccessKey,
-                scheme: configuration.scheme, uriStyle: configuration.uriStyle),
-            inFlightMax: configuration.inFlightRequestsMax, queuedMax: configuration.queuedRequestsMax)
+        switch configuration.signature {
+        case .v2:
+            loop = try S3RequestLoop(
+                target: S3Target(
+                    host: configuration.endpoint, bucket: configuration.bucket,
+                    accessKeyID: configuration.accessKeyID, secret: configuration.secretAccessKey,
+                    scheme: configuration.scheme, uriStyle: configuration.uriStyle),
+                inFlightMax: configuration.inFlightRequestsMax, queuedMax: configuration.queuedRequestsMax)
+        case .v4:
+            loop = try S3HTTPTransport(configuration: configuration, now: secondsSince1970)
+        }
+        sendsCreateOnly = Atomic(configuration.signature == .v4 && configuration.createOnly)
     }
 
     deinit {
@@ -62,9 +90,228 @@ public final class S3Store: ObjectStore {
                 "object \(name) is \(data.readableBytes) bytes, more than the S3 store's bound of "
                     + "\(configuration.objectSizeBytesMax) bytes")
         }
-        let md5 = S3Encoding.base64(S3Encoding.md5(data))
-        try await perform("PUT", name, .put(body: data, md5Base64: md5)) { (result) -> Verdict<Void> in
-            result.isOK ? .success(()) : self.failure(result, "PUT", name)
+        if configuration.signature == .v4 && UInt64(data.readableBytes) > configuration.multipartThresholdBytes {
+            try await putMultipart(name, data: data)
+            return
+        }
+        let digest = S3Encoding.md5(data)
+        let md5 = S3Encoding.base64(digest)
+        while true {
+            let createOnly = sendsCreateOnly.load(ordering: .relaxed)
+            let outcome = try await perform("PUT", name, .put(body: data, md5Base64: md5, createOnly: createOnly)) {
+                (result) -> Verdict<PutOutcome> in
+                if result.isOK { return .success(.stored) }
+                if result.abort == nil && result.s3Status == S3StatusErrorPreconditionFailed && createOnly {
+                    return .success(.nameTaken)
+                }
+                if result.abort == nil && createOnly
+                    && (result.s3Status == S3StatusErrorNotImplemented || result.httpStatus == 501)
+                {
+                    return .success(.conditionalUnsupported)
+                }
+                return self.failure(result, "PUT", name)
+            }
+            switch outcome {
+            case .stored, .uploadGone:
+                return
+            case .conditionalUnsupported:
+                logger.warning(
+                    "\(self.description) does not implement If-None-Match on PUT: objects are written without the create-only guard from now on"
+                )
+                sendsCreateOnly.store(false, ordering: .relaxed)
+            case .nameTaken:
+                // Our own earlier attempt may have landed with its reply lost: the same bytes are there.
+                let existing = try await headDetails(name)
+                let sameBody =
+                    existing.map {
+                        $0.sizeBytes == UInt64(data.readableBytes)
+                            && $0.eTag.flatMap(S3Encoding.plainMD5ETag) == S3Encoding.hex(digest)
+                    } ?? false
+                if sameBody { return }
+                throw VDError(
+                    .alreadyExists,
+                    "object \(name) already exists in \(description) with other content (a create-only PUT was "
+                        + "refused with 412): VolumeDriver never overwrites an object; another writer may be using "
+                        + "this volume's prefix")
+            }
+        }
+    }
+
+    private enum PutOutcome: Sendable {
+        case stored
+        case nameTaken
+        case conditionalUnsupported
+        /// A completion retried after its first attempt landed: the upload is gone.
+        case uploadGone
+    }
+
+    /// A large object as a multipart upload (V4): parts of `multipartPartBytes` with Content-MD5 each,
+    /// `multipartConcurrency` at a time, then a create-only completion. Any failure aborts the upload (nothing is
+    /// left behind but what a crash leaves, which `abortMultipartUploads` clears at the next start).
+    private func putMultipart(_ name: String, data: ByteBuffer) async throws(VDError) {
+        let partBytes = Int(configuration.multipartPartBytes)
+        let count = (data.readableBytes + partBytes - 1) / partBytes
+        func part(_ index: Int) -> ByteBuffer {
+            data.getSlice(
+                at: data.readerIndex + index * partBytes, length: min(partBytes, data.readableBytes - index * partBytes)
+            )!
+        }
+        let digests = (0..<count).map { S3Encoding.md5(part($0)) }
+        // The ETag S3 gives a multipart object: MD5 of the parts' MD5s, then "-" and the part count.
+        let expectedETag = S3Encoding.hex(S3Encoding.md5(ByteBuffer(bytes: digests.flatMap { $0 }))) + "-\(count)"
+        func isOurs(_ existing: (sizeBytes: UInt64, eTag: String?)?) -> Bool {
+            existing.map {
+                $0.sizeBytes == UInt64(data.readableBytes)
+                    && $0.eTag.map { $0.replacingOccurrences(of: "\"", with: "") } == expectedETag
+            } ?? false
+        }
+        let createOnly = sendsCreateOnly.load(ordering: .relaxed)
+        if createOnly, let existing = try await headDetails(name) {
+            // Ceph RGW does not honour If-None-Match on a multipart completion: never start over an existing name.
+            if isOurs(existing) { return }
+            throw VDError(
+                .alreadyExists,
+                "object \(name) already exists in \(description) with other content: VolumeDriver never overwrites "
+                    + "an object")
+        }
+        let uploadID = try await perform("CREATE MULTIPART UPLOAD", name, .createMultipart) {
+            (result) -> Verdict<String> in
+            if result.isOK {
+                guard let id = result.uploadID, !id.isEmpty else { return .retry("no UploadId in the response") }
+                return .success(id)
+            }
+            return self.failure(result, "CREATE MULTIPART UPLOAD", name)
+        }
+        do throws(VDError) {
+            let eTags = await withTaskGroup(of: (Int, Result<String, VDError>).self) {
+                group -> [Result<String, VDError>] in
+                var results = [Result<String, VDError>](
+                    repeating: .failure(VDError(.backend, "part not uploaded")), count: count)
+                var failed = false
+                for index in 0..<count {
+                    if index >= configuration.multipartConcurrency, let (done, result) = await group.next() {
+                        results[done] = result
+                        if case .failure = result { failed = true }
+                    }
+                    if failed { break }
+                    let body = part(index)
+                    let digest = digests[index]
+                    group.addTask {
+                        do throws(VDError) {
+                            return (index, .success(try await self.uploadPart(name, uploadID, index + 1, body, digest)))
+                        } catch {
+                            return (index, .failure(error))
+                        }
+                    }
+                }
+                for await (done, result) in group { results[done] = result }
+                return results
+            }
+            var manifest = "<CompleteMultipartUpload>"
+            for (index, eTag) in eTags.enumerated() {
+                manifest += "<Part><PartNumber>\(index + 1)</PartNumber><ETag>\(try eTag.get())</ETag></Part>"
+            }
+            manifest += "</CompleteMultipartUpload>"
+            let operation = S3Operation.completeMultipart(
+                uploadID: uploadID, body: ByteBuffer(string: manifest), createOnly: createOnly)
+            let outcome = try await perform("COMPLETE MULTIPART UPLOAD", name, operation) {
+                (result) -> Verdict<PutOutcome> in
+                if result.isOK { return .success(.stored) }
+                if result.abort == nil && createOnly && result.s3Status == S3StatusErrorPreconditionFailed {
+                    return .success(.nameTaken)
+                }
+                if result.abort == nil && result.errorCode == "NoSuchUpload" { return .success(.uploadGone) }
+                return self.failure(result, "COMPLETE MULTIPART UPLOAD", name)
+            }
+            switch outcome {
+            case .stored, .conditionalUnsupported:
+                return
+            case .nameTaken, .uploadGone:
+                // Our own completion may have landed with its reply lost: then the object is exactly these parts.
+                if isOurs(try await headDetails(name)) { return }
+                if outcome == .uploadGone {
+                    throw VDError(
+                        .backend,
+                        "S3 multipart upload of \(name) in \(description) vanished before it completed "
+                            + "(NoSuchUpload) and the object is not there")
+                }
+                throw VDError(
+                    .alreadyExists,
+                    "object \(name) already exists in \(description) with other content (a create-only multipart "
+                        + "completion was refused with 412): VolumeDriver never overwrites an object")
+            }
+        } catch {
+            await abortUpload(name, uploadID)
+            throw error
+        }
+    }
+
+    private func uploadPart(
+        _ name: String, _ uploadID: String, _ number: Int, _ part: ByteBuffer, _ digest: [UInt8]
+    ) async throws(VDError) -> String {
+        let operation = S3Operation.uploadPart(
+            body: part, md5Base64: S3Encoding.base64(digest), partNumber: number, uploadID: uploadID)
+        let eTag = try await perform("UPLOAD PART \(number) of", name, operation) { (result) -> Verdict<String> in
+            if result.isOK { return .success(result.eTag ?? "\"\(S3Encoding.hex(digest))\"") }
+            return self.failure(result, "UPLOAD PART \(number) of", name)
+        }
+        return eTag
+    }
+
+    private func abortUpload(_ name: String, _ uploadID: String) async {
+        logger.debug("aborting multipart upload \(uploadID) of \(name)")
+        do throws(VDError) {
+            try await perform("ABORT MULTIPART UPLOAD", name, .abortMultipart(uploadID: uploadID)) {
+                (result) -> Verdict<Void> in
+                if result.isOK || result.errorCode == "NoSuchUpload" { return .success(()) }
+                return self.failure(result, "ABORT MULTIPART UPLOAD", name)
+            }
+        } catch {
+            logger.warning("could not abort multipart upload \(uploadID) of \(name): \(error.message)")
+        }
+    }
+
+    /// Aborts every multipart upload in progress under `prefix` (V4; none exist on V2): run when nothing of this
+    /// prefix is being uploaded (at `vd serve` start, for the volumes it serves), it clears what a crash left.
+    /// Returns how many were aborted.
+    public func abortMultipartUploads(prefix: String) async throws(VDError) -> Int {
+        guard configuration.signature == .v4 else { return 0 }
+        var aborted = 0
+        var keyMarker: String?
+        var uploadIDMarker: String?
+        while true {
+            let page = try await perform(
+                "LIST MULTIPART UPLOADS", "prefix \(prefix)",
+                .listMultipart(prefix: prefix, keyMarker: keyMarker, uploadIDMarker: uploadIDMarker)
+            ) { (result) -> Verdict<S3AttemptResult> in
+                result.isOK ? .success(result) : self.failure(result, "LIST MULTIPART UPLOADS", "prefix \(prefix)")
+            }
+            for upload in page.uploads where upload.key.hasPrefix(prefix) {
+                logger.info(
+                    "aborting a multipart upload left in progress: \(upload.key), upload \(upload.uploadID), started \(upload.initiated)"
+                )
+                await abortUpload(upload.key, upload.uploadID)
+                aborted += 1
+            }
+            guard page.isTruncated, let next = page.nextKeyMarker,
+                next != keyMarker || page.nextUploadIDMarker != uploadIDMarker
+            else { break }
+            keyMarker = next
+            uploadIDMarker = page.nextUploadIDMarker
+        }
+        return aborted
+    }
+
+    /// HEAD with the ETag (nil: no such object).
+    private func headDetails(_ name: String) async throws(VDError) -> (sizeBytes: UInt64, eTag: String?)? {
+        try await perform("HEAD", name, .head) { (result) -> Verdict<(sizeBytes: UInt64, eTag: String?)?> in
+            if result.isOK { return .success((result.contentLength ?? 0, result.eTag)) }
+            if result.abort == nil
+                && (result.s3Status == S3StatusHttpErrorNotFound || result.s3Status == S3StatusErrorNoSuchKey)
+            {
+                return .success(nil)
+            }
+            return self.failure(result, "HEAD", name)
         }
     }
 
@@ -119,7 +366,8 @@ public final class S3Store: ObjectStore {
             if let size { known = size } else { known = try? await head(name)?.sizeBytes }
             let sizeText = known.map { " (\($0) bytes)" } ?? ""
             throw .outOfRange(
-                "range \(range.lowerBound)..<\(range.upperBound) is past the end of \(name)\(sizeText) in \(description)")
+                "range \(range.lowerBound)..<\(range.upperBound) is past the end of \(name)\(sizeText) in \(description)"
+            )
         }
     }
 
@@ -191,6 +439,27 @@ public final class S3Store: ObjectStore {
         }
     }
 
+    /// Whether the store refuses to overwrite on a create-only PUT (If-None-Match: *): writes a probe object under
+    /// `name`, tries to create it again with other bytes, and deletes it. False on V2 (libs3 cannot ask), when the
+    /// store answered 501, or when it overwrote the probe.
+    public func probeConditionalWrites(name: String = "vd-probe/conditional-write") async throws(VDError) -> Bool {
+        guard sendsCreateOnly.load(ordering: .relaxed) else { return false }
+        var first = ByteBuffer()
+        first.writeString("first \(UInt64.random(in: 0...UInt64.max))")
+        var second = ByteBuffer()
+        second.writeString("second \(UInt64.random(in: 0...UInt64.max))")
+        try await delete(name)
+        try await put(name, data: first)
+        var refused = false
+        do {
+            try await put(name, data: second)
+        } catch  where error.code == .alreadyExists {
+            refused = true
+        }
+        try await delete(name)
+        return refused
+    }
+
     /// Creates the bucket; an existing bucket of the same owner is fine. For tests and first-time setup.
     public func createBucketIfMissing() async throws(VDError) {
         let bucket = configuration.bucket
@@ -229,8 +498,9 @@ public final class S3Store: ObjectStore {
         var lastWasTimeout = false
         let key: String
         switch operation {
-        case .put, .get, .head, .delete: key = object
-        case .list, .testBucket, .createBucket: key = ""
+        case .put, .get, .head, .delete, .createMultipart, .uploadPart, .completeMultipart, .abortMultipart:
+            key = object
+        case .list, .testBucket, .createBucket, .listMultipart: key = ""
         }
         while true {
             attempt += 1
@@ -336,7 +606,54 @@ public final class S3Store: ObjectStore {
         if let message = result.errorMessage, !message.isEmpty { detail += ": \(message)" }
         let endpoint = configuration.endpoint
         let accessKey = configuration.accessKeyID
+        let otherSignature = configuration.signature == .v4 ? "v2" : "v4"
+        switch result.errorCode ?? "" {
+        case "AuthorizationHeaderMalformed", "InvalidRegion", "IllegalLocationConstraintException":
+            return .fail(
+                VDError(
+                    .configuration,
+                    "the S3 endpoint \(endpoint) refused \(verb) \(object) signed for region "
+                        + "\(configuration.region) (\(detail)): set region= in the backend URL to the bucket's region"))
+        case "PreconditionFailed":
+            return .fail(
+                VDError(
+                    .alreadyExists,
+                    "S3 \(verb) of \(object) in \(description): the object already exists (\(detail))"))
+        default:
+            break
+        }
+        if configuration.signature == .v2, let message = result.errorMessage?.lowercased(),
+            ["unsupported algorithm", "aws4-hmac-sha256", "signature version", "authorization mechanism"]
+                .contains(where: { message.contains($0) })
+        {
+            // A V4-only store refusing libs3's V2 signature (AWS: InvalidRequest "use AWS4-HMAC-SHA256"; rclone:
+            // UnsupportedAlgorithm): libs3 reports such codes as unknown errors, the message tells.
+            return .fail(
+                VDError(
+                    .configuration,
+                    "the S3 endpoint \(endpoint) does not accept signature v2 (\(detail)): use signature=v4 in the "
+                        + "backend URL"))
+        }
         switch status {
+        case S3StatusServerFailedVerification where detail.contains("WRONG_VERSION_NUMBER"):
+            return .fail(
+                VDError(
+                    .configuration,
+                    "\(endpoint) does not answer TLS (\(detail)): if it serves plain HTTP, write scheme=http in the "
+                        + "backend URL"))
+        case S3StatusServerFailedVerification:
+            return .fail(
+                VDError(
+                    .configuration,
+                    "the TLS certificate of \(endpoint) does not verify (\(detail)): give the CA that signed it with "
+                        + "ca_file=/path/ca.pem in the backend URL, or (test set-ups only) insecure_skip_verify=true"))
+        case S3StatusHttpErrorBadRequest where configuration.signature == .v2 || result.errorCode == nil:
+            return .fail(
+                VDError(
+                    .configuration,
+                    "the S3 endpoint \(endpoint) refused \(verb) \(object) as a bad request (\(detail)); if the store "
+                        + "does not accept signature \(configuration.signature.rawValue), try signature="
+                        + "\(otherSignature) in the backend URL"))
         case S3StatusFailedToConnect, S3StatusConnectionFailed:
             return .retry("cannot connect to \(endpoint) or the connection failed (\(detail))")
         case S3StatusNameLookupError:
@@ -358,9 +675,10 @@ public final class S3Store: ObjectStore {
             return .fail(
                 VDError(
                     .authentication,
-                    "the S3 endpoint \(endpoint) rejected the signature of access key ID \(accessKey) on \(verb) "
-                        + "\(object) (\(detail)): the secret access key does not belong to this access key ID; "
-                        + "check AWS_SECRET_ACCESS_KEY"))
+                    "the S3 endpoint \(endpoint) rejected the signature \(configuration.signature.rawValue) of access "
+                        + "key ID \(accessKey) on \(verb) \(object) (\(detail)): the secret access key does not "
+                        + "belong to this access key ID (check AWS_SECRET_ACCESS_KEY), or the store does not accept "
+                        + "signature \(configuration.signature.rawValue) (try signature=\(otherSignature))"))
         case S3StatusErrorInvalidAccessKeyId:
             return .fail(
                 VDError(
@@ -376,6 +694,12 @@ public final class S3Store: ObjectStore {
                     "the S3 endpoint \(endpoint) refused \(verb) \(object) in bucket \(configuration.bucket) for "
                         + "access key ID \(accessKey) (\(detail)); check the credentials and the bucket's "
                         + "permissions"))
+        case S3StatusErrorRequestTimeTooSkewed where configuration.signature == .v4:
+            return .fail(
+                VDError(
+                    .configuration,
+                    "the S3 endpoint \(endpoint) rejected \(verb) \(object) because this machine's clock differs too "
+                        + "much from the server's (\(detail)); synchronise the clock (NTP)"))
         case S3StatusErrorRequestTimeTooSkewed:
             // Retried: libs3 formats each request's date with gmtime(), which is not thread-safe, so concurrent
             // requests now and then send a garbled date that the server reads as skew. A real skew fails every
@@ -451,7 +775,8 @@ package enum S3Encoding {
     }
 
     private static func isHexDigit(_ byte: UInt8) -> Bool {
-        (byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9")) || (byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "f"))
+        (byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9"))
+            || (byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "f"))
             || (byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "F"))
     }
 }

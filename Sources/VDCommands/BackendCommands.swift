@@ -16,8 +16,10 @@ struct BackendCommand: AsyncParsableCommand {
             abstract: "Check that a backend is reachable and usable (and create its bucket on request).",
             discussion: """
                 NAME is a backend from the configuration, or a URL: file:///DIR or
-                s3://BUCKET?endpoint=HOST:PORT&scheme=http (key and secret from AWS_ACCESS_KEY_ID and
-                AWS_SECRET_ACCESS_KEY). Only AWS signature V2 stores work (Ceph RGW, MinIO in V2 mode, ...).
+                s3://BUCKET?endpoint=HOST:PORT&scheme=https&region=us-east-1 (key and secret from AWS_ACCESS_KEY_ID
+                and AWS_SECRET_ACCESS_KEY). Requests are signed with AWS signature V4 unless the URL says
+                signature=v2 (older stores; libs3). For S3 it also reports whether the store refuses to overwrite an
+                object on a create-only write (If-None-Match: *), which VolumeDriver uses for every object.
                 """)
 
         @OptionGroup var global: GlobalOptions
@@ -37,6 +39,18 @@ struct BackendCommand: AsyncParsableCommand {
             try await store.verifyAccess()
             let compression = backends.compressesUploads(name) ? "compressed (snappy)" : "stored as they are"
             print("backend '\(name)' is usable: \(store.description); SCOs are \(compression)")
+            if let s3 = store as? S3Store {
+                print("  signature \(s3.configuration.signature.rawValue) accepted")
+                if s3.configuration.signature == .v2 {
+                    print("  conditional writes: not available with signature v2 (libs3 cannot send If-None-Match)")
+                } else if try await s3.probeConditionalWrites() {
+                    print("  conditional writes: yes (an existing object is never overwritten)")
+                } else {
+                    print(
+                        "  conditional writes: NO: the store overwrites on If-None-Match: * (or does not implement "
+                            + "it); one writer per volume must then be ensured by other means")
+                }
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ import ManagementAPI
 import NBDServer
 import NIOCore
 import NIOPosix
+import ObjectStore
 import UnixSignals
 import VolumeCore
 import VolumeRouter
@@ -30,7 +31,9 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Unix socket to serve NBD on (default DATA/nbd.sock).", valueName: "path"))
     var nbdSocket: String?
 
-    @Option(name: .long, help: ArgumentHelp("Also serve NBD over TCP on HOST:PORT (loopback recommended).", valueName: "host:port"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp("Also serve NBD over TCP on HOST:PORT (loopback recommended).", valueName: "host:port"))
     var nbdTcp: String?
 
     @Option(name: .long, help: ArgumentHelp("Seconds to wait for uploads at shutdown.", valueName: "seconds"))
@@ -59,9 +62,26 @@ struct ServeCommand: AsyncParsableCommand {
                 throw VDError(error.code, "backend '\(name)' (\(store.description)) is not usable: \(error.message)")
             }
         }
+        // Multipart uploads of the volumes served here that a crash left in progress: nothing uploads them now.
+        for registration in registrations {
+            guard let s3 = try backends.store(named: registration.backend) as? S3Store else { continue }
+            do throws(VDError) {
+                let aborted = try await s3.abortMultipartUploads(prefix: registration.namespace + "/")
+                if aborted > 0 {
+                    logger.info(
+                        "aborted \(aborted) multipart upload(s) of volume \(registration.config.name) left by an earlier run"
+                    )
+                }
+            } catch {
+                logger.warning(
+                    "could not list multipart uploads of volume \(registration.config.name): \(error.message)")
+            }
+        }
 
         let socketDirectory = (configuration.effectiveSocketPath as NSString).deletingLastPathComponent
-        if !socketDirectory.isEmpty { try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true) }
+        if !socketDirectory.isEmpty {
+            try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true)
+        }
         let router = try Router(configuration: configuration.routerConfiguration, backends: backends, logger: logger)
         let failures = await router.openAll { message in logger.info("\(message)") }
         for (name, error) in failures { printError("volume \(name) is not served: \(error.message)") }
@@ -104,7 +124,8 @@ struct ServeCommand: AsyncParsableCommand {
             received = signal
             break
         }
-        logger.notice("received \(received.map { "\($0)" } ?? "signal"); stopping: no new I/O, uploading what is still local")
+        logger.notice(
+            "received \(received.map { "\($0)" } ?? "signal"); stopping: no new I/O, uploading what is still local")
         await api.stop()
         await server.stop()
         let results = await router.stop(drainTimeoutSeconds: configuration.drainTimeoutSeconds)
@@ -115,7 +136,8 @@ struct ServeCommand: AsyncParsableCommand {
         if !left.isEmpty {
             printError(
                 "stopped, but the backend does not hold everything yet (drain timeout \(Int(configuration.drainTimeoutSeconds)) s); still only on local flash: "
-                    + left.joined(separator: "; ") + ". Starting vd serve again on this data directory resumes the uploads.")
+                    + left.joined(separator: "; ")
+                    + ". Starting vd serve again on this data directory resumes the uploads.")
             throw ExitCode(1)
         }
         print("vd serve stopped; the backend holds every write of \(results.count) volume(s).")
@@ -133,12 +155,15 @@ struct ServeCommand: AsyncParsableCommand {
         lines.append("  management API: \(configuration.apiSocketPath) (vd volume/snapshot/clone commands use it)")
         let volumes = router.volumes
         if volumes.isEmpty {
-            lines.append("  no volumes yet: create one with `vd volume create NAME --size 20G --data-dir \(configuration.dataDirectory)`")
+            lines.append(
+                "  no volumes yet: create one with `vd volume create NAME --size 20G --data-dir \(configuration.dataDirectory)`"
+            )
         }
         for volume in volumes {
             lines.append("  volume \(volume.name) (\(ByteSize.format(volume.config.sizeBytes))):")
             lines.append("    qemu-img info 'nbd+unix:///\(volume.name)?socket=\(socket)'")
-            lines.append("    qemu-system-x86_64 -drive file=nbd+unix:///\(volume.name)?socket=\(socket),format=raw ...")
+            lines.append(
+                "    qemu-system-x86_64 -drive file=nbd+unix:///\(volume.name)?socket=\(socket),format=raw ...")
         }
         lines.append("ready (SIGTERM or Ctrl-C to stop)")
         print(lines.joined(separator: "\n"))

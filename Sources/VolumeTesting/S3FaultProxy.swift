@@ -8,6 +8,7 @@
 
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Synchronization
 
 #if canImport(Glibc)
@@ -32,6 +33,9 @@ public final class S3FaultProxy: Sendable {
         case flipResponseBodyByte(offset: Int)
         /// Invert the bits of the request body byte at `offset` (the server then sees a corrupted upload).
         case flipRequestBodyByte(offset: Int)
+        /// Forward the request (the server acts on it), then reset the client connection instead of answering: an
+        /// operation whose outcome the client cannot know.
+        case dropResponse
 
         public static let internalError = Fault.httpError(status: 500, code: "InternalError")
         public static let slowDown = Fault.httpError(status: 503, code: "SlowDown")
@@ -44,6 +48,7 @@ public final class S3FaultProxy: Sendable {
             case .truncateResponseBody(let bytes): "truncate response body after \(bytes) bytes"
             case .flipResponseBodyByte(let offset): "flip response body byte \(offset)"
             case .flipRequestBodyByte(let offset): "flip request body byte \(offset)"
+            case .dropResponse: "drop the response"
             }
         }
     }
@@ -59,16 +64,28 @@ public final class S3FaultProxy: Sendable {
     public let upstreamHost: String
     public let upstreamPort: Int
 
-    /// Starts a proxy on 127.0.0.1 (a free port) forwarding to `upstreamHost:upstreamPort`.
-    public static func start(upstreamHost: String, upstreamPort: Int) async throws -> S3FaultProxy {
+    /// Starts a proxy on 127.0.0.1 (a free port) forwarding to `upstreamHost:upstreamPort`. With `tls` (PEM files of
+    /// a certificate chain and its key) the proxy speaks HTTPS to its clients (a TLS front for a plain-HTTP server).
+    public static func start(
+        upstreamHost: String, upstreamPort: Int, tls: (certificateFile: String, keyFile: String)? = nil
+    ) async throws -> S3FaultProxy {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let box = FaultScript()
+        let sslContext: NIOSSLContext? = try tls.map { files in
+            let configuration = TLSConfiguration.makeServerConfiguration(
+                certificateChain: try NIOSSLCertificate.fromPEMFile(files.certificateFile).map { .certificate($0) },
+                privateKey: .privateKey(try NIOSSLPrivateKey(file: files.keyFile, format: .pem)))
+            return try NIOSSLContext(configuration: configuration)
+        }
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let session = ProxySession(upstreamHost: upstreamHost, upstreamPort: upstreamPort, script: box)
+                    if let sslContext {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sslContext))
+                    }
                     try channel.pipeline.syncOperations.addHandler(ClientSideHandler(session: session))
                 }
             }
@@ -85,11 +102,13 @@ public final class S3FaultProxy: Sendable {
     }
 
     /// Starts a proxy in front of `endpoint` (`HOST:PORT`).
-    public static func start(upstream endpoint: String) async throws -> S3FaultProxy {
+    public static func start(
+        upstream endpoint: String, tls: (certificateFile: String, keyFile: String)? = nil
+    ) async throws -> S3FaultProxy {
         guard let colon = endpoint.lastIndex(of: ":"), let port = Int(endpoint[endpoint.index(after: colon)...]) else {
             throw ProxyError(message: "upstream endpoint '\(endpoint)' is not HOST:PORT")
         }
-        return try await start(upstreamHost: String(endpoint[..<colon]), upstreamPort: port)
+        return try await start(upstreamHost: String(endpoint[..<colon]), upstreamPort: port, tls: tls)
     }
 
     private init(
@@ -108,7 +127,8 @@ public final class S3FaultProxy: Sendable {
     /// `pathContains` (any when nil). Rules are tried in the order they were added.
     public func inject(_ fault: Fault, count: Int = 1, method: String? = nil, pathContains: String? = nil) {
         precondition(count > 0, "a fault must apply to at least one request")
-        box.add(FaultScript.Rule(fault: fault, remaining: count, method: method?.uppercased(), pathContains: pathContains))
+        box.add(
+            FaultScript.Rule(fault: fault, remaining: count, method: method?.uppercased(), pathContains: pathContains))
     }
 
     /// Removes every scripted fault that has not been applied yet.
@@ -118,6 +138,8 @@ public final class S3FaultProxy: Sendable {
     public var appliedFaults: [Fault] { box.state.withLock { $0.applied } }
     /// Requests seen so far (request heads).
     public var requestCount: Int { box.state.withLock { $0.requests } }
+    /// "METHOD target" of the requests seen (the most recent 512 to 1024).
+    public var requestLines: [String] { box.state.withLock { $0.requestLines } }
     /// Scripted faults not yet applied.
     public var pendingFaultCount: Int { box.state.withLock { $0.rules.reduce(0) { $0 + $1.remaining } } }
 
@@ -145,6 +167,8 @@ final class FaultScript: Sendable {
     struct State: Sendable {
         var rules: [Rule] = []
         var requests = 0
+        /// "METHOD target" of the most recent requests (bounded).
+        var requestLines: [String] = []
         var applied: [S3FaultProxy.Fault] = []
     }
 
@@ -161,6 +185,8 @@ final class FaultScript: Sendable {
     func fault(method: String, path: String) -> S3FaultProxy.Fault? {
         state.withLock { state in
             state.requests += 1
+            if state.requestLines.count >= 1024 { state.requestLines.removeFirst(512) }
+            state.requestLines.append("\(method) \(path)")
             for index in state.rules.indices {
                 let rule = state.rules[index]
                 if let wanted = rule.method, wanted != method.uppercased() { continue }
@@ -249,7 +275,7 @@ final class ProxySession {
                 case .httpError(let status, let code):
                     answerWithError(status: status, code: code, head: head)
                     return
-                case .truncateResponseBody, .flipResponseBodyByte:
+                case .truncateResponseBody, .flipResponseBodyByte, .dropResponse:
                     outstanding.append((head.method, fault))
                 case .flipRequestBodyByte:
                     outstanding.append((head.method, nil))
@@ -284,6 +310,11 @@ final class ProxySession {
             case .head(let head):
                 if head.status / 100 != 1, !outstanding.isEmpty {
                     responseBodyFault = outstanding.removeFirst().fault
+                    if case .dropResponse = responseBodyFault {
+                        // The server has acted on the request; the client never learns how it went.
+                        reset()
+                        return
+                    }
                 }
                 out.append(head.raw)
             case .body(var body, let offset, let isFramed):

@@ -1,11 +1,13 @@
-// vd-bench-s3: upload throughput of S3Store against raw libs3 S3_put_object, in one run against one server.
+// vd-bench-s3: upload throughput of S3Store (signatures V4 and V2) against its raw transports (AsyncHTTPClient with
+// V4 signing; libs3 S3_put_object with V2), in one run against one server.
 //
 //   vd-bench-s3 [--objects N] [--size BYTES] [--concurrency K] [--repeat R] [--endpoint HOST:PORT] [--bucket NAME]
 //
 // Reads the server and credentials from VD_TEST_S3_ENDPOINT, VD_TEST_S3_ACCESS_KEY, VD_TEST_S3_SECRET_KEY (as written
 // by tools/s3/rgw.sh). Prints MB/s (10^6 bytes per second) of: raw libs3 one at a time, raw libs3 K in flight in one
-// request context (with Content-MD5 computed once, or per PUT like S3Store does), S3Store one at a time and S3Store K
-// at once, and the S3Store/raw ratios. Every phase uploads the same N objects of the same size (new names each time)
+// request context (with Content-MD5 computed once, or per PUT like S3Store does), the raw V4 transport one at a time
+// and K at once, S3Store V2 and S3Store V4 one at a time and K at once, and the ratios (S3Store V4 / raw V4 is the
+// figure the V4 transport is held to: >= 0.8). Every phase uploads the same N objects of the same size (new names each time)
 // and deletes them afterwards (memstore keeps them in RAM). The phases run R rounds, interleaved, and the medians are
 // reported with the range: on a small machine the server shares the cores and single runs vary by tens of percent.
 
@@ -58,11 +60,16 @@ func parseOptions() -> Options {
             options.repeats = number
         case "--endpoint": options.endpoint = value
         case "--bucket": options.bucket = value
-        default: fail("unknown option \(flag); use --objects N --size 64M --concurrency K --repeat R --endpoint H:P --bucket B")
+        default:
+            fail(
+                "unknown option \(flag); use --objects N --size 64M --concurrency K --repeat R --endpoint H:P --bucket B"
+            )
         }
     }
     if options.endpoint.isEmpty { fail("no server: set VD_TEST_S3_ENDPOINT (tools/s3/rgw.sh start DIR) or --endpoint") }
-    if options.accessKey.isEmpty || options.secretKey.isEmpty { fail("set VD_TEST_S3_ACCESS_KEY and VD_TEST_S3_SECRET_KEY") }
+    if options.accessKey.isEmpty || options.secretKey.isEmpty {
+        fail("set VD_TEST_S3_ACCESS_KEY and VD_TEST_S3_SECRET_KEY")
+    }
     if options.objects < 1 || options.concurrency < 1 { fail("--objects and --concurrency must be at least 1") }
     return options
 }
@@ -154,11 +161,14 @@ func deleteAll(_ store: S3Store, _ names: [String]) async throws {
 let options = parseOptions()
 let configuration = S3Configuration(
     endpoint: options.endpoint, bucket: options.bucket, uriStyle: .path, scheme: .http,
-    accessKeyID: options.accessKey, secretAccessKey: S3Secret(options.secretKey),
+    accessKeyID: options.accessKey, secretAccessKey: S3Secret(options.secretKey), signature: .v2,
     inFlightRequestsMax: max(16, options.concurrency))
+var configurationV4 = configuration
+configurationV4.signature = .v4
 do {
     let store = try S3Store(configuration: configuration)
     try await store.createBucketIfMissing()
+    let storeV4 = try S3Store(configuration: configurationV4)
     var body = ByteBufferAllocator().buffer(capacity: options.sizeBytes)
     var state: UInt64 = 0x1234_5678_9ABC_DEF1
     while body.readableBytes < options.sizeBytes {
@@ -184,8 +194,12 @@ do {
         ("raw libs3 sequential", 1, .precomputed),
         ("raw libs3 concurrent", options.concurrency, .precomputed),
         ("raw libs3 concurrent, MD5 per PUT", options.concurrency, .perObject),
-        ("S3Store sequential", 1, nil),
-        ("S3Store concurrent", options.concurrency, nil),
+        ("raw V4 sequential", 1, nil),
+        ("raw V4 concurrent", options.concurrency, nil),
+        ("S3Store V2 sequential", 1, nil),
+        ("S3Store V2 concurrent", options.concurrency, nil),
+        ("S3Store V4 sequential", 1, nil),
+        ("S3Store V4 concurrent", options.concurrency, nil),
     ]
     var rates: [String: [Double]] = [:]
     for round in 1...options.repeats {
@@ -197,8 +211,13 @@ do {
                 seconds = try await runRaw(
                     configuration, names: phaseNames, body: body, concurrency: phase.concurrency,
                     contentMD5: contentMD5)
+            } else if phase.name.hasPrefix("raw V4") {
+                seconds = try await S3RawV4PutBenchmark.run(
+                    configuration: configurationV4, names: phaseNames, body: body, concurrency: phase.concurrency)
             } else {
-                seconds = try await runStore(store, names: phaseNames, body: body, concurrency: phase.concurrency)
+                seconds = try await runStore(
+                    phase.name.hasPrefix("S3Store V4") ? storeV4 : store, names: phaseNames, body: body,
+                    concurrency: phase.concurrency)
             }
             rates[phase.name, default: []].append(megabytesPerSecond(options, seconds))
             line += " \(format(megabytesPerSecond(options, seconds)))"
@@ -218,11 +237,19 @@ do {
                 + "(range \(format(values.min()!))-\(format(values.max()!)))")
     }
     print(
-        "  ratio of medians S3Store/raw: sequential \(format(median("S3Store sequential") / median("raw libs3 sequential"))), "
-            + "concurrent \(format(median("S3Store concurrent") / median("raw libs3 concurrent"))), "
+        "  ratio of medians S3Store V2/raw libs3: sequential \(format(median("S3Store V2 sequential") / median("raw libs3 sequential"))), "
+            + "concurrent \(format(median("S3Store V2 concurrent") / median("raw libs3 concurrent"))), "
             + "concurrent vs raw with MD5 per PUT "
-            + "\(format(median("S3Store concurrent") / median("raw libs3 concurrent, MD5 per PUT")))")
+            + "\(format(median("S3Store V2 concurrent") / median("raw libs3 concurrent, MD5 per PUT")))")
+    print(
+        "  ratio of medians S3Store V4/raw V4: sequential "
+            + "\(format(median("S3Store V4 sequential") / median("raw V4 sequential"))), concurrent "
+            + "\(format(median("S3Store V4 concurrent") / median("raw V4 concurrent")))"
+            + "; S3Store V4/S3Store V2: sequential "
+            + "\(format(median("S3Store V4 sequential") / median("S3Store V2 sequential"))), concurrent "
+            + "\(format(median("S3Store V4 concurrent") / median("S3Store V2 concurrent")))")
     store.shutdown()
+    storeV4.shutdown()
 } catch {
     fail("\(error)")
 }

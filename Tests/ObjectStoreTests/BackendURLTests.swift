@@ -35,6 +35,22 @@ struct BackendURLTests {
         #expect(other.scheme == .https)
         #expect(other.uriStyle == .virtualHost)
         #expect(other.endpoint == "s3.example.com")
+        #expect(other.signature == .v4 && other.region == "us-east-1" && other.createOnly && !other.insecureSkipVerify)
+
+        let full = try BackendSpec.parse(
+            "s3://bucket?endpoint=h:443&region=eu-west-1&signature=v4&ca_file=/etc/vd/ca.pem&create_only=false",
+            environment: credentials)
+        guard case .s3(let v4) = full else { return }
+        #expect(v4.region == "eu-west-1" && v4.caFile == "/etc/vd/ca.pem" && !v4.createOnly)
+        #expect(full.description.contains("signature v4, region eu-west-1"))
+        let legacy = try BackendSpec.parse(
+            "s3://bucket?endpoint=h:80&scheme=http&signature=v2", environment: credentials)
+        guard case .s3(let v2) = legacy else { return }
+        #expect(v2.signature == .v2)
+        let insecure = try BackendSpec.parse(
+            "s3://bucket?endpoint=h:443&signature=v2&insecure_skip_verify=true", environment: credentials)
+        guard case .s3(let v2s) = insecure else { return }
+        #expect(v2s.insecureSkipVerify && v2s.scheme == .https)
     }
 
     @Test(arguments: [
@@ -47,7 +63,13 @@ struct BackendURLTests {
         ("s3://bucket?endpoint=:80", "has no host"),
         ("s3://bucket?endpoint=h:80&scheme=gopher", "scheme must be http or https"),
         ("s3://bucket?endpoint=h:80&style=sideways", "style must be path or virtual-host"),
-        ("s3://bucket?endpoint=h:80&region=x", "unknown parameter 'region'"),
+        ("s3://bucket?endpoint=h:80&colour=x", "unknown parameter 'colour'"),
+        ("s3://bucket?endpoint=h:80&signature=v3", "signature must be v4 or v2"),
+        ("s3://bucket?endpoint=h:80&signature=v2", "cannot verify the server's certificate"),
+        ("s3://bucket?endpoint=h:80&scheme=http&signature=v2&ca_file=/ca.pem", "ca_file needs signature=v4"),
+        ("s3://bucket?endpoint=h:80&ca_file=ca.pem", "ca_file must be an absolute path"),
+        ("s3://bucket?endpoint=h:80&insecure_skip_verify=maybe", "insecure_skip_verify must be true or false"),
+        ("s3://bucket?endpoint=h:80&region=", "the region '' must be a name"),
         ("s3://bucket/path/inside?endpoint=h:80", "not a bucket name"),
         ("s3://key:secret@bucket?endpoint=h:80", "credentials do not belong in the URL"),
         ("s3://b?endpoint=h:80", "must be 3 to 63 characters"),

@@ -1,5 +1,6 @@
-// The ObjectStore contract, run against every store: the in-memory twin, the local directory and S3 (Ceph RGW through
-// libs3). A behaviour one store has and another lacks is a bug in one of them.
+// The ObjectStore contract, run against every store: the in-memory twin, the local directory and S3: Ceph RGW with
+// signature V4 (AsyncHTTPClient) and V2 (libs3), and rclone serve s3 (an independent V4-only implementation). A
+// behaviour one store has and another lacks is a bug in one of them.
 
 import Foundation
 import NIOCore
@@ -8,7 +9,13 @@ import Testing
 import VolumeCore
 
 enum StoreKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
-    case memory, local, s3
+    case memory, local
+    /// Ceph RGW, signature V4.
+    case s3
+    /// Ceph RGW, signature V2 (libs3).
+    case s3v2
+    /// rclone serve s3, signature V4.
+    case s3rclone
     var testDescription: String { rawValue }
 
     /// Every kind, less S3 when VD_SKIP_S3=1.
@@ -31,8 +38,13 @@ struct StoreUnderTest {
             return StoreUnderTest(
                 store: try LocalDirectoryStore(root: directory),
                 cleanup: { try? FileManager.default.removeItem(atPath: directory) })
-        case .s3:
-            let store = try await S3TestEnvironment.makeStore()
+        case .s3, .s3v2, .s3rclone:
+            let store: S3Store
+            switch kind {
+            case .s3v2: store = try await S3TestEnvironment.makeStore { $0.signature = .v2 }
+            case .s3rclone: store = try await S3TestEnvironment.makeRcloneStore()
+            default: store = try await S3TestEnvironment.makeStore()
+            }
             return StoreUnderTest(
                 store: store,
                 cleanup: {
@@ -96,7 +108,9 @@ struct ObjectStoreContractTests {
             let size = 10_000
             let data = testBytes(size, seed: 2)
             try await store.put("ranges", data: data)
-            func expected(_ range: Range<Int>) -> ByteBuffer { data.getSlice(at: range.lowerBound, length: range.count)! }
+            func expected(_ range: Range<Int>) -> ByteBuffer {
+                data.getSlice(at: range.lowerBound, length: range.count)!
+            }
             #expect(try await store.get("ranges", range: 0..<1) == expected(0..<1))
             #expect(try await store.get("ranges", range: 4321..<5678) == expected(4321..<5678))
             #expect(try await store.get("ranges", range: 9999..<10_000) == expected(9999..<10_000))

@@ -58,6 +58,30 @@ enum S3TestEnvironment {
         return configuration
     }
 
+    /// The second server (rclone serve s3, V4 only), from VD_TEST_S3_RCLONE_* (tools/s3/rclone.sh).
+    static func rcloneConfiguration() throws -> S3Configuration {
+        let environment = ProcessInfo.processInfo.environment
+        guard let endpoint = environment["VD_TEST_S3_RCLONE_ENDPOINT"], !endpoint.isEmpty,
+            let accessKey = environment["VD_TEST_S3_RCLONE_ACCESS_KEY"],
+            let secretKey = environment["VD_TEST_S3_RCLONE_SECRET_KEY"]
+        else {
+            throw VDError(
+                .configuration,
+                "the rclone S3 server is not running: run the tests through tools/s3/with-rgw.sh (it starts RGW and "
+                    + "rclone serve s3) or tools/test.sh")
+        }
+        return S3Configuration(
+            endpoint: endpoint, bucket: uniqueBucket("vd-rclone"), uriStyle: .path, scheme: .http,
+            accessKeyID: accessKey, secretAccessKey: S3Secret(secretKey), requestTimeoutSeconds: 60,
+            stallTimeoutSeconds: 10, operationDeadlineSeconds: 90)
+    }
+
+    static func makeRcloneStore() async throws -> S3Store {
+        let store = try S3Store(configuration: try rcloneConfiguration())
+        try await store.createBucketIfMissing()
+        return store
+    }
+
     /// A store on a new, empty bucket of the test server.
     static func makeStore(_ adjust: (inout S3Configuration) -> Void = { _ in }) async throws -> S3Store {
         let store = try S3Store(configuration: try configuration(adjust))
