@@ -78,6 +78,20 @@ struct S3V4Tests {
         #expect(seconds(since: start) < 5)
     }
 
+    /// Neither RGW nor rclone checks the region a V4 signature names (both accept any); AWS answers a wrong one with
+    /// 400 AuthorizationHeaderMalformed, injected here as AWS words it.
+    @Test func aWrongRegionIsAClearErrorAtOnce() async throws {
+        try await withProxiedS3 { (s3: ProxiedS3) async throws in
+            s3.proxy.inject(.httpError(status: 400, code: "AuthorizationHeaderMalformed"), count: 1)
+            let start = ContinuousClock.now
+            let error = await vdError { try await s3.store.put("region", data: ByteBuffer(string: "x")) }
+            #expect(error?.code == .configuration, "\(String(describing: error))")
+            #expect(error?.message.contains("region=") == true, "\(String(describing: error))")
+            #expect(s3.proxy.requestCount == 1, "retried: \(s3.proxy.requestLines)")
+            #expect(seconds(since: start) < 5)
+        }
+    }
+
     @Test func wrongSecretOnBothServersSaysWhatToCheck() async throws {
         for configuration in [
             try S3TestEnvironment.configuration(), try S3TestEnvironment.rcloneConfiguration(),

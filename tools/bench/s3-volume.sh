@@ -6,36 +6,41 @@
 #   - cold reads after that restart: 10 s of 4 KiB random reads (a cold cache warming up), then 1 MiB sequential
 #     reads of everything (the part not yet fetched comes from S3).
 #
-#   tools/bench/s3-volume.sh [--data "512M 2G"] [--compression true|false]
+#   tools/bench/s3-volume.sh [--data "512M 2G"] [--compression true|false] [--signatures "v4 v2"]
+# Each data size runs once per signature (V4: AsyncHTTPClient; V2: libs3), so the two transports meet the same
+# server in the same run.
 # A benchmark, not a test. Compare only figures from the same run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DATA_SIZES="512M 2G"
 COMPRESSION=true
+SIGNATURES="v4 v2"
 while [ $# -gt 0 ]; do
   case "$1" in
     --data) DATA_SIZES="$2"; shift 2 ;;
     --compression) COMPRESSION="$2"; shift 2 ;;
-    *) echo "usage: $0 [--data \"512M 2G\"] [--compression true|false]" >&2; exit 2 ;;
+    --signatures) SIGNATURES="$2"; shift 2 ;;
+    *) echo "usage: $0 [--data \"512M 2G\"] [--compression true|false] [--signatures \"v4 v2\"]" >&2; exit 2 ;;
   esac
 done
 cd "$ROOT"
 swift build -c release --product vd >&2
 swift build -c release --product vd-bench-s3 >&2
 BIN_DIR="$(swift build -c release --show-bin-path)"
-export VD="$BIN_DIR/vd" BENCH_S3="$BIN_DIR/vd-bench-s3" DATA_SIZES COMPRESSION
+export VD="$BIN_DIR/vd" BENCH_S3="$BIN_DIR/vd-bench-s3" DATA_SIZES COMPRESSION SIGNATURES
 
 run_all() {
   set -euo pipefail
   export AWS_ACCESS_KEY_ID="$VD_TEST_S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$VD_TEST_S3_SECRET_KEY"
   work="$(mktemp -d /var/tmp/vd-s3bench.XXXXXX)"
   trap 'pkill -f "vd serve --data-dir $work" 2>/dev/null || true; rm -rf "$work"' EXIT
-  echo "== raw libs3 and S3Store PUT throughput, 64 MiB objects (same server, same run)"
-  "$BENCH_S3" --objects 8 --size 64M --concurrency 4 --repeat 1 | tail -n 8
-  printf "\n%-8s %14s %14s %14s %14s\n" "data" "drain MB/s" "restart s" "cold rand IOPS" "seq read MB/s"
+  echo "== raw transports and S3Store PUT throughput, 64 MiB objects (same server, same run)"
+  "$BENCH_S3" --objects 8 --size 64M --concurrency 4 --repeat 1 | tail -n 14
+  printf "\n%-8s %-4s %14s %14s %14s %14s\n" "data" "sig" "drain MB/s" "restart s" "cold rand IOPS" "seq read MB/s"
   for data in $DATA_SIZES; do
+  for signature in $SIGNATURES; do
     bucket="vd-bench-$(date +%s%N)"
-    url="s3://$bucket?endpoint=$VD_TEST_S3_ENDPOINT&scheme=http"
+    url="s3://$bucket?endpoint=$VD_TEST_S3_ENDPOINT&scheme=http&signature=$signature"
     cat > "$work/vd.toml" <<TOML
 default_backend = "s3"
 [upload]
@@ -71,7 +76,8 @@ TOML
       --iodepth=8 --size="$data" --output-format=json | sed -n '/^{/,$p' | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["read"]["bw_bytes"]/1e6))')
     kill -TERM $pid; wait $pid || true
     rm -rf "$work/b"
-    printf "%-8s %14.0f %14.1f %14s %14s\n" "$data" "$(echo "$bytes / 1000000 / $drain" | bc -l)" "$restart" "$rand_read" "$seq_read"
+    printf "%-8s %-4s %14.0f %14.1f %14s %14s\n" "$data" "$signature" "$(echo "$bytes / 1000000 / $drain" | bc -l)" "$restart" "$rand_read" "$seq_read"
+  done
   done
 }
 export -f run_all
