@@ -29,8 +29,8 @@ enum S3Calls {
                                 hostName: host, bucketName: bucket, protocol: protocolValue, uriStyle: style,
                                 accessKeyId: accessKeyID, secretAccessKey: secret)
                             switch request.operation {
-                            case .put(let body, let md5, _):
-                                md5.withCString { md5 in
+                            case .put(let body, let md5, _, _):
+                                withOptionalCString(md5) { md5 in
                                     var properties = S3PutProperties(
                                         contentType: nil, md5: md5, cacheControl: nil,
                                         contentDispositionFilename: nil, contentEncoding: nil, expires: -1,
@@ -152,7 +152,7 @@ enum S3Calls {
         -> Int32
     {
         let request = request(data)
-        guard case .put(let body, _, _) = request.operation, let buffer, size > 0 else { return 0 }
+        guard case .put(let body, _, _, _) = request.operation, let buffer, size > 0 else { return 0 }
         let count = min(Int(size), body.readableBytes - request.putOffset)
         guard count > 0 else { return 0 }
         body.withUnsafeReadableBytes { bytes in

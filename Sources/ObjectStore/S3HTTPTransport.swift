@@ -185,14 +185,14 @@ final class S3HTTPTransport: S3Transport {
         var body: ByteBuffer?
         var payloadHash = S3SignatureV4.emptyPayloadHash
         switch request.operation {
-        case .put(let data, let md5, let createOnly):
+        case .put(let data, let md5, let sha256, let createOnly):
             method = .PUT
             path += "/" + request.key
             // Content-Length is set by AsyncHTTPClient from the body (and not signed: it is not required).
-            headers.append(("content-md5", md5))
+            if let md5 { headers.append(("content-md5", md5)) }
             if createOnly { headers.append(("if-none-match", "*")) }
             body = data
-            payloadHash = S3SignatureV4.unsignedPayload
+            payloadHash = sha256 ?? S3SignatureV4.unsignedPayload
         case .get(let start, let count):
             path += "/" + request.key
             if count > 0 { headers.append(("range", "bytes=\(start)-\(start + count - 1)")) }
@@ -300,6 +300,7 @@ final class S3HTTPTransport: S3Transport {
         "AccessDenied": S3StatusErrorAccessDenied,
         "AccountProblem": S3StatusErrorAccountProblem,
         "BadDigest": S3StatusErrorBadDigest,
+        "XAmzContentSHA256Mismatch": S3StatusErrorBadDigest,
         "BucketAlreadyExists": S3StatusErrorBucketAlreadyExists,
         "BucketAlreadyOwnedByYou": S3StatusErrorBucketAlreadyOwnedByYou,
         "EntityTooLarge": S3StatusErrorEntityTooLarge,

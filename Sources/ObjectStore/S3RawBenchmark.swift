@@ -161,7 +161,7 @@ package enum S3RawV4PutBenchmark {
                 if index >= concurrency, let result = await group.next(), let result { failure = failure ?? result }
                 group.addTask {
                     let request = S3Request(
-                        operation: .put(body: body, md5Base64: md5, createOnly: false), key: name,
+                        operation: .put(body: body, md5Base64: md5, payloadSHA256: nil, createOnly: false), key: name,
                         timeoutSeconds: configuration.requestTimeoutSeconds,
                         stallTimeoutSeconds: configuration.stallTimeoutSeconds,
                         bodySizeBytesMax: configuration.objectSizeBytesMax)

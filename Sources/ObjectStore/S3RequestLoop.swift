@@ -28,8 +28,9 @@ func monotonicNanoseconds() -> UInt64 {
 
 /// What an attempt asks libs3 to do.
 enum S3Operation {
-    /// `createOnly`: fail with 412 if the name exists (If-None-Match: *; V4 only, libs3 cannot send it).
-    case put(body: ByteBuffer, md5Base64: String, createOnly: Bool)
+    /// `createOnly`: fail with 412 if the name exists (If-None-Match: *; V4 only, libs3 cannot send it). The body's
+    /// integrity rests on `md5Base64` (Content-MD5) or, V4 only, on `payloadSHA256` (the signed payload hash).
+    case put(body: ByteBuffer, md5Base64: String?, payloadSHA256: String?, createOnly: Bool)
     /// `byteCount == 0` means to the end of the object.
     case get(startByte: UInt64, byteCount: UInt64)
     case head
