@@ -143,9 +143,12 @@ package enum S3RawPutBenchmark {
 /// The V4 transport alone (AsyncHTTPClient + signing, no S3Store retries, Content-MD5 computed once beforehand): the
 /// "raw transport" S3Store's V4 uploads are compared with in `vd-bench-s3`.
 package enum S3RawV4PutBenchmark {
-    /// Seconds to PUT `body` under every name in `names`, `concurrency` at a time.
+    /// Seconds to PUT `body` under every name in `names`, `concurrency` at a time, with Content-MD5 computed once;
+    /// with `checkPerPut`, each PUT computes and sends that check itself (as S3Store does), so the hashing and the
+    /// store's verification are in the comparison too.
     package static func run(
-        configuration: S3Configuration, names: [String], body: ByteBuffer, concurrency: Int
+        configuration: S3Configuration, names: [String], body: ByteBuffer, concurrency: Int,
+        checkPerPut: S3Store.PayloadIntegrity? = nil
     ) async throws(VDError) -> Double {
         var v4 = configuration
         v4.signature = .v4
@@ -160,8 +163,18 @@ package enum S3RawV4PutBenchmark {
             for (index, name) in names.enumerated() {
                 if index >= concurrency, let result = await group.next(), let result { failure = failure ?? result }
                 group.addTask {
+                    let sha256 =
+                        checkPerPut == .signedSHA256
+                        ? body.withUnsafeReadableBytes { S3SignatureV4.sha256Hex($0) } : nil
+                    let contentMD5: String? =
+                        switch checkPerPut {
+                        case nil: md5
+                        case .contentMD5: S3Encoding.base64(S3Encoding.md5(body))
+                        case .signedSHA256: nil
+                        }
                     let request = S3Request(
-                        operation: .put(body: body, md5Base64: md5, payloadSHA256: nil, createOnly: false), key: name,
+                        operation: .put(body: body, md5Base64: contentMD5, payloadSHA256: sha256, createOnly: false),
+                        key: name,
                         timeoutSeconds: configuration.requestTimeoutSeconds,
                         stallTimeoutSeconds: configuration.stallTimeoutSeconds,
                         bodySizeBytesMax: configuration.objectSizeBytesMax)
