@@ -44,6 +44,9 @@ public final class LocalDirectoryStore: ObjectStore {
         return try result.get()
     }
 
+    /// Writes (a temporary file renamed over the name): the same for a new object and a replacement.
+    public func replace(_ name: String, data: ByteBuffer) async throws(VDError) { try await put(name, data: data) }
+
     public func put(_ name: String, data: ByteBuffer) async throws(VDError) {
         let target = try path(name)
         let directory = String(target[..<target.lastIndex(of: "/")!])

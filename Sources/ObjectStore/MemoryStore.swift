@@ -16,6 +16,8 @@ public final class MemoryStore: ObjectStore {
         objects.withLock { $0[name] = data }
     }
 
+    public func replace(_ name: String, data: ByteBuffer) async throws(VDError) { try await put(name, data: data) }
+
     public func get(_ name: String) async throws(VDError) -> ByteBuffer {
         try ObjectName.validate(name)
         guard let data = objects.withLock({ $0[name] }) else { throw .notFound("object \(name) does not exist") }

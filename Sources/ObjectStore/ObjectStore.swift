@@ -25,8 +25,13 @@ public struct ObjectInfo: Sendable, Hashable {
 public protocol ObjectStore: Sendable {
     /// For logs and messages: what and where the store is (never credentials).
     var description: String { get }
-    /// Stores `data` under `name`. When this returns, the object is durable in the store.
+    /// Creates `name` with `data`. When this returns, the object is durable in the store. VolumeDriver never writes
+    /// a name twice with other bytes (names are never reused): stores that can enforce it (S3 with signature V4:
+    /// If-None-Match; the simulator's store) refuse with `.alreadyExists`; writing the same bytes again succeeds.
     func put(_ name: String, data: ByteBuffer) async throws(VDError)
+    /// Stores `data` under `name`, replacing what is there: only for the few objects that change in place (the
+    /// scrub lease).
+    func replace(_ name: String, data: ByteBuffer) async throws(VDError)
     /// The whole object.
     func get(_ name: String) async throws(VDError) -> ByteBuffer
     /// Bytes `range` of the object; exactly `range.count` bytes or an error.
@@ -100,7 +105,9 @@ public enum ObjectName {
                     || (byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9"))
                     || byte == UInt8(ascii: "-") || byte == UInt8(ascii: "_") || byte == UInt8(ascii: ".")
                     || byte == UInt8(ascii: "@")
-                guard ok else { throw .invalidArgument("object name '\(name)' has a character other than [A-Za-z0-9._@-/]") }
+                guard ok else {
+                    throw .invalidArgument("object name '\(name)' has a character other than [A-Za-z0-9._@-/]")
+                }
             }
         }
     }
@@ -108,7 +115,8 @@ public enum ObjectName {
     /// Checks a range request against an object size.
     public static func checkRange(_ range: Range<UInt64>, size: UInt64, name: String) throws(VDError) {
         guard range.upperBound <= size else {
-            throw .outOfRange("range \(range.lowerBound)..<\(range.upperBound) is past the end of \(name) (\(size) bytes)")
+            throw .outOfRange(
+                "range \(range.lowerBound)..<\(range.upperBound) is past the end of \(name) (\(size) bytes)")
         }
     }
 }

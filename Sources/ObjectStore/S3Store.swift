@@ -141,6 +141,18 @@ public final class S3Store: ObjectStore {
         }
     }
 
+    /// A PUT that replaces what is there (no If-None-Match): the scrub lease. Small objects only (one PUT).
+    public func replace(_ name: String, data: ByteBuffer) async throws(VDError) {
+        try ObjectName.validate(name)
+        let integrity = await payloadIntegrity()
+        let md5 = integrity == .contentMD5 ? S3Encoding.base64(S3Encoding.md5(data)) : nil
+        let sha256 = integrity == .signedSHA256 ? data.withUnsafeReadableBytes { S3SignatureV4.sha256Hex($0) } : nil
+        let operation = S3Operation.put(body: data, md5Base64: md5, payloadSHA256: sha256, createOnly: false)
+        try await perform("PUT", name, operation) { (result) -> Verdict<Void> in
+            result.isOK ? .success(()) : self.failure(result, "PUT", name)
+        }
+    }
+
     /// What protects a PUT body from corruption on the way up: the store must verify it.
     package enum PayloadIntegrity: String, Sendable {
         /// Content-MD5 (every S3 store verifies it; the only choice on V2).

@@ -74,7 +74,7 @@ package final class ScrubLease: @unchecked Sendable {
         let record = LeaseRecord(
             token: token, holder: holderDescription(), expiresAt: clock.wallNow().addingTimeInterval(seconds),
             pid: getpid(), host: hostName)
-        try await backend.put(layout.scrubLeaseObject, data: try MetadataRecord.encode(record, kind: .lease))
+        try await backend.replace(layout.scrubLeaseObject, data: try MetadataRecord.encode(record, kind: .lease))
         await clock.sleep(for: .seconds(double: settleSeconds))
         guard let check = try await read(layout: layout, backend: backend), check.token == token else {
             let other = try await read(layout: layout, backend: backend)
@@ -109,7 +109,7 @@ package final class ScrubLease: @unchecked Sendable {
         }
         var renewed = current
         renewed.expiresAt = clock.wallNow().addingTimeInterval(seconds)
-        try await backend.put(layout.scrubLeaseObject, data: try MetadataRecord.encode(renewed, kind: .lease))
+        try await backend.replace(layout.scrubLeaseObject, data: try MetadataRecord.encode(renewed, kind: .lease))
         expiresAt = renewed.expiresAt
     }
 
@@ -122,7 +122,7 @@ package final class ScrubLease: @unchecked Sendable {
         }
         var renewed = current
         renewed.expiresAt = clock.wallNow().addingTimeInterval(seconds)
-        try await backend.put(layout.scrubLeaseObject, data: try MetadataRecord.encode(renewed, kind: .lease))
+        try await backend.replace(layout.scrubLeaseObject, data: try MetadataRecord.encode(renewed, kind: .lease))
         expiresAt = renewed.expiresAt
     }
 

@@ -98,7 +98,22 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
         return result
     }
 
+    /// Create-only, like S3 with signature V4 (If-None-Match): the same bytes again succeed (an upload repeated after
+    /// a crash); other bytes under an existing name are refused and reported as a broken invariant (VolumeDriver never
+    /// reuses a name).
     package func put(_ name: String, data: ByteBuffer) async throws(VDError) {
+        try ObjectName.validate(name)
+        try await request("PUT", name) { () throws(VDError) in
+            if let existing = objects[name], existing != data {
+                scheduler.reportInvariantFailure(
+                    "object \(name) written again with other bytes (names are never reused)")
+                throw VDError(.alreadyExists, "object \(name) already exists with other content")
+            }
+            objects[name] = data
+        }
+    }
+
+    package func replace(_ name: String, data: ByteBuffer) async throws(VDError) {
         try ObjectName.validate(name)
         try await request("PUT", name) { () throws(VDError) in objects[name] = data }
     }

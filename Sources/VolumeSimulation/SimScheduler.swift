@@ -168,6 +168,9 @@ package final class SimScheduler: @unchecked Sendable {
     /// Invariants the code under test found broken (each ends the run).
     package private(set) var invariantFailures: [String] = []
 
+    /// An invariant broken as seen from outside the code under test (the simulated world's own checks).
+    package func reportInvariantFailure(_ message: String) { invariantFailed(message) }
+
     fileprivate func invariantFailed(_ message: String) {
         let process = currentProcess
         invariantFailures.append("\(process?.name ?? "?"): \(message)")

@@ -171,6 +171,10 @@ public final class FaultyObjectStore: ObjectStore {
         try await run(.put, name) { () async throws(VDError) in try await wrapped.put(name, data: data) }
     }
 
+    public func replace(_ name: String, data: ByteBuffer) async throws(VDError) {
+        try await run(.put, name) { () async throws(VDError) in try await wrapped.replace(name, data: data) }
+    }
+
     public func get(_ name: String) async throws(VDError) -> ByteBuffer {
         try await run(.get, name) { () async throws(VDError) in try await wrapped.get(name) }
     }
