@@ -163,15 +163,7 @@ package enum S3RawV4PutBenchmark {
             for (index, name) in names.enumerated() {
                 if index >= concurrency, let result = await group.next(), let result { failure = failure ?? result }
                 group.addTask {
-                    let sha256 =
-                        checkPerPut == .signedSHA256
-                        ? body.withUnsafeReadableBytes { S3SignatureV4.sha256Hex($0) } : nil
-                    let contentMD5: String? =
-                        switch checkPerPut {
-                        case nil: md5
-                        case .contentMD5: S3Encoding.base64(S3Encoding.md5(body))
-                        case .signedSHA256: nil
-                        }
+                    let (contentMD5, sha256) = checkPerPut?.headers(for: body) ?? (md5, nil)
                     let request = S3Request(
                         operation: .put(body: body, md5Base64: contentMD5, payloadSHA256: sha256, createOnly: false),
                         key: name,

@@ -156,13 +156,7 @@ package enum S3SignatureV4 {
     }
 
     private static func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
-        let hexDigits = Array("0123456789abcdef".utf8)
-        var out: [UInt8] = []
-        for byte in digest {
-            out.append(hexDigits[Int(byte >> 4)])
-            out.append(hexDigits[Int(byte & 15)])
-        }
-        return String(decoding: out, as: UTF8.self)
+        S3Encoding.hex(Array(digest))
     }
 
     /// Header values are signed with leading and trailing spaces removed and inner runs of spaces collapsed.

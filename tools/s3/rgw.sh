@@ -45,18 +45,8 @@ install_packages() {
     fi
 }
 
-# A TCP port on 127.0.0.1 that nothing listens on (random in 20000-29999, probed with bash's /dev/tcp).
-free_port() {
-    local port
-    for _ in $(seq 1 100); do
-        port=$((20000 + RANDOM % 10000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return 0
-        fi
-    done
-    die "no free TCP port found on 127.0.0.1"
-}
+# shellcheck source=tools/s3/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Runs "$@" in the background detached from the terminal, appends its pid to DIR/pids.
 spawn() {
