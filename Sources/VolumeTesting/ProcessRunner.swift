@@ -20,7 +20,8 @@ public enum ProcessRunner {
     /// Debian packages that provide the tools tests use.
     public static let packages: [String: String] = [
         "qemu-io": "qemu-utils", "qemu-img": "qemu-utils", "qemu-nbd": "qemu-utils", "nbdinfo": "libnbd-bin",
-        "nbdcopy": "libnbd-bin", "fio": "fio",
+        "nbdcopy": "libnbd-bin", "fio": "fio", "nbdfuse": "nbdfuse", "fuse2fs": "fuse2fs", "fusermount3": "fuse3",
+        "mkfs.ext4": "e2fsprogs", "e2fsck": "e2fsprogs",
     ]
 
     /// Absolute path of `tool` on PATH, or an error naming the package to install.
@@ -61,7 +62,8 @@ public enum ProcessRunner {
         if process.isRunning {
             process.terminate()
             process.waitUntilExit()
-            throw TestToolError(message: "\(tool) \(arguments.joined(separator: " ")) timed out after \(timeoutSeconds) s")
+            throw TestToolError(
+                message: "\(tool) \(arguments.joined(separator: " ")) timed out after \(timeoutSeconds) s")
         }
         process.waitUntilExit()
         out.fileHandleForReading.readabilityHandler = nil
@@ -70,6 +72,53 @@ public enum ProcessRunner {
         errData.append(err.fileHandleForReading.readDataToEndOfFile())
         return ProcessResult(
             status: process.terminationStatus, output: outData.string, error: errData.string)
+    }
+}
+
+extension ProcessRunner {
+    /// Starts a long-running program (output discarded); the caller terminates it.
+    public static func start(_ tool: String, _ arguments: [String]) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try which(tool))
+        process.arguments = arguments
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        return process
+    }
+
+    /// Runs a program that daemonizes (fuse2fs: its parent exits once the file system is mounted) with its output
+    /// on /dev/null, and returns the parent's exit status. Foundation's `Process` is not used: it waits for the
+    /// pipes' end, which the daemon would hold, and did not reap such a parent here.
+    public static func runDaemonizing(_ tool: String, _ arguments: [String]) throws -> Int32 {
+        let path = try which(tool)
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        for fd: Int32 in [0, 1, 2] {
+            posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0)
+        }
+        let argv: [UnsafeMutablePointer<CChar>?] = ([path] + arguments).map { strdup($0) } + [nil]
+        defer { for pointer in argv { free(pointer) } }
+        var pid: pid_t = 0
+        let spawned = posix_spawn(&pid, path, &actions, nil, argv, environ)
+        guard spawned == 0 else {
+            throw TestToolError(message: "\(tool): posix_spawn failed (errno \(spawned))")
+        }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        // WIFEXITED / WEXITSTATUS by hand (the macros are not imported).
+        return status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    }
+
+    /// Waits until `path` exists (a pid file a program writes once it is ready); false after `seconds`.
+    public static func waitFor(path: String, seconds: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if FileManager.default.fileExists(atPath: path) { return true }
+            usleep(20_000)
+        }
+        return false
     }
 }
 
@@ -115,14 +164,16 @@ public final class VDServer: @unchecked Sendable {
             if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
             directory = directory.deletingLastPathComponent()
         }
-        for build in [".build/debug/vd", ".build/release/vd"] where FileManager.default.isExecutableFile(atPath: build) {
+        for build in [".build/debug/vd", ".build/release/vd"] where FileManager.default.isExecutableFile(atPath: build)
+        {
             return FileManager.default.currentDirectoryPath + "/" + build
         }
         throw TestToolError(message: "cannot find the vd binary: run `swift build` first or set VD_BIN")
     }
 
     public init(
-        dataDirectory: String, socketPath: String? = nil, extraArguments: [String] = [], environment: [String: String] = [:]
+        dataDirectory: String, socketPath: String? = nil, extraArguments: [String] = [],
+        environment: [String: String] = [:]
     ) throws {
         binary = try Self.defaultBinary()
         self.dataDirectory = dataDirectory
@@ -145,7 +196,9 @@ public final class VDServer: @unchecked Sendable {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = ["serve", "--data-dir", dataDirectory, "--nbd-socket", socketPath] + extraArguments
-        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         let pipe = Pipe()
         process.standardOutput = pipe
         process.standardError = pipe
