@@ -103,8 +103,9 @@ struct JournalShared {
     var unsyncedFiles: [FlashFile] = []
     /// When the first write went into the open journal (for age-based sealing).
     var openJournalFirstWrite: MonotonicInstant?
-    /// The open journal's epoch.
+    /// The open journal's epoch, and the SCO holding it.
     var openEpoch: UInt64
+    var openSCO: SCONumber
     /// Bytes in the open journal.
     var openJournalBytes: UInt64 = UInt64(SCOFormat.blockBytes)
     /// When the open journal was started.
@@ -156,7 +157,9 @@ final class Journal: Sendable {
         clusterBytes = Int(config.clusterSizeBytes)
         clusterSizeBytes = config.clusterSizeBytes
         self.state = state
-        shared = Mutex(JournalShared(currentFile: state.file, openEpoch: state.epoch, journalOpenedAt: env.clock.now()))
+        shared = Mutex(
+            JournalShared(
+                currentFile: state.file, openEpoch: state.epoch, openSCO: state.sco, journalOpenedAt: env.clock.now()))
         self.unstoredBytes = Atomic(unstoredBytes)
     }
 
@@ -418,6 +421,7 @@ final class Journal: Sendable {
             shared.writtenGeneration += 1
             shared.journalOpenedAt = now
             shared.openEpoch = nextEpoch
+            shared.openSCO = next
             shared.reservedEnd = UInt64(SCOFormat.blockBytes)
             shared.zeroFrontier = UInt64(SCOFormat.blockBytes)
             shared.zeroingPaused = false
@@ -462,6 +466,10 @@ final class Journal: Sendable {
 
     /// The epoch the journal appends to now (every write replied so far is in this epoch or an earlier one).
     var openEpoch: UInt64 { shared.withLock { $0.openEpoch } }
+    /// The open journal: its epoch, SCO and file (for readers of its batches: `Volume.changedClusters`).
+    var openJournal: (epoch: UInt64, sco: SCONumber, file: FlashFile) {
+        shared.withLock { ($0.openEpoch, $0.openSCO, $0.currentFile) }
+    }
     var failure: VDError? { shared.withLock { $0.failure } }
     var writtenGeneration: UInt64 { shared.withLock { $0.writtenGeneration } }
 

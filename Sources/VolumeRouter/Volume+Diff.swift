@@ -1,0 +1,220 @@
+// What changed between two versions of a volume (incremental backup), found without reading any data and without
+// scanning the volume: the TLogs of the epochs in between name every cluster written or unmapped there, so the
+// candidates cost time in proportion to what changed; each candidate is then decided by comparing the map's value at
+// both versions (a cluster written back to the version it had, by a rollback, is not a change).
+//
+// Sources of an epoch's changes, newest first: the open journal (its batch headers, no payload read), a rolled
+// journal still sealing (same), the local TLog, the backend's TLog. A rollback in the range reverts clusters changed
+// after its target, which may lie before the range: the range is widened to the target.
+
+import BlockMap
+import FlashIO
+import NIOCore
+import ObjectStore
+import Scrubber
+import TransactionLog
+package import VolumeCore
+
+/// Sorted, disjoint, non-adjacent ranges of clusters.
+package struct ClusterRangeSet: Sendable, Hashable {
+    package private(set) var ranges: [Range<UInt64>] = []
+    private var unsorted: [Range<UInt64>] = []
+
+    package init() {}
+
+    package mutating func insert(_ range: Range<UInt64>) {
+        guard !range.isEmpty else { return }
+        unsorted.append(range)
+        if unsorted.count > max(4096, ranges.count) { normalize() }
+    }
+
+    /// Merges what was inserted since the last call (call before reading `ranges`).
+    package mutating func normalize() {
+        guard !unsorted.isEmpty else { return }
+        let all = (ranges + unsorted).sorted { $0.lowerBound < $1.lowerBound }
+        unsorted.removeAll(keepingCapacity: true)
+        var merged: [Range<UInt64>] = []
+        merged.reserveCapacity(all.count)
+        for range in all {
+            if let last = merged.last, range.lowerBound <= last.upperBound {
+                merged[merged.count - 1] = last.lowerBound..<max(last.upperBound, range.upperBound)
+            } else {
+                merged.append(range)
+            }
+        }
+        ranges = merged
+    }
+
+    package var clusterCount: UInt64 { ranges.reduce(0) { $0 + UInt64($1.count) } }
+}
+
+/// One extent of a diff: bytes `[offset, offset + length)` differ; `zero`: they read as zeroes in the newer version.
+package struct DiffExtent: Codable, Sendable, Hashable {
+    package var offset: UInt64
+    package var length: UInt64
+    package var zero: Bool
+
+    package init(offset: UInt64, length: UInt64, zero: Bool) {
+        self.offset = offset
+        self.length = length
+        self.zero = zero
+    }
+}
+
+/// The older side of a diff.
+package enum DiffBase: Sendable, Hashable {
+    /// Nothing: every cluster that holds data (a full backup).
+    case nothing
+    /// The end of this epoch of the volume (one of its snapshots).
+    case epoch(UInt64)
+    /// A clone's parent snapshot (what the clone was created from).
+    case cloneBase
+}
+
+extension Volume {
+    /// What a cluster reads as in one version: zeroes, or the bytes at a place (volume, SCO, offset).
+    struct ClusterContent: Hashable {
+        var volume: VolumeID
+        var location: ClusterLocation?
+
+        func sameBytes(as other: ClusterContent) -> Bool {
+            switch (location, other.location) {
+            case (nil, nil): true
+            case (let a?, let b?): volume == other.volume && a.sco == b.sco && a.offset == b.offset
+            default: false
+            }
+        }
+    }
+
+    /// The content of `address` given its map value here (nil: never written, read through a clone's parent).
+    func content(_ address: ClusterAddress, value: MapValue?) throws(VDError) -> ClusterContent {
+        if let value { return ClusterContent(volume: config.id, location: value.location) }
+        guard let parent else { return ClusterContent(volume: config.id, location: nil) }
+        return try parent.volume.content(
+            address, value: try parent.volume.map.value(address, atEpoch: parent.epoch))
+    }
+
+    /// The content of `address` at the end of `epoch` (nil: now).
+    func content(_ address: ClusterAddress, atEpoch epoch: UInt64?) throws(VDError) -> ClusterContent {
+        let value = if let epoch { try map.value(address, atEpoch: epoch) } else { try map.current(address) }
+        return try content(address, value: value)
+    }
+
+    /// The extents whose content differs between `base` and the end of epoch `to` (nil: the live volume), sorted
+    /// and merged. Time and memory in proportion to the clusters changed (for `.nothing`: to the clusters written).
+    package func diff(from base: DiffBase, to: UInt64?) async throws(VDError) -> [DiffExtent] {
+        let candidates: ClusterRangeSet
+        switch base {
+        case .nothing:
+            var all = ClusterRangeSet()
+            for address in try addressesPossiblyWithData(from: 0, to: .max) { all.insert(address..<(address + 1)) }
+            all.normalize()
+            candidates = all
+        case .epoch(let from):
+            if let to, to < from {
+                throw .invalidArgument("volume \(config.name): a diff runs from an older version to a newer one")
+            }
+            candidates = try await changedClusters(after: from, through: to)
+        case .cloneBase:
+            guard parent != nil else {
+                throw .invalidArgument("volume \(config.name) is not a clone: it has no parent snapshot to diff from")
+            }
+            candidates = try await changedClusters(after: 0, through: to)
+        }
+        let cs = UInt64(clusterBytes)
+        let clusters = (config.sizeBytes + cs - 1) / cs
+        var extents: [DiffExtent] = []
+        for range in candidates.ranges where range.lowerBound < clusters {
+            for address in range.lowerBound..<min(range.upperBound, clusters) {
+                let newer = try content(address, atEpoch: to)
+                let older: ClusterContent
+                switch base {
+                case .nothing: older = ClusterContent(volume: config.id, location: nil)
+                case .epoch(let from): older = try content(address, atEpoch: from)
+                case .cloneBase: older = try content(address, value: nil)
+                }
+                guard !newer.sameBytes(as: older) else { continue }
+                let zero = newer.location == nil
+                let offset = address * cs
+                let length = min(cs, config.sizeBytes - offset)
+                if let last = extents.last, last.zero == zero, last.offset + last.length == offset {
+                    extents[extents.count - 1].length += length
+                } else {
+                    extents.append(DiffExtent(offset: offset, length: length, zero: zero))
+                }
+            }
+            await Task.yield()
+        }
+        return extents
+    }
+
+    /// Clusters written, unmapped or rolled back in epochs `(after, through]` (`through` nil: up to the open
+    /// journal now): a superset of those whose content differs.
+    func changedClusters(after from: UInt64, through to: UInt64?) async throws(VDError) -> ClusterRangeSet {
+        let open = journal.openJournal
+        let last = min(to ?? open.epoch, open.epoch)
+        var changed = ClusterRangeSet()
+        var lowest = from
+        var epoch = last
+        // Newest first, so a rollback found in the range can widen it downwards.
+        while epoch > lowest {
+            for record in try await records(ofEpoch: epoch, open: open) {
+                switch record {
+                case .write(let address, _): changed.insert(address..<(address + 1))
+                case .unmap(let address, let count): changed.insert(address..<(address + UInt64(count)))
+                case .rollback(let target): lowest = min(lowest, target)
+                case .scoSealed, .snapshot, .scrubApplied: break
+                }
+            }
+            epoch -= 1
+        }
+        changed.normalize()
+        return changed
+    }
+
+    /// The change records of one epoch, from wherever they are now (see the file comment).
+    private func records(
+        ofEpoch epoch: UInt64, open: (epoch: UInt64, sco: SCONumber, file: FlashFile)
+    ) async throws(VDError) -> [TLogRecord] {
+        let config = self.config
+        let journalFile: (sco: SCONumber, file: FlashFile)? =
+            epoch == open.epoch ? (open.sco, open.file) : unsealedEpochs.withLock { $0[epoch] }
+        if let (sco, file) = journalFile {
+            do throws(VDError) {
+                return try await blocking { () throws(VDError) -> [TLogRecord] in
+                    try JournalScanner.scan(
+                        file: file, volumeID: config.id, sco: sco, clusterSizeBytes: config.clusterSizeBytes,
+                        verifyPayloads: false
+                    ).tlogRecords()
+                }
+            } catch {
+                // Sealed and evicted meanwhile: its TLog exists now.
+                logger.debug("epoch \(epoch): journal unreadable (\(error.message)); reading its TLog")
+            }
+        }
+        let number = SCONumber(epoch)
+        let directory = layout.tlogDirectory
+        let fs = env.fs
+        if let local = try await blocking({ () throws(VDError) -> TLog? in
+            try TLogFiles.read(number, directory: directory, fs: fs)
+        }) {
+            try checkTLog(local, epoch: epoch, what: directory + "/" + TLogFiles.fileName(number))
+            return local.records
+        }
+        let object = layout.tlogObject(number)
+        let remote = try await NamespaceObjects.getVerified(object, backend: backend) { (bytes) throws(VDError) in
+            try TLog.decode(bytes, what: object)
+        }
+        try checkTLog(remote, epoch: epoch, what: object)
+        return remote.records
+    }
+
+    private func checkTLog(_ tlog: TLog, epoch: UInt64, what: String) throws(VDError) {
+        guard tlog.volumeID == config.id, tlog.number == SCONumber(epoch),
+            tlog.clusterSizeBytes == config.clusterSizeBytes
+        else {
+            throw .corrupt(
+                "\(what) belongs to volume \(tlog.volumeID) epoch \(tlog.number.hex), not \(config.id) \(epoch)")
+        }
+    }
+}
