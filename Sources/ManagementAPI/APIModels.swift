@@ -148,6 +148,91 @@ public struct APIError: Codable, Sendable, Hashable {
 }
 
 /// What the router can be asked to do. Every method throws VDError with an operator-readable message.
+/// `vd snapshot diff`: the changed extents between `from` (a snapshot, `PARENT@SNAPSHOT` for a clone's base, nil
+/// for nothing: every extent holding data) and `to` (a snapshot, nil for the live volume).
+public struct DiffRequest: Codable, Sendable, Hashable {
+    public var from: String?
+    public var to: String?
+    public init(from: String?, to: String?) {
+        self.from = from
+        self.to = to
+    }
+}
+
+public struct DiffExtentStatus: Codable, Sendable, Hashable {
+    public var offset: UInt64
+    public var length: UInt64
+    /// The newer version reads zeroes here.
+    public var zero: Bool
+    public init(offset: UInt64, length: UInt64, zero: Bool) {
+        self.offset = offset
+        self.length = length
+        self.zero = zero
+    }
+}
+
+public struct DiffResponse: Codable, Sendable, Hashable {
+    public var volume: String
+    public var from: String?
+    public var to: String?
+    public var sizeBytes: UInt64
+    public var extents: [DiffExtentStatus]
+    public init(volume: String, from: String?, to: String?, sizeBytes: UInt64, extents: [DiffExtentStatus]) {
+        self.volume = volume
+        self.from = from
+        self.to = to
+        self.sizeBytes = sizeBytes
+        self.extents = extents
+    }
+}
+
+/// `vd snapshot export-diff`: writes the diff between `from` (nil: a full copy) and snapshot `to` to `path` (absolute,
+/// on the router's machine).
+public struct ExportDiffRequest: Codable, Sendable, Hashable {
+    public var from: String?
+    public var to: String
+    public var path: String
+    public init(from: String?, to: String, path: String) {
+        self.from = from
+        self.to = to
+        self.path = path
+    }
+}
+
+/// `vd volume import-diff`: applies the stream at `path`, then takes snapshot `snapshot` if given.
+public struct ImportDiffRequest: Codable, Sendable, Hashable {
+    public var path: String
+    public var snapshot: String?
+    public init(path: String, snapshot: String?) {
+        self.path = path
+        self.snapshot = snapshot
+    }
+}
+
+public struct DiffTransferStatus: Codable, Sendable, Hashable {
+    public var volume: String
+    public var from: String?
+    public var to: String
+    public var extents: Int
+    public var dataBytes: UInt64
+    public var zeroBytes: UInt64
+    public var streamBytes: UInt64
+    public var snapshot: String?
+    public init(
+        volume: String, from: String?, to: String, extents: Int, dataBytes: UInt64, zeroBytes: UInt64,
+        streamBytes: UInt64, snapshot: String? = nil
+    ) {
+        self.volume = volume
+        self.from = from
+        self.to = to
+        self.extents = extents
+        self.dataBytes = dataBytes
+        self.zeroBytes = zeroBytes
+        self.streamBytes = streamBytes
+        self.snapshot = snapshot
+    }
+}
+
 public protocol ManagementService: Sendable {
     func listVolumes() async throws(VDError) -> [VolumeStatus]
     func volumeStatus(_ name: String) async throws(VDError) -> VolumeStatus
@@ -159,6 +244,9 @@ public protocol ManagementService: Sendable {
     func deleteSnapshot(_ volume: String, _ snapshot: String) async throws(VDError)
     func rollback(_ volume: String, _ snapshot: String, _ request: RollbackRequest) async throws(VDError) -> SnapshotStatus
     func createClone(_ request: CreateCloneRequest) async throws(VDError) -> VolumeStatus
+    func diff(_ volume: String, _ request: DiffRequest) async throws(VDError) -> DiffResponse
+    func exportDiff(_ volume: String, _ request: ExportDiffRequest) async throws(VDError) -> DiffTransferStatus
+    func importDiff(_ volume: String, _ request: ImportDiffRequest) async throws(VDError) -> DiffTransferStatus
     /// Looks for scrub results of the volume now and applies them (the router also polls on its own).
     func applyScrubResults(_ volume: String) async throws(VDError)
     /// Prometheus text exposition.

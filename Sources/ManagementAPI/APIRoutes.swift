@@ -9,6 +9,9 @@
 //   POST   /v1/volumes/NAME/snapshots                   create        CreateSnapshotRequest
 //   DELETE /v1/volumes/NAME/snapshots/SNAP              delete
 //   POST   /v1/volumes/NAME/snapshots/SNAP/rollback     rollback      RollbackRequest
+//   POST   /v1/volumes/NAME/diff                        changed extents  DiffRequest
+//   POST   /v1/volumes/NAME/export-diff                 write a stream   ExportDiffRequest
+//   POST   /v1/volumes/NAME/import-diff                 apply a stream   ImportDiffRequest
 //   POST   /v1/volumes/NAME/scrub-results               apply new scrub results now
 //   POST   /v1/clones                                   clone         CreateCloneRequest
 //   GET    /metrics                                     Prometheus text
@@ -79,6 +82,12 @@ public enum APIRoutes {
             case ("POST", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "scrub-results":
                 try await service.applyScrubResults(p[2])
                 return .empty
+            case ("POST", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "diff":
+                return .json(try await service.diff(p[2], try decode(body)))
+            case ("POST", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "export-diff":
+                return .json(try await service.exportDiff(p[2], try decode(body)))
+            case ("POST", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "import-diff":
+                return .json(try await service.importDiff(p[2], try decode(body)))
             case ("POST", ["v1", "clones"]):
                 return .json(try await service.createClone(try decode(body)), status: 201)
             case ("GET", ["metrics"]):

@@ -59,6 +59,15 @@ public struct ManagementClient: ManagementService {
     public func createClone(_ request: CreateCloneRequest) async throws(VDError) -> VolumeStatus {
         try await call("POST", "/v1/clones", request)
     }
+    public func diff(_ volume: String, _ request: DiffRequest) async throws(VDError) -> DiffResponse {
+        try await call("POST", "/v1/volumes/\(volume)/diff", request)
+    }
+    public func exportDiff(_ volume: String, _ request: ExportDiffRequest) async throws(VDError) -> DiffTransferStatus {
+        try await call("POST", "/v1/volumes/\(volume)/export-diff", request)
+    }
+    public func importDiff(_ volume: String, _ request: ImportDiffRequest) async throws(VDError) -> DiffTransferStatus {
+        try await call("POST", "/v1/volumes/\(volume)/import-diff", request)
+    }
     public func applyScrubResults(_ volume: String) async throws(VDError) {
         let _: Empty? = try await call("POST", "/v1/volumes/\(volume)/scrub-results")
     }

@@ -400,8 +400,13 @@ package final class NBDConnectionHandler: ChannelDuplexHandler {
                 try await device.trim(offset: offset, length: length, fua: fua)
             case .writeZeroes(let offset, let length, let fua, let mayUnmap, _):
                 try await device.writeZeroes(offset: offset, length: length, fua: fua, mayUnmap: mayUnmap)
-            case .blockStatus(let offset, let length, _):
-                return .success(.extents(try await device.allocation(offset: offset, length: length)))
+            case .blockStatus(let offset, let length, _, let allocation, let dirtyBitmap):
+                let extents = allocation ? try await device.allocation(offset: offset, length: length) : nil
+                var dirty: [DirtyExtent]?
+                if let dirtyBitmap {
+                    dirty = try await device.dirtyExtents(bitmap: dirtyBitmap, offset: offset, length: length)
+                }
+                return .success(.status(allocation: extents, dirty: dirty))
             case .cache(let offset, let length):
                 try await device.prefetch(offset: offset, length: length)
             }

@@ -31,13 +31,13 @@ package enum NBDReply: Hashable, Sendable {
     case sparseRead(cookie: UInt64, offset: UInt64, data: ByteBuffer, holes: [Range<Int>])
     /// A structured `NBD_REPLY_TYPE_ERROR` chunk flagged done.
     case structuredError(cookie: UInt64, error: UInt32, message: String)
-    /// A structured `NBD_REPLY_TYPE_BLOCK_STATUS` chunk flagged done.
-    case blockStatus(cookie: UInt64, contextID: UInt32, descriptors: [NBDBlockDescriptor])
+    /// Structured `NBD_REPLY_TYPE_BLOCK_STATUS` chunks, one per selected context, the last flagged done.
+    case blockStatus(cookie: UInt64, contexts: [NBDStatusChunk])
 
     package var cookie: UInt64 {
         switch self {
         case .simple(let cookie, _), .readData(let cookie, _, _, _), .sparseRead(let cookie, _, _, _),
-            .structuredError(let cookie, _, _), .blockStatus(let cookie, _, _):
+            .structuredError(let cookie, _, _), .blockStatus(let cookie, _):
             return cookie
         }
     }
@@ -75,12 +75,15 @@ package enum NBDReplyEncoder {
                 UInt32(6 + text.count), error, UInt16(text.count))
             buffer.writeBytes(text)
             return nil
-        case .blockStatus(let cookie, let contextID, let descriptors):
-            buffer.writeMultipleIntegers(
-                NBDMagic.structuredReply, NBDReplyChunk.flagDone, NBDReplyChunk.typeBlockStatus, cookie,
-                UInt32(4 + 8 * descriptors.count), contextID)
-            for descriptor in descriptors {
-                buffer.writeMultipleIntegers(descriptor.length, descriptor.flags)
+        case .blockStatus(let cookie, let contexts):
+            precondition(!contexts.isEmpty, "a block status reply needs at least one context")
+            for (index, chunk) in contexts.enumerated() {
+                buffer.writeMultipleIntegers(
+                    NBDMagic.structuredReply, index == contexts.count - 1 ? NBDReplyChunk.flagDone : 0,
+                    NBDReplyChunk.typeBlockStatus, cookie, UInt32(4 + 8 * chunk.descriptors.count), chunk.contextID)
+                for descriptor in chunk.descriptors {
+                    buffer.writeMultipleIntegers(descriptor.length, descriptor.flags)
+                }
             }
             return nil
         }
@@ -166,5 +169,15 @@ package enum NBDReplyEncoder {
         // Back off continuation bytes (10xxxxxx) so the cut falls before the start of a character.
         while end > 0 && bytes[end] & 0xC0 == 0x80 { end -= 1 }
         return bytes[..<end]
+    }
+}
+
+/// The block status of one meta context, for one request.
+package struct NBDStatusChunk: Hashable, Sendable {
+    package var contextID: UInt32
+    package var descriptors: [NBDBlockDescriptor]
+    package init(contextID: UInt32, descriptors: [NBDBlockDescriptor]) {
+        self.contextID = contextID
+        self.descriptors = descriptors
     }
 }

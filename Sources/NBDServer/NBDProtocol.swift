@@ -154,6 +154,10 @@ package enum NBDWire {
     package static let allocationContextName = "base:allocation"
     /// The id we give `base:allocation` in `NBD_REP_META_CONTEXT` replies to `NBD_OPT_SET_META_CONTEXT`.
     package static let allocationContextID: UInt32 = 1
+    /// `qemu:dirty-bitmap:NAME` (QEMU's meta context: flag 1 = dirty), with the id we give the selected one.
+    package static let dirtyBitmapContextPrefix = "qemu:dirty-bitmap:"
+    package static let dirtyBitmapContextID: UInt32 = 2
+    package static let dirtyFlag: UInt32 = 1
     /// The spec's bound on descriptors in one block status chunk.
     package static let blockStatusDescriptorsMax = 1 << 20
 }

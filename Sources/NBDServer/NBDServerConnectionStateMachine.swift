@@ -26,7 +26,9 @@ package enum NBDDeviceOperation: Hashable, Sendable {
     case flush
     case trim(offset: UInt64, length: UInt32, fua: Bool)
     case writeZeroes(offset: UInt64, length: UInt32, fua: Bool, mayUnmap: Bool, fastZero: Bool)
-    case blockStatus(offset: UInt64, length: UInt32, requestOne: Bool)
+    /// NBD_CMD_BLOCK_STATUS for the contexts the session selected: `base:allocation` when `allocation`, the dirty
+    /// bitmap `dirtyBitmap` when set.
+    case blockStatus(offset: UInt64, length: UInt32, requestOne: Bool, allocation: Bool, dirtyBitmap: String?)
     /// NBD_CMD_CACHE: bring the range into the device's cache (`BlockDevice.prefetch`).
     case cache(offset: UInt64, length: UInt32)
 }
@@ -44,7 +46,7 @@ package struct NBDDeviceCommand: Hashable, Sendable {
     package var requestBytes: UInt32 {
         switch operation {
         case .read(_, let length), .trim(_, let length, _), .writeZeroes(_, let length, _, _, _),
-            .blockStatus(_, let length, _), .cache(_, let length):
+            .blockStatus(_, let length, _, _, _), .cache(_, let length):
             return length
         case .write(_, let data, _): return UInt32(data.readableBytes)
         case .flush: return 0
@@ -68,6 +70,8 @@ package enum NBDDeviceOutput: Hashable, Sendable {
     /// READ data with the holes the device found in it.
     case sparseData(SparseData)
     case extents([BlockExtent])
+    /// BLOCK_STATUS with the contexts selected: allocation extents, dirty extents (nil: not selected).
+    case status(allocation: [BlockExtent]?, dirty: [DirtyExtent]?)
 }
 
 /// What one transmission-phase connection was granted when it entered transmission.
@@ -78,6 +82,8 @@ package struct NBDSession: Sendable {
     package var structuredReplies: Bool
     /// `base:allocation` was selected for this export: NBD_CMD_BLOCK_STATUS is allowed.
     package var allocationContext: Bool
+    /// The dirty bitmap selected as `qemu:dirty-bitmap:NAME` for this export (NBD_CMD_BLOCK_STATUS is allowed).
+    package var dirtyBitmap: String? = nil
     /// The client asked for NBD_INFO_BLOCK_SIZE in NBD_OPT_GO and so agreed to keep requests aligned to
     /// `minimumBlockSizeBytes`; we hold it to that (the spec says SHOULD error unaligned requests).
     package var enforceMinimumBlockSize: Bool
@@ -160,6 +166,8 @@ package struct NBDServerConnectionStateMachine {
         /// The export name (as the client spelled it) the last NBD_OPT_SET_META_CONTEXT selected
         /// `base:allocation` for.
         var allocationContextExport: String?
+        /// The export and the dirty bitmap the last NBD_OPT_SET_META_CONTEXT selected (one bitmap at a time).
+        var dirtyBitmapContext: (export: String, bitmap: String)?
         var tlsActive = false
     }
 
@@ -392,6 +400,7 @@ package struct NBDServerConnectionStateMachine {
             // After the upgrade nothing negotiated in plain text may be kept.
             negotiation.structuredReplies = false
             negotiation.allocationContextExport = nil
+            negotiation.dirtyBitmapContext = nil
             negotiation.tlsActive = true
             state = .negotiating(negotiation)
             NBDReplyEncoder.appendOptionReply(to: &reply, option: code, type: NBDOptionReply.ack)
@@ -451,6 +460,7 @@ package struct NBDServerConnectionStateMachine {
             if isSet {
                 // Replaces the previous selection even when it fails.
                 negotiation.allocationContextExport = nil
+                negotiation.dirtyBitmapContext = nil
                 state = .negotiating(negotiation)
                 guard negotiation.structuredReplies else {
                     return error(
@@ -460,21 +470,47 @@ package struct NBDServerConnectionStateMachine {
             guard let request = Self.parseMetaContextRequest(&data) else {
                 return error(NBDOptionReply.errorInvalid, "malformed meta context request")
             }
-            guard exports.export(named: request.exportName) != nil else {
+            guard let export = exports.export(named: request.exportName) else {
                 return error(NBDOptionReply.errorUnknown, "export '\(request.exportName)' not found")
             }
+            let bitmaps = export.device.dirtyBitmaps
             var allocation = false
+            var chosenBitmaps: [String] = []
             if request.queries.isEmpty {
                 // LIST with no queries lists everything; SET with no queries selects nothing.
                 allocation = !isSet
+                if !isSet { chosenBitmaps = bitmaps }
             }
             for query in request.queries {
                 guard let colon = query.firstIndex(of: ":") else {
                     return error(NBDOptionReply.errorInvalid, "meta context query '\(query)' has no namespace")
                 }
-                guard query[..<colon] == "base" else { continue }  // unknown namespaces are ignored
                 let leaf = query[query.index(after: colon)...]
-                if leaf == "allocation" || (leaf.isEmpty && !isSet) { allocation = true }
+                switch query[..<colon] {
+                case "base":
+                    if leaf == "allocation" || (leaf.isEmpty && !isSet) { allocation = true }
+                case "qemu":
+                    let prefix = "dirty-bitmap:"
+                    if !isSet && (leaf.isEmpty || leaf == prefix) {
+                        chosenBitmaps += bitmaps
+                    } else if leaf.hasPrefix(prefix), bitmaps.contains(String(leaf.dropFirst(prefix.count))) {
+                        chosenBitmaps.append(String(leaf.dropFirst(prefix.count)))
+                    }
+                default:
+                    continue  // unknown namespaces are ignored
+                }
+            }
+            // One dirty bitmap per connection (what qemu selects); LIST lists them all.
+            if isSet { chosenBitmaps = Array(chosenBitmaps.prefix(1)) }
+            for bitmap in chosenBitmaps {
+                NBDReplyEncoder.appendOptionReply(to: &reply, option: code, type: NBDOptionReply.metaContext) {
+                    $0.writeInteger(isSet ? NBDWire.dirtyBitmapContextID : 0)
+                    $0.writeString(NBDWire.dirtyBitmapContextPrefix + bitmap)
+                }
+                if isSet {
+                    negotiation.dirtyBitmapContext = (request.exportName, bitmap)
+                    state = .negotiating(negotiation)
+                }
             }
             if allocation {
                 NBDReplyEncoder.appendOptionReply(to: &reply, option: code, type: NBDOptionReply.metaContext) {
@@ -560,6 +596,8 @@ package struct NBDServerConnectionStateMachine {
             export: export, sizeBytes: info.sizeBytes, transmissionFlags: flags,
             structuredReplies: negotiation.structuredReplies,
             allocationContext: negotiation.structuredReplies && negotiation.allocationContextExport == requestedName,
+            dirtyBitmap: negotiation.structuredReplies && negotiation.dirtyBitmapContext?.export == requestedName
+                ? negotiation.dirtyBitmapContext?.bitmap : nil,
             enforceMinimumBlockSize: agreedToBlockSizes, minimumBlockSizeBytes: minimum,
             preferredBlockSizeBytes: preferred, maximumPayloadBytes: maximumPayload)
     }
@@ -746,9 +784,11 @@ package struct NBDServerConnectionStateMachine {
                 .writeZeroes(offset: offset, length: length, fua: fua, mayUnmap: !noHole, fastZero: fastZero))
 
         case NBDCommand.blockStatus:
-            guard session.allocationContext else {
+            guard session.allocationContext || session.dirtyBitmap != nil else {
                 return .failure(
-                    RequestFailure(NBDErrno.invalid, "BLOCK_STATUS needs base:allocation selected during the handshake")
+                    RequestFailure(
+                        NBDErrno.invalid,
+                        "BLOCK_STATUS needs base:allocation or a qemu:dirty-bitmap selected during the handshake")
                 )
             }
             if let failure = checkFlags(NBDCommandFlags.requestOne) ?? checkLengthNonZero()
@@ -758,7 +798,8 @@ package struct NBDServerConnectionStateMachine {
             }
             return .success(
                 .blockStatus(
-                    offset: offset, length: length, requestOne: flags & NBDCommandFlags.requestOne != 0))
+                    offset: offset, length: length, requestOne: flags & NBDCommandFlags.requestOne != 0,
+                    allocation: session.allocationContext, dirtyBitmap: session.dirtyBitmap))
 
         default:
             return .failure(RequestFailure(NBDErrno.invalid, "unknown command type \(type)"))
@@ -824,10 +865,32 @@ package struct NBDServerConnectionStateMachine {
                         cookie: cookie, offset: offset, data: sparse.data, structured: session.structuredReplies)
                 }
                 return .sparseRead(cookie: cookie, offset: offset, data: sparse.data, holes: sparse.holes)
-            case (.blockStatus(_, let length, let requestOne), .extents(let extents)):
+            case (.blockStatus(_, let length, let requestOne, _, _), .extents(let extents)):
                 return .blockStatus(
-                    cookie: cookie, contextID: NBDWire.allocationContextID,
-                    descriptors: blockDescriptors(extents, requestLength: length, requestOne: requestOne))
+                    cookie: cookie,
+                    contexts: [
+                        NBDStatusChunk(
+                            contextID: NBDWire.allocationContextID,
+                            descriptors: blockDescriptors(extents, requestLength: length, requestOne: requestOne))
+                    ])
+            case (.blockStatus(_, let length, let requestOne, _, _), .status(let allocation, let dirty)):
+                var contexts: [NBDStatusChunk] = []
+                if let allocation {
+                    contexts.append(
+                        NBDStatusChunk(
+                            contextID: NBDWire.allocationContextID,
+                            descriptors: blockDescriptors(allocation, requestLength: length, requestOne: requestOne)))
+                }
+                if let dirty {
+                    contexts.append(
+                        NBDStatusChunk(
+                            contextID: NBDWire.dirtyBitmapContextID,
+                            descriptors: statusDescriptors(
+                                dirty.map { ($0.lengthBytes, $0.dirty ? NBDWire.dirtyFlag : 0) }, requestLength: length,
+                                requestOne: requestOne)))
+                }
+                guard !contexts.isEmpty else { return failure(NBDErrno.io, "no status context was computed") }
+                return .blockStatus(cookie: cookie, contexts: contexts)
             case (.write, .done), (.flush, .done), (.trim, .done), (.writeZeroes, .done), (.cache, .done):
                 return .simple(cookie: cookie, error: 0)
             default:
@@ -842,13 +905,22 @@ package struct NBDServerConnectionStateMachine {
     package static func blockDescriptors(
         _ extents: [BlockExtent], requestLength: UInt32, requestOne: Bool
     ) -> [NBDBlockDescriptor] {
+        statusDescriptors(
+            extents.map {
+                ($0.lengthBytes, ($0.isHole ? NBDAllocationState.hole : 0) | ($0.isZero ? NBDAllocationState.zero : 0))
+            }, requestLength: requestLength, requestOne: requestOne)
+    }
+
+    /// `blockDescriptors` for any context: runs of (length, flags).
+    package static func statusDescriptors(
+        _ extents: [(lengthBytes: UInt64, flags: UInt32)], requestLength: UInt32, requestOne: Bool
+    ) -> [NBDBlockDescriptor] {
         var descriptors: [NBDBlockDescriptor] = []
         var covered: UInt64 = 0
         let wanted = UInt64(requestLength)
         let limit = requestOne ? 1 : NBDWire.blockStatusDescriptorsMax
-        for extent in extents where extent.lengthBytes > 0 {
-            let flags = (extent.isHole ? NBDAllocationState.hole : 0) | (extent.isZero ? NBDAllocationState.zero : 0)
-            let length = min(extent.lengthBytes, wanted - covered)
+        for (lengthBytes, flags) in extents where lengthBytes > 0 {
+            let length = min(lengthBytes, wanted - covered)
             if let last = descriptors.last, last.flags == flags {
                 descriptors[descriptors.count - 1].length += UInt32(length)
             } else {

@@ -197,6 +197,75 @@ final class RouterService: ManagementService {
         }
     }
 
+    // MARK: incremental backup
+
+    /// The older side of a diff: nil → nothing (a full copy); PARENT@SNAPSHOT → a clone's base; else a snapshot.
+    private func diffBase(_ target: Volume, _ from: String?) throws(VDError) -> DiffBase {
+        guard let from else { return .nothing }
+        if from.contains("@") {
+            guard let parent = target.config.parent, from == "\(parent.volume)@\(parent.snapshot)" else {
+                throw VDError(
+                    .invalidArgument,
+                    "\(from) is not the snapshot volume \(target.name) was cloned from\(target.config.parent.map { " (\($0.volume)@\($0.snapshot))" } ?? " (it is not a clone)")"
+                )
+            }
+            return .cloneBase
+        }
+        guard let snapshot = target.snapshotTable.snapshot(named: from) else {
+            throw VDError(.notFound, "volume \(target.name) has no snapshot \(from)")
+        }
+        return .epoch(snapshot.epoch)
+    }
+
+    private func snapshot(_ target: Volume, _ name: String) throws(VDError) -> SnapshotRecord {
+        guard let snapshot = target.snapshotTable.snapshot(named: name) else {
+            throw VDError(.notFound, "volume \(target.name) has no snapshot \(name)")
+        }
+        return snapshot
+    }
+
+    func diff(_ volume: String, _ request: DiffRequest) async throws(VDError) -> DiffResponse {
+        let target = try await router.openVolume(named: try name(volume))
+        let base = try diffBase(target, request.from)
+        let to = try request.to.map { (name) throws(VDError) in try snapshot(target, name) }
+        let extents = try await target.diff(from: base, to: to?.epoch)
+        if let to, !target.snapshotTable.snapshots.contains(where: { $0.id == to.id }) {
+            throw VDError(.notFound, "snapshot \(to.name) of \(volume) was deleted during the diff")
+        }
+        return DiffResponse(
+            volume: volume, from: request.from, to: request.to, sizeBytes: target.config.sizeBytes,
+            extents: extents.map { DiffExtentStatus(offset: $0.offset, length: $0.length, zero: $0.zero) })
+    }
+
+    func exportDiff(_ volume: String, _ request: ExportDiffRequest) async throws(VDError) -> DiffTransferStatus {
+        guard request.path.hasPrefix("/") else {
+            throw VDError(.invalidArgument, "the export path must be absolute, got \(request.path)")
+        }
+        let target = try await router.openVolume(named: try name(volume))
+        let base = try diffBase(target, request.from)
+        let to = try snapshot(target, request.to)
+        let summary = try await target.exportDiff(from: base, fromName: request.from, to: to, path: request.path)
+        return DiffTransferStatus(
+            volume: volume, from: request.from, to: request.to, extents: summary.extents,
+            dataBytes: summary.dataBytes, zeroBytes: summary.zeroBytes, streamBytes: summary.streamBytes)
+    }
+
+    func importDiff(_ volume: String, _ request: ImportDiffRequest) async throws(VDError) -> DiffTransferStatus {
+        guard request.path.hasPrefix("/") else {
+            throw VDError(.invalidArgument, "the stream path must be absolute, got \(request.path)")
+        }
+        if let snapshot = request.snapshot { try SnapshotTable.validateName(snapshot) }
+        let target = try await router.openVolume(named: try name(volume))
+        if let snapshot = request.snapshot, target.snapshotTable.snapshot(named: snapshot) != nil {
+            throw VDError(.alreadyExists, "volume \(volume) already has a snapshot \(snapshot)")
+        }
+        let (info, summary) = try await target.importDiff(path: request.path)
+        if let snapshot = request.snapshot { _ = try await target.createSnapshot(named: snapshot) }
+        return DiffTransferStatus(
+            volume: volume, from: info.from, to: info.to, extents: summary.extents, dataBytes: summary.dataBytes,
+            zeroBytes: summary.zeroBytes, streamBytes: summary.streamBytes, snapshot: request.snapshot)
+    }
+
     // MARK: clones
 
     func createClone(_ request: CreateCloneRequest) async throws(VDError) -> VolumeStatus {

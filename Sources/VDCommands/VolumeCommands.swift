@@ -11,7 +11,7 @@ struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "volume",
         abstract: "Create, list, inspect, attach and delete volumes.",
-        subcommands: [Create.self, List.self, Info.self, Delete.self, Attach.self])
+        subcommands: [Create.self, List.self, Info.self, Delete.self, Attach.self, ImportDiff.self])
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -228,4 +228,33 @@ func table(_ rows: [[String]]) -> String {
         row.enumerated().map { i, cell in cell.padding(toLength: widths[i], withPad: " ", startingAt: 0) }
             .joined(separator: "  ").trimmingCharacters(in: .whitespaces)
     }.joined(separator: "\n")
+}
+
+extension VolumeCommand {
+    struct ImportDiff: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "import-diff",
+            abstract: "Apply a stream written by `vd snapshot export-diff` to a volume.",
+            discussion: """
+                The whole stream is verified first (every record's checksum and its place in the stream): a damaged
+                or truncated file changes nothing. Then its extents are written (zero extents unmapped) and flushed.
+                Apply a full copy to an empty volume of the same size, then each increment in order to the volume
+                holding its FROM; --snapshot names the version just restored, so the next increment has its base.
+                """)
+        @OptionGroup var global: GlobalOptions
+        @Argument(help: "Volume name.") var volume: String
+        @Argument(help: "The stream file.") var file: String
+        @Option(name: .long, help: "Take a snapshot with this name once the stream is applied.") var snapshot: String?
+
+        func run() async throws {
+            let configuration = try global.load()
+            let request = ImportDiffRequest(path: absolutePath(file), snapshot: snapshot)
+            let status = try await ServiceAccess.with(configuration, command: "vd volume import-diff") {
+                (service) throws(VDError) in try await service.importDiff(volume, request)
+            }
+            print(
+                "imported \(file) into \(volume) (\(status.from.map { "\($0) -> " } ?? "full copy of ")\(status.to)): \(status.extents) extents, \(ByteSize.format(status.dataBytes)) data, \(ByteSize.format(status.zeroBytes)) zeroed\(status.snapshot.map { "; snapshot \($0) taken" } ?? "")"
+            )
+        }
+    }
 }

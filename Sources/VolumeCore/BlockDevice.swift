@@ -98,9 +98,31 @@ public protocol BlockDevice: AnyObject, Sendable {
     func allocation(offset: UInt64, length: UInt32) async throws(VDError) -> [BlockExtent]
     /// Brings the range into the device's fastest cache (NBD_CMD_CACHE); a hint. Default: nothing.
     func prefetch(offset: UInt64, length: UInt32) async throws(VDError)
+    /// Names of the dirty bitmaps the device offers (NBD meta context `qemu:dirty-bitmap:NAME`): for a volume, its
+    /// snapshots older than the version served. Default: none.
+    var dirtyBitmaps: [String] { get }
+    /// Whether the content of `[offset, offset+length)` changed since `bitmap`: extents covering the range from
+    /// `offset` without gaps (they may stop early; at least one is returned). From metadata only.
+    func dirtyExtents(bitmap: String, offset: UInt64, length: UInt32) async throws(VDError) -> [DirtyExtent]
+}
+
+/// A run of bytes that changed (`dirty`) or did not since a dirty bitmap's point in time.
+public struct DirtyExtent: Sendable, Hashable {
+    public var lengthBytes: UInt64
+    public var dirty: Bool
+    public init(lengthBytes: UInt64, dirty: Bool) {
+        self.lengthBytes = lengthBytes
+        self.dirty = dirty
+    }
 }
 
 extension BlockDevice {
+    /// Devices without history offer no dirty bitmaps.
+    public var dirtyBitmaps: [String] { [] }
+    public func dirtyExtents(bitmap: String, offset: UInt64, length: UInt32) async throws(VDError) -> [DirtyExtent] {
+        throw VDError(.unsupported, "this device has no dirty bitmap \(bitmap)")
+    }
+
     /// Devices without a cache ignore prefetch hints.
     public func prefetch(offset: UInt64, length: UInt32) async throws(VDError) {}
 

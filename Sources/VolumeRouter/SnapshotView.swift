@@ -26,6 +26,18 @@ package final class SnapshotView: BlockDevice {
         return info
     }
 
+    /// The snapshots older than this one: what changed since each.
+    package var dirtyBitmaps: [String] {
+        volume.snapshotTable.snapshots.filter { $0.epoch < epoch }.map(\.name)
+    }
+
+    package func dirtyExtents(bitmap: String, offset: UInt64, length: UInt32) async throws(VDError) -> [DirtyExtent] {
+        try checkExists()
+        let extents = try await volume.dirtyExtents(since: bitmap, to: epoch, offset: offset, length: length)
+        try checkExists()
+        return extents
+    }
+
     private func checkExists() throws(VDError) {
         guard volume.snapshotTable.snapshots.contains(where: { $0.id == snapshotID }) else {
             throw VDError(.notFound, "snapshot \(snapshotName) of \(volume.name) was deleted")

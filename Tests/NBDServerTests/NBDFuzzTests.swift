@@ -289,7 +289,7 @@ private struct FuzzFailure: Error, CustomStringConvertible {
             } else {
                 switch command.operation {
                 case .read(_, let length): result = .success(.data(ByteBuffer(repeating: 0, count: Int(length))))
-                case .blockStatus(_, let length, _):
+                case .blockStatus(_, let length, _, _, _):
                     result = .success(
                         .extents([BlockExtent(lengthBytes: UInt64(length), isHole: random.chance(0.5), isZero: true)]))
                 default: result = .success(.done)

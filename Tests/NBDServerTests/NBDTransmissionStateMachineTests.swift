@@ -295,7 +295,7 @@ final class TransmissionDriver {
 
     @Test func blockStatusNeedsTheContextAndHonoursRequestOne() throws {
         let driver = try TransmissionDriver(structured: true, metaContext: true)
-        let command = NBDDeviceCommand(cookie: 8, operation: .blockStatus(offset: 0, length: 16384, requestOne: true))
+        let command = NBDDeviceCommand(cookie: 8, operation: .blockStatus(offset: 0, length: 16384, requestOne: true, allocation: true, dirtyBitmap: nil))
         #expect(driver.request(7, flags: NBDCommandFlags.requestOne, cookie: 8, length: 16384) == .perform(command))
         let extents = [
             BlockExtent(lengthBytes: 8192, isHole: false, isZero: false),
@@ -303,7 +303,10 @@ final class TransmissionDriver {
         ]
         let reply = driver.complete(command, result: .success(.extents(extents))).reply
         #expect(
-            reply == .blockStatus(cookie: 8, contextID: 1, descriptors: [NBDBlockDescriptor(length: 8192, flags: 0)]))
+            reply
+                == .blockStatus(
+                    cookie: 8,
+                    contexts: [NBDStatusChunk(contextID: 1, descriptors: [NBDBlockDescriptor(length: 8192, flags: 0)])]))
         var wire = NBDReplyEncoder.encode(reply!)
         guard case .chunk(8, 1, 5, var payload) = try #require(try TransmissionReply.parse(&wire)) else {
             Issue.record("expected a BLOCK_STATUS chunk flagged done")
