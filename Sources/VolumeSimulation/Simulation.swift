@@ -462,6 +462,7 @@ final class Simulation: @unchecked Sendable {
         case 770..<780: if config.backendFaults { startOutage(index) }
         case 780..<860: try wait(.milliseconds(Int64(scheduler.between(1...3000))))
         case 860..<875: if config.crashes { armFailpoint() }
+        case 875..<890: try checkDiff()
         default: try verifyRandomRange()
         }
         // Let the system run a little between operations.
@@ -844,6 +845,55 @@ final class Simulation: @unchecked Sendable {
 
     func verifyRandomRange() throws {
         try startRead()
+    }
+
+    /// Incremental backup: the diff between two snapshots of one volume must cover every sector whose content the
+    /// model knows changed, and every extent it calls zero must read zeroes in the newer snapshot (so a copy of the
+    /// older plus the increment is the newer, exactly).
+    func checkDiff() throws {
+        let keys = liveSnapshots()
+        guard keys.count >= 2 else { return }
+        let older = snapshots[keys[scheduler.below(keys.count)]]!
+        let newer = liveSnapshots(of: older.volume).map { snapshots[$0]! }.filter { $0.epoch > older.epoch }
+        guard !newer.isEmpty, let target = volume(older.volume) else { return }
+        let to = newer[scheduler.below(newer.count)]
+        let (fromEpoch, toEpoch) = (older.epoch, to.epoch)
+        trace.add("diff \(older.volume) \(older.name) -> \(to.name)")
+        count("diff")
+        let result = try runIn(client, "diff") { () async throws(VDError) -> [DiffExtent] in
+            try await self.routerProcess.call { () async throws(VDError) -> [DiffExtent] in
+                try await target.diff(from: .epoch(fromEpoch), to: toEpoch)
+            }
+        }
+        switch result {
+        case .success(let extents):
+            var covered = [Bool](repeating: false, count: older.contents.count)
+            for extent in extents {
+                let sectors = Int(extent.offset / 512)..<Int((extent.offset + extent.length) / 512)
+                for sector in sectors where sector < covered.count {
+                    covered[sector] = true
+                    if extent.zero, !to.allowed(sector).contains(0) {
+                        throw fail(
+                            "diff \(older.name) -> \(to.name) of \(older.volume) calls sector \(sector) zero; it holds \(to.allowed(sector))"
+                        )
+                    }
+                }
+            }
+            for sector in 0..<covered.count where !covered[sector] {
+                let before = older.allowed(sector)
+                let after = to.allowed(sector)
+                if before.count == 1 && after.count == 1 && before != after {
+                    throw fail(
+                        "diff \(older.name) -> \(to.name) of \(older.volume) misses sector \(sector) (\(before) -> \(after))"
+                    )
+                }
+            }
+        case .failure(let error):
+            if error.message.contains("connection to") { return }
+            if store.outage || store.injectedFaults > 0 { return }  // TLogs may come from the backend
+            if error.code == .notFound { return }  // a snapshot deleted meanwhile
+            throw fail("diff of \(older.volume) failed: \(error)")
+        }
     }
 
     // MARK: snapshots and clones

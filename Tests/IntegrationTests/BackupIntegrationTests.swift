@@ -79,6 +79,14 @@ import VolumeTesting
         }
         #expect(dirty == expected.map { $0.offset...($0.offset + $0.length - 1) }, "\(map.output)")
 
+        // nbdinfo prints the same map.
+        let nbdinfo = try ProcessRunner.run("nbdinfo", ["--map=qemu:dirty-bitmap:s1", server.uri("vol1@s2")])
+        #expect(nbdinfo.succeeded, "\(nbdinfo.error)")
+        let dirtyLines = nbdinfo.output.split(separator: "\n").filter { $0.hasSuffix("dirty") }.map {
+            $0.split(separator: " ", omittingEmptySubsequences: true).prefix(2).map { UInt64($0) ?? 0 }
+        }
+        #expect(dirtyLines == expected.map { [$0.offset, $0.length] }, "\(nbdinfo.output)")
+
         // libnbd: both contexts on the live volume, one BLOCK_STATUS each over the whole volume.
         let script = """
             import nbd, sys, json
