@@ -5,7 +5,9 @@
 //
 // Sources of an epoch's changes, newest first: the open journal (its batch headers, no payload read), a rolled
 // journal still sealing (same), the local TLog, the backend's TLog. A rollback in the range reverts clusters changed
-// after its target, which may lie before the range: the range is widened to the target.
+// after its target, which may lie before the range: the range is widened to the target. The candidates are a sparse
+// bitmap (memory bounded by the volume's size, not by the number of changes); a full diff walks the map one window
+// at a time.
 
 import BlockMap
 import FlashIO
@@ -15,37 +17,70 @@ import Scrubber
 import TransactionLog
 package import VolumeCore
 
-/// Sorted, disjoint, non-adjacent ranges of clusters.
-package struct ClusterRangeSet: Sendable, Hashable {
-    package private(set) var ranges: [Range<UInt64>] = []
-    private var unsorted: [Range<UInt64>] = []
+/// A set of clusters as a sparse bitmap: chunks of 64 Ki clusters (8 KiB each), allocated when first touched. Its
+/// memory is bounded by the volume's size (1 bit per cluster: 32 MiB per TiB of 4 KiB clusters), however many changes
+/// the TLogs record, and it is usually far less (only chunks something changed in).
+package struct ClusterBitmap: Sendable {
+    static let chunkClusters: UInt64 = 1 << 16
+    static let wordsPerChunk = Int(chunkClusters / 64)
+    private var chunks: [UInt64: [UInt64]] = [:]
 
     package init() {}
 
     package mutating func insert(_ range: Range<UInt64>) {
-        guard !range.isEmpty else { return }
-        unsorted.append(range)
-        if unsorted.count > max(4096, ranges.count) { normalize() }
+        var address = range.lowerBound
+        while address < range.upperBound {
+            let chunk = address / Self.chunkClusters
+            let chunkEnd = min(range.upperBound, (chunk + 1) * Self.chunkClusters)
+            var words = chunks[chunk] ?? [UInt64](repeating: 0, count: Self.wordsPerChunk)
+            var bit = address - chunk * Self.chunkClusters
+            let end = chunkEnd - chunk * Self.chunkClusters
+            while bit < end {
+                let word = Int(bit / 64)
+                let first = bit % 64
+                let count = min(64 - first, end - bit)
+                let mask = count == 64 ? UInt64.max : ((UInt64(1) << count) - 1) << first
+                words[word] |= mask
+                bit += count
+            }
+            chunks[chunk] = words
+            address = chunkEnd
+        }
     }
 
-    /// Merges what was inserted since the last call (call before reading `ranges`).
-    package mutating func normalize() {
-        guard !unsorted.isEmpty else { return }
-        let all = (ranges + unsorted).sorted { $0.lowerBound < $1.lowerBound }
-        unsorted.removeAll(keepingCapacity: true)
-        var merged: [Range<UInt64>] = []
-        merged.reserveCapacity(all.count)
-        for range in all {
-            if let last = merged.last, range.lowerBound <= last.upperBound {
-                merged[merged.count - 1] = last.lowerBound..<max(last.upperBound, range.upperBound)
-            } else {
-                merged.append(range)
+    package func contains(_ address: UInt64) -> Bool {
+        guard let words = chunks[address / Self.chunkClusters] else { return false }
+        let bit = address % Self.chunkClusters
+        return words[Int(bit / 64)] & (UInt64(1) << (bit % 64)) != 0
+    }
+
+    /// The chunks holding members, in address order.
+    package var chunkIndices: [UInt64] { chunks.keys.sorted() }
+
+    /// The members of one chunk as ascending ranges.
+    package func ranges(inChunk chunk: UInt64) -> [Range<UInt64>] {
+        guard let words = chunks[chunk] else { return [] }
+        var ranges: [Range<UInt64>] = []
+        let base = chunk * Self.chunkClusters
+        var start: UInt64?
+        for (index, word) in words.enumerated() {
+            if word == 0 && start == nil { continue }
+            if word == .max && start != nil { continue }
+            for bit in 0..<UInt64(64) {
+                let address = base + UInt64(index) * 64 + bit
+                if word & (UInt64(1) << bit) != 0 {
+                    if start == nil { start = address }
+                } else if let open = start {
+                    ranges.append(open..<address)
+                    start = nil
+                }
             }
         }
-        ranges = merged
+        if let open = start { ranges.append(open..<(base + Self.chunkClusters)) }
+        return ranges
     }
 
-    package var clusterCount: UInt64 { ranges.reduce(0) { $0 + UInt64($1.count) } }
+    package var clusterCount: Int { chunks.values.reduce(0) { $0 + $1.reduce(0) { $0 + $1.nonzeroBitCount } } }
 }
 
 /// One extent of a diff: bytes `[offset, offset + length)` differ; `zero`: they read as zeroes in the newer version.
@@ -103,46 +138,60 @@ extension Volume {
     /// The extents whose content differs between `base` and the end of epoch `to` (nil: the live volume), sorted
     /// and merged. Time and memory in proportion to the clusters changed (for `.nothing`: to the clusters written).
     package func diff(from base: DiffBase, to: UInt64?) async throws(VDError) -> [DiffExtent] {
-        let candidates: ClusterRangeSet
+        let cs = UInt64(clusterBytes)
+        let clusters = (config.sizeBytes + cs - 1) / cs
+        var extents: [DiffExtent] = []
+        /// Decides the candidates of one window and appends the extents that differ.
+        func decide(_ ranges: [Range<UInt64>]) throws(VDError) {
+            for range in ranges where range.lowerBound < clusters {
+                for address in range.lowerBound..<min(range.upperBound, clusters) {
+                    let newer = try content(address, atEpoch: to)
+                    let older: ClusterContent
+                    switch base {
+                    case .nothing: older = ClusterContent(volume: config.id, location: nil)
+                    case .epoch(let from): older = try content(address, atEpoch: from)
+                    case .cloneBase: older = try content(address, value: nil)
+                    }
+                    guard !newer.sameBytes(as: older) else { continue }
+                    let zero = newer.location == nil
+                    let offset = address * cs
+                    let length = min(cs, config.sizeBytes - offset)
+                    if let last = extents.last, last.zero == zero, last.offset + last.length == offset {
+                        extents[extents.count - 1].length += length
+                    } else {
+                        extents.append(DiffExtent(offset: offset, length: length, zero: zero))
+                    }
+                }
+            }
+        }
         switch base {
         case .nothing:
-            var all = ClusterRangeSet()
-            for address in try addressesPossiblyWithData(from: 0, to: .max) { all.insert(address..<(address + 1)) }
-            all.normalize()
-            candidates = all
+            // Every cluster that may hold data, one window of the map at a time (memory stays bounded).
+            var start: ClusterAddress = 0
+            while start < clusters {
+                let end = min(start + ClusterBitmap.chunkClusters, clusters)
+                var window = ClusterBitmap()
+                for address in try addressesPossiblyWithData(from: start, to: end) {
+                    window.insert(address..<(address + 1))
+                }
+                for chunk in window.chunkIndices { try decide(window.ranges(inChunk: chunk)) }
+                start = end
+                await Task.yield()
+            }
+            return extents
         case .epoch(let from):
             if let to, to < from {
                 throw .invalidArgument("volume \(config.name): a diff runs from an older version to a newer one")
             }
-            candidates = try await changedClusters(after: from, through: to)
         case .cloneBase:
             guard parent != nil else {
                 throw .invalidArgument("volume \(config.name) is not a clone: it has no parent snapshot to diff from")
             }
-            candidates = try await changedClusters(after: 0, through: to)
         }
-        let cs = UInt64(clusterBytes)
-        let clusters = (config.sizeBytes + cs - 1) / cs
-        var extents: [DiffExtent] = []
-        for range in candidates.ranges where range.lowerBound < clusters {
-            for address in range.lowerBound..<min(range.upperBound, clusters) {
-                let newer = try content(address, atEpoch: to)
-                let older: ClusterContent
-                switch base {
-                case .nothing: older = ClusterContent(volume: config.id, location: nil)
-                case .epoch(let from): older = try content(address, atEpoch: from)
-                case .cloneBase: older = try content(address, value: nil)
-                }
-                guard !newer.sameBytes(as: older) else { continue }
-                let zero = newer.location == nil
-                let offset = address * cs
-                let length = min(cs, config.sizeBytes - offset)
-                if let last = extents.last, last.zero == zero, last.offset + last.length == offset {
-                    extents[extents.count - 1].length += length
-                } else {
-                    extents.append(DiffExtent(offset: offset, length: length, zero: zero))
-                }
-            }
+        let since: UInt64 = if case .epoch(let from) = base { from } else { 0 }
+        let candidates = try await changedClusters(after: since, through: to, clusters: clusters)
+        for chunk in candidates.chunkIndices {
+            try decide(candidates.ranges(inChunk: chunk))
             await Task.yield()
         }
         return extents
@@ -150,25 +199,28 @@ extension Volume {
 
     /// Clusters written, unmapped or rolled back in epochs `(after, through]` (`through` nil: up to the open
     /// journal now): a superset of those whose content differs.
-    func changedClusters(after from: UInt64, through to: UInt64?) async throws(VDError) -> ClusterRangeSet {
+    func changedClusters(
+        after from: UInt64, through to: UInt64?, clusters: UInt64
+    ) async throws(VDError) -> ClusterBitmap {
         let open = journal.openJournal
         let last = min(to ?? open.epoch, open.epoch)
-        var changed = ClusterRangeSet()
+        var changed = ClusterBitmap()
         var lowest = from
         var epoch = last
         // Newest first, so a rollback found in the range can widen it downwards.
         while epoch > lowest {
             for record in try await records(ofEpoch: epoch, open: open) {
                 switch record {
-                case .write(let address, _): changed.insert(address..<(address + 1))
-                case .unmap(let address, let count): changed.insert(address..<(address + UInt64(count)))
+                case .write(let address, _):
+                    if address < clusters { changed.insert(address..<(address + 1)) }
+                case .unmap(let address, let count):
+                    changed.insert(min(address, clusters)..<min(address + UInt64(count), clusters))
                 case .rollback(let target): lowest = min(lowest, target)
                 case .scoSealed, .snapshot, .scrubApplied: break
                 }
             }
             epoch -= 1
         }
-        changed.normalize()
         return changed
     }
 

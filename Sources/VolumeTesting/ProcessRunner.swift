@@ -20,7 +20,7 @@ public enum ProcessRunner {
     /// Debian packages that provide the tools tests use.
     public static let packages: [String: String] = [
         "qemu-io": "qemu-utils", "qemu-img": "qemu-utils", "qemu-nbd": "qemu-utils", "nbdinfo": "libnbd-bin",
-        "nbdcopy": "libnbd-bin", "fio": "fio", "nbdfuse": "nbdfuse", "fuse2fs": "fuse2fs", "fusermount3": "fuse3",
+        "nbdcopy": "libnbd-bin", "fio": "fio", "nbdfuse": "libnbd-bin", "fuse2fs": "fuse2fs", "fusermount3": "fuse3",
         "mkfs.ext4": "e2fsprogs", "e2fsck": "e2fsprogs",
     ]
 

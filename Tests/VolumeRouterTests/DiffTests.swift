@@ -86,6 +86,33 @@ import VolumeCore
         }
     }
 
+    @Test func theChangedClusterBitmapMatchesASetModel() {
+        var generator = SeededGenerator(seed: 5)
+        var bitmap = ClusterBitmap()
+        var model = Set<UInt64>()
+        let space: UInt64 = 3 * ClusterBitmap.chunkClusters + 77
+        for _ in 0..<300 {
+            let start = generator.next() % space
+            let count = [1, 2, 63, 64, 65, 200, 70_000][Int(generator.next() % 7)]
+            let end = min(start + UInt64(count), space)
+            bitmap.insert(start..<end)
+            for address in start..<end { model.insert(address) }
+        }
+        var members: [UInt64] = []
+        var previousEnd: UInt64?
+        for chunk in bitmap.chunkIndices {
+            for range in bitmap.ranges(inChunk: chunk) {
+                #expect(!range.isEmpty)
+                if let previousEnd { #expect(range.lowerBound >= previousEnd) }
+                previousEnd = range.upperBound
+                members += Array(range)
+            }
+        }
+        #expect(members == model.sorted())
+        #expect(bitmap.clusterCount == model.count)
+        #expect((0..<space).allSatisfy { bitmap.contains($0) == model.contains($0) })
+    }
+
     @Test func diffsBetweenSnapshotsAndTheLiveVolumeMatchTheModel() async throws {
         let h = try await VolumeHarness(sizeBytes: UInt64(Self.size), scoSizeBytes: 1 << 20)
         defer { Task { await h.shutdown() } }
