@@ -199,13 +199,17 @@ public struct ExportDiffRequest: Codable, Sendable, Hashable {
     }
 }
 
-/// `vd volume import-diff`: applies the stream at `path`, then takes snapshot `snapshot` if given.
+/// `vd volume import-diff`: applies the stream at `path`, then takes snapshot `snapshot` if given. Unless `force`,
+/// the volume must hold the stream's base: a snapshot named after its FROM with no change since, or nothing at all
+/// for a full copy.
 public struct ImportDiffRequest: Codable, Sendable, Hashable {
     public var path: String
     public var snapshot: String?
-    public init(path: String, snapshot: String?) {
+    public var force: Bool?
+    public init(path: String, snapshot: String?, force: Bool = false) {
         self.path = path
         self.snapshot = snapshot
+        self.force = force
     }
 }
 

@@ -887,7 +887,7 @@ package struct NBDServerConnectionStateMachine {
                             contextID: NBDWire.dirtyBitmapContextID,
                             descriptors: statusDescriptors(
                                 dirty.map { ($0.lengthBytes, $0.dirty ? NBDWire.dirtyFlag : 0) }, requestLength: length,
-                                requestOne: requestOne)))
+                                requestOne: requestOne, unknownFlags: NBDWire.dirtyFlag)))
                 }
                 guard !contexts.isEmpty else { return failure(NBDErrno.io, "no status context was computed") }
                 return .blockStatus(cookie: cookie, contexts: contexts)
@@ -911,9 +911,11 @@ package struct NBDServerConnectionStateMachine {
             }, requestLength: requestLength, requestOne: requestOne)
     }
 
-    /// `blockDescriptors` for any context: runs of (length, flags).
+    /// `blockDescriptors` for any context: runs of (length, flags); `unknownFlags` is the safe status if the device
+    /// returned nothing (for allocation 0, "allocated"; for a dirty bitmap, "dirty").
     package static func statusDescriptors(
-        _ extents: [(lengthBytes: UInt64, flags: UInt32)], requestLength: UInt32, requestOne: Bool
+        _ extents: [(lengthBytes: UInt64, flags: UInt32)], requestLength: UInt32, requestOne: Bool,
+        unknownFlags: UInt32 = 0
     ) -> [NBDBlockDescriptor] {
         var descriptors: [NBDBlockDescriptor] = []
         var covered: UInt64 = 0
@@ -930,7 +932,7 @@ package struct NBDServerConnectionStateMachine {
             covered += length
             if covered == wanted { break }
         }
-        if descriptors.isEmpty { descriptors.append(NBDBlockDescriptor(length: requestLength, flags: 0)) }
+        if descriptors.isEmpty { descriptors.append(NBDBlockDescriptor(length: requestLength, flags: unknownFlags)) }
         return descriptors
     }
 

@@ -34,7 +34,8 @@ final class RouterService: ManagementService {
     private func name(_ text: String) throws(VDError) -> VolumeName { try VolumeName(validating: text) }
 
     private func registration(_ name: VolumeName) throws(VDError) -> VolumeRegistration {
-        guard let registration = try VolumeRegistry.read(dataDirectory: dataDirectory, name: name, fs: router.env.fs) else {
+        guard let registration = try VolumeRegistry.read(dataDirectory: dataDirectory, name: name, fs: router.env.fs)
+        else {
             throw VDError(.notFound, "no volume named \(name) in \(dataDirectory) (see `vd volume list`)")
         }
         return registration
@@ -65,7 +66,8 @@ final class RouterService: ManagementService {
         _ = local
         let status = SpaceStatus(
             writtenBytes: space.writtenBytes, referencedBytes: space.referencedBytes,
-            reclaimableBytes: space.writtenBytes > space.referencedBytes ? space.writtenBytes - space.referencedBytes : 0,
+            reclaimableBytes: space.writtenBytes > space.referencedBytes
+                ? space.writtenBytes - space.referencedBytes : 0,
             localFlashBytes: directoryBytes(configuration.effectiveFlashDirectory + "/" + name.rawValue + "/sco"),
             unstoredBytes: upload.unstoredBytes)
         return self.status(registration, volume: volume, space: status)
@@ -116,11 +118,14 @@ final class RouterService: ManagementService {
         let name = try name(text)
         try await lifecycle.run { () async throws(VDError) in
             let registration = try registration(name)
-            let clones = try VolumeRegistry.list(dataDirectory: dataDirectory, fs: router.env.fs).filter { $0.config.parent?.volume == name }
+            let clones = try VolumeRegistry.list(dataDirectory: dataDirectory, fs: router.env.fs).filter {
+                $0.config.parent?.volume == name
+            }
             guard clones.isEmpty else {
                 throw VDError(
                     .busy,
-                    "volume \(name) has clones: \(clones.map(\.config.name.rawValue).joined(separator: ", ")); delete them first")
+                    "volume \(name) has clones: \(clones.map(\.config.name.rawValue).joined(separator: ", ")); delete them first"
+                )
             }
             if let volume = router.volume(named: name) {
                 await disconnect(name.rawValue)
@@ -147,10 +152,13 @@ final class RouterService: ManagementService {
         let epochBytes = (try? volume.epochBytes()) ?? []
         var previous: UInt64 = 0
         return table.snapshots.sorted { $0.epoch < $1.epoch }.map { snapshot in
-            let written = epochBytes.filter { $0.epoch > previous && $0.epoch <= snapshot.epoch }.reduce(0) { $0 + $1.bytes }
+            let written = epochBytes.filter { $0.epoch > previous && $0.epoch <= snapshot.epoch }.reduce(0) {
+                $0 + $1.bytes
+            }
             previous = snapshot.epoch
             return SnapshotStatus(
-                name: snapshot.name, createdAt: snapshot.createdAt, epoch: snapshot.epoch, writtenSincePreviousBytes: written,
+                name: snapshot.name, createdAt: snapshot.createdAt, epoch: snapshot.epoch,
+                writtenSincePreviousBytes: written,
                 onBackend: snapshot.epoch <= stored, clones: snapshot.clones)
         }
     }
@@ -174,7 +182,9 @@ final class RouterService: ManagementService {
         }
     }
 
-    func rollback(_ volume: String, _ snapshot: String, _ request: RollbackRequest) async throws(VDError) -> SnapshotStatus {
+    func rollback(
+        _ volume: String, _ snapshot: String, _ request: RollbackRequest
+    ) async throws(VDError) -> SnapshotStatus {
         let name = try name(volume)
         return try await lifecycle.run { () async throws(VDError) -> SnapshotStatus in
             let target = try await router.openVolume(named: name)
@@ -227,10 +237,15 @@ final class RouterService: ManagementService {
     func diff(_ volume: String, _ request: DiffRequest) async throws(VDError) -> DiffResponse {
         let target = try await router.openVolume(named: try name(volume))
         let base = try diffBase(target, request.from)
+        let from = try request.from.flatMap { (name) throws(VDError) in
+            name.contains("@") ? nil : try snapshot(target, name)
+        }
         let to = try request.to.map { (name) throws(VDError) in try snapshot(target, name) }
         let extents = try await target.diff(from: base, to: to?.epoch)
-        if let to, !target.snapshotTable.snapshots.contains(where: { $0.id == to.id }) {
-            throw VDError(.notFound, "snapshot \(to.name) of \(volume) was deleted during the diff")
+        // A snapshot deleted meanwhile may have lost versions the diff looked up (its history is dropped).
+        for kept in [from, to].compactMap({ $0 })
+        where !target.snapshotTable.snapshots.contains(where: { $0.id == kept.id }) {
+            throw VDError(.notFound, "snapshot \(kept.name) of \(volume) was deleted during the diff")
         }
         return DiffResponse(
             volume: volume, from: request.from, to: request.to, sizeBytes: target.config.sizeBytes,
@@ -243,8 +258,12 @@ final class RouterService: ManagementService {
         }
         let target = try await router.openVolume(named: try name(volume))
         let base = try diffBase(target, request.from)
+        let from = try request.from.flatMap { (name) throws(VDError) in
+            name.contains("@") ? nil : try snapshot(target, name)
+        }
         let to = try snapshot(target, request.to)
-        let summary = try await target.exportDiff(from: base, fromName: request.from, to: to, path: request.path)
+        let summary = try await target.exportDiff(
+            from: base, fromName: request.from, fromSnapshot: from, to: to, path: request.path)
         return DiffTransferStatus(
             volume: volume, from: request.from, to: request.to, extents: summary.extents,
             dataBytes: summary.dataBytes, zeroBytes: summary.zeroBytes, streamBytes: summary.streamBytes)
@@ -259,7 +278,7 @@ final class RouterService: ManagementService {
         if let snapshot = request.snapshot, target.snapshotTable.snapshot(named: snapshot) != nil {
             throw VDError(.alreadyExists, "volume \(volume) already has a snapshot \(snapshot)")
         }
-        let (info, summary) = try await target.importDiff(path: request.path)
+        let (info, summary) = try await target.importDiff(path: request.path, force: request.force ?? false)
         if let snapshot = request.snapshot { _ = try await target.createSnapshot(named: snapshot) }
         return DiffTransferStatus(
             volume: volume, from: info.from, to: info.to, extents: summary.extents, dataBytes: summary.dataBytes,
@@ -312,7 +331,8 @@ final class RouterService: ManagementService {
         let cache = router.cache.statistics
         metric("vd_flash_cache_bytes", "SCO bytes on local flash.", "gauge", [("", cache.footprintBytes)])
         metric("vd_flash_cache_capacity_bytes", "Flash cache capacity.", "gauge", [("", router.cache.capacityBytes)])
-        metric("vd_flash_cache_evictions_total", "SCOs evicted from local flash.", "counter", [("", cache.evictedCount)])
+        metric(
+            "vd_flash_cache_evictions_total", "SCOs evicted from local flash.", "counter", [("", cache.evictedCount)])
         return lines.joined(separator: "\n") + "\n"
     }
 }

@@ -23,10 +23,14 @@ struct VolumeCommand: AsyncParsableCommand {
         @Argument(help: "Volume name: letters, digits, '.', '_', '-'.")
         var name: String
 
-        @Option(name: .long, help: ArgumentHelp("Size, with an optional K, M, G or T suffix (e.g. 20G).", valueName: "size"))
+        @Option(
+            name: .long, help: ArgumentHelp("Size, with an optional K, M, G or T suffix (e.g. 20G).", valueName: "size")
+        )
         var size: String
 
-        @Option(name: .long, help: ArgumentHelp("Cluster size, a power of two from 4K to 64K (default 4K).", valueName: "size"))
+        @Option(
+            name: .long,
+            help: ArgumentHelp("Cluster size, a power of two from 4K to 64K (default 4K).", valueName: "size"))
         var clusterSize: String?
 
         @Option(
@@ -52,16 +56,21 @@ struct VolumeCommand: AsyncParsableCommand {
             var clusterBytes: UInt32?
             if let clusterSize {
                 let value = try ByteSize.parse(clusterSize)
-                guard value <= UInt64(UInt32.max) else { throw VDError.invalidArgument("cluster size \(clusterSize) is too large") }
+                guard value <= UInt64(UInt32.max) else {
+                    throw VDError.invalidArgument("cluster size \(clusterSize) is too large")
+                }
                 clusterBytes = UInt32(value)
             }
-            let request = CreateVolumeRequest(name: name, sizeBytes: sizeBytes, clusterSizeBytes: clusterBytes, backend: backend)
-            let status = try await ServiceAccess.with(configuration, command: "vd volume create") { (service) throws(VDError) in
+            let request = CreateVolumeRequest(
+                name: name, sizeBytes: sizeBytes, clusterSizeBytes: clusterBytes, backend: backend)
+            let status = try await ServiceAccess.with(configuration, command: "vd volume create") {
+                (service) throws(VDError) in
                 try await service.createVolume(request)
             }
             print(
                 "created volume \(status.name): \(ByteSize.format(status.sizeBytes)), cluster \(ByteSize.format(UInt64(status.clusterSizeBytes))), backend '\(status.backend)'"
-                    + (status.online ? "; exported as nbd+unix:///\(status.name)?socket=\(configuration.effectiveSocketPath)" : ""))
+                    + (status.online
+                        ? "; exported as nbd+unix:///\(status.name)?socket=\(configuration.effectiveSocketPath)" : ""))
         }
     }
 
@@ -129,10 +138,14 @@ struct VolumeCommand: AsyncParsableCommand {
                 "  state:         \(volume.online ? "served by vd serve, \(volume.connections ?? 0) NBD connection(s)" : "not served")",
             ]
             if let space = volume.space {
-                lines.append("  written:       \(ByteSize.format(space.writtenBytes)) (all SCOs over the volume's life)")
-                lines.append("  referenced:    \(ByteSize.format(space.referencedBytes)) (read by the volume or its snapshots)")
+                lines.append(
+                    "  written:       \(ByteSize.format(space.writtenBytes)) (all SCOs over the volume's life)")
+                lines.append(
+                    "  referenced:    \(ByteSize.format(space.referencedBytes)) (read by the volume or its snapshots)")
                 lines.append("  reclaimable:   \(ByteSize.format(space.reclaimableBytes)) (vd scrub gives it back)")
-                lines.append("  local flash:   \(ByteSize.format(space.localFlashBytes)); not yet on the backend: \(ByteSize.format(space.unstoredBytes))")
+                lines.append(
+                    "  local flash:   \(ByteSize.format(space.localFlashBytes)); not yet on the backend: \(ByteSize.format(space.unstoredBytes))"
+                )
             }
             if let error = volume.lastUploadError { lines.append("  upload error:  \(error)") }
             lines.append("  snapshots:     \(volume.snapshots.isEmpty ? "none" : "")")
@@ -182,13 +195,15 @@ struct VolumeCommand: AsyncParsableCommand {
         @Option(
             name: .long,
             help: ArgumentHelp(
-                "Backend: a configured name or a URL (s3://BUCKET?endpoint=HOST:PORT, file:///DIR).", valueName: "name|url"))
+                "Backend: a configured name or a URL (s3://BUCKET?endpoint=HOST:PORT, file:///DIR).",
+                valueName: "name|url"))
         var backend: String?
 
         func run() async throws {
             let configuration = try global.load()
             let request = AttachVolumeRequest(name: name, backend: backend)
-            let status = try await ServiceAccess.with(configuration, command: "vd volume attach") { (service) throws(VDError) in
+            let status = try await ServiceAccess.with(configuration, command: "vd volume attach") {
+                (service) throws(VDError) in
                 try await service.attachVolume(request)
             }
             print(
@@ -240,15 +255,24 @@ extension VolumeCommand {
                 or truncated file changes nothing. Then its extents are written (zero extents unmapped) and flushed.
                 Apply a full copy to an empty volume of the same size, then each increment in order to the volume
                 holding its FROM; --snapshot names the version just restored, so the next increment has its base.
+                Unless --force, an increment needs a snapshot named after its FROM with no change since, and a full
+                copy an empty volume. An apply that fails midway (a full disk) leaves the volume partly updated:
+                run the same import again (it writes absolute contents, so repeating it is harmless).
                 """)
         @OptionGroup var global: GlobalOptions
         @Argument(help: "Volume name.") var volume: String
         @Argument(help: "The stream file.") var file: String
         @Option(name: .long, help: "Take a snapshot with this name once the stream is applied.") var snapshot: String?
+        @Flag(
+            name: .long,
+            help:
+                "Apply even if the volume does not hold the stream's base (a snapshot named FROM, unchanged since; an empty volume for a full copy)."
+        )
+        var force = false
 
         func run() async throws {
             let configuration = try global.load()
-            let request = ImportDiffRequest(path: absolutePath(file), snapshot: snapshot)
+            let request = ImportDiffRequest(path: absolutePath(file), snapshot: snapshot, force: force)
             let status = try await ServiceAccess.with(configuration, command: "vd volume import-diff") {
                 (service) throws(VDError) in try await service.importDiff(volume, request)
             }

@@ -106,6 +106,9 @@ struct JournalShared {
     /// The open journal's epoch, and the SCO holding it.
     var openEpoch: UInt64
     var openSCO: SCONumber
+    /// Rolled journals whose TLog is not written yet (sealing runs in the background), by epoch: published in the
+    /// same step as the next open epoch, so a reader of an epoch's changes always finds them somewhere.
+    var unsealed: [UInt64: (sco: SCONumber, file: FlashFile)] = [:]
     /// Bytes in the open journal.
     var openJournalBytes: UInt64 = UInt64(SCOFormat.blockBytes)
     /// When the open journal was started.
@@ -420,6 +423,7 @@ final class Journal: Sendable {
             shared.openJournalBytes = UInt64(SCOFormat.blockBytes)
             shared.writtenGeneration += 1
             shared.journalOpenedAt = now
+            shared.unsealed[oldEpoch] = (old, oldFile)
             shared.openEpoch = nextEpoch
             shared.openSCO = next
             shared.reservedEnd = UInt64(SCOFormat.blockBytes)
@@ -470,6 +474,14 @@ final class Journal: Sendable {
     var openJournal: (epoch: UInt64, sco: SCONumber, file: FlashFile) {
         shared.withLock { ($0.openEpoch, $0.openSCO, $0.currentFile) }
     }
+
+    /// The journal of a rolled epoch whose TLog is not written yet.
+    func unsealedJournal(_ epoch: UInt64) -> (sco: SCONumber, file: FlashFile)? {
+        shared.withLock { $0.unsealed[epoch] }
+    }
+
+    /// Epoch `epoch`'s TLog is written: its changes are read from there now.
+    func tlogWritten(_ epoch: UInt64) { _ = shared.withLock { $0.unsealed.removeValue(forKey: epoch) } }
     var failure: VDError? { shared.withLock { $0.failure } }
     var writtenGeneration: UInt64 { shared.withLock { $0.writtenGeneration } }
 

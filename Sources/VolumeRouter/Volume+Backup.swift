@@ -22,7 +22,8 @@ package struct DiffTransferSummary: Codable, Sendable, Hashable {
 extension Volume {
     /// Writes the extents that differ between `base` and snapshot `to` (with `to`'s data) to `path`.
     package func exportDiff(
-        from base: DiffBase, fromName: String?, to snapshot: SnapshotRecord, path: String
+        from base: DiffBase, fromName: String?, fromSnapshot: SnapshotRecord? = nil, to snapshot: SnapshotRecord,
+        path: String
     ) async throws(VDError) -> DiffTransferSummary {
         let extents = try await diff(from: base, to: snapshot.epoch)
         let info = DiffStreamInfo(
@@ -74,8 +75,9 @@ extension Volume {
             let (end, _) = DiffStream.encodeRecord(
                 .init(kind: .end, offset: records, length: summary.dataBytes), chain: chain)
             try await append(end)
-            guard snapshotTable.snapshots.contains(where: { $0.id == snapshot.id }) else {
-                throw VDError(.notFound, "snapshot \(snapshot.name) of \(config.name) was deleted during the export")
+            for kept in [fromSnapshot, snapshot].compactMap({ $0 })
+            where !snapshotTable.snapshots.contains(where: { $0.id == kept.id }) {
+                throw VDError(.notFound, "snapshot \(kept.name) of \(config.name) was deleted during the export")
             }
             let directory: String
             if let slash = path.lastIndex(of: "/") {
@@ -97,7 +99,9 @@ extension Volume {
     }
 
     /// Verifies the stream at `path` whole, then applies it to this volume and flushes.
-    package func importDiff(path: String) async throws(VDError) -> (info: DiffStreamInfo, summary: DiffTransferSummary) {
+    package func importDiff(
+        path: String, force: Bool = false
+    ) async throws(VDError) -> (info: DiffStreamInfo, summary: DiffTransferSummary) {
         let file = try await blocking { () throws(VDError) -> FlashFile in
             try FlashFile(path: path, options: [.readOnly])
         }
@@ -109,14 +113,41 @@ extension Volume {
             }
             return try await blocking { () throws(VDError) -> [UInt8] in try file.readExactly(count, at: offset) }
         }
-        let start = try await readBytes(min(Int(size), DiffStream.fixedHeaderBytes + DiffStream.infoBytesMax + 4), at: 0)
+        let start = try await readBytes(
+            min(Int(size), DiffStream.fixedHeaderBytes + DiffStream.infoBytesMax + 4), at: 0)
         guard let (info, headerCRC, headerLength) = try DiffStream.decodeHeader(start, what: path) else {
             throw VDError(.corrupt, "\(path): the stream ends inside its header")
         }
         guard info.sizeBytes == config.sizeBytes else {
             throw VDError(
                 .invalidArgument,
-                "\(path) is a diff of a volume of \(info.sizeBytes) bytes; volume \(config.name) has \(config.sizeBytes)")
+                "\(path) is a diff of a volume of \(info.sizeBytes) bytes; volume \(config.name) has \(config.sizeBytes)"
+            )
+        }
+        if !force {
+            // The volume must hold the stream's base, or the result would be neither version.
+            if let from = info.from {
+                let baseName = from.split(separator: "@").last.map(String.init) ?? from
+                guard let base = snapshotTable.snapshot(named: baseName) else {
+                    throw VDError(
+                        .invalidArgument,
+                        "\(path) is the increment \(from) -> \(info.to) of \(info.volume); volume \(config.name) has no snapshot \(baseName) to apply it to (restore the earlier stream with --snapshot \(baseName), or use --force)"
+                    )
+                }
+                guard try await diff(from: .epoch(base.epoch), to: nil).isEmpty else {
+                    throw VDError(
+                        .invalidArgument,
+                        "volume \(config.name) changed since its snapshot \(baseName): applying the increment \(from) -> \(info.to) would not give \(info.to) (roll back to \(baseName) first, or use --force)"
+                    )
+                }
+            } else {
+                guard try await diff(from: .nothing, to: nil).isEmpty else {
+                    throw VDError(
+                        .invalidArgument,
+                        "\(path) is a full copy of \(info.volume)@\(info.to); volume \(config.name) is not empty (a full copy does not clear what it does not hold; use an empty volume, or --force)"
+                    )
+                }
+            }
         }
 
         /// One pass over the records: `apply` false only verifies.
@@ -174,6 +205,9 @@ extension Volume {
             }
         }
         _ = try await pass(apply: false)
+        guard try file.size() == size else {
+            throw VDError(.busy, "\(path) changed while it was verified (still being copied?); nothing was applied")
+        }
         let summary = try await pass(apply: true)
         try await flush()
         return (info, summary)

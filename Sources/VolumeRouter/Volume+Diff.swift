@@ -141,26 +141,45 @@ extension Volume {
         let cs = UInt64(clusterBytes)
         let clusters = (config.sizeBytes + cs - 1) / cs
         var extents: [DiffExtent] = []
-        /// Decides the candidates of one window and appends the extents that differ.
-        func decide(_ ranges: [Range<UInt64>]) throws(VDError) {
+        /// Decides the candidates of one window and appends the extents that differ. Only clusters with a key in
+        /// this volume's map can differ: a change after a snapshot always leaves one (a value or a tombstone, a
+        /// clone's hiding its parent's data too), and a cluster without one reads the same in both versions. So a
+        /// huge unmap costs a scan of the keys it covers, not a lookup per cluster.
+        func decide(_ ranges: [Range<UInt64>], keyed: Bool) async throws(VDError) {
             for range in ranges where range.lowerBound < clusters {
-                for address in range.lowerBound..<min(range.upperBound, clusters) {
-                    let newer = try content(address, atEpoch: to)
-                    let older: ClusterContent
-                    switch base {
-                    case .nothing: older = ClusterContent(volume: config.id, location: nil)
-                    case .epoch(let from): older = try content(address, atEpoch: from)
-                    case .cloneBase: older = try content(address, value: nil)
-                    }
-                    guard !newer.sameBytes(as: older) else { continue }
-                    let zero = newer.location == nil
-                    let offset = address * cs
-                    let length = min(cs, config.sizeBytes - offset)
-                    if let last = extents.last, last.zero == zero, last.offset + last.length == offset {
-                        extents[extents.count - 1].length += length
+                var start = range.lowerBound
+                let end = min(range.upperBound, clusters)
+                while start < end {
+                    let addresses: [ClusterAddress]
+                    if keyed {
+                        addresses = try map.writtenAddresses(from: start, to: end, limit: 4096).map(\.0)
+                        start = addresses.count == 4096 ? addresses.last! + 1 : end
                     } else {
-                        extents.append(DiffExtent(offset: offset, length: length, zero: zero))
+                        addresses = Array(start..<end)
+                        start = end
                     }
+                    try decide(addresses)
+                    await Task.yield()
+                }
+            }
+        }
+        func decide(_ addresses: [ClusterAddress]) throws(VDError) {
+            for address in addresses {
+                let newer = try content(address, atEpoch: to)
+                let older: ClusterContent
+                switch base {
+                case .nothing: older = ClusterContent(volume: config.id, location: nil)
+                case .epoch(let from): older = try content(address, atEpoch: from)
+                case .cloneBase: older = try content(address, value: nil)
+                }
+                guard !newer.sameBytes(as: older) else { continue }
+                let zero = newer.location == nil
+                let offset = address * cs
+                let length = min(cs, config.sizeBytes - offset)
+                if let last = extents.last, last.zero == zero, last.offset + last.length == offset {
+                    extents[extents.count - 1].length += length
+                } else {
+                    extents.append(DiffExtent(offset: offset, length: length, zero: zero))
                 }
             }
         }
@@ -174,7 +193,7 @@ extension Volume {
                 for address in try addressesPossiblyWithData(from: start, to: end) {
                     window.insert(address..<(address + 1))
                 }
-                for chunk in window.chunkIndices { try decide(window.ranges(inChunk: chunk)) }
+                for chunk in window.chunkIndices { try await decide(window.ranges(inChunk: chunk), keyed: false) }
                 start = end
                 await Task.yield()
             }
@@ -191,8 +210,7 @@ extension Volume {
         let since: UInt64 = if case .epoch(let from) = base { from } else { 0 }
         let candidates = try await changedClusters(after: since, through: to, clusters: clusters)
         for chunk in candidates.chunkIndices {
-            try decide(candidates.ranges(inChunk: chunk))
-            await Task.yield()
+            try await decide(candidates.ranges(inChunk: chunk), keyed: true)
         }
         return extents
     }
@@ -230,7 +248,7 @@ extension Volume {
     ) async throws(VDError) -> [TLogRecord] {
         let config = self.config
         let journalFile: (sco: SCONumber, file: FlashFile)? =
-            epoch == open.epoch ? (open.sco, open.file) : unsealedEpochs.withLock { $0[epoch] }
+            epoch == open.epoch ? (open.sco, open.file) : journal.unsealedJournal(epoch)
         if let (sco, file) = journalFile {
             do throws(VDError) {
                 return try await blocking { () throws(VDError) -> [TLogRecord] in
@@ -275,7 +293,7 @@ extension Volume {
 
 extension Volume {
     /// Clusters one BLOCK_STATUS reply covers at most (the reply may stop early; clients ask again from there).
-    static let dirtyStatusClustersMax: UInt64 = 1 << 16
+    static let dirtyStatusClustersMax: UInt64 = 1 << 12
 
     /// Every snapshot is a dirty bitmap of the live volume: what changed since it.
     package var dirtyBitmaps: [String] { snapshotTable.snapshots.map(\.name) }

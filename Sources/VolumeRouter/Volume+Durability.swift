@@ -37,7 +37,6 @@ extension Volume: JournalDelegate {
         update.metadata.append((MapCheckpoint.key, checkpoint.encode()))
         try map.apply(update)
         env.tasks.failpoint("roll-after-checkpoint")
-        unsealedEpochs.withLock { $0[epoch] = (sco, file) }
         let tableVersion = catalog.table.version
         startBackground { volume in await volume.seal(sco, epoch: epoch, file: file, tableVersion: tableVersion) }
     }
@@ -84,7 +83,7 @@ extension Volume {
                 try map.persist()
                 return scan.validLength
             }
-            _ = unsealedEpochs.withLock { $0.removeValue(forKey: epoch) }  // its TLog is written
+            journal.tlogWritten(epoch)
             journal.sealedFile(file)
             cache.sealed(cacheKey(sco), footprintBytes: length)
             uploader.queue(

@@ -56,9 +56,6 @@ package final class Volume: BlockDevice {
     /// Background tasks (seals, the loops): awaited at close.
     let background = Mutex<[Task<Void, Never>]>([])
     let backendFormats = Mutex(BackendFormats())
-    /// Rolled epochs whose TLog is not written yet (sealing runs in the background): their journal files, for
-    /// readers of their changes (`changedClusters`).
-    let unsealedEpochs = Mutex<[UInt64: (sco: SCONumber, file: FlashFile)]>([:])
     /// For a clone: the parent volume and the epoch of the snapshot it reads through.
     package let parent: (volume: Volume, epoch: UInt64)?
 

@@ -146,17 +146,27 @@ import VolumeTesting
         #expect(try ProcessRunner.run("cmp", [try dump("vol1@s2"), try dump("vol2")]).succeeded)
         #expect(try ProcessRunner.run("cmp", [try dump("vol1@s1"), try dump("vol2@s1")]).succeeded)
 
-        // A damaged stream (one payload byte flipped) and a truncated one are refused and change nothing.
+        // The target must hold the stream's base: an increment needs its FROM snapshot, a full copy an empty volume.
+        let noBase = try server.cli(["volume", "import-diff", "vol3", increment])
+        #expect(!noBase.succeeded && noBase.error.contains("has no snapshot s1"), "\(noBase.error)")
+        let notEmpty = try server.cli(["volume", "import-diff", "vol1", full])
+        #expect(!notEmpty.succeeded && notEmpty.error.contains("is not empty"), "\(notEmpty.error)")
+        try io("vol2", ["write -P 0x44 60M 4k"])
+        let changed = try server.cli(["volume", "import-diff", "vol2", increment])
+        #expect(!changed.succeeded && changed.error.contains("changed since its snapshot s1"), "\(changed.error)")
+
+        // A damaged stream (one payload byte flipped) and a truncated one are refused and change nothing, even with
+        // --force.
         var bytes = try Data(contentsOf: URL(fileURLWithPath: increment))
         let damaged = directory.path + "/damaged.vddiff"
         bytes[bytes.count - 100] ^= 0x40
         try bytes.write(to: URL(fileURLWithPath: damaged))
-        let refused = try server.cli(["volume", "import-diff", "vol3", damaged])
+        let refused = try server.cli(["volume", "import-diff", "vol3", damaged, "--force"])
         #expect(!refused.succeeded && refused.error.contains("checksum mismatch"), "\(refused.error)")
         let truncated = directory.path + "/truncated.vddiff"
         try Data(try Data(contentsOf: URL(fileURLWithPath: increment)).prefix(Int(incrementSize) - 32)).write(
             to: URL(fileURLWithPath: truncated))
-        let cut = try server.cli(["volume", "import-diff", "vol3", truncated])
+        let cut = try server.cli(["volume", "import-diff", "vol3", truncated, "--force"])
         #expect(!cut.succeeded && cut.error.contains("ends early"), "\(cut.error)")
         let vol3 = try dump("vol3")
         let zeroes = directory.path + "/zeroes.raw"
