@@ -58,6 +58,19 @@ import VolumeTesting
         let missing = try server.cli(["snapshot", "diff", "vol1", "nosuch"])
         #expect(!missing.succeeded && missing.error.contains("no snapshot nosuch"), "\(missing.error)")
 
+        // A clone diffs against the snapshot it was cloned from: exactly what it wrote.
+        #expect(try server.cli(["clone", "create", "vol1@s1", "c1"]).succeeded)
+        try io("c1", ["write -P 0x51 8M 256k", "write -z 0 64k"])
+        let cloneDiff = try server.cli(["snapshot", "diff", "c1", "vol1@s1", "--json"])
+        #expect(cloneDiff.succeeded, "\(cloneDiff.error)")
+        #expect(
+            try JSONDecoder().decode(Diff.self, from: Data(cloneDiff.output.utf8)).extents == [
+                Extent(offset: 0, length: 64 << 10, zero: true),
+                Extent(offset: 8 * Self.mib, length: 256 << 10, zero: false),
+            ])
+        let wrongBase = try server.cli(["snapshot", "diff", "c1", "vol1@s2"])
+        #expect(!wrongBase.succeeded && wrongBase.error.contains("not the snapshot volume c1 was cloned from"))
+
         // qemu-img map with x-dirty-bitmap: QEMU reports dirty areas as "data": false (the bitmap's flag takes the
         // place of base:allocation's hole flag).
         let map = try ProcessRunner.run(
