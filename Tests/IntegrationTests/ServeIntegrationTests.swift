@@ -37,7 +37,7 @@ import VolumeTesting
             #expect(export?[flag] as? Bool == true, "\(flag)")
         }
         #expect(export?["is_read_only"] as? Bool == false)
-        #expect(export?["block_size_minimum"] as? Int == 512)
+        #expect(export?["block_size_minimum"] as? Int == 1)  // byte-granular, as qemu-nbd
         #expect(export?["block_size_preferred"] as? Int == 4096)
         #expect(export?["block_size_maximum"] as? Int == 32 << 20)
         // An unknown export is refused, not served.
