@@ -87,10 +87,10 @@ extension ProcessRunner {
         return process
     }
 
-    /// Runs a program that daemonizes (fuse2fs: its parent exits once the file system is mounted) with its output
-    /// on /dev/null, and returns the parent's exit status. Foundation's `Process` is not used: it waits for the
-    /// pipes' end, which the daemon would hold, and did not reap such a parent here.
-    public static func runDaemonizing(_ tool: String, _ arguments: [String]) throws -> Int32 {
+    /// Starts a program with its output on /dev/null and returns its pid (reap it with `waitForExit`). Foundation's
+    /// `Process` is not used: it waits for the end of pipes a daemonizing child would hold, and did not reap such a
+    /// parent here.
+    public static func spawn(_ tool: String, _ arguments: [String]) throws -> pid_t {
         let path = try which(tool)
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
@@ -105,10 +105,29 @@ extension ProcessRunner {
         guard spawned == 0 else {
             throw TestToolError(message: "\(tool): posix_spawn failed (errno \(spawned))")
         }
+        return pid
+    }
+
+    /// Waits for a spawned program to exit; its exit status (128 + signal if killed), or nil after `seconds`.
+    public static func waitForExit(_ pid: pid_t, seconds: Double) -> Int32? {
+        let deadline = Date().addingTimeInterval(seconds)
         var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        // WIFEXITED / WEXITSTATUS by hand (the macros are not imported).
-        return status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        while true {
+            let reaped = waitpid(pid, &status, WNOHANG)
+            if reaped == pid {
+                // WIFEXITED / WEXITSTATUS by hand (the macros are not imported).
+                return status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+            }
+            if reaped < 0 && errno != EINTR { return nil }
+            if Date() >= deadline { return nil }
+            usleep(20_000)
+        }
+    }
+
+    /// Whether `path` is a mount point now (/proc/mounts).
+    public static func isMounted(_ path: String) -> Bool {
+        guard let mounts = try? String(contentsOfFile: "/proc/mounts", encoding: .utf8) else { return false }
+        return mounts.split(separator: "\n").contains { $0.split(separator: " ").dropFirst().first == Substring(path) }
     }
 
     /// Waits until `path` exists (a pid file a program writes once it is ready); false after `seconds`.

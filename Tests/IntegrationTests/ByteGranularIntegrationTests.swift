@@ -80,9 +80,22 @@ import VolumeTesting
         // mkfs.ext4 and fuse2fs on the nbdfuse file: files written, unmounted, mounted again and read back.
         let mkfs = try ProcessRunner.run("mkfs.ext4", ["-q", "-F", disk])
         #expect(mkfs.succeeded, "\(mkfs.error)")
+        // fuse2fs in the foreground, so its exit (after an unmount) says everything it held reached the disk: an
+        // unmount returns before a daemonized fuse2fs has written its superblock and bitmaps back.
+        var fuse2fs: pid_t?
         func mountFileSystem() throws {
-            let status = try ProcessRunner.runDaemonizing("fuse2fs", [disk, files, "-o", "fakeroot"])
-            #expect(status == 0, "fuse2fs failed to mount (exit \(status))")
+            let pid = try ProcessRunner.spawn("fuse2fs", ["-f", disk, files, "-o", "fakeroot"])
+            fuse2fs = pid
+            let deadline = Date().addingTimeInterval(30)
+            while !ProcessRunner.isMounted(files) && Date() < deadline { usleep(20_000) }
+            try #require(ProcessRunner.isMounted(files), "fuse2fs did not mount \(files)")
+        }
+        func unmountFileSystem() throws {
+            #expect(try ProcessRunner.run("fusermount3", ["-u", files]).succeeded)
+            if let pid = fuse2fs {
+                #expect(ProcessRunner.waitForExit(pid, seconds: 60) == 0, "fuse2fs did not finish cleanly")
+                fuse2fs = nil
+            }
         }
         try mountFileSystem()
         var written: [String: Data] = [:]
@@ -92,12 +105,12 @@ import VolumeTesting
             try bytes.write(to: URL(fileURLWithPath: files + "/" + name))
             written[name] = bytes
         }
-        #expect(try ProcessRunner.run("fusermount3", ["-u", files]).succeeded)
+        try unmountFileSystem()
         try mountFileSystem()
         for (name, bytes) in written {
             #expect(FileManager.default.contents(atPath: files + "/" + name) == bytes, "\(name) read back")
         }
-        #expect(try ProcessRunner.run("fusermount3", ["-u", files]).succeeded)
+        try unmountFileSystem()
         let fsck = try ProcessRunner.run("e2fsck", ["-fn", disk])
         #expect(fsck.succeeded, "\(fsck.output)")
     }

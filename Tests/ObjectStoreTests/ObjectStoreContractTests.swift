@@ -151,7 +151,14 @@ struct ObjectStoreContractTests {
             let vol = try await store.list(prefix: "vol")
             #expect(vol.count == count + 3)
             #expect(vol.map(\.name) == vol.map(\.name).sorted())
-            #expect(try await store.list(prefix: "").count == count + 4)
+            // Without the S3 store's own probe objects (`vd-probe/`, written and deleted by its first PUT): rclone's
+            // listing still shows the deleted probe for a while (its directory cache).
+            let all = try await store.list(prefix: "").map(\.name).filter { !$0.hasPrefix("vd-probe/") }
+            let expected = Set(vol.map(\.name) + ["other"])
+            #expect(
+                all.count == count + 4,
+                "list of everything: \(all.count) names; missing \(expected.subtracting(all).sorted().prefix(5)), extra \(Set(all).subtracting(expected).sorted().prefix(5)), duplicates \(all.count - Set(all).count)"
+            )
             #expect(try await store.list(prefix: "nothing-here").isEmpty)
         }
     }
