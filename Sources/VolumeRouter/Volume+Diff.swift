@@ -268,24 +268,15 @@ extension Volume {
         if let local = try await blocking({ () throws(VDError) -> TLog? in
             try TLogFiles.read(number, directory: directory, fs: fs)
         }) {
-            try checkTLog(local, epoch: epoch, what: directory + "/" + TLogFiles.fileName(number))
+            try local.checkBelongs(to: config, epoch: number, what: directory + "/" + TLogFiles.fileName(number))
             return local.records
         }
         let object = layout.tlogObject(number)
         let remote = try await NamespaceObjects.getVerified(object, backend: backend) { (bytes) throws(VDError) in
             try TLog.decode(bytes, what: object)
         }
-        try checkTLog(remote, epoch: epoch, what: object)
+        try remote.checkBelongs(to: config, epoch: number, what: object)
         return remote.records
-    }
-
-    private func checkTLog(_ tlog: TLog, epoch: UInt64, what: String) throws(VDError) {
-        guard tlog.volumeID == config.id, tlog.number == SCONumber(epoch),
-            tlog.clusterSizeBytes == config.clusterSizeBytes
-        else {
-            throw .corrupt(
-                "\(what) belongs to volume \(tlog.volumeID) epoch \(tlog.number.hex), not \(config.id) \(epoch)")
-        }
     }
 }
 

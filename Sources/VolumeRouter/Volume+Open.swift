@@ -378,10 +378,7 @@ struct Recovery {
     }
 
     private func check(_ tlog: TLog, _ epoch: SCONumber, what: String) throws(VDError) {
-        guard tlog.volumeID == config.id, tlog.number == epoch, tlog.clusterSizeBytes == config.clusterSizeBytes else {
-            throw .corrupt(
-                "\(what) belongs to volume \(tlog.volumeID) epoch \(tlog.number.hex), not \(config.id) \(epoch.hex)")
-        }
+        try tlog.checkBelongs(to: config, epoch: epoch, what: what)
     }
 
     /// Step 4: seals scanned journals, moves files past the history aside, starts the next epoch.
@@ -524,6 +521,15 @@ struct Recovery {
             cache.add(key, file: file, footprintBytes: length)
             cache.sealed(key, footprintBytes: length)
             if epoch <= storedThrough.rawValue { cache.markEvictable(key) }
+        }
+    }
+}
+
+extension TLog {
+    /// A TLog read from flash or the backend must be this volume's TLog of `epoch` (else `.corrupt`).
+    func checkBelongs(to config: VolumeConfig, epoch: SCONumber, what: String) throws(VDError) {
+        guard volumeID == config.id, number == epoch, clusterSizeBytes == config.clusterSizeBytes else {
+            throw .corrupt("\(what) belongs to volume \(volumeID) epoch \(number.hex), not \(config.id) \(epoch.hex)")
         }
     }
 }
