@@ -1,6 +1,9 @@
 // Serves the management API as HTTP/1.1 on a Unix socket. Access control is the socket's permissions: it is created
 // 0600, so only its owner (and root) can manage volumes. Request bodies are bounded; a malformed request gets a 400
 // and its connection closes; nothing a client sends stops the server.
+//
+// The same server serves the metrics alone on TCP (`[metrics] listen`, for Prometheus): there only GET /metrics is
+// answered, everything else is 404, so the TCP port never exposes volume management.
 
 public import Logging
 public import NIOCore
@@ -17,6 +20,8 @@ public final class ManagementServer: Sendable {
     public static let requestBodyBytesMax = 1 << 20
 
     public let socketPath: String
+    /// Set for the metrics-only TCP listener.
+    private let tcp: (host: String, port: Int)?
     private let service: any ManagementService
     private let group: any EventLoopGroup
     private let logger: Logger
@@ -27,9 +32,45 @@ public final class ManagementServer: Sendable {
         self.service = service
         self.group = group
         self.logger = logger
+        tcp = nil
     }
 
+    /// A listener on TCP that answers GET /metrics only.
+    public init(
+        metricsHost host: String, port: Int, service: any ManagementService, group: any EventLoopGroup, logger: Logger
+    ) {
+        socketPath = ""
+        tcp = (host, port)
+        self.service = service
+        self.group = group
+        self.logger = logger
+    }
+
+    /// The TCP port listened on (the one the system chose when asked for port 0), or nil on a Unix socket.
+    public var localPort: Int? { channel.withLock { $0?.localAddress?.port } }
+
     public func start() async throws(VDError) {
+        if let tcp {
+            let service = self.service
+            let logger = self.logger
+            let bootstrap = ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 64)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                        try channel.pipeline.syncOperations.addHandler(
+                            APIHandler(service: service, logger: logger, metricsOnly: true))
+                    }
+                }
+            do {
+                let listener = try await bootstrap.bind(host: tcp.host, port: tcp.port).get()
+                channel.withLock { $0 = listener }
+            } catch {
+                throw VDError(.io, "cannot listen for metrics on \(tcp.host):\(tcp.port): \(error)")
+            }
+            return
+        }
         // A socket file left by a dead router is removed; a live one means another router serves this directory.
         if await ManagementClient.isListening(socketPath: socketPath) {
             throw VDError(.busy, "another router answers on \(socketPath)")
@@ -60,7 +101,7 @@ public final class ManagementServer: Sendable {
             return channel
         }
         try? await listener?.close()
-        unlink(socketPath)
+        if tcp == nil { unlink(socketPath) }
     }
 }
 
@@ -70,13 +111,16 @@ final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     let service: any ManagementService
     let logger: Logger
+    /// Only GET /metrics is answered (the TCP metrics listener).
+    let metricsOnly: Bool
     private var head: HTTPRequestHead?
     private var body: [UInt8] = []
     private var tooLarge = false
 
-    init(service: any ManagementService, logger: Logger) {
+    init(service: any ManagementService, logger: Logger, metricsOnly: Bool = false) {
         self.service = service
         self.logger = logger
+        self.metricsOnly = metricsOnly
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -99,8 +143,15 @@ final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
             if tooLarge {
                 Self.respond(
                     channel: channel, head: head,
-                    response: .error(VDError(.invalidArgument, "request body over \(ManagementServer.requestBodyBytesMax) bytes")),
+                    response: .error(
+                        VDError(.invalidArgument, "request body over \(ManagementServer.requestBodyBytesMax) bytes")),
                     keepAlive: false)
+                return
+            }
+            if metricsOnly && (head.method != .GET || head.uri.split(separator: "?").first != "/metrics") {
+                Self.respond(
+                    channel: channel, head: head,
+                    response: .error(VDError(.notFound, "only GET /metrics is served here")), keepAlive: keepAlive)
                 return
             }
             Self.dispatch(channel: channel, head: head, body: body, service: service, keepAlive: keepAlive)
@@ -111,7 +162,8 @@ final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
         channel: any Channel, head: HTTPRequestHead, body: [UInt8], service: any ManagementService, keepAlive: Bool
     ) {
         Task {
-            let response = await APIRoutes.handle(method: head.method.rawValue, path: head.uri, body: body, service: service)
+            let response = await APIRoutes.handle(
+                method: head.method.rawValue, path: head.uri, body: body, service: service)
             respond(channel: channel, head: head, response: response, keepAlive: keepAlive)
         }
     }

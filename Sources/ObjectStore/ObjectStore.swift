@@ -51,6 +51,12 @@ public protocol ObjectStore: Sendable {
 }
 
 extension ObjectStore {
+    /// The store itself, without the wrappers that only measure it.
+    public var unwrapped: any ObjectStore {
+        if let instrumented = self as? InstrumentedObjectStore { return instrumented.underlying.unwrapped }
+        return self
+    }
+
     public func put(_ name: String, contentsOf path: String, length: UInt64) async throws(VDError) {
         let data = try await LocalFileReader.read(path: path, length: length)
         try await put(name, data: data)

@@ -35,11 +35,11 @@ struct BackendCommand: AsyncParsableCommand {
             let backends = ConfiguredBackends(configuration: configuration)
             let name = backend ?? configuration.defaultBackend
             let store = try backends.store(named: name)
-            if createBucket, let s3 = store as? S3Store { try await s3.createBucketIfMissing() }
+            if createBucket, let s3 = store.unwrapped as? S3Store { try await s3.createBucketIfMissing() }
             try await store.verifyAccess()
             let compression = backends.compressesUploads(name) ? "compressed (snappy)" : "stored as they are"
             print("backend '\(name)' is usable: \(store.description); SCOs are \(compression)")
-            if let s3 = store as? S3Store {
+            if let s3 = store.unwrapped as? S3Store {
                 print("  signature \(s3.configuration.signature.rawValue) accepted")
                 if s3.configuration.signature == .v2 {
                     print("  conditional writes: not available with signature v2 (libs3 cannot send If-None-Match)")

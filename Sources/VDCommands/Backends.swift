@@ -36,7 +36,8 @@ package final class ConfiguredBackends: BackendResolver {
 
     package func store(named name: String) throws(VDError) -> any ObjectStore {
         if let store = stores.withLock({ $0[name] }) { return store }
-        let store = try makeObjectStore(try spec(of: name))
+        // Every request is counted and timed for the metrics (cheap: a few atomics per request).
+        let store = InstrumentedObjectStore(try makeObjectStore(try spec(of: name)), name: name)
         return stores.withLock { stores in
             if let existing = stores[name] { return existing }
             stores[name] = store

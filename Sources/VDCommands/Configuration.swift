@@ -34,6 +34,10 @@ package struct VDConfiguration: Sendable {
     /// Backend name -> whether SCOs are compressed on upload (default: yes for s3, no for a local directory).
     package var backendCompression: [String: Bool] = [:]
     package var defaultBackend = "local"
+    /// Where `vd serve` serves GET /metrics over TCP for Prometheus (none by default; the management socket's
+    /// /metrics is always there).
+    package var metricsHost: String = "127.0.0.1"
+    package var metricsPort: Int?
 
     package init(dataDirectory: String) {
         self.dataDirectory = dataDirectory
@@ -79,9 +83,13 @@ package struct VDConfiguration: Sendable {
             )
         }
         guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(logLevel) else {
-            throw VDError(.configuration, "log_level '\(logLevel)' must be one of trace, debug, info, notice, warning, error, critical")
+            throw VDError(
+                .configuration,
+                "log_level '\(logLevel)' must be one of trace, debug, info, notice, warning, error, critical")
         }
-        guard drainTimeoutSeconds >= 0 else { throw VDError(.configuration, "shutdown drain_timeout_seconds must be >= 0") }
+        guard drainTimeoutSeconds >= 0 else {
+            throw VDError(.configuration, "shutdown drain_timeout_seconds must be >= 0")
+        }
         guard nbdMaxConnections >= 1, nbdMaxInFlightPerConnection >= 1 else {
             throw VDError(.configuration, "nbd max_connections and max_in_flight must be at least 1")
         }
@@ -125,6 +133,7 @@ struct ConfigFile: Decodable {
         var delete_grace_seconds: NumberValue?
     }
     struct Shutdown: Decodable { var drain_timeout_seconds: NumberValue? }
+    struct MetricsSection: Decodable { var listen: String? }
     struct Backend: Decodable {
         /// Required, except for "local" (the embedded store, DATA_DIR/backend unless given).
         var url: String?
@@ -144,6 +153,7 @@ struct ConfigFile: Decodable {
     var map: MapSection?
     var scrub: ScrubSection?
     var shutdown: Shutdown?
+    var metrics: MetricsSection?
     var backends: [String: Backend]?
 }
 
@@ -196,9 +206,12 @@ extension VDConfiguration {
             let keys = error.keys.map { key, path in (path.map(\.stringValue) + [key]).joined(separator: ".") }.sorted()
             throw VDError(.configuration, "\(path): unknown setting(s): \(keys.joined(separator: ", "))")
         } catch let DecodingError.typeMismatch(_, context) {
-            throw VDError(.configuration, "\(path): \(Self.keyPath(context)) has the wrong type: \(context.debugDescription)")
+            throw VDError(
+                .configuration, "\(path): \(Self.keyPath(context)) has the wrong type: \(context.debugDescription)")
         } catch let DecodingError.keyNotFound(_, context) {
-            throw VDError(.configuration, "\(path): \(Self.keyPath(context)) has the wrong type or is missing: \(context.debugDescription)")
+            throw VDError(
+                .configuration,
+                "\(path): \(Self.keyPath(context)) has the wrong type or is missing: \(context.debugDescription)")
         } catch let DecodingError.dataCorrupted(context) {
             throw VDError(.configuration, "\(path): \(Self.keyPath(context)): \(context.debugDescription)")
         } catch {
@@ -214,6 +227,11 @@ extension VDConfiguration {
 
     mutating func apply(_ file: ConfigFile, path: String) throws(VDError) {
         if let dir = file.data_dir { dataDirectory = dir }
+        if let listen = file.metrics?.listen {
+            let (host, port) = try Self.parseHostPort(listen)
+            metricsHost = host
+            metricsPort = port
+        }
         if let dir = file.flash_dir { flashDirectory = dir }
         if let level = file.log_level { logLevel = level }
         if let threads = file.io_threads { ioThreads = threads }
@@ -234,7 +252,9 @@ extension VDConfiguration {
             }
         }
         if let size = file.volume?.cluster_size {
-            guard size.bytes <= UInt64(UInt32.max) else { throw VDError(.configuration, "\(path): cluster_size is too large") }
+            guard size.bytes <= UInt64(UInt32.max) else {
+                throw VDError(.configuration, "\(path): cluster_size is too large")
+            }
             clusterSizeBytes = UInt32(size.bytes)
         }
         if let size = file.sco?.size { volumeOptions.scoSizeBytes = size.bytes }
@@ -263,7 +283,9 @@ extension VDConfiguration {
                 if let url = backend.url {
                     self.backends[name] = url
                 } else if name != "local" {
-                    throw VDError(.configuration, "\(path): backends.\(name) needs a url (s3://BUCKET?endpoint=... or file:///DIR)")
+                    throw VDError(
+                        .configuration,
+                        "\(path): backends.\(name) needs a url (s3://BUCKET?endpoint=... or file:///DIR)")
                 }
                 if let compression = backend.compression { backendCompression[name] = compression }
             }
@@ -273,7 +295,8 @@ extension VDConfiguration {
 
     /// "HOST:PORT" or "[V6]:PORT".
     package static func parseHostPort(_ text: String) throws(VDError) -> (String, Int) {
-        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port)
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
+            (0...65535).contains(port)
         else { throw VDError(.configuration, "'\(text)' is not HOST:PORT") }
         var host = String(text[..<colon])
         if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }

@@ -333,7 +333,7 @@ final class RouterService: ManagementService {
         metric("vd_flash_cache_capacity_bytes", "Flash cache capacity.", "gauge", [("", router.cache.capacityBytes)])
         metric(
             "vd_flash_cache_evictions_total", "SCOs evicted from local flash.", "counter", [("", cache.evictedCount)])
-        return lines.joined(separator: "\n") + "\n"
+        return lines.joined(separator: "\n") + "\n" + MetricsSetup.exposition()
     }
 }
 

@@ -39,6 +39,12 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Seconds to wait for uploads at shutdown.", valueName: "seconds"))
     var drainTimeout: Double?
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Serve GET /metrics (Prometheus text) over TCP on HOST:PORT ([metrics] listen).", valueName: "host:port"))
+    var metricsListen: String?
+
     func run() async throws {
         var configuration = try global.load()
         if let nbdSocket { configuration.nbdSocketPath = GlobalOptions.absolute(nbdSocket) }
@@ -48,7 +54,13 @@ struct ServeCommand: AsyncParsableCommand {
             configuration.nbdTCPPort = port
         }
         if let drainTimeout { configuration.drainTimeoutSeconds = drainTimeout }
+        if let metricsListen {
+            let (host, port) = try VDConfiguration.parseHostPort(metricsListen)
+            configuration.metricsHost = host
+            configuration.metricsPort = port
+        }
         LoggingSetup.bootstrap(level: configuration.logLevel)
+        MetricsSetup.bootstrap()
         let logger = Logger(label: "vd")
         let backends = ConfiguredBackends(configuration: configuration)
 
@@ -64,7 +76,7 @@ struct ServeCommand: AsyncParsableCommand {
         }
         // Multipart uploads of the volumes served here that a crash left in progress: nothing uploads them now.
         for registration in registrations {
-            guard let s3 = try backends.store(named: registration.backend) as? S3Store else { continue }
+            guard let s3 = try backends.store(named: registration.backend).unwrapped as? S3Store else { continue }
             do throws(VDError) {
                 let aborted = try await s3.abortMultipartUploads(prefix: registration.namespace + "/")
                 if aborted > 0 {
@@ -108,14 +120,23 @@ struct ServeCommand: AsyncParsableCommand {
         let api = ManagementServer(
             socketPath: configuration.apiSocketPath, service: service, group: MultiThreadedEventLoopGroup.singleton,
             logger: logger)
+        let metricsServer = configuration.metricsPort.map {
+            ManagementServer(
+                metricsHost: configuration.metricsHost, port: $0, service: service,
+                group: MultiThreadedEventLoopGroup.singleton, logger: logger)
+        }
         do {
             try await api.start()
+            try await metricsServer?.start()
         } catch {
+            await api.stop()
             await server.stop()
             _ = await router.stop(drainTimeoutSeconds: nil)
             throw error
         }
-        printBanner(configuration: configuration, router: router, server: server, backends: backends)
+        printBanner(
+            configuration: configuration, router: router, server: server, backends: backends,
+            metricsPort: metricsServer?.localPort)
 
         // Wait for SIGTERM or SIGINT.
         let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
@@ -127,6 +148,7 @@ struct ServeCommand: AsyncParsableCommand {
         logger.notice(
             "received \(received.map { "\($0)" } ?? "signal"); stopping: no new I/O, uploading what is still local")
         await api.stop()
+        await metricsServer?.stop()
         await server.stop()
         let results = await router.stop(drainTimeoutSeconds: configuration.drainTimeoutSeconds)
         var left: [String] = []
@@ -144,7 +166,8 @@ struct ServeCommand: AsyncParsableCommand {
     }
 
     private func printBanner(
-        configuration: VDConfiguration, router: Router, server: NBDServer, backends: ConfiguredBackends
+        configuration: VDConfiguration, router: Router, server: NBDServer, backends: ConfiguredBackends,
+        metricsPort: Int?
     ) {
         let socket = configuration.effectiveSocketPath
         var lines = ["vd serve: data directory \(configuration.dataDirectory)"]
@@ -153,6 +176,9 @@ struct ServeCommand: AsyncParsableCommand {
         }
         lines.append("  NBD: \(server.boundAddresses.map(\.description).joined(separator: ", "))")
         lines.append("  management API: \(configuration.apiSocketPath) (vd volume/snapshot/clone commands use it)")
+        if let metricsPort {
+            lines.append("  metrics: http://\(configuration.metricsHost):\(metricsPort)/metrics (Prometheus)")
+        }
         let volumes = router.volumes
         if volumes.isEmpty {
             lines.append(

@@ -3,6 +3,8 @@
 package import ArgumentParser
 import Foundation
 import Logging
+import Metrics
+import Prometheus
 package import VolumeCore
 
 /// `vd`: the VolumeDriver command line.
@@ -18,7 +20,8 @@ package struct VDCommand: AsyncParsableCommand {
             """,
         version: VDVersion.current,
         subcommands: [
-            ServeCommand.self, VolumeCommand.self, SnapshotCommand.self, CloneCommand.self, ScrubCommand.self, CheckCommand.self,
+            ServeCommand.self, VolumeCommand.self, SnapshotCommand.self, CloneCommand.self, ScrubCommand.self,
+            CheckCommand.self,
             BackendCommand.self,
         ]
     )
@@ -53,7 +56,9 @@ package struct GlobalOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Data directory (overrides the configuration).", valueName: "dir"))
     package var dataDir: String?
 
-    @Option(name: .long, help: ArgumentHelp("Log level: trace, debug, info, notice, warning, error, critical.", valueName: "level"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp("Log level: trace, debug, info, notice, warning, error, critical.", valueName: "level"))
     package var logLevel: String?
 
     package init() {}
@@ -100,4 +105,27 @@ final class LockedFlag: @unchecked Sendable {
         value = true
         return true
     }
+}
+
+/// Sets up the metrics backend once per process: swift-metrics to a Prometheus registry, whose text `vd serve`
+/// serves at /metrics (management socket, and `[metrics] listen`). Latency buckets span what a block device sees:
+/// 25 µs (a write into the page cache) to 10 s (an upload, a stalled backend).
+enum MetricsSetup {
+    private static let done = LockedFlag()
+    static let registry = PrometheusCollectorRegistry()
+
+    static func bootstrap() {
+        guard done.setOnce() else { return }
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.defaultDurationHistogramBuckets = [
+            .microseconds(25), .microseconds(50), .microseconds(100), .microseconds(250), .microseconds(500),
+            .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25),
+            .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1),
+            .milliseconds(2500), .seconds(5), .seconds(10),
+        ]
+        MetricsSystem.bootstrap(factory)
+    }
+
+    /// The Prometheus text of every metric recorded so far (empty before `bootstrap`).
+    static func exposition() -> String { registry.emitToString() }
 }

@@ -66,11 +66,15 @@ final class GroupCommit: Sendable {
         let (generation, files) = journal.syncTarget()
         precondition(generation >= target, "a flush waits for a write generation that does not exist yet")
         var failure: VDError?
+        let clock = journal.env.clock
+        let metrics = journal.metrics
         do {
             try await journal.env.tasks.blocking { () throws(VDError) in
                 for file in files {
                     do throws(VDError) {
+                        let start = clock.now()
                         try file.dataSync()
+                        metrics.fdatasync.record(since: start, now: clock.now())
                     } catch {
                         throw VDError(
                             error.code == .noSpace ? .noSpace : .io,

@@ -102,6 +102,8 @@ extension Journal {
             }
             guard let (file, range) = job else { return }
             let ok: Bool
+            let clock = env.clock
+            let metrics = self.metrics
             do {
                 try await env.tasks.blocking { () throws(VDError) in
                     try VDError.catching {
@@ -114,7 +116,9 @@ extension Journal {
                             }
                         }
                     }
+                    let start = clock.now()
                     try file.dataSync()
+                    metrics.fdatasync.record(since: start, now: clock.now())
                 }
                 ok = true
             } catch {

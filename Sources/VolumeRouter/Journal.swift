@@ -140,6 +140,8 @@ final class Journal: Sendable {
     let shared: Mutex<JournalShared>
     /// Bytes of every SCO not yet stored on the backend (open journal included): the back-pressure measure.
     let unstoredBytes: Atomic<UInt64>
+    /// The volume's metrics (shared by its parts).
+    let metrics: VolumeMetrics
     private let delegateBox = Mutex<(any JournalDelegate)?>(nil)
     /// The zeroer's tasks (awaited at close).
     private let background = Mutex<[Task<Void, Never>]>([])
@@ -164,6 +166,7 @@ final class Journal: Sendable {
             JournalShared(
                 currentFile: state.file, openEpoch: state.epoch, openSCO: state.sco, journalOpenedAt: env.clock.now()))
         self.unstoredBytes = Atomic(unstoredBytes)
+        metrics = VolumeMetrics(volume: config.name)
     }
 
     /// Set once, before any request.

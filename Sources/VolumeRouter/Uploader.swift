@@ -207,8 +207,12 @@ final class Uploader: Sendable {
     private func uploadSCO(epoch: SCONumber, _ sealed: SealedEpoch) async {
         let object = layout.scoObject(sealed.sco)
         let delegate = self.delegate
+        let metrics = journal.metrics
+        let clock = env.clock
         let succeeded = await retrying("upload of \(object)") { () async throws(VDError) in
+            let start = clock.now()
             try await delegate.putSCO(sealed.sco, lengthBytes: sealed.lengthBytes)
+            metrics.upload.record(since: start, now: clock.now(), bytes: Int(sealed.lengthBytes))
         }
         state.withLock { state in
             state.scoUploading.remove(epoch)
@@ -223,11 +227,15 @@ final class Uploader: Sendable {
         let object = layout.tlogObject(epoch)
         let backend = self.backend
         let tasks = env.tasks
+        let metrics = journal.metrics
+        let clock = env.clock
         let succeeded = await retrying("upload of \(object)") { () async throws(VDError) in
             let data = try await tasks.blocking { () throws(VDError) -> ByteBuffer in
                 try TLogFiles.readBytes(epoch, directory: directory, fs: fs)
             }
+            let start = clock.now()
             try await backend.put(object, data: data)
+            metrics.upload.record(since: start, now: clock.now(), bytes: data.readableBytes)
         }
         guard succeeded else { return false }
         let sealed = state.withLock { state -> SealedEpoch? in

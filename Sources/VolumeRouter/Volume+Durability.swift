@@ -3,8 +3,8 @@
 //
 // Seal: after a roll, the old journal is fdatasynced, read back and verified end to end (every header and payload
 // CRC: what goes to the backend, and the CRC its TLog records, are what flash really holds), its TLog written
-// (temporary file, fsync, rename), the file trimmed to its length, the map persisted, and the epoch queued for
-// upload.
+// (temporary file, fsync, rename), the file trimmed to its length, the map persisted when enough was sealed since
+// the last time, and the epoch queued for upload.
 
 import BlockMap
 import FlashIO
@@ -43,7 +43,19 @@ extension Volume: JournalDelegate {
 }
 
 extension Volume {
-    package func flush() async throws(VDError) { try await flusher.flush() }
+    package func flush() async throws(VDError) {
+        let start = env.clock.now()
+        do {
+            try await flusher.flush()
+        } catch {
+            metrics.flush.record(since: start, now: env.clock.now(), failed: true)
+            throw error
+        }
+        metrics.flush.record(since: start, now: env.clock.now())
+    }
+
+    /// The volume's metrics.
+    var metrics: VolumeMetrics { journal.metrics }
 
     /// Stops writes for good after a failure that may have lost acknowledged data on local flash.
     func markFailed(_ error: VDError) { journal.markFailed(error) }
@@ -60,9 +72,14 @@ extension Volume {
         let layout = self.layout
         let map = self.map
         let fs = env.fs
+        let clock = env.clock
+        let metrics = self.metrics
+        let sealStart = clock.now()
         do {
             let length = try await blocking { () throws(VDError) -> UInt64 in
+                let start = clock.now()
                 try file.dataSync()
+                metrics.fdatasync.record(since: start, now: clock.now())
                 let scan = try JournalScanner.scan(
                     file: file, volumeID: config.id, sco: sco, clusterSizeBytes: config.clusterSizeBytes)
                 guard scan.isSealed, scan.header.epoch == epoch else {
@@ -80,9 +97,25 @@ extension Volume {
                 var update = MapUpdate()
                 update.metadata.append((MapChanges.epochBytesKey(sco), [UInt8](littleEndian64: scan.validLength)))
                 try map.apply(update)
-                try map.persist()
                 return scan.validLength
             }
+            // The map is persisted (a RocksDB memtable flush) every `mapPersistBytes` of sealed journal or every
+            // `mapPersistSeconds`, not at every seal: each flush makes a small SST file whose compaction cost more
+            // CPU than anything else on the write path (a third of it with sequential writes). Nothing depends on it
+            // for safety: RocksDB may flush any prefix of the updates on its own, and recovery replays from the
+            // checkpoint the persisted map holds (local journals, else TLogs); this only bounds that replay.
+            let now = clock.now()
+            let persistDue = mapPersist.withLock { state -> Bool in
+                state.bytes += length
+                guard
+                    state.bytes >= options.mapPersistBytes
+                        || state.at.duration(to: now) >= .seconds(double: options.mapPersistSeconds)
+                else { return false }
+                state = (0, now)
+                return true
+            }
+            if persistDue { try await blocking { () throws(VDError) in try map.persist() } }
+            metrics.seal.record(since: sealStart, now: clock.now())
             journal.tlogWritten(epoch)
             journal.sealedFile(file)
             cache.sealed(cacheKey(sco), footprintBytes: length)

@@ -36,6 +36,8 @@ extension Volume {
         let soft = limit / 4 * 3
         var pending = journal.unstoredBytes.load(ordering: .relaxed)
         guard pending > soft else { return }
+        let start = env.clock.now()
+        defer { metrics.throttle.record(since: start, now: env.clock.now()) }
         if pending < limit {
             let fraction = Double(pending - soft) / Double(limit - soft)
             await env.clock.sleep(for: .microseconds(Int(fraction * 20_000)))

@@ -56,6 +56,8 @@ package final class Volume: BlockDevice {
     /// Background tasks (seals, the loops): awaited at close.
     let background = Mutex<[Task<Void, Never>]>([])
     let backendFormats = Mutex(BackendFormats())
+    /// Sealed journal bytes since the map was last persisted, and when that was (see `seal`).
+    let mapPersist: Mutex<(bytes: UInt64, at: MonotonicInstant)>
     /// For a clone: the parent volume and the epoch of the snapshot it reads through.
     package let parent: (volume: Volume, epoch: UInt64)?
 
@@ -77,6 +79,7 @@ package final class Volume: BlockDevice {
         logger[metadataKey: "volume"] = "\(config.name)"
         self.logger = logger
         self.clusterBytes = Int(config.clusterSizeBytes)
+        mapPersist = Mutex((0, env.clock.now()))
         journal = Journal(
             config: config, layout: layout, options: options, env: env, logger: logger, state: state,
             unstoredBytes: unstoredBytes)
@@ -155,6 +158,19 @@ package final class Volume: BlockDevice {
     }
 
     package func readSparse(offset: UInt64, length: UInt32) async throws(VDError) -> SparseData {
+        let start = env.clock.now()
+        do {
+            let data = try await readSparseUncounted(offset: offset, length: length)
+            metrics.read.record(since: start, now: env.clock.now(), bytes: Int(length))
+            return data
+        } catch {
+            metrics.read.record(since: start, now: env.clock.now(), failed: true)
+            throw error
+        }
+    }
+
+    /// A read of the live volume, not counted in the metrics (the volume's own reads).
+    func readSparseUncounted(offset: UInt64, length: UInt32) async throws(VDError) -> SparseData {
         try checkRange(offset: offset, length: UInt64(length))
         guard length > 0 else { return SparseData(data: ByteBuffer()) }
         let cs = UInt64(clusterBytes)
@@ -320,6 +336,17 @@ package final class Volume: BlockDevice {
     // MARK: write
 
     package func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws(VDError) {
+        let start = env.clock.now()
+        do {
+            try await writeUncounted(offset: offset, data: data, fua: fua)
+        } catch {
+            metrics.write.record(since: start, now: env.clock.now(), failed: true)
+            throw error
+        }
+        metrics.write.record(since: start, now: env.clock.now(), bytes: data.readableBytes)
+    }
+
+    private func writeUncounted(offset: UInt64, data: ByteBuffer, fua: Bool) async throws(VDError) {
         try checkWritable()
         try checkRange(offset: offset, length: UInt64(data.readableBytes))
         let length = UInt64(data.readableBytes)
@@ -340,10 +367,13 @@ package final class Volume: BlockDevice {
             // Read-modify-write of the partial clusters at either end (under the range lock).
             var merged = ByteBuffer.zeroes(Int((last - first + 1) * cs))
             if offset % cs != 0 {
-                merged.setBuffer(try await read(offset: first * cs, length: UInt32(cs)), at: 0)
+                merged.setBuffer(
+                    try await readSparseUncounted(offset: first * cs, length: UInt32(cs)).data, at: 0)
             }
             if (offset + length) % cs != 0 && (last != first || offset % cs == 0) {
-                merged.setBuffer(try await read(offset: last * cs, length: UInt32(cs)), at: Int((last - first) * cs))
+                merged.setBuffer(
+                    try await readSparseUncounted(offset: last * cs, length: UInt32(cs)).data,
+                    at: Int((last - first) * cs))
             }
             merged.setBuffer(data, at: Int(offset - first * cs))
             buffer = merged

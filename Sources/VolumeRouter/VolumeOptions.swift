@@ -31,6 +31,10 @@ package struct VolumeOptions: Sendable {
     package var scrubDeleteGraceSeconds: Double = 60
     /// Map entries cached in memory.
     package var mapCacheEntries: Int = 1 << 20
+    /// The map is persisted after this many bytes of sealed journal, or this many seconds, whichever comes first
+    /// (bounds the replay after a crash; see Volume.seal).
+    package var mapPersistBytes: UInt64 = 1 << 30
+    package var mapPersistSeconds: Double = 30
     /// Clusters per intermediate map apply of a large unmap, rollback or scrub application (not a setting users
     /// need; the simulation makes it small so those paths run on small volumes).
     package var mapChangeChunkClusters: Int = 65536
