@@ -145,6 +145,8 @@ final class Journal: Sendable {
     private let delegateBox = Mutex<(any JournalDelegate)?>(nil)
     /// The zeroer's tasks (awaited at close).
     private let background = Mutex<[Task<Void, Never>]>([])
+    /// The next journal file, created ahead of the roll that needs it (see `prepareSpare`).
+    private let spare = Mutex<SpareJournal>(.none)
 
     /// Most bytes a leader writes in one round (the rest waits for the next leader).
     static let leaderRoundBytesMax = 64 << 20
@@ -355,6 +357,8 @@ final class Journal: Sendable {
         }
         pending = PendingBatches(journal: state, clusterBytes: clusterBytes)
         considerZeroAhead()
+        // The first roll of a session (later ones prepare the next spare as they roll).
+        if state.writeOffset > options.scoSizeBytes / 2 { prepareSpare() }
     }
 
     /// Writes entries without payloads (unmaps, a rollback, a snapshot mark) as one batch (leader only).
@@ -386,11 +390,16 @@ final class Journal: Sendable {
         let (fs, layout, volumeID, clusterSizeBytes, sizeBytes) = (
             env.fs, layout, volumeID, clusterSizeBytes, options.scoSizeBytes
         )
-        let created = try await env.tasks.blocking { () throws(VDError) -> CreatedJournal in
-            let (file, headerCRC) = try Self.createJournalFile(
-                fs: fs, layout: layout, volumeID: volumeID, sco: next, epoch: nextEpoch,
-                clusterSizeBytes: clusterSizeBytes, sizeBytes: sizeBytes)
-            return CreatedJournal(file: file, headerCRC: headerCRC)
+        let created: CreatedJournal
+        if let ready = await takeSpare(sco: next, epoch: nextEpoch) {
+            created = ready
+        } else {
+            created = try await env.tasks.blocking { () throws(VDError) -> CreatedJournal in
+                let (file, headerCRC) = try Self.createJournalFile(
+                    fs: fs, layout: layout, volumeID: volumeID, sco: next, epoch: nextEpoch,
+                    clusterSizeBytes: clusterSizeBytes, sizeBytes: sizeBytes)
+                return CreatedJournal(file: file, headerCRC: headerCRC)
+            }
         }
         let (file, headerCRC) = (created.file, created.headerCRC)
         state.highestSCO = next
@@ -439,6 +448,76 @@ final class Journal: Sendable {
         try delegate.journalRolled(
             epoch: oldEpoch, sco: old, file: oldFile,
             checkpoint: MapCheckpoint(epoch: nextEpoch, offset: state.writeOffset, chainCRC: headerCRC))
+        prepareSpare()
+    }
+
+    /// Creates the file the next roll will need (SCO `highestSCO + 1`, epoch `epoch + 1`, header written,
+    /// preallocated, durable with its directory entry) in the background, so a roll does not hold every queued write
+    /// behind two fsyncs (the largest latency of sequential writes before this). A spare left by a crash is a journal
+    /// past the end of the history, exactly what a crash inside a roll leaves: recovery moves it aside and never
+    /// reuses its number. A spare that cannot be created (a full disk) is simply not there: the roll then creates
+    /// the file itself and fails as it always did (leader only).
+    func prepareSpare() {
+        assertLeader()
+        let sco = state.highestSCO.next
+        let epoch = state.epoch + 1
+        let (fs, layout, volumeID, clusterSizeBytes, sizeBytes) = (
+            env.fs, layout, volumeID, clusterSizeBytes, options.scoSizeBytes
+        )
+        let claimed = spare.withLock { spare -> Bool in
+            guard case .none = spare else { return false }
+            spare = .creating(sco: sco, epoch: epoch)
+            return true
+        }
+        guard claimed else { return }
+        let tasks = env.tasks
+        let logger = self.logger
+        spawnTracked { [self] in
+            let created: CreatedJournal?
+            do {
+                created = try await tasks.blocking { () throws(VDError) -> CreatedJournal in
+                    let (file, headerCRC) = try Self.createJournalFile(
+                        fs: fs, layout: layout, volumeID: volumeID, sco: sco, epoch: epoch,
+                        clusterSizeBytes: clusterSizeBytes, sizeBytes: sizeBytes)
+                    return CreatedJournal(file: file, headerCRC: headerCRC)
+                }
+            } catch {
+                logger.debug("the next journal file was not created ahead (\(error)); the roll will create it")
+                created = nil
+            }
+            let waiter = self.spare.withLock { spare -> UnsafeContinuation<CreatedJournal?, Never>? in
+                guard case .creating(_, _, let waiter) = spare else { return nil }
+                spare = created.map { .ready(sco: sco, epoch: epoch, $0) } ?? .none
+                if waiter != nil { spare = .none }
+                return waiter
+            }
+            waiter?.resume(returning: created)
+        }
+    }
+
+    /// The spare journal for `sco`/`epoch`, waiting for it if it is being created; nil when there is none.
+    private func takeSpare(sco: SCONumber, epoch: UInt64) async -> CreatedJournal? {
+        let taken: CreatedJournal? = await withUnsafeContinuation { continuation in
+            let now = spare.withLock { spare -> (CreatedJournal?, Bool) in
+                switch spare {
+                case .none:
+                    return (nil, true)
+                case .ready(let readySCO, let readyEpoch, let created):
+                    spare = .none
+                    precondition(
+                        readySCO == sco && readyEpoch == epoch, "the spare journal is not the one the roll needs")
+                    return (created, true)
+                case .creating(let creatingSCO, let creatingEpoch, _):
+                    precondition(
+                        creatingSCO == sco && creatingEpoch == epoch,
+                        "the spare journal is not the one the roll needs")
+                    spare = .creating(sco: creatingSCO, epoch: creatingEpoch, waiter: continuation)
+                    return (nil, false)
+                }
+            }
+            if now.1 { continuation.resume(returning: now.0) }
+        }
+        return taken
     }
 
     /// Creates SCO file `sco` for epoch `epoch` with its header, preallocated to `sizeBytes`, durable (file and
@@ -550,7 +629,25 @@ final class Journal: Sendable {
         }
         for task in tasks { await task.value }
         state.file.close()
+        // A spare journal nobody will use: removed (a leftover would only be moved aside by the next recovery).
+        let unused = spare.withLock { spare -> CreatedJournal? in
+            defer { spare = .none }
+            if case .ready(_, _, let created) = spare { return created }
+            return nil
+        }
+        if let unused {
+            unused.file.close()
+            try? env.fs.unlinkIfPresent(unused.file.path)
+        }
     }
+}
+
+/// The next journal file, created ahead of its roll.
+enum SpareJournal {
+    case none
+    /// Being created; `waiter` is a roll waiting for it.
+    case creating(sco: SCONumber, epoch: UInt64, waiter: UnsafeContinuation<CreatedJournal?, Never>? = nil)
+    case ready(sco: SCONumber, epoch: UInt64, CreatedJournal)
 }
 
 /// A journal file just created (sent back from the blocking pool).
