@@ -1,6 +1,9 @@
 // Every file-system call of VolumeDriver goes through here: EINTR is retried in one place, short reads and writes are
 // completed, and errno becomes a VDError naming the file and the operation (ENOSPC becomes `.noSpace`).
 
+import CLibAIO
+package import VolumeCore
+
 #if canImport(Glibc)
     @preconcurrency import Glibc
 #elseif canImport(Musl)
@@ -8,8 +11,6 @@
 #elseif canImport(Darwin)
     import Darwin
 #endif
-package import VolumeCore
-import CLibAIO
 
 package enum Syscall {
     /// `errno` as a VDError: ENOSPC/EDQUOT are `.noSpace`, ENOENT `.notFound`, EEXIST `.alreadyExists`,
@@ -51,7 +52,9 @@ package enum Syscall {
     }
 
     /// Writes all of `buffer` at `offset`.
-    package static func pwriteAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, at offset: UInt64, path: String)
+    package static func pwriteAll(
+        _ fd: Int32, _ buffer: UnsafeRawBufferPointer, at offset: UInt64, path: String
+    )
         throws(VDError)
     {
         var done = 0
@@ -68,7 +71,9 @@ package enum Syscall {
     package static func pwritevAll(
         _ fd: Int32, _ buffers: [UnsafeRawBufferPointer], at offset: UInt64, path: String
     ) throws(VDError) {
-        var iovecs = buffers.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+        var iovecs = buffers.map {
+            iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count)
+        }
         var total = buffers.reduce(0) { $0 + $1.count }
         var position = offset
         var first = 0
@@ -176,6 +181,12 @@ package enum Syscall {
     /// Hard-links `from` as `to`; false when the file systems differ or links are not supported.
     package static func link(_ from: String, _ to: String) -> Bool {
         Glibc.link(from, to) == 0
+    }
+
+    /// Hard-links `from` as `to`, never replacing `to`: 0, or the errno (EEXIST: `to` exists; EXDEV: another file
+    /// system). The atomic "create only if absent" of a directory store.
+    package static func linkNoReplace(_ from: String, _ to: String) -> Int32 {
+        Glibc.link(from, to) == 0 ? 0 : errno
     }
 
     /// Copies `length` bytes from the start of one descriptor to another (in the kernel when possible).

@@ -37,7 +37,7 @@ public struct APIResponse: Sendable {
         let status: Int
         switch error.code {
         case .notFound: status = 404
-        case .alreadyExists, .busy: status = 409
+        case .alreadyExists, .busy, .conflict: status = 409
         case .invalidArgument, .outOfRange, .configuration: status = 400
         case .readOnly: status = 403
         case .unsupported: status = 405
@@ -52,7 +52,9 @@ public struct APIResponse: Sendable {
 struct Empty: Codable {}
 
 public enum APIRoutes {
-    public static func handle(method: String, path: String, body: [UInt8], service: any ManagementService) async
+    public static func handle(
+        method: String, path: String, body: [UInt8], service: any ManagementService
+    ) async
         -> APIResponse
     {
         let parts = path.split(separator: "?").first.map { $0.split(separator: "/").map(String.init) } ?? []
@@ -92,7 +94,8 @@ public enum APIRoutes {
                 return .json(try await service.createClone(try decode(body)), status: 201)
             case ("GET", ["metrics"]):
                 return APIResponse(
-                    status: 200, contentType: "text/plain; version=0.0.4", body: Array(try await service.metrics().utf8))
+                    status: 200, contentType: "text/plain; version=0.0.4", body: Array(try await service.metrics().utf8)
+                )
             default:
                 return .error(VDError(.notFound, "no such API endpoint: \(method) \(path)"))
             }

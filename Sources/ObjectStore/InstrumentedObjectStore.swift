@@ -39,6 +39,7 @@ public struct InstrumentedObjectStore: ObjectStore {
     }
 
     public var description: String { wrapped.description }
+    public func confirmsCreateOnly() async throws(VDError) -> Bool { try await wrapped.confirmsCreateOnly() }
 
     /// The store this one measures.
     public var underlying: any ObjectStore { wrapped }

@@ -1,6 +1,9 @@
 // The embedded default backend: objects are files under a directory (`name` a/b/c is ROOT/a/b/c). A PUT writes a
-// temporary file, fsyncs it, renames it into place and fsyncs the directory, so an object is either absent or whole
-// and durable, also across power loss. Blocking file I/O runs on the store's own thread pool, never on an event loop.
+// temporary file, fsyncs it, hard-links it into place and fsyncs the directory, so an object is either absent or whole
+// and durable, also across power loss. The link never replaces an existing name: PUT is create-only, like S3 with
+// If-None-Match (the same bytes again succeed: a repeated upload; other bytes are refused). `replace` (the few objects
+// that change in place) renames over the name instead. Blocking file I/O runs on the store's own thread pool, never on
+// an event loop.
 
 import FlashIO
 public import NIOCore
@@ -26,6 +29,7 @@ public final class LocalDirectoryStore: ObjectStore {
     }
 
     public var description: String { "local directory \(root)" }
+    public func confirmsCreateOnly() async throws(VDError) -> Bool { true }
 
     private func path(_ name: String) throws(VDError) -> String {
         try ObjectName.validate(name)
@@ -44,20 +48,14 @@ public final class LocalDirectoryStore: ObjectStore {
         return try result.get()
     }
 
-    /// Writes (a temporary file renamed over the name): the same for a new object and a replacement.
-    public func replace(_ name: String, data: ByteBuffer) async throws(VDError) { try await put(name, data: data) }
-
-    public func put(_ name: String, data: ByteBuffer) async throws(VDError) {
+    /// Writes a temporary file and renames it over the name: an object that changes in place (the scrub lease).
+    public func replace(_ name: String, data: ByteBuffer) async throws(VDError) {
         let target = try path(name)
         let directory = String(target[..<target.lastIndex(of: "/")!])
         try await run { () throws(VDError) in
             try Syscall.makeDirectories(directory)
-            let temporary = directory + "/.tmp-" + String(UInt64.random(in: 0...UInt64.max), radix: 16)
+            let temporary = try Self.writeTemporary(data, in: directory)
             do throws(VDError) {
-                let file = try FlashFile(path: temporary, options: [.create, .exclusive])
-                defer { file.close() }
-                try data.withUnsafeReadableBytes { (bytes) throws(VDError) in try file.write(bytes, at: 0) }
-                try file.sync()
                 try Syscall.rename(temporary, target)
             } catch {
                 try? Syscall.unlinkIfPresent(temporary)
@@ -67,31 +65,88 @@ public final class LocalDirectoryStore: ObjectStore {
         }
     }
 
+    /// Create-only: the temporary file is hard-linked as the name, which fails if the name exists.
+    public func put(_ name: String, data: ByteBuffer) async throws(VDError) {
+        let target = try path(name)
+        let directory = String(target[..<target.lastIndex(of: "/")!])
+        let description = self.description
+        try await run { () throws(VDError) in
+            try Syscall.makeDirectories(directory)
+            let temporary = try Self.writeTemporary(data, in: directory)
+            defer { try? Syscall.unlinkIfPresent(temporary) }
+            try Self.install(temporary, as: target, name: name, store: description)
+            try Syscall.syncDirectory(directory)
+        }
+    }
+
+    /// A temporary file next to the target holding `data`, synced.
+    private static func writeTemporary(_ data: ByteBuffer, in directory: String) throws(VDError) -> String {
+        let temporary = directory + "/.tmp-" + String(UInt64.random(in: 0...UInt64.max), radix: 16)
+        do throws(VDError) {
+            let file = try FlashFile(path: temporary, options: [.create, .exclusive])
+            defer { file.close() }
+            try data.withUnsafeReadableBytes { (bytes) throws(VDError) in try file.write(bytes, at: 0) }
+            try file.sync()
+        } catch {
+            try? Syscall.unlinkIfPresent(temporary)
+            throw error
+        }
+        return temporary
+    }
+
+    /// Links `source` (a complete, synced file) as `target` unless `target` exists; an existing `target` with the same
+    /// bytes is success (a repeated upload), with other bytes `.alreadyExists`.
+    private static func install(_ source: String, as target: String, name: String, store: String) throws(VDError) {
+        let result = Syscall.linkNoReplace(source, target)
+        if result == 0 { return }
+        guard result == EEXIST else { throw Syscall.error("link", target, errno: result) }
+        guard try sameContent(source, target) else {
+            throw VDError(
+                .alreadyExists,
+                "object \(name) already exists in \(store) with other content: objects are never overwritten")
+        }
+    }
+
+    private static func sameContent(_ a: String, _ b: String) throws(VDError) -> Bool {
+        let first = try FlashFile(path: a, options: .readOnly)
+        defer { first.close() }
+        let second = try FlashFile(path: b, options: .readOnly)
+        defer { second.close() }
+        let size = try first.size()
+        guard try second.size() == size else { return false }
+        var offset: UInt64 = 0
+        while offset < size {
+            let count = min(size - offset, 1 << 20)
+            guard try read(first, range: offset..<(offset + count)) == read(second, range: offset..<(offset + count))
+            else { return false }
+            offset += count
+        }
+        return true
+    }
+
     /// A hard link when the file is on the store's file system (no copy: the file is immutable), else a copy;
     /// either way fsynced and renamed into place like `put`.
     public func put(_ name: String, contentsOf path: String, length: UInt64) async throws(VDError) {
         let target = try self.path(name)
         let directory = String(target[..<target.lastIndex(of: "/")!])
+        let description = self.description
         try await run { () throws(VDError) in
             try Syscall.makeDirectories(directory)
             let source = try FlashFile(path: path, options: .readOnly)
             defer { source.close() }
             guard try source.size() == length else {
-                throw VDError(.invalidArgument, "\(path) is not \(length) bytes long; only whole sealed files are uploaded")
+                throw VDError(
+                    .invalidArgument, "\(path) is not \(length) bytes long; only whole sealed files are uploaded")
             }
             let temporary = directory + "/.tmp-" + String(UInt64.random(in: 0...UInt64.max), radix: 16)
-            do throws(VDError) {
-                if !Syscall.link(path, temporary) {
-                    let copy = try FlashFile(path: temporary, options: [.create, .exclusive])
-                    defer { copy.close() }
-                    try Syscall.copyFile(from: source.fd, to: copy.fd, length: length, path: temporary)
-                    try copy.sync()
-                }
-                try Syscall.rename(temporary, target)
-            } catch {
-                try? Syscall.unlinkIfPresent(temporary)
-                throw error
+            defer { try? Syscall.unlinkIfPresent(temporary) }
+            if !Syscall.link(path, temporary) {
+                let copy = try FlashFile(path: temporary, options: [.create, .exclusive])
+                defer { copy.close() }
+                try Syscall.copyFile(from: source.fd, to: copy.fd, length: length, path: temporary)
+                try copy.sync()
             }
+            try Self.install(temporary, as: target, name: name, store: description)
             try Syscall.syncDirectory(directory)
         }
     }
@@ -102,7 +157,7 @@ public final class LocalDirectoryStore: ObjectStore {
             let file: FlashFile
             do throws(VDError) {
                 file = try FlashFile(path: target, options: .readOnly)
-            } catch where error.code == .notFound {
+            } catch  where error.code == .notFound {
                 throw .notFound("object \(name) does not exist in \(self.description)")
             }
             defer { file.close() }
@@ -117,7 +172,7 @@ public final class LocalDirectoryStore: ObjectStore {
             let file: FlashFile
             do throws(VDError) {
                 file = try FlashFile(path: target, options: .readOnly)
-            } catch where error.code == .notFound {
+            } catch  where error.code == .notFound {
                 throw .notFound("object \(name) does not exist in \(self.description)")
             }
             defer { file.close() }
@@ -144,7 +199,7 @@ public final class LocalDirectoryStore: ObjectStore {
             let file: FlashFile
             do throws(VDError) {
                 file = try FlashFile(path: target, options: .readOnly)
-            } catch where error.code == .notFound {
+            } catch  where error.code == .notFound {
                 return nil
             }
             defer { file.close() }
@@ -163,7 +218,9 @@ public final class LocalDirectoryStore: ObjectStore {
         }
     }
 
-    private static func walk(root: String, relative: String, prefix: String, into results: inout [ObjectInfo])
+    private static func walk(
+        root: String, relative: String, prefix: String, into results: inout [ObjectInfo]
+    )
         throws(VDError)
     {
         let directory = relative.isEmpty ? root : root + "/" + relative

@@ -10,13 +10,25 @@ public final class MemoryStore: ObjectStore {
     public init() {}
 
     public var description: String { "in-memory store" }
+    public func confirmsCreateOnly() async throws(VDError) -> Bool { true }
 
+    /// Create-only, like the other stores: the same bytes again succeed, other bytes are refused.
     public func put(_ name: String, data: ByteBuffer) async throws(VDError) {
+        try ObjectName.validate(name)
+        let refused = objects.withLock { objects -> Bool in
+            if let existing = objects[name] { return existing != data }
+            objects[name] = data
+            return false
+        }
+        if refused {
+            throw VDError(.alreadyExists, "object \(name) already exists in the in-memory store with other content")
+        }
+    }
+
+    public func replace(_ name: String, data: ByteBuffer) async throws(VDError) {
         try ObjectName.validate(name)
         objects.withLock { $0[name] = data }
     }
-
-    public func replace(_ name: String, data: ByteBuffer) async throws(VDError) { try await put(name, data: data) }
 
     public func get(_ name: String) async throws(VDError) -> ByteBuffer {
         try ObjectName.validate(name)

@@ -26,8 +26,10 @@ public protocol ObjectStore: Sendable {
     /// For logs and messages: what and where the store is (never credentials).
     var description: String { get }
     /// Creates `name` with `data`. When this returns, the object is durable in the store. VolumeDriver never writes
-    /// a name twice with other bytes (names are never reused): stores that can enforce it (S3 with signature V4:
-    /// If-None-Match; the simulator's store) refuse with `.alreadyExists`; writing the same bytes again succeeds.
+    /// a name twice with other bytes (names are never reused), and every store that can enforces it (a local
+    /// directory: link(); S3 with signature V4: If-None-Match; the in-memory and simulated stores) by refusing with
+    /// `.alreadyExists`; writing the same bytes again succeeds. S3 with signature V2 cannot (libs3 sends no
+    /// If-None-Match): `enforcesCreateOnly` tells.
     func put(_ name: String, data: ByteBuffer) async throws(VDError)
     /// Stores `data` under `name`, replacing what is there: only for the few objects that change in place (the
     /// scrub lease).
@@ -42,6 +44,10 @@ public protocol ObjectStore: Sendable {
     func list(prefix: String) async throws(VDError) -> [ObjectInfo]
     /// Removes the object. Removing a missing object succeeds.
     func delete(_ name: String) async throws(VDError)
+    /// Whether `put` refuses other bytes under an existing name (what compare-and-swap by create-only names, as
+    /// ownership records use, rests on), checked against the store itself where it could be wrong: an S3 server
+    /// may ignore If-None-Match (rclone's does), so S3 stores probe it once.
+    func confirmsCreateOnly() async throws(VDError) -> Bool
     /// Checks the store is reachable and usable (bucket exists, credentials accepted); the error says what to fix.
     func verifyAccess() async throws(VDError)
     /// Stores the first `length` bytes of the local file at `path` under `name`. The file must not change until

@@ -35,6 +35,8 @@ public final class S3Store: ObjectStore {
     private let logger: Logger
     /// Cleared when the store answers 501 to If-None-Match (it cannot do create-only writes).
     private let sendsCreateOnly: Atomic<Bool>
+    /// What the create-only probe found (nil: not asked yet).
+    private let createOnlyConfirmed = Mutex<Bool?>(nil)
     /// How PUT bodies are protected (decided at the first PUT).
     private let integrity = Mutex<PayloadIntegrity?>(nil)
 
@@ -82,6 +84,21 @@ public final class S3Store: ObjectStore {
     }
 
     public var description: String { configuration.description }
+    /// V4 with `create_only` on, and the server refused a second create of a probe object (asked once; a server that
+    /// ignores If-None-Match, like rclone's, stops being sent it).
+    public func confirmsCreateOnly() async throws(VDError) -> Bool {
+        guard sendsCreateOnly.load(ordering: .relaxed) else { return false }
+        if let known = createOnlyConfirmed.withLock({ $0 }) { return known }
+        let refused = try await probeConditionalWrites()
+        if !refused {
+            logger.warning(
+                "\(self.description) ignores If-None-Match on PUT: objects are written without the create-only guard, and what needs it (ownership records) is refused"
+            )
+            sendsCreateOnly.store(false, ordering: .relaxed)
+        }
+        createOnlyConfirmed.withLock { $0 = refused }
+        return refused
+    }
 
     // MARK: operations
 

@@ -39,6 +39,8 @@ public struct VDError: Error, Sendable, Hashable, CustomStringConvertible {
         public static let unsupported = Code(rawValue: "unsupported")
         /// The configuration is invalid.
         public static let configuration = Code(rawValue: "configuration")
+        /// A compare-and-swap lost: another writer changed the record since it was read; nothing was written.
+        public static let conflict = Code(rawValue: "conflict")
     }
 
     public var code: Code

@@ -35,6 +35,7 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
     package init(scheduler: SimScheduler) { self.scheduler = scheduler }
 
     package var description: String { "simulated store" }
+    package func confirmsCreateOnly() async throws(VDError) -> Bool { true }
 
     /// Frees every object (the run is over).
     package func releaseAll() { objects = [:] }

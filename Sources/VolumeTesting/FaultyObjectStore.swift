@@ -80,6 +80,7 @@ public final class FaultyObjectStore: ObjectStore {
     }
 
     public var description: String { "faulty(seed \(seed)) \(wrapped.description)" }
+    public func confirmsCreateOnly() async throws(VDError) -> Bool { try await wrapped.confirmsCreateOnly() }
 
     /// Applies `fault` to the next `count` operations among `operations` on names starting with `namePrefix`.
     public func inject(

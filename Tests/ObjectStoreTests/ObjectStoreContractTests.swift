@@ -234,6 +234,99 @@ struct ObjectStoreContractTests {
         }
     }
 
+    /// PUT never replaces other bytes under an existing name on any store that can refuse it: the same bytes again
+    /// succeed (a repeated upload), other bytes get `.alreadyExists` and the object keeps its first bytes. S3 V2
+    /// (libs3 sends no If-None-Match) says it cannot.
+    @Test(arguments: StoreKind.underTest)
+    func putIsCreateOnly(kind: StoreKind) async throws {
+        try await withStore(kind) { store in
+            if kind == .s3v2 || kind == .s3rclone {
+                // libs3 cannot send If-None-Match; rclone's server ignores it (the probe finds out).
+                #expect(try await store.confirmsCreateOnly() == false)
+                return
+            }
+            #expect(try await store.confirmsCreateOnly())
+            let name = "create-only/\(UInt64.random(in: 0...UInt64.max))"
+            let first = ByteBuffer(string: "first body")
+            try await store.put(name, data: first)
+            await #expect { try await store.put(name, data: ByteBuffer(string: "another body")) } throws: {
+                ($0 as? VDError)?.code == .alreadyExists
+            }
+            #expect(try await store.get(name) == first)
+            try await store.put(name, data: first)
+            // `replace` is the one way to change an object in place.
+            try await store.replace(name, data: ByteBuffer(string: "replaced"))
+            #expect(try await store.get(name) == ByteBuffer(string: "replaced"))
+            // Uploads from a local file are create-only too.
+            let file = FileManager.default.temporaryDirectory.appendingPathComponent(
+                "vd-co-\(UInt64.random(in: 0...UInt64.max))")
+            try Data("from a file".utf8).write(to: file)
+            defer { try? FileManager.default.removeItem(at: file) }
+            await #expect { try await store.put(name, contentsOf: file.path, length: 11) } throws: {
+                ($0 as? VDError)?.code == .alreadyExists
+            }
+            let second = name + "-file"
+            try await store.put(second, contentsOf: file.path, length: 11)
+            try await store.put(second, contentsOf: file.path, length: 11)
+            #expect(try await store.get(second) == ByteBuffer(string: "from a file"))
+            #expect(try await store.list(prefix: "create-only/").count == 2)
+        }
+    }
+
+    /// Compare-and-swap by create-only names (what ownership records need): of writers that read the same version,
+    /// exactly one writes the next; old versions are pruned behind.
+    @Test(arguments: StoreKind.underTest)
+    func sequencedRecordCompareAndSwap(kind: StoreKind) async throws {
+        try await withStore(kind) { store in
+            let record = SequencedRecord(store: store, prefix: "cas-\(UInt64.random(in: 0...UInt64.max))/owner/")
+            if kind == .s3v2 || kind == .s3rclone {
+                await #expect { try await record.write(ByteBuffer(string: "a"), after: nil) } throws: {
+                    ($0 as? VDError)?.code == .unsupported
+                }
+                return
+            }
+            #expect(try await record.read() == nil)
+            #expect(try await record.write(ByteBuffer(string: "node a 1"), after: nil) == 1)
+            let one = try #require(try await record.read())
+            #expect(one.version == 1 && one.data == ByteBuffer(string: "node a 1"))
+            await #expect { try await record.write(ByteBuffer(string: "node b 1"), after: nil) } throws: {
+                ($0 as? VDError)?.code == .conflict
+            }
+            #expect(try await record.write(ByteBuffer(string: "node a 2"), after: 1) == 2)
+            await #expect { try await record.write(ByteBuffer(string: "node b 2"), after: 1) } throws: {
+                ($0 as? VDError)?.code == .conflict
+            }
+            // Eight writers race from version 2: exactly one writes version 3, and the record holds its bytes.
+            let outcomes = await withTaskGroup(of: (Int, Bool).self) { group in
+                for index in 0..<8 {
+                    group.addTask {
+                        do {
+                            _ = try await record.write(ByteBuffer(string: "racer \(index)"), after: 2)
+                            return (index, true)
+                        } catch {
+                            return (index, false)
+                        }
+                    }
+                }
+                var all: [(Int, Bool)] = []
+                for await outcome in group { all.append(outcome) }
+                return all
+            }
+            let winners = outcomes.filter(\.1).map(\.0)
+            #expect(winners.count == 1, "winners: \(winners)")
+            let three = try #require(try await record.read())
+            #expect(three.version == 3)
+            if let winner = winners.first { #expect(three.data == ByteBuffer(string: "racer \(winner)")) }
+            var newest: UInt64 = 3
+            for step in 0..<6 {
+                newest = try await record.write(ByteBuffer(string: "node a \(step + 4)"), after: newest)
+            }
+            try await record.prune(newest: newest)
+            #expect(try await record.versions() == Array((newest - SequencedRecord.keptVersions)...newest))
+            #expect(try await record.read()?.version == newest)
+        }
+    }
+
     @Test(arguments: StoreKind.underTest)
     func verifyAccessSucceeds(kind: StoreKind) async throws {
         try await withStore(kind) { store in
