@@ -21,6 +21,7 @@ public enum MetadataRecord {
         public static let snapshotTable = Kind(rawValue: 3)
         public static let scrubResult = Kind(rawValue: 4)
         public static let lease = Kind(rawValue: 5)
+        public static let ownerRecord = Kind(rawValue: 6)
     }
 
     public static func encode<T: Encodable>(_ value: T, kind: Kind) throws(VDError) -> ByteBuffer {

@@ -1,0 +1,266 @@
+// Who owns a volume: one router at a time, fenced by a lease (groundwork of the scale-out ownership issue; not yet
+// wired into `vd serve`).
+//
+// The record is NAME/owner/N, a SequencedRecord: every change is a create-only write of version N+1 after reading N,
+// so of two routers acting on the same version exactly one succeeds (the reference RGW refuses If-Match on PUT, so a
+// single object cannot be compared-and-swapped in place; docs/s3-backend.md). Each version holds the owner (node name
+// and the instance id of its data directory), the generation, the lease period, and whether it was released.
+//
+// Lease safety, with no synchronized clocks, assuming only that clock *rates* differ by at most `driftFraction`
+// (1%) and that a request is not delayed in the network by more than the margin:
+//   - the owner notes its monotonic time t0 before each renewal; when the renewal succeeds its lease is valid until
+//     t0 + lease on its own clock. It stops acknowledging I/O from then on unless a later renewal succeeded;
+//   - a taker reads the record (version V) and waits lease x (1 + drift) / (1 - drift) + margin on its own clock from that read
+//     (which happened after the owner's t0 of V) and then creates V+1 only if V is still the newest: any renewal in
+//     between makes a newer version, and the takeover fails (the owner is alive). So the taker's write lands after
+//     the owner's lease ran out by the owner's own clock, whatever the two clocks' rates within the bound;
+//   - once V+1 exists, every renewal of the old owner (a write of V+1) fails: it is fenced for good.
+// A router that finds the record naming its own instance continues with the same generation (the data directory
+// lock proves the earlier process is gone); a released record is taken at once with the next generation.
+
+package import Foundation
+import NIOCore
+package import ObjectStore
+import Synchronization
+package import VolumeCore
+
+/// One version of a volume's owner record.
+package struct OwnerRecord: Codable, Sendable, Equatable {
+    /// The router's node name (`vd serve --node`).
+    package var node: String
+    /// A random id of the owner's data directory: the same node name on another data directory is another owner.
+    package var instance: String
+    /// Where the owner's management API answers (for `vd volume move` and `list --cluster`).
+    package var address: String?
+    /// Bumped by every change of owner; objects a router writes carry it.
+    package var generation: UInt64
+    package var leaseSeconds: Double
+    /// The owner gave the volume up (`release`): the next router takes it without waiting.
+    package var released: Bool
+    /// Released for this node only (a cooperative move), or for any.
+    package var releasedTo: String?
+    /// Makes every version's bytes unique (a create-only write of the same bytes would succeed for two writers).
+    package var nonce: String
+    /// When it was written, by the writer's wall clock: for people reading it, never for decisions.
+    package var writtenAt: Date
+}
+
+/// The identity a router acts under.
+package struct OwnerIdentity: Sendable, Equatable {
+    package var node: String
+    package var instance: String
+    package var address: String?
+    package init(node: String, instance: String, address: String? = nil) {
+        self.node = node
+        self.instance = instance
+        self.address = address
+    }
+}
+
+package final class OwnerLease: Sendable {
+    private struct State {
+        var version: UInt64
+        var record: OwnerRecord
+        /// The lease holds until then (monotonic, this process's clock); nil once fenced or released.
+        var validUntil: MonotonicInstant?
+        var fenced: VDError?
+    }
+
+    package static let driftFraction = 0.01
+    package static let marginSeconds = 1.0
+
+    private let record: SequencedRecord
+    private let identity: OwnerIdentity
+    private let clock: any VDClock
+    private let random: any RandomSource
+    private let state: Mutex<State>
+
+    private init(
+        record: SequencedRecord, identity: OwnerIdentity, clock: any VDClock, random: any RandomSource, version: UInt64,
+        written: OwnerRecord, since start: MonotonicInstant
+    ) {
+        self.record = record
+        self.identity = identity
+        self.clock = clock
+        self.random = random
+        state = Mutex(
+            State(
+                version: version, record: written,
+                validUntil: start + .seconds(double: written.leaseSeconds), fenced: nil))
+    }
+
+    /// The record of volume namespace `namespace`.
+    package static func record(namespace: String, store: any ObjectStore) -> SequencedRecord {
+        SequencedRecord(store: store, prefix: namespace + "/owner/")
+    }
+
+    /// The newest owner record, verified; nil when the volume never had an owner.
+    package static func current(
+        _ record: SequencedRecord
+    ) async throws(VDError) -> (
+        version: UInt64, record: OwnerRecord
+    )? {
+        guard let (version, bytes) = try await record.read() else { return nil }
+        let what = record.name(of: version)
+        return (version, try MetadataRecord.decode(OwnerRecord.self, from: bytes, kind: .ownerRecord, what: what))
+    }
+
+    /// Takes the volume without waiting: it has no owner yet, or its record names this instance (an earlier process
+    /// on this data directory), or it was released (to this node or to any). A volume another router holds is
+    /// refused (`.busy`, naming it): `takeover` is the way to take it from an owner that is gone.
+    package static func acquire(
+        _ record: SequencedRecord, as identity: OwnerIdentity, leaseSeconds: Double, clock: any VDClock,
+        random: any RandomSource
+    ) async throws(VDError) -> OwnerLease {
+        let found = try await current(record)
+        guard let found else {
+            return try await write(
+                record, after: nil, generation: 1, identity: identity, leaseSeconds: leaseSeconds, clock: clock,
+                random: random)
+        }
+        let owner = found.record
+        if owner.instance == identity.instance && !owner.released {
+            return try await write(
+                record, after: found.version, generation: owner.generation, identity: identity,
+                leaseSeconds: leaseSeconds, clock: clock, random: random)
+        }
+        if owner.released && (owner.releasedTo == nil || owner.releasedTo == identity.node) {
+            return try await write(
+                record, after: found.version, generation: owner.generation + 1, identity: identity,
+                leaseSeconds: leaseSeconds, clock: clock, random: random)
+        }
+        throw busy(owner, record: record)
+    }
+
+    /// Takes the volume from an owner that stopped renewing: waits out its lease (with the drift margin) from this
+    /// first read, then takes it only if the record did not change meanwhile. An owner that renews during the wait
+    /// is alive: `.busy`. Of two takeovers, one wins; the other gets `.busy`.
+    package static func takeover(
+        _ record: SequencedRecord, as identity: OwnerIdentity, leaseSeconds: Double, clock: any VDClock,
+        random: any RandomSource
+    ) async throws(VDError) -> OwnerLease {
+        guard let found = try await current(record) else {
+            return try await acquire(record, as: identity, leaseSeconds: leaseSeconds, clock: clock, random: random)
+        }
+        let owner = found.record
+        if owner.released || owner.instance == identity.instance {
+            return try await acquire(record, as: identity, leaseSeconds: leaseSeconds, clock: clock, random: random)
+        }
+        await clock.sleep(for: .seconds(double: waitSeconds(forLease: owner.leaseSeconds)))
+        guard let again = try await current(record), again.version == found.version else {
+            throw VDError(
+                .busy,
+                "the owner of \(record.prefix) (\(owner.node)) renewed its lease while this router waited: it is alive; use `vd volume move` to move the volume"
+            )
+        }
+        do {
+            return try await write(
+                record, after: found.version, generation: owner.generation + 1, identity: identity,
+                leaseSeconds: leaseSeconds, clock: clock, random: random)
+        } catch  where error.code == .conflict {
+            throw VDError(.busy, "another router took \(record.prefix) at the same time")
+        }
+    }
+
+    /// How long a taker waits after its first read of an unchanged record: the owner's lease measured by the slowest
+    /// clock the drift bound allows for the owner, as measured by the fastest one allowed for the taker, plus the
+    /// margin.
+    package static func waitSeconds(forLease lease: Double) -> Double {
+        lease * (1 + driftFraction) / (1 - driftFraction) + marginSeconds
+    }
+
+    private static func write(
+        _ record: SequencedRecord, after: UInt64?, generation: UInt64, identity: OwnerIdentity, leaseSeconds: Double,
+        clock: any VDClock, random: any RandomSource
+    ) async throws(VDError) -> OwnerLease {
+        let start = clock.now()
+        let written = OwnerRecord(
+            node: identity.node, instance: identity.instance, address: identity.address, generation: generation,
+            leaseSeconds: leaseSeconds, released: false, releasedTo: nil, nonce: random.hexToken(),
+            writtenAt: clock.wallNow())
+        let version = try await record.write(try MetadataRecord.encode(written, kind: .ownerRecord), after: after)
+        return OwnerLease(
+            record: record, identity: identity, clock: clock, random: random, version: version, written: written,
+            since: start)
+    }
+
+    private static func busy(_ owner: OwnerRecord, record: SequencedRecord) -> VDError {
+        VDError(
+            .busy,
+            "\(record.prefix.dropLast("/owner/".count)) is owned by node \(owner.node) (generation \(owner.generation), lease \(owner.leaseSeconds) s); `vd volume takeover` takes it once that owner stopped renewing"
+        )
+    }
+
+    // MARK: the owner's side
+
+    package var generation: UInt64 { state.withLock { $0.record.generation } }
+    package var version: UInt64 { state.withLock { $0.version } }
+    /// Why this router no longer owns the volume (nil while it does).
+    package var fenced: VDError? { state.withLock { $0.fenced } }
+
+    /// Whether I/O may be acknowledged at `now` (this process's monotonic clock).
+    package func isValid(at now: MonotonicInstant) -> Bool {
+        state.withLock { state in state.fenced == nil && state.validUntil.map { now < $0 } ?? false }
+    }
+
+    /// Extends the lease by writing the next version. Another router wrote it first: fenced for good (`.busy`
+    /// thrown, and `fenced` says why). A store error leaves the lease as it was: it runs out unless a later renewal
+    /// succeeds.
+    package func renew() async throws(VDError) {
+        let (version, current) = try state.withLock { state throws(VDError) -> (UInt64, OwnerRecord) in
+            if let fenced = state.fenced { throw fenced }
+            return (state.version, state.record)
+        }
+        let start = clock.now()
+        var next = current
+        next.nonce = random.hexToken()
+        next.writtenAt = clock.wallNow()
+        do {
+            let written = try await record.write(try MetadataRecord.encode(next, kind: .ownerRecord), after: version)
+            state.withLock { state in
+                guard state.fenced == nil else { return }
+                state.version = written
+                state.record = next
+                state.validUntil = start + .seconds(double: next.leaseSeconds)
+            }
+            if written % 16 == 0 { try? await record.prune(newest: written) }
+        } catch  where error.code == .conflict {
+            let taker = try? await Self.current(record)
+            let reason = VDError(
+                .busy,
+                "\(record.prefix.dropLast("/owner/".count)) was taken over by node \(taker?.record.node ?? "?") (generation \(taker.map { String($0.record.generation) } ?? "?")): this router no longer owns it"
+            )
+            state.withLock { state in
+                state.fenced = reason
+                state.validUntil = nil
+            }
+            throw reason
+        }
+    }
+
+    /// Gives the volume up (to `node`, or to any): the next router takes it at once. This router's lease ends now.
+    package func release(to node: String?) async throws(VDError) {
+        let (version, current) = try state.withLock { state throws(VDError) -> (UInt64, OwnerRecord) in
+            if let fenced = state.fenced { throw fenced }
+            state.validUntil = nil
+            return (state.version, state.record)
+        }
+        var next = current
+        next.released = true
+        next.releasedTo = node
+        next.nonce = random.hexToken()
+        next.writtenAt = clock.wallNow()
+        do {
+            let written = try await record.write(try MetadataRecord.encode(next, kind: .ownerRecord), after: version)
+            state.withLock { state in
+                state.version = written
+                state.record = next
+                state.fenced = VDError(.busy, "\(record.prefix) was released")
+            }
+        } catch  where error.code == .conflict {
+            let reason = VDError(.busy, "\(record.prefix) was taken over before it could be released")
+            state.withLock { $0.fenced = reason }
+            throw reason
+        }
+    }
+}
