@@ -8,6 +8,11 @@
 // What a writer puts must differ from what any other writer could put for the same version (a node id, a nonce):
 // a create-only PUT that meets the same bytes succeeds (that is how a retried PUT whose reply was lost succeeds).
 //
+// Pruning re-opens old names: a stale writer (one that was partitioned while others moved on) could create an old
+// version number again after it was deleted. So a write lists the record after it succeeds, and a newer version than
+// its own means it lost (`.conflict`); readers take the highest version, so the stale object changes nothing. (The
+// deterministic lease simulation found this: a fenced owner "renewed" into a pruned version.)
+//
 // Meant for small records that change at human or lease pace (ownership of a volume), not for data.
 
 public import NIOCore
@@ -63,6 +68,10 @@ public struct SequencedRecord: Sendable {
             try await store.put(name(of: version), data: data)
         } catch  where error.code == .alreadyExists {
             throw VDError(.conflict, "record \(prefix): version \(version) was written by another writer first")
+        }
+        if let newest = try await versions().last, newest > version {
+            throw VDError(
+                .conflict, "record \(prefix): version \(version) is stale, version \(newest) was written since")
         }
         return version
     }

@@ -324,6 +324,11 @@ struct ObjectStoreContractTests {
             try await record.prune(newest: newest)
             #expect(try await record.versions() == Array((newest - SequencedRecord.keptVersions)...newest))
             #expect(try await record.read()?.version == newest)
+            // A stale writer (it last saw version 2) re-creates a pruned version: it must still lose.
+            await #expect { try await record.write(ByteBuffer(string: "stale writer"), after: 2) } throws: {
+                ($0 as? VDError)?.code == .conflict
+            }
+            #expect(try await record.read()?.version == newest)
         }
     }
 

@@ -50,3 +50,34 @@ import VolumeSimulation
         )
     }
 }
+
+/// Several routers contending for one volume's owner lease on virtual time, with drifting clocks, partitions from the
+/// store (requests lost before or after they land) and kills: never two valid leases at once, one owner per
+/// generation. VD_SIM_LEASE_SEEDS sets how many seeds.
+@Suite struct LeaseSimulationTests {
+    static let seeds = Int(ProcessInfo.processInfo.environment["VD_SIM_LEASE_SEEDS"] ?? "") ?? 60
+
+    @Test func contendingRoutersNeverBothOwn() async throws {
+        let reports = await withTaskGroup(of: LeaseSimulationReport.self) { group in
+            for seed in 1...UInt64(Self.seeds) {
+                group.addTask { LeaseSimulation.run(seed: seed) }
+            }
+            var all: [LeaseSimulationReport] = []
+            for await report in group { all.append(report) }
+            return all.sorted { $0.seed < $1.seed }
+        }
+        for report in reports where !report.passed {
+            let tail = report.trace.suffix(80).joined(separator: "\n")
+            Issue.record("lease seed \(report.seed): \(report.violations.joined(separator: "; "))\n\(tail)")
+        }
+        let takeovers = reports.reduce(0) { $0 + $1.takeovers }
+        let fencings = reports.reduce(0) { $0 + $1.fencings }
+        let partitions = reports.reduce(0) { $0 + $1.partitions }
+        print(
+            "lease simulation: \(reports.count) seeds, \(reports.reduce(0) { $0 + $1.acquisitions }) acquisitions, \(takeovers) takeovers, \(fencings) fencings, \(partitions) partitions, \(reports.reduce(0) { $0 + $1.kills }) kills"
+        )
+        // The faults must actually exercise takeovers and fencing.
+        #expect(takeovers > Self.seeds / 2)
+        #expect(fencings > 0)
+    }
+}
