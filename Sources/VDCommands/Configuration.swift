@@ -38,6 +38,9 @@ package struct VDConfiguration: Sendable {
     /// /metrics is always there).
     package var metricsHost: String = "127.0.0.1"
     package var metricsPort: Int?
+    /// `[cluster] node`: this router shares its backends with others and serves each volume under an owner lease.
+    package var clusterNode: String?
+    package var clusterLeaseSeconds: Double = 20
 
     package init(dataDirectory: String) {
         self.dataDirectory = dataDirectory
@@ -63,6 +66,7 @@ package struct VDConfiguration: Sendable {
         router.cacheCapacityBytes = cacheCapacityBytes
         router.directIO = directIO
         router.ioThreads = ioThreads
+        router.ownership = clusterNode.map { OwnershipSettings(node: $0, leaseSeconds: clusterLeaseSeconds) }
         return router
     }
 
@@ -76,6 +80,14 @@ package struct VDConfiguration: Sendable {
 
     package func validate() throws(VDError) {
         try routerConfiguration.validate()
+        if let node = clusterNode {
+            guard VolumeName(rawValue: node) != nil else {
+                throw VDError(.configuration, "cluster node '\(node)' must be letters, digits, '.', '_' or '-'")
+            }
+            guard (3...3600).contains(clusterLeaseSeconds) else {
+                throw VDError(.configuration, "cluster lease_seconds must be 3 to 3600")
+            }
+        }
         guard backendURLs[defaultBackend] != nil else {
             throw VDError(
                 .configuration,
@@ -134,6 +146,10 @@ struct ConfigFile: Decodable {
     }
     struct Shutdown: Decodable { var drain_timeout_seconds: NumberValue? }
     struct MetricsSection: Decodable { var listen: String? }
+    struct ClusterSection: Decodable {
+        var node: String?
+        var lease_seconds: NumberValue?
+    }
     struct Backend: Decodable {
         /// Required, except for "local" (the embedded store, DATA_DIR/backend unless given).
         var url: String?
@@ -154,6 +170,7 @@ struct ConfigFile: Decodable {
     var scrub: ScrubSection?
     var shutdown: Shutdown?
     var metrics: MetricsSection?
+    var cluster: ClusterSection?
     var backends: [String: Backend]?
 }
 
@@ -227,6 +244,8 @@ extension VDConfiguration {
 
     mutating func apply(_ file: ConfigFile, path: String) throws(VDError) {
         if let dir = file.data_dir { dataDirectory = dir }
+        if let node = file.cluster?.node { clusterNode = node }
+        if let seconds = file.cluster?.lease_seconds?.value { clusterLeaseSeconds = seconds }
         if let listen = file.metrics?.listen {
             let (host, port) = try Self.parseHostPort(listen)
             metricsHost = host

@@ -45,6 +45,13 @@ struct ServeCommand: AsyncParsableCommand {
             "Serve GET /metrics (Prometheus text) over TCP on HOST:PORT ([metrics] listen).", valueName: "host:port"))
     var metricsListen: String?
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "This router's node name when several routers share a backend ([cluster] node): each volume is served under an owner lease on the backend.",
+            valueName: "name"))
+    var node: String?
+
     func run() async throws {
         var configuration = try global.load()
         if let nbdSocket { configuration.nbdSocketPath = GlobalOptions.absolute(nbdSocket) }
@@ -54,6 +61,7 @@ struct ServeCommand: AsyncParsableCommand {
             configuration.nbdTCPPort = port
         }
         if let drainTimeout { configuration.drainTimeoutSeconds = drainTimeout }
+        if let node { configuration.clusterNode = node }
         if let metricsListen {
             let (host, port) = try VDConfiguration.parseHostPort(metricsListen)
             configuration.metricsHost = host

@@ -194,6 +194,7 @@ package final class OwnerLease: Sendable {
     // MARK: the owner's side
 
     package var generation: UInt64 { state.withLock { $0.record.generation } }
+    package var leaseSeconds: Double { state.withLock { $0.record.leaseSeconds } }
     package var version: UInt64 { state.withLock { $0.version } }
     /// Why this router no longer owns the volume (nil while it does).
     package var fenced: VDError? { state.withLock { $0.fenced } }

@@ -16,9 +16,9 @@ package import Foundation
 package import Logging
 import NIOCore
 import NIOPosix
-import Scrubber
 package import ObjectStore
 package import SCOCache
+import Scrubber
 import Synchronization
 import TransactionLog
 package import VolumeCore
@@ -34,6 +34,17 @@ package struct VolumeRegistration: Codable, Sendable, Hashable {
         self.config = config
         self.backend = backend
         self.namespace = namespace
+    }
+}
+
+/// How a router that shares its backend with others owns volumes.
+package struct OwnershipSettings: Sendable {
+    /// This router's node name.
+    package var node: String
+    package var leaseSeconds: Double = 20
+    package init(node: String, leaseSeconds: Double = 20) {
+        self.node = node
+        self.leaseSeconds = leaseSeconds
     }
 }
 
@@ -56,6 +67,9 @@ package struct RouterConfiguration: Sendable {
     package var directIO = true
     /// Threads for blocking file work (syncs of sealed SCOs, upload reads).
     package var ioThreads = 4
+    /// Several routers share the backend (`[cluster] node`): each volume is served under an owner lease on the
+    /// backend (OwnerLease). Nil: one router per backend, no lease (the default).
+    package var ownership: OwnershipSettings?
 
     package init(dataDirectory: String) {
         self.dataDirectory = dataDirectory
@@ -168,9 +182,10 @@ package enum VolumeAdministration {
         do {
             config = try await NamespaceObjects.getVerified(layout.configObject, backend: backend) {
                 (bytes) throws(VDError) in
-                try MetadataRecord.decode(VolumeConfig.self, from: bytes, kind: .volumeConfig, what: layout.configObject)
+                try MetadataRecord.decode(
+                    VolumeConfig.self, from: bytes, kind: .volumeConfig, what: layout.configObject)
             }
-        } catch where error.code == .notFound {
+        } catch  where error.code == .notFound {
             throw VDError(
                 .notFound,
                 "the backend (\(backend.description)) has no volume named \(name) (no \(layout.configObject))")
@@ -332,11 +347,54 @@ package final class Router: Sendable {
         let backend = try backends.store(named: registration.backend)
         var options = configuration.volumeOptions
         options.compressUploads = backends.compressesUploads(registration.backend)
+        let lease = try await acquireOwnership(of: registration, backend: backend)
         let volume = try await Volume.open(
             config: registration.config, layout: layout(for: registration), options: options,
             backend: backend, cache: cache, env: env, logger: logger, parent: parent, progress: progress)
+        if let lease { volume.serve(under: lease) }
         state.withLock { $0[registration.config.name] = volume }
         return volume
+    }
+
+    /// The owner lease of a volume when routers share the backend (nil otherwise): taken without waiting, or
+    /// refused (`.busy`) naming the router that holds it.
+    private func acquireOwnership(
+        of registration: VolumeRegistration, backend: any ObjectStore
+    ) async throws(VDError) -> OwnerLease? {
+        guard let ownership = configuration.ownership else { return nil }
+        guard try await backend.confirmsCreateOnly() else {
+            throw VDError(
+                .configuration,
+                "volume \(registration.config.name): ownership ([cluster] node) needs a backend that enforces create-only writes (\(backend.description) does not: S3 needs signature V4 with create_only)"
+            )
+        }
+        let identity = OwnerIdentity(node: ownership.node, instance: try instanceID())
+        let record = OwnerLease.record(namespace: registration.namespace, store: backend)
+        let lease = try await OwnerLease.acquire(
+            record, as: identity, leaseSeconds: ownership.leaseSeconds, clock: env.clock, random: env.random)
+        logger.info(
+            "volume \(registration.config.name): owned by node \(ownership.node), generation \(lease.generation)")
+        return lease
+    }
+
+    /// A random id of this data directory (DATA/instance.id, made once): the same node name on another data
+    /// directory is another owner.
+    private func instanceID() throws(VDError) -> String {
+        let path = configuration.dataDirectory + "/instance.id"
+        if let bytes = try env.fs.readWholeFile(path) {
+            let text = String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            if !text.isEmpty { return text }
+        }
+        let id = env.random.hexToken() + env.random.hexToken()
+        let bytes = Array((id + "\n").utf8)
+        let fs = env.fs
+        let directory = configuration.dataDirectory
+        try VDError.catching {
+            try bytes.withUnsafeBytes { raw in
+                try fs.replaceDurably(directory: directory, name: "instance.id", with: raw)
+            }
+        }
+        return id
     }
 
     package func volume(named name: VolumeName) -> Volume? { state.withLock { $0[name] } }

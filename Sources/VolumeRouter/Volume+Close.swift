@@ -63,8 +63,10 @@ extension Volume {
             logger.error("cannot persist the map of \(config.name): \(error)")
         }
         map.close()
-        return CloseResult(
+        let result = CloseResult(
             drained: drained || (drainTimeoutSeconds != nil && status.pendingSCOs == 0 && status.unstoredBytes <= 8192),
             unstoredBytes: status.unstoredBytes, pendingSCOs: status.pendingSCOs)
+        if result.drained && drainTimeoutSeconds != nil { await releaseOwnership() }
+        return result
     }
 }

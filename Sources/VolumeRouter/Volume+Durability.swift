@@ -46,7 +46,9 @@ extension Volume {
     package func flush() async throws(VDError) {
         let start = env.clock.now()
         do {
+            try checkOwnership()
             try await flusher.flush()
+            try checkOwnership()
         } catch {
             metrics.flush.record(since: start, now: env.clock.now(), failed: true)
             throw error

@@ -56,6 +56,8 @@ package final class Volume: BlockDevice {
     /// Background tasks (seals, the loops): awaited at close.
     let background = Mutex<[Task<Void, Never>]>([])
     let backendFormats = Mutex(BackendFormats())
+    /// The owner lease this router serves the volume under, when routers share the backend (see Volume+Ownership).
+    let ownership = Mutex<OwnerLease?>(nil)
     /// Sealed journal bytes since the map was last persisted, and when that was (see `seal`).
     let mapPersist: Mutex<(bytes: UInt64, at: MonotonicInstant)>
     /// For a clone: the parent volume and the epoch of the snapshot it reads through.
@@ -160,6 +162,7 @@ package final class Volume: BlockDevice {
     package func readSparse(offset: UInt64, length: UInt32) async throws(VDError) -> SparseData {
         let start = env.clock.now()
         do {
+            try checkOwnership()
             let data = try await readSparseUncounted(offset: offset, length: length)
             metrics.read.record(since: start, now: env.clock.now(), bytes: Int(length))
             return data
@@ -338,7 +341,10 @@ package final class Volume: BlockDevice {
     package func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws(VDError) {
         let start = env.clock.now()
         do {
+            try checkOwnership()
             try await writeUncounted(offset: offset, data: data, fua: fua)
+            // Never acknowledge a write once the lease ran out (a new owner may exist by now).
+            try checkOwnership()
         } catch {
             metrics.write.record(since: start, now: env.clock.now(), failed: true)
             throw error

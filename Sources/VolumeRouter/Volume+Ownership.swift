@@ -1,0 +1,61 @@
+// Serving a volume under an owner lease (when routers share the backend, `[cluster] node`): the lease is renewed in
+// the background every third of its period; reads, writes and flushes are refused (`.shutdown`: ESHUTDOWN over NBD)
+// once it ran out by this process's clock or another router took the volume, and are never acknowledged after that
+// (checked again before the reply). The other volumes of the router are not affected. A clean, fully drained close
+// releases the volume so the next router takes it without waiting.
+
+import Foundation
+import ObjectStore
+import VolumeCore
+
+extension Volume {
+    func serve(under lease: OwnerLease) {
+        ownership.withLock { $0 = lease }
+        startBackground { volume in await volume.renewOwnership(lease) }
+    }
+
+    /// Throws unless this router may acknowledge I/O on the volume now.
+    func checkOwnership() throws(VDError) {
+        guard let lease = ownership.withLock({ $0 }) else { return }
+        if lease.isValid(at: env.clock.now()) { return }
+        if let fenced = lease.fenced { throw VDError(.shutdown, "volume \(name): \(fenced.message)") }
+        throw VDError(
+            .shutdown,
+            "volume \(name): this router's ownership lease ran out (no renewal reached the backend for \(Int(lease.leaseSeconds)) s); I/O is refused until one does"
+        )
+    }
+
+    /// Renews every third of the lease period until the volume closes or another router took it.
+    func renewOwnership(_ lease: OwnerLease) async {
+        let period = Duration.seconds(double: lease.leaseSeconds / 3)
+        var last = env.clock.now()
+        while !uploader.isStopping {
+            await env.clock.sleep(for: .milliseconds(250))
+            let now = env.clock.now()
+            guard last.duration(to: now) >= period, !uploader.isStopping else { continue }
+            last = now
+            do {
+                try await lease.renew()
+            } catch {
+                if lease.fenced != nil {
+                    logger.error("\(error.message); its I/O is refused from now on")
+                    return
+                }
+                logger.warning(
+                    "cannot renew the owner lease of volume \(name) (\(error.message)); I/O stops when the lease runs out"
+                )
+            }
+        }
+    }
+
+    /// After a clean close that left everything on the backend: the next router takes the volume without waiting.
+    func releaseOwnership() async {
+        guard let lease = ownership.withLock({ $0 }), lease.fenced == nil else { return }
+        do {
+            try await lease.release(to: nil)
+            logger.info("volume \(name): released (everything is on the backend)")
+        } catch {
+            logger.warning("volume \(name): could not release its owner record: \(error.message)")
+        }
+    }
+}
