@@ -16,7 +16,8 @@ public struct SnapshotStatus: Codable, Sendable, Hashable {
     public var clones: [String]
 
     public init(
-        name: String, createdAt: Date, epoch: UInt64, writtenSincePreviousBytes: UInt64, onBackend: Bool, clones: [String]
+        name: String, createdAt: Date, epoch: UInt64, writtenSincePreviousBytes: UInt64, onBackend: Bool,
+        clones: [String]
     ) {
         self.name = name
         self.createdAt = createdAt
@@ -39,7 +40,10 @@ public struct SpaceStatus: Codable, Sendable, Hashable {
     /// Written but not yet on the backend.
     public var unstoredBytes: UInt64
 
-    public init(writtenBytes: UInt64, referencedBytes: UInt64, reclaimableBytes: UInt64, localFlashBytes: UInt64, unstoredBytes: UInt64) {
+    public init(
+        writtenBytes: UInt64, referencedBytes: UInt64, reclaimableBytes: UInt64, localFlashBytes: UInt64,
+        unstoredBytes: UInt64
+    ) {
         self.writtenBytes = writtenBytes
         self.referencedBytes = referencedBytes
         self.reclaimableBytes = reclaimableBytes
@@ -246,7 +250,9 @@ public protocol ManagementService: Sendable {
     func listSnapshots(_ volume: String) async throws(VDError) -> [SnapshotStatus]
     func createSnapshot(_ volume: String, _ request: CreateSnapshotRequest) async throws(VDError) -> SnapshotStatus
     func deleteSnapshot(_ volume: String, _ snapshot: String) async throws(VDError)
-    func rollback(_ volume: String, _ snapshot: String, _ request: RollbackRequest) async throws(VDError) -> SnapshotStatus
+    func rollback(
+        _ volume: String, _ snapshot: String, _ request: RollbackRequest
+    ) async throws(VDError) -> SnapshotStatus
     func createClone(_ request: CreateCloneRequest) async throws(VDError) -> VolumeStatus
     func diff(_ volume: String, _ request: DiffRequest) async throws(VDError) -> DiffResponse
     func exportDiff(_ volume: String, _ request: ExportDiffRequest) async throws(VDError) -> DiffTransferStatus
@@ -255,4 +261,53 @@ public protocol ManagementService: Sendable {
     func applyScrubResults(_ volume: String) async throws(VDError)
     /// Prometheus text exposition.
     func metrics() async throws(VDError) -> String
+    /// Moves a volume this router owns to another node: drain, release to it, and have it take the volume.
+    func moveVolume(_ volume: String, _ request: MoveVolumeRequest) async throws(VDError) -> MoveVolumeResponse
+    /// Takes a volume released to this node (the second half of a move), registering it from its backend.
+    func takeVolume(_ request: TakeVolumeRequest) async throws(VDError) -> VolumeStatus
+}
+
+public struct MoveVolumeRequest: Codable, Sendable, Hashable {
+    /// The node to move to (its node record in the default backend gives its cluster address).
+    public var to: String
+    /// How long to wait for everything to reach the backend before giving up (the volume then stays).
+    public var drainTimeoutSeconds: Double?
+    public init(to: String, drainTimeoutSeconds: Double? = nil) {
+        self.to = to
+        self.drainTimeoutSeconds = drainTimeoutSeconds
+    }
+}
+
+public struct MoveVolumeResponse: Codable, Sendable, Hashable {
+    public var volume: String
+    public var from: String
+    public var to: String
+    /// The generation the volume has on its new node.
+    public var generation: UInt64
+    /// Data that was still only on the old node's flash when the move started.
+    public var unstoredBytesAtStart: UInt64
+    public var drainSeconds: Double
+    public var totalSeconds: Double
+    public init(
+        volume: String, from: String, to: String, generation: UInt64, unstoredBytesAtStart: UInt64,
+        drainSeconds: Double, totalSeconds: Double
+    ) {
+        self.volume = volume
+        self.from = from
+        self.to = to
+        self.generation = generation
+        self.unstoredBytesAtStart = unstoredBytesAtStart
+        self.drainSeconds = drainSeconds
+        self.totalSeconds = totalSeconds
+    }
+}
+
+public struct TakeVolumeRequest: Codable, Sendable, Hashable {
+    public var name: String
+    /// The backend URL of the volume (the same store the old owner used).
+    public var backend: String
+    public init(name: String, backend: String) {
+        self.name = name
+        self.backend = backend
+    }
 }

@@ -90,6 +90,10 @@ public enum APIRoutes {
                 return .json(try await service.exportDiff(p[2], try decode(body)))
             case ("POST", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "import-diff":
                 return .json(try await service.importDiff(p[2], try decode(body)))
+            case ("POST", ["v1", "volumes", "take"]):
+                return .json(try await service.takeVolume(try decode(body)))
+            case ("POST", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "move":
+                return .json(try await service.moveVolume(p[2], try decode(body)))
             case ("POST", ["v1", "clones"]):
                 return .json(try await service.createClone(try decode(body)), status: 201)
             case ("GET", ["metrics"]):

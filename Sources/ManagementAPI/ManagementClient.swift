@@ -10,10 +10,20 @@ public import VolumeCore
 public struct ManagementClient: ManagementService {
     public let socketPath: String
     public let timeoutSeconds: Double
+    /// Another router's cluster API (TCP, with the shared token) instead of the local socket.
+    private let tcp: (host: String, port: Int, token: String)?
 
     public init(socketPath: String, timeoutSeconds: Double = 600) {
         self.socketPath = socketPath
         self.timeoutSeconds = timeoutSeconds
+        tcp = nil
+    }
+
+    /// A router's cluster API at `host`:`port` (`vd serve --cluster-listen`), authenticated with the shared token.
+    public init(host: String, port: Int, token: String, timeoutSeconds: Double = 600) {
+        socketPath = "\(host):\(port)"
+        self.timeoutSeconds = timeoutSeconds
+        tcp = (host, port, token)
     }
 
     /// Whether a router answers on `socketPath`.
@@ -45,13 +55,17 @@ public struct ManagementClient: ManagementService {
     public func listSnapshots(_ volume: String) async throws(VDError) -> [SnapshotStatus] {
         try await call("GET", "/v1/volumes/\(volume)/snapshots")
     }
-    public func createSnapshot(_ volume: String, _ request: CreateSnapshotRequest) async throws(VDError) -> SnapshotStatus {
+    public func createSnapshot(
+        _ volume: String, _ request: CreateSnapshotRequest
+    ) async throws(VDError) -> SnapshotStatus {
         try await call("POST", "/v1/volumes/\(volume)/snapshots", request)
     }
     public func deleteSnapshot(_ volume: String, _ snapshot: String) async throws(VDError) {
         let _: Empty? = try await call("DELETE", "/v1/volumes/\(volume)/snapshots/\(snapshot)")
     }
-    public func rollback(_ volume: String, _ snapshot: String, _ request: RollbackRequest) async throws(VDError)
+    public func rollback(
+        _ volume: String, _ snapshot: String, _ request: RollbackRequest
+    ) async throws(VDError)
         -> SnapshotStatus
     {
         try await call("POST", "/v1/volumes/\(volume)/snapshots/\(snapshot)/rollback", request)
@@ -71,6 +85,12 @@ public struct ManagementClient: ManagementService {
     public func applyScrubResults(_ volume: String) async throws(VDError) {
         let _: Empty? = try await call("POST", "/v1/volumes/\(volume)/scrub-results")
     }
+    public func moveVolume(_ volume: String, _ request: MoveVolumeRequest) async throws(VDError) -> MoveVolumeResponse {
+        try await call("POST", "/v1/volumes/\(volume)/move", request)
+    }
+    public func takeVolume(_ request: TakeVolumeRequest) async throws(VDError) -> VolumeStatus {
+        try await call("POST", "/v1/volumes/take", request)
+    }
     public func metrics() async throws(VDError) -> String {
         let (_, body) = try await send("GET", "/metrics", body: [])
         return String(decoding: body, as: UTF8.self)
@@ -80,14 +100,18 @@ public struct ManagementClient: ManagementService {
         try await call(method, path, Optional<Empty>.none)
     }
 
-    private func call<T: Decodable, B: Encodable>(_ method: String, _ path: String, _ request: B?) async throws(VDError)
+    private func call<T: Decodable, B: Encodable>(
+        _ method: String, _ path: String, _ request: B?
+    ) async throws(VDError)
         -> T
     {
         var body: [UInt8] = []
         if let request {
             let encoder = JSONEncoder()
             encoder.dateEncodingStrategy = .iso8601
-            guard let data = try? encoder.encode(request) else { throw VDError(.invalidArgument, "cannot encode the request") }
+            guard let data = try? encoder.encode(request) else {
+                throw VDError(.invalidArgument, "cannot encode the request")
+            }
             body = Array(data)
         }
         let (status, response) = try await send(method, path, body: body)
@@ -117,7 +141,10 @@ public struct ManagementClient: ManagementService {
                         try channel.pipeline.syncOperations.addHandler(collector)
                     }
                 }
-                .connect(unixDomainSocketPath: socketPath).get()
+                .connect(
+                    to: try tcp.map { try SocketAddress.makeAddressResolvingHost($0.host, port: $0.port) }
+                        ?? SocketAddress(unixDomainSocketPath: socketPath)
+                ).get()
         } catch {
             throw VDError(.shutdown, "cannot reach the router at \(socketPath): \(error)")
         }
@@ -126,12 +153,16 @@ public struct ManagementClient: ManagementService {
         headers.add(name: "Content-Type", value: "application/json")
         headers.add(name: "Content-Length", value: "\(body.count)")
         headers.add(name: "Connection", value: "close")
+        if let tcp { headers.add(name: "Authorization", value: "Bearer " + tcp.token) }
         let head = HTTPRequestHead(version: .http1_1, method: HTTPMethod(rawValue: method), uri: path, headers: headers)
         channel.write(HTTPClientRequestPart.head(head), promise: nil)
-        if !body.isEmpty { channel.write(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil) }
+        if !body.isEmpty {
+            channel.write(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil)
+        }
         channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
         let timeout = channel.eventLoop.scheduleTask(in: .milliseconds(Int64(timeoutSeconds * 1000))) {
-            collector.fail(VDError(.timeout, "the router did not answer \(method) \(path) within \(Int(timeoutSeconds)) s"))
+            collector.fail(
+                VDError(.timeout, "the router did not answer \(method) \(path) within \(Int(timeoutSeconds)) s"))
             channel.close(promise: nil)
         }
         defer { timeout.cancel() }
@@ -145,7 +176,12 @@ public struct ManagementClient: ManagementService {
 final class ResponseCollector: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
     typealias InboundIn = HTTPClientResponsePart
 
-    private let state = Mutex<(status: Int, body: [UInt8], done: Result<(Int, [UInt8]), VDError>?, waiter: CheckedContinuation<Result<(Int, [UInt8]), VDError>, Never>?)>((0, [], nil, nil))
+    private let state = Mutex<
+        (
+            status: Int, body: [UInt8], done: Result<(Int, [UInt8]), VDError>?,
+            waiter: CheckedContinuation<Result<(Int, [UInt8]), VDError>, Never>?
+        )
+    >((0, [], nil, nil))
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {

@@ -20,8 +20,10 @@ public final class ManagementServer: Sendable {
     public static let requestBodyBytesMax = 1 << 20
 
     public let socketPath: String
-    /// Set for the metrics-only TCP listener.
+    /// Set for the TCP listeners (metrics only, or the cluster API).
     private let tcp: (host: String, port: Int)?
+    /// The cluster API's shared token: every request must carry `Authorization: Bearer TOKEN`.
+    private let token: String?
     private let service: any ManagementService
     private let group: any EventLoopGroup
     private let logger: Logger
@@ -33,6 +35,21 @@ public final class ManagementServer: Sendable {
         self.group = group
         self.logger = logger
         tcp = nil
+        token = nil
+    }
+
+    /// The whole API on TCP for other routers and remote CLIs (`vd serve --cluster-listen`); every request must
+    /// carry the shared token (401 otherwise).
+    public init(
+        clusterHost host: String, port: Int, token: String, service: any ManagementService, group: any EventLoopGroup,
+        logger: Logger
+    ) {
+        socketPath = ""
+        tcp = (host, port)
+        self.token = token
+        self.service = service
+        self.group = group
+        self.logger = logger
     }
 
     /// A listener on TCP that answers GET /metrics only.
@@ -41,6 +58,7 @@ public final class ManagementServer: Sendable {
     ) {
         socketPath = ""
         tcp = (host, port)
+        token = nil
         self.service = service
         self.group = group
         self.logger = logger
@@ -53,6 +71,7 @@ public final class ManagementServer: Sendable {
         if let tcp {
             let service = self.service
             let logger = self.logger
+            let token = self.token
             let bootstrap = ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 64)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -60,14 +79,14 @@ public final class ManagementServer: Sendable {
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                         try channel.pipeline.syncOperations.addHandler(
-                            APIHandler(service: service, logger: logger, metricsOnly: true))
+                            APIHandler(service: service, logger: logger, metricsOnly: token == nil, token: token))
                     }
                 }
             do {
                 let listener = try await bootstrap.bind(host: tcp.host, port: tcp.port).get()
                 channel.withLock { $0 = listener }
             } catch {
-                throw VDError(.io, "cannot listen for metrics on \(tcp.host):\(tcp.port): \(error)")
+                throw VDError(.io, "cannot listen on \(tcp.host):\(tcp.port): \(error)")
             }
             return
         }
@@ -113,14 +132,17 @@ final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
     let logger: Logger
     /// Only GET /metrics is answered (the TCP metrics listener).
     let metricsOnly: Bool
+    /// Requests must carry this bearer token (the cluster API).
+    let token: String?
     private var head: HTTPRequestHead?
     private var body: [UInt8] = []
     private var tooLarge = false
 
-    init(service: any ManagementService, logger: Logger, metricsOnly: Bool = false) {
+    init(service: any ManagementService, logger: Logger, metricsOnly: Bool = false, token: String? = nil) {
         self.service = service
         self.logger = logger
         self.metricsOnly = metricsOnly
+        self.token = token
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -148,6 +170,15 @@ final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
                     keepAlive: false)
                 return
             }
+            if let token, !Self.sameSecret(head.headers.first(name: "Authorization") ?? "", "Bearer " + token) {
+                Self.respond(
+                    channel: channel, head: head,
+                    response: APIResponse.json(
+                        APIError(VDError(.authentication, "the cluster API needs the shared token (VD_CLUSTER_TOKEN)")),
+                        status: 401),
+                    keepAlive: false)
+                return
+            }
             if metricsOnly && (head.method != .GET || head.uri.split(separator: "?").first != "/metrics") {
                 Self.respond(
                     channel: channel, head: head,
@@ -156,6 +187,14 @@ final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
             }
             Self.dispatch(channel: channel, head: head, body: body, service: service, keepAlive: keepAlive)
         }
+    }
+
+    /// Compares without stopping at the first difference (the time does not tell how much of a guess was right).
+    static func sameSecret(_ a: String, _ b: String) -> Bool {
+        let (x, y) = (Array(a.utf8), Array(b.utf8))
+        var difference = UInt8(x.count == y.count ? 0 : 1)
+        for index in 0..<min(x.count, y.count) { difference |= x[index] ^ y[index] }
+        return difference == 0
     }
 
     private static func dispatch(

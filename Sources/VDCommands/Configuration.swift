@@ -41,6 +41,8 @@ package struct VDConfiguration: Sendable {
     /// `[cluster] node`: this router shares its backends with others and serves each volume under an owner lease.
     package var clusterNode: String?
     package var clusterLeaseSeconds: Double = 20
+    /// `[cluster] listen`: HOST:PORT of the cluster API (other routers and remote CLIs; token required).
+    package var clusterListen: String?
 
     package init(dataDirectory: String) {
         self.dataDirectory = dataDirectory
@@ -148,6 +150,7 @@ struct ConfigFile: Decodable {
     struct MetricsSection: Decodable { var listen: String? }
     struct ClusterSection: Decodable {
         var node: String?
+        var listen: String?
         var lease_seconds: NumberValue?
     }
     struct Backend: Decodable {
@@ -245,6 +248,7 @@ extension VDConfiguration {
     mutating func apply(_ file: ConfigFile, path: String) throws(VDError) {
         if let dir = file.data_dir { dataDirectory = dir }
         if let node = file.cluster?.node { clusterNode = node }
+        if let listen = file.cluster?.listen { clusterListen = listen }
         if let seconds = file.cluster?.lease_seconds?.value { clusterLeaseSeconds = seconds }
         if let listen = file.metrics?.listen {
             let (host, port) = try Self.parseHostPort(listen)

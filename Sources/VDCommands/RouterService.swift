@@ -47,6 +47,10 @@ final class RouterService: ManagementService {
         if let server = nbd.withLock({ $0 }) { await server.disconnectClients(export: export) }
     }
 
+    func disconnectClients(_ export: String) async { await disconnect(export) }
+
+    func registrationOf(_ name: VolumeName) throws(VDError) -> VolumeRegistration { try registration(name) }
+
     // MARK: volumes
 
     func listVolumes() async throws(VDError) -> [VolumeStatus] {

@@ -52,6 +52,13 @@ struct ServeCommand: AsyncParsableCommand {
             valueName: "name"))
     var node: String?
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Serve the management API to other routers on TCP HOST:PORT ([cluster] listen); needs --node and the shared token in VD_CLUSTER_TOKEN.",
+            valueName: "host:port"))
+    var clusterListen: String?
+
     func run() async throws {
         var configuration = try global.load()
         if let nbdSocket { configuration.nbdSocketPath = GlobalOptions.absolute(nbdSocket) }
@@ -62,6 +69,7 @@ struct ServeCommand: AsyncParsableCommand {
         }
         if let drainTimeout { configuration.drainTimeoutSeconds = drainTimeout }
         if let node { configuration.clusterNode = node }
+        if let clusterListen { configuration.clusterListen = clusterListen }
         if let metricsListen {
             let (host, port) = try VDConfiguration.parseHostPort(metricsListen)
             configuration.metricsHost = host
@@ -128,6 +136,28 @@ struct ServeCommand: AsyncParsableCommand {
         let api = ManagementServer(
             socketPath: configuration.apiSocketPath, service: service, group: MultiThreadedEventLoopGroup.singleton,
             logger: logger)
+        var clusterServer: ManagementServer?
+        if let listen = configuration.clusterListen {
+            guard let node = configuration.clusterNode else {
+                throw VDError(.configuration, "--cluster-listen needs a node name (--node or [cluster] node)")
+            }
+            guard let token = ProcessInfo.processInfo.environment["VD_CLUSTER_TOKEN"], token.count >= 16 else {
+                throw VDError(
+                    .configuration,
+                    "--cluster-listen needs a shared token of at least 16 characters in VD_CLUSTER_TOKEN")
+            }
+            let (host, port) = try VDConfiguration.parseHostPort(listen)
+            let server = ManagementServer(
+                clusterHost: host, port: port, token: token, service: service,
+                group: MultiThreadedEventLoopGroup.singleton, logger: logger)
+            try await server.start()
+            clusterServer = server
+            let address = "\(host):\(server.localPort ?? port)"
+            try await NodeRecords.write(
+                NodeRecord(node: node, address: address, writtenAt: Date()),
+                store: try backends.store(named: configuration.defaultBackend))
+            logger.info("cluster API of node \(node) at \(address)")
+        }
         let metricsServer = configuration.metricsPort.map {
             ManagementServer(
                 metricsHost: configuration.metricsHost, port: $0, service: service,
@@ -157,6 +187,7 @@ struct ServeCommand: AsyncParsableCommand {
             "received \(received.map { "\($0)" } ?? "signal"); stopping: no new I/O, uploading what is still local")
         await api.stop()
         await metricsServer?.stop()
+        await clusterServer?.stop()
         await server.stop()
         let results = await router.stop(drainTimeoutSeconds: configuration.drainTimeoutSeconds)
         var left: [String] = []

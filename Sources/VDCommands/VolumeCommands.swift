@@ -11,7 +11,7 @@ struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "volume",
         abstract: "Create, list, inspect, attach and delete volumes.",
-        subcommands: [Create.self, List.self, Info.self, Delete.self, Attach.self, ImportDiff.self])
+        subcommands: [Create.self, List.self, Info.self, Delete.self, Attach.self, Move.self, ImportDiff.self])
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -278,6 +278,42 @@ extension VolumeCommand {
             }
             print(
                 "imported \(file) into \(volume) (\(status.from.map { "\($0) -> " } ?? "full copy of ")\(status.to)): \(status.extents) extents, \(ByteSize.format(status.dataBytes)) data, \(ByteSize.format(status.zeroBytes)) zeroed\(status.snapshot.map { "; snapshot \($0) taken" } ?? "")"
+            )
+        }
+    }
+
+    struct Move: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Move a volume this router owns to another router sharing the backend (vd serve --node).",
+            discussion: """
+                Disconnects the volume's NBD clients here, uploads everything still on local flash (the volume stays
+                here if that does not finish within the drain timeout), releases its owner record to NODE and has
+                NODE take it at once (its cluster API, with the shared token in VD_CLUSTER_TOKEN). Clients then
+                connect to NODE; this router refuses the volume from then on.
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Argument(help: "Volume name.")
+        var name: String
+
+        @Option(name: .long, help: ArgumentHelp("The node to move the volume to.", valueName: "node"))
+        var to: String
+
+        @Option(
+            name: .long, help: ArgumentHelp("Seconds to wait for the upload before giving up.", valueName: "seconds"))
+        var drainTimeout: Double?
+
+        func run() async throws {
+            let configuration = try global.load()
+            let request = MoveVolumeRequest(to: to, drainTimeoutSeconds: drainTimeout)
+            let name = self.name
+            let moved = try await ServiceAccess.with(configuration, command: "vd volume move") {
+                (service) throws(VDError) in
+                try await service.moveVolume(name, request)
+            }
+            print(
+                "moved volume \(moved.volume) from \(moved.from) to \(moved.to) (generation \(moved.generation)) in \(String(format: "%.2f", moved.totalSeconds)) s; \(ByteSize.format(moved.unstoredBytesAtStart)) were uploaded first (\(String(format: "%.2f", moved.drainSeconds)) s)"
             )
         }
     }

@@ -457,10 +457,12 @@ package final class Router: Sendable {
     }
     package var volumes: [Volume] { state.withLock { $0.values.sorted { $0.name < $1.name } } }
 
-    /// Closes one volume (for delete).
-    package func closeVolume(_ name: VolumeName) async -> CloseResult? {
+    /// Closes one volume (for delete, or with a drain and a release for a move).
+    package func closeVolume(
+        _ name: VolumeName, drainTimeoutSeconds: Double? = nil, releaseTo node: String? = nil
+    ) async -> CloseResult? {
         guard let volume = state.withLock({ $0.removeValue(forKey: name) }) else { return nil }
-        let result = await volume.close()
+        let result = await volume.close(drainTimeoutSeconds: drainTimeoutSeconds, releaseTo: node)
         cache.forget(volume: volume.config.id)
         return result
     }

@@ -20,7 +20,7 @@ package struct CloseResult: Sendable {
 extension Volume {
     /// Closes the volume. With `drainTimeoutSeconds`, seals the open journal and waits up to that long for the
     /// backend to hold everything.
-    package func close(drainTimeoutSeconds: Double? = nil) async -> CloseResult {
+    package func close(drainTimeoutSeconds: Double? = nil, releaseTo node: String? = nil) async -> CloseResult {
         // 1. New writes fail; the journal leader finishes what was queued (a barrier through it waits for that).
         journal.refuseWrites(VDError(.shutdown, "volume \(config.name) is closing"))
         do throws(VDError) { try await journal.submit(.barrier, whileClosing: true) } catch {}
@@ -66,7 +66,7 @@ extension Volume {
         let result = CloseResult(
             drained: drained || (drainTimeoutSeconds != nil && status.pendingSCOs == 0 && status.unstoredBytes <= 8192),
             unstoredBytes: status.unstoredBytes, pendingSCOs: status.pendingSCOs)
-        if result.drained && drainTimeoutSeconds != nil { await releaseOwnership() }
+        if result.drained && drainTimeoutSeconds != nil { await releaseOwnership(to: node) }
         return result
     }
 }

@@ -9,6 +9,9 @@ import ObjectStore
 import VolumeCore
 
 extension Volume {
+    /// The lease this router serves the volume under (nil: no ownership in use).
+    package var ownerLease: OwnerLease? { ownership.withLock { $0 } }
+
     func serve(under lease: OwnerLease) {
         ownership.withLock { $0 = lease }
         startBackground { volume in await volume.renewOwnership(lease) }
@@ -49,10 +52,10 @@ extension Volume {
     }
 
     /// After a clean close that left everything on the backend: the next router takes the volume without waiting.
-    func releaseOwnership() async {
+    func releaseOwnership(to node: String?) async {
         guard let lease = ownership.withLock({ $0 }), lease.fenced == nil else { return }
         do {
-            try await lease.release(to: nil)
+            try await lease.release(to: node)
             logger.info("volume \(name): released (everything is on the backend)")
         } catch {
             logger.warning("volume \(name): could not release its owner record: \(error.message)")

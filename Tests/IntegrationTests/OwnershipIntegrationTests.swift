@@ -111,4 +111,65 @@ import VolumeTesting
         }
         #expect(back, "\(a.output)")
     }
+
+    /// `vd volume move` between two routers on one backend: fio writes with a verify state on node A (its data still
+    /// only on A's flash), the volume moves to node B (drained, released, taken), and fio verifies every block on B;
+    /// A no longer exports it; the cluster API refuses a request without the token.
+    @Test func moveToAnotherNodeKeepsEveryWrite() throws {
+        let directory = try TemporaryDirectory("vd-move")
+        defer { directory.remove() }
+        let shared = directory.path + "/shared"
+        try FileManager.default.createDirectory(atPath: shared, withIntermediateDirectories: true)
+        let config = directory.path + "/vd.toml"
+        try "[backends.local]\nurl = \"file://\(shared)\"\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let token = "test-cluster-token-0123456789"
+        let environment = ["VD_CLUSTER_TOKEN": token]
+        func router(_ node: String) throws -> VDServer {
+            try VDServer(
+                dataDirectory: directory.path + "/" + node,
+                extraArguments: ["--config", config, "--node", node, "--cluster-listen", "127.0.0.1:0"],
+                environment: environment)
+        }
+        let a = try router("node-a")
+        let b = try router("node-b")
+        defer {
+            _ = try? a.stop()
+            _ = try? b.stop()
+        }
+        #expect(try a.cli(["volume", "create", "vol1", "--size", "64M", "--config", config]).succeeded)
+        try a.start()
+        try b.start()
+        let job = [
+            "--name=move", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=32M", "--io_size=8M",
+            "--verify=crc32c", "--do_verify=0", "--verify_state_save=1", "--randrepeat=1",
+        ]
+        let write = try ProcessRunner.run(
+            "fio", job + ["--uri=" + a.uri("vol1")], currentDirectory: directory.path)
+        #expect(write.succeeded, "\(write.output)\(write.error)")
+
+        let move = try ProcessRunner.run(
+            a.binary, ["volume", "move", "vol1", "--to", "node-b", "--data-dir", a.dataDirectory, "--config", config],
+            environment: environment)
+        #expect(move.succeeded, "\(move.output)\(move.error)\n\(a.output)\n\(b.output)")
+        #expect(move.output.contains("moved volume vol1 from node-a to node-b (generation 2)"), "\(move.output)")
+        print("move: \(move.output)")
+
+        let verify = try ProcessRunner.run(
+            "fio",
+            job.filter { $0 != "--verify_state_save=1" && $0 != "--do_verify=0" }
+                + ["--verify_only", "--verify_state_load=1", "--uri=" + b.uri("vol1")],
+            currentDirectory: directory.path)
+        #expect(verify.succeeded && !verify.output.contains("verify failed"), "\(verify.output)\(verify.error)")
+        #expect(!(try ProcessRunner.run("nbdinfo", [a.uri("vol1")])).succeeded, "node A must not export vol1 any more")
+
+        // The cluster API wants the token.
+        let line = b.output.split(separator: "\n").first { $0.contains("cluster API of node node-b at ") }
+        let address = try #require(line.flatMap { $0.split(separator: " ").last }.map(String.init))
+        let anonymous = try ProcessRunner.run(
+            "/usr/bin/curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://\(address)/v1/volumes"])
+        #expect(anonymous.output == "401", "\(anonymous.output)")
+        let authorized = try ProcessRunner.run(
+            "/usr/bin/curl", ["-s", "-H", "Authorization: Bearer \(token)", "http://\(address)/v1/volumes"])
+        #expect(authorized.output.contains("vol1"), "\(authorized.output)")
+    }
 }

@@ -22,6 +22,7 @@ public enum MetadataRecord {
         public static let scrubResult = Kind(rawValue: 4)
         public static let lease = Kind(rawValue: 5)
         public static let ownerRecord = Kind(rawValue: 6)
+        public static let nodeRecord = Kind(rawValue: 7)
     }
 
     public static func encode<T: Encodable>(_ value: T, kind: Kind) throws(VDError) -> ByteBuffer {
@@ -29,7 +30,9 @@ public enum MetadataRecord {
         encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
         encoder.dateEncodingStrategy = .iso8601
         let json: Data
-        do { json = try encoder.encode(value) } catch { throw VDError(.invalidArgument, "cannot encode metadata: \(error)") }
+        do { json = try encoder.encode(value) } catch {
+            throw VDError(.invalidArgument, "cannot encode metadata: \(error)")
+        }
         var b = ByteBuffer.zeroes(headerBytes)
         b.setBytes(magic, at: 0)
         b.setLE(version, at: 8)
@@ -41,15 +44,21 @@ public enum MetadataRecord {
         return b
     }
 
-    public static func decode<T: Decodable>(_ type: T.Type, from b: ByteBuffer, kind: Kind, what: String) throws(VDError)
+    public static func decode<T: Decodable>(
+        _ type: T.Type, from b: ByteBuffer, kind: Kind, what: String
+    ) throws(VDError)
         -> T
     {
         guard b.readableBytes >= headerBytes, b.hasMagic(magic) else {
             throw .corrupt("\(what): not a VolumeDriver metadata record (bad magic)")
         }
-        guard b.getLE(UInt32.self, at: 20) == b.crc32c(0, 20) else { throw .corrupt("\(what): record header checksum mismatch") }
+        guard b.getLE(UInt32.self, at: 20) == b.crc32c(0, 20) else {
+            throw .corrupt("\(what): record header checksum mismatch")
+        }
         let version = b.getLE(UInt16.self, at: 8)
-        guard version == MetadataRecord.version else { throw .corrupt("\(what): unsupported record version \(version)") }
+        guard version == MetadataRecord.version else {
+            throw .corrupt("\(what): unsupported record version \(version)")
+        }
         guard b.getLE(UInt16.self, at: 10) == kind.rawValue else {
             throw .corrupt("\(what): record kind \(b.getLE(UInt16.self, at: 10)), expected \(kind.rawValue)")
         }

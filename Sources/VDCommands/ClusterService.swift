@@ -1,0 +1,109 @@
+// Moving a volume between routers that share a backend (`vd volume move VOL --to NODE`), and the node records that
+// let routers find each other.
+//
+// Node records: NODE's cluster API address in the default backend as `cluster/nodes/NODE` (written when `vd serve
+// --node --cluster-listen` starts). A move, on the owner: disconnect the volume's NBD clients, close it with a drain
+// (everything to the backend, within the timeout, else the volume is opened again here and the move fails), release
+// the owner record to the target node, then ask the target (its cluster API, with the shared token) to take it: the
+// target registers it from the backend afresh (local flash of an earlier life moved aside) and acquires the record
+// released to it, in the next generation, without waiting for any lease. The old owner refuses the volume from then
+// on (its record names the target).
+
+import Foundation
+import ManagementAPI
+import NIOCore
+import ObjectStore
+import VolumeCore
+import VolumeRouter
+
+/// A router's entry in the bucket.
+struct NodeRecord: Codable, Sendable {
+    var node: String
+    /// HOST:PORT of its cluster API.
+    var address: String
+    var writtenAt: Date
+}
+
+enum NodeRecords {
+    static func name(_ node: String) -> String { "cluster/nodes/\(node)" }
+
+    static func write(_ record: NodeRecord, store: any ObjectStore) async throws(VDError) {
+        try await store.replace(name(record.node), data: try MetadataRecord.encode(record, kind: .nodeRecord))
+    }
+
+    static func read(_ node: String, store: any ObjectStore) async throws(VDError) -> NodeRecord {
+        let object = name(node)
+        do {
+            return try MetadataRecord.decode(
+                NodeRecord.self, from: try await store.get(object), kind: .nodeRecord, what: object)
+        } catch  where error.code == .notFound {
+            throw VDError(
+                .notFound,
+                "no router named \(node) in \(store.description) (no \(object): start it with `vd serve --node \(node) --cluster-listen HOST:PORT`)"
+            )
+        }
+    }
+}
+
+extension RouterService {
+    func moveVolume(_ text: String, _ request: MoveVolumeRequest) async throws(VDError) -> MoveVolumeResponse {
+        let name = try VolumeName(validating: text)
+        guard let node = configuration.clusterNode else {
+            throw VDError(.configuration, "this router has no node name: start it with `vd serve --node NAME`")
+        }
+        guard request.to != node else { throw VDError(.invalidArgument, "volume \(name) is already on node \(node)") }
+        guard let token = ProcessInfo.processInfo.environment["VD_CLUSTER_TOKEN"], !token.isEmpty else {
+            throw VDError(.configuration, "moving a volume needs the cluster token in VD_CLUSTER_TOKEN")
+        }
+        let started = Date()
+        guard let volume = router.volume(named: name), let lease = volume.ownerLease else {
+            throw VDError(.notFound, "volume \(name) is not served by this router (node \(node))")
+        }
+        let registration = try registrationOf(name)
+        let target = try await NodeRecords.read(
+            request.to, store: try backends.store(named: configuration.defaultBackend))
+        let (host, port) = try VDConfiguration.parseHostPort(target.address)
+        let unstored = volume.uploadStatus.unstoredBytes
+        // Clients go first: nothing may be acknowledged here once the record names the target.
+        await disconnectClients(name.rawValue)
+        let timeout = request.drainTimeoutSeconds ?? configuration.drainTimeoutSeconds
+        let drainStart = Date()
+        let closed = await router.closeVolume(name, drainTimeoutSeconds: timeout, releaseTo: request.to)
+        let drainSeconds = Date().timeIntervalSince(drainStart)
+        guard let closed, closed.drained, lease.fenced != nil else {
+            // Not everything reached the backend (or the release failed): the volume stays here.
+            _ = try? await router.openVolume(named: name)
+            throw VDError(
+                .timeout,
+                "volume \(name) stays on node \(node): \(ByteSize.format(closed?.unstoredBytes ?? 0)) were not on the backend after \(Int(timeout)) s"
+            )
+        }
+        let backendURL = try backends.url(of: registration.backend)
+        let status = try await ManagementClient(host: host, port: port, token: token).takeVolume(
+            TakeVolumeRequest(name: name.rawValue, backend: backendURL))
+        _ = status
+        let generation =
+            try await OwnerLease.current(
+                OwnerLease.record(
+                    namespace: registration.namespace, store: try backends.store(named: registration.backend))
+            )?.record.generation ?? 0
+        return MoveVolumeResponse(
+            volume: name.rawValue, from: node, to: request.to, generation: generation, unstoredBytesAtStart: unstored,
+            drainSeconds: drainSeconds, totalSeconds: Date().timeIntervalSince(started))
+    }
+
+    func takeVolume(_ request: TakeVolumeRequest) async throws(VDError) -> VolumeStatus {
+        let name = try VolumeName(validating: request.name)
+        guard configuration.clusterNode != nil else {
+            throw VDError(.configuration, "this router has no node name: start it with `vd serve --node NAME`")
+        }
+        if router.volume(named: name) != nil {
+            throw VDError(.alreadyExists, "volume \(name) is already served here")
+        }
+        // Afresh from the backend: local state of an earlier life here is set aside by the attach.
+        if try VolumeRegistry.read(dataDirectory: configuration.dataDirectory, name: name, fs: router.env.fs) != nil {
+            try VolumeRegistry.remove(dataDirectory: configuration.dataDirectory, name: name, fs: router.env.fs)
+        }
+        return try await attachVolume(AttachVolumeRequest(name: name.rawValue, backend: request.backend))
+    }
+}
