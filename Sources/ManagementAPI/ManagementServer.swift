@@ -179,6 +179,13 @@ final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
                     keepAlive: false)
                 return
             }
+            if token != nil && !Self.clusterRoutes(method: head.method.rawValue, path: head.uri) {
+                Self.respond(
+                    channel: channel, head: head,
+                    response: .error(VDError(.notFound, "not served on the cluster port: \(head.method) \(head.uri)")),
+                    keepAlive: keepAlive)
+                return
+            }
             if metricsOnly && (head.method != .GET || head.uri.split(separator: "?").first != "/metrics") {
                 Self.respond(
                     channel: channel, head: head,
@@ -186,6 +193,19 @@ final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
                 return
             }
             Self.dispatch(channel: channel, head: head, body: body, service: service, keepAlive: keepAlive)
+        }
+    }
+
+    /// What the cluster port serves: listing and status, moves, takes and metrics; nothing that names a local file
+    /// (export-diff, import-diff) or deletes.
+    static func clusterRoutes(method: String, path: String) -> Bool {
+        let parts = path.split(separator: "?").first.map { $0.split(separator: "/").map(String.init) } ?? []
+        switch (method, parts.count) {
+        case ("GET", _):
+            return parts == ["metrics"] || parts == ["v1", "volumes"] || (parts.count == 3 && parts[1] == "volumes")
+        case ("POST", 3): return parts == ["v1", "volumes", "take"]
+        case ("POST", 4): return parts[0] == "v1" && parts[1] == "volumes" && parts[3] == "move"
+        default: return false
         }
     }
 

@@ -89,7 +89,9 @@ public final class S3Store: ObjectStore {
     public func confirmsCreateOnly() async throws(VDError) -> Bool {
         guard sendsCreateOnly.load(ordering: .relaxed) else { return false }
         if let known = createOnlyConfirmed.withLock({ $0 }) { return known }
-        let refused = try await probeConditionalWrites()
+        let refused = try await probeConditionalWrites(
+            name: "vd-probe/conditional-write-"
+                + S3Encoding.hex(S3Encoding.md5(ByteBuffer(string: "\(UInt64.random(in: 0...UInt64.max))"))))
         if !refused {
             logger.warning(
                 "\(self.description) ignores If-None-Match on PUT: objects are written without the create-only guard, and what needs it (ownership records) is refused"
@@ -135,6 +137,13 @@ public final class S3Store: ObjectStore {
             case .stored, .uploadGone:
                 return
             case .conditionalUnsupported:
+                if createOnlyConfirmed.withLock({ $0 }) == true {
+                    // Records rely on the guard (compare-and-swap): never drop it silently once confirmed.
+                    throw VDError(
+                        .backend,
+                        "\(description) answered 501 to If-None-Match on PUT \(name) after honouring it before (a mixed fleet behind one endpoint?)"
+                    )
+                }
                 logger.warning(
                     "\(self.description) does not implement If-None-Match on PUT: objects are written without the create-only guard from now on"
                 )

@@ -47,6 +47,12 @@ enum NodeRecords {
 
 extension RouterService {
     func moveVolume(_ text: String, _ request: MoveVolumeRequest) async throws(VDError) -> MoveVolumeResponse {
+        try await lifecycle.run { () async throws(VDError) -> MoveVolumeResponse in
+            try await move(text, request)
+        }
+    }
+
+    private func move(_ text: String, _ request: MoveVolumeRequest) async throws(VDError) -> MoveVolumeResponse {
         let name = try VolumeName(validating: text)
         guard let node = configuration.clusterNode else {
             throw VDError(.configuration, "this router has no node name: start it with `vd serve --node NAME`")
@@ -56,8 +62,13 @@ extension RouterService {
             throw VDError(.configuration, "moving a volume needs the cluster token in VD_CLUSTER_TOKEN")
         }
         let started = Date()
-        guard let volume = router.volume(named: name), let lease = volume.ownerLease else {
+        guard let volume = router.volume(named: name), volume.ownerLease != nil else {
             throw VDError(.notFound, "volume \(name) is not served by this router (node \(node))")
+        }
+        if try VolumeRegistry.list(dataDirectory: configuration.dataDirectory, fs: router.env.fs).contains(where: {
+            $0.config.parent?.volume == name
+        }) {
+            throw VDError(.busy, "volume \(name) has clones on this node: move or delete them first")
         }
         let registration = try registrationOf(name)
         let target = try await NodeRecords.read(
@@ -66,22 +77,41 @@ extension RouterService {
         let unstored = volume.uploadStatus.unstoredBytes
         // Clients go first: nothing may be acknowledged here once the record names the target.
         await disconnectClients(name.rawValue)
+        for snapshot in volume.snapshotTable.snapshots { await disconnectClients("\(name)@\(snapshot.name)") }
         let timeout = request.drainTimeoutSeconds ?? configuration.drainTimeoutSeconds
         let drainStart = Date()
         let closed = await router.closeVolume(name, drainTimeoutSeconds: timeout, releaseTo: request.to)
         let drainSeconds = Date().timeIntervalSince(drainStart)
-        guard let closed, closed.drained, lease.fenced != nil else {
-            // Not everything reached the backend (or the release failed): the volume stays here.
+        guard let closed, closed.released else {
+            // Not everything reached the backend, or the release did not go through: the volume stays here.
             _ = try? await router.openVolume(named: name)
             throw VDError(
                 .timeout,
-                "volume \(name) stays on node \(node): \(ByteSize.format(closed?.unstoredBytes ?? 0)) were not on the backend after \(Int(timeout)) s"
+                closed?.drained == true
+                    ? "volume \(name) stays on node \(node): its owner record could not be released (see the log)"
+                    : "volume \(name) stays on node \(node): \(ByteSize.format(closed?.unstoredBytes ?? 0)) were not on the backend after \(Int(timeout)) s"
             )
         }
         let backendURL = try backends.url(of: registration.backend)
-        let status = try await ManagementClient(host: host, port: port, token: token).takeVolume(
-            TakeVolumeRequest(name: name.rawValue, backend: backendURL))
-        _ = status
+        do {
+            _ = try await ManagementClient(host: host, port: port, token: token).takeVolume(
+                TakeVolumeRequest(name: name.rawValue, backend: backendURL))
+        } catch {
+            // Nobody took it: this router takes its own release back (nothing was written since).
+            let reopened = (try? await router.openVolume(named: name)) != nil
+            throw VDError(
+                error.code,
+                "node \(request.to) did not take volume \(name): \(error.message); "
+                    + (reopened
+                        ? "it is served here again"
+                        : "it is released and served nowhere: start it on a node with `vd volume attach`"))
+        }
+        // The volume lives on the target now: this node forgets it (its flash is an earlier life).
+        try? VolumeRegistry.remove(dataDirectory: configuration.dataDirectory, name: name, fs: router.env.fs)
+        let flash = configuration.effectiveFlashDirectory + "/" + name.rawValue
+        if router.env.fs.fileExists(flash) {
+            try? router.env.fs.rename(flash, flash + ".moved-to-\(request.to)-" + router.env.random.hexToken())
+        }
         let generation =
             try await OwnerLease.current(
                 OwnerLease.record(

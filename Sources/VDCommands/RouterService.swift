@@ -20,7 +20,7 @@ final class RouterService: ManagementService {
     /// Set once the NBD server runs (for connection counts and disconnects).
     let nbd = Mutex<NBDServer?>(nil)
     /// Serializes operations that change the set of volumes or their relationships.
-    private let lifecycle = AsyncLock()
+    let lifecycle = AsyncLock()
 
     init(router: Router, backends: ConfiguredBackends, configuration: VDConfiguration, online: Bool) {
         self.router = router
@@ -130,6 +130,11 @@ final class RouterService: ManagementService {
                     .busy,
                     "volume \(name) has clones: \(clones.map(\.config.name.rawValue).joined(separator: ", ")); delete them first"
                 )
+            }
+            if configuration.clusterNode != nil && router.volume(named: name) == nil {
+                // Routers share the backend: only the volume's owner deletes it (opening takes its lease, or says
+                // which node holds it).
+                _ = try await router.openVolume(named: name)
             }
             if let volume = router.volume(named: name) {
                 await disconnect(name.rawValue)

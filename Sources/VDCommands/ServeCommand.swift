@@ -147,6 +147,11 @@ struct ServeCommand: AsyncParsableCommand {
                     "--cluster-listen needs a shared token of at least 16 characters in VD_CLUSTER_TOKEN")
             }
             let (host, port) = try VDConfiguration.parseHostPort(listen)
+            guard !["0.0.0.0", "::", "*", ""].contains(host) else {
+                throw VDError(
+                    .configuration,
+                    "--cluster-listen needs the address other routers reach this one at, not a wildcard (\(listen))")
+            }
             let server = ManagementServer(
                 clusterHost: host, port: port, token: token, service: service,
                 group: MultiThreadedEventLoopGroup.singleton, logger: logger)

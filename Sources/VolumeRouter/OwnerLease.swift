@@ -64,6 +64,8 @@ package final class OwnerLease: Sendable {
         /// The lease holds until then (monotonic, this process's clock); nil once fenced or released.
         var validUntil: MonotonicInstant?
         var fenced: VDError?
+        /// Renewals whose outcome is unknown (the write may have landed): nonce -> when the attempt started.
+        var attempts: [String: MonotonicInstant] = [:]
     }
 
     package static let driftFraction = 0.01
@@ -77,8 +79,9 @@ package final class OwnerLease: Sendable {
 
     private init(
         record: SequencedRecord, identity: OwnerIdentity, clock: any VDClock, random: any RandomSource, version: UInt64,
-        written: OwnerRecord, since start: MonotonicInstant
+        written: OwnerRecord, since start: MonotonicInstant, servedElsewhereBefore: Bool
     ) {
+        self.servedElsewhereBefore = servedElsewhereBefore
         self.record = record
         self.identity = identity
         self.clock = clock
@@ -119,15 +122,17 @@ package final class OwnerLease: Sendable {
                 random: random)
         }
         let owner = found.record
-        if owner.instance == identity.instance && !owner.released {
+        let mine = owner.instance == identity.instance && owner.node == identity.node
+        if mine && !owner.released {
             return try await write(
                 record, after: found.version, generation: owner.generation, identity: identity,
-                leaseSeconds: leaseSeconds, clock: clock, random: random)
+                leaseSeconds: leaseSeconds, clock: clock, random: random, replacing: owner)
         }
-        if owner.released && (owner.releasedTo == nil || owner.releasedTo == identity.node) {
+        // Released to this node (or to any), or our own release that nobody took yet (a move whose target failed).
+        if owner.released && (owner.releasedTo == nil || owner.releasedTo == identity.node || mine) {
             return try await write(
                 record, after: found.version, generation: owner.generation + 1, identity: identity,
-                leaseSeconds: leaseSeconds, clock: clock, random: random)
+                leaseSeconds: leaseSeconds, clock: clock, random: random, replacing: owner)
         }
         throw busy(owner, record: record)
     }
@@ -143,7 +148,7 @@ package final class OwnerLease: Sendable {
             return try await acquire(record, as: identity, leaseSeconds: leaseSeconds, clock: clock, random: random)
         }
         let owner = found.record
-        if owner.released || owner.instance == identity.instance {
+        if owner.released || (owner.instance == identity.instance && owner.node == identity.node) {
             return try await acquire(record, as: identity, leaseSeconds: leaseSeconds, clock: clock, random: random)
         }
         await clock.sleep(for: .seconds(double: waitSeconds(forLease: owner.leaseSeconds)))
@@ -156,7 +161,7 @@ package final class OwnerLease: Sendable {
         do {
             return try await write(
                 record, after: found.version, generation: owner.generation + 1, identity: identity,
-                leaseSeconds: leaseSeconds, clock: clock, random: random)
+                leaseSeconds: leaseSeconds, clock: clock, random: random, replacing: owner)
         } catch  where error.code == .conflict {
             throw VDError(.busy, "another router took \(record.prefix) at the same time")
         }
@@ -171,7 +176,7 @@ package final class OwnerLease: Sendable {
 
     private static func write(
         _ record: SequencedRecord, after: UInt64?, generation: UInt64, identity: OwnerIdentity, leaseSeconds: Double,
-        clock: any VDClock, random: any RandomSource
+        clock: any VDClock, random: any RandomSource, replacing previous: OwnerRecord? = nil
     ) async throws(VDError) -> OwnerLease {
         let start = clock.now()
         let written = OwnerRecord(
@@ -181,7 +186,9 @@ package final class OwnerLease: Sendable {
         let version = try await record.write(try MetadataRecord.encode(written, kind: .ownerRecord), after: after)
         return OwnerLease(
             record: record, identity: identity, clock: clock, random: random, version: version, written: written,
-            since: start)
+            since: start,
+            servedElsewhereBefore: previous.map { $0.instance != identity.instance || $0.node != identity.node }
+                ?? false)
     }
 
     private static func busy(_ owner: OwnerRecord, record: SequencedRecord) -> VDError {
@@ -192,6 +199,10 @@ package final class OwnerLease: Sendable {
     }
 
     // MARK: the owner's side
+
+    /// Another router owned the volume since this one last did (or never did): local state of an earlier life here
+    /// is stale and must not be trusted. Set once, at acquisition.
+    package let servedElsewhereBefore: Bool
 
     package var generation: UInt64 { state.withLock { $0.record.generation } }
     package var leaseSeconds: Double { state.withLock { $0.record.leaseSeconds } }
@@ -216,9 +227,11 @@ package final class OwnerLease: Sendable {
         var next = current
         next.nonce = random.hexToken()
         next.writtenAt = clock.wallNow()
+        state.withLock { $0.attempts[next.nonce] = start }
         do {
             let written = try await record.write(try MetadataRecord.encode(next, kind: .ownerRecord), after: version)
             state.withLock { state in
+                state.attempts = [:]
                 guard state.fenced == nil else { return }
                 state.version = written
                 state.record = next
@@ -227,6 +240,18 @@ package final class OwnerLease: Sendable {
             if written % 16 == 0 { try? await record.prune(newest: written) }
         } catch  where error.code == .conflict {
             let taker = try? await Self.current(record)
+            // Our own earlier renewal may have landed with its outcome lost (a reply, or the listing after it, failed):
+            // that version is ours; its lease runs from when that attempt started.
+            if let taker, let attemptStart = state.withLock({ $0.attempts[taker.record.nonce] }) {
+                state.withLock { state in
+                    state.attempts = [:]
+                    guard state.fenced == nil else { return }
+                    state.version = taker.version
+                    state.record = taker.record
+                    state.validUntil = attemptStart + .seconds(double: taker.record.leaseSeconds)
+                }
+                return
+            }
             let reason = VDError(
                 .busy,
                 "\(record.prefix.dropLast("/owner/".count)) was taken over by node \(taker?.record.node ?? "?") (generation \(taker.map { String($0.record.generation) } ?? "?")): this router no longer owns it"

@@ -237,6 +237,8 @@ package final class Router: Sendable {
     let logger: Logger
     private let lock: any DirectoryLockHandle
     private let state = Mutex<[VolumeName: Volume]>([:])
+    /// Volumes being closed (a move's drain, a delete): not opened again meanwhile.
+    private let closing = Mutex<Set<VolumeName>>([])
 
     /// Takes the data directory lock (or fails naming its holder) and prepares the shared cache and I/O threads.
     /// `holder` names this process in the lock ("vd serve", or the CLI command working offline). `environment`:
@@ -347,7 +349,22 @@ package final class Router: Sendable {
         let backend = try backends.store(named: registration.backend)
         var options = configuration.volumeOptions
         options.compressUploads = backends.compressesUploads(registration.backend)
+        if closing.withLock({ $0.contains(registration.config.name) }) {
+            throw VDError(.busy, "volume \(registration.config.name) is closing (being moved or deleted)")
+        }
         let lease = try await acquireOwnership(of: registration, backend: backend)
+        if let lease, lease.servedElsewhereBefore {
+            // Another router served the volume since this flash directory was written (or this router never did):
+            // what is here is an earlier life; the backend is the only source (as `vd volume attach` does).
+            let flash = layout(for: registration).flashDirectory
+            if env.fs.fileExists(flash) {
+                try env.fs.rename(flash, flash + ".before-generation-\(lease.generation)-" + env.random.hexToken())
+                try env.fs.syncDirectory(configuration.flashDirectory)
+                logger.info(
+                    "volume \(registration.config.name): local flash of an earlier ownership set aside; restoring from the backend"
+                )
+            }
+        }
         let volume = try await Volume.open(
             config: registration.config, layout: layout(for: registration), options: options,
             backend: backend, cache: cache, env: env, logger: logger, parent: parent, progress: progress)
@@ -462,6 +479,8 @@ package final class Router: Sendable {
         _ name: VolumeName, drainTimeoutSeconds: Double? = nil, releaseTo node: String? = nil
     ) async -> CloseResult? {
         guard let volume = state.withLock({ $0.removeValue(forKey: name) }) else { return nil }
+        closing.withLock { _ = $0.insert(name) }
+        defer { closing.withLock { _ = $0.remove(name) } }
         let result = await volume.close(drainTimeoutSeconds: drainTimeoutSeconds, releaseTo: node)
         cache.forget(volume: volume.config.id)
         return result

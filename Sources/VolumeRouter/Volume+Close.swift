@@ -15,6 +15,8 @@ package struct CloseResult: Sendable {
     /// What was still not on the backend when a drain timed out.
     package var unstoredBytes: UInt64
     package var pendingSCOs: Int
+    /// The owner record was released (only after a drain whose final seal succeeded and reached the backend).
+    package var released = false
 }
 
 extension Volume {
@@ -35,9 +37,13 @@ extension Volume {
             logger.error("final sync of volume \(config.name) failed: \(error)")
         }
         var drained = false
+        var sealed = false
         if let timeout = drainTimeoutSeconds {
             // 3. Seal the open journal (through the leader, like any roll) and wait for the uploads.
-            do throws(VDError) { try await journal.submit(.roll, whileClosing: true) } catch {
+            do throws(VDError) {
+                try await journal.submit(.roll, whileClosing: true)
+                sealed = true
+            } catch {
                 logger.error("cannot seal the open SCO of \(config.name): \(error)")
             }
             let deadline = env.clock.now() + .milliseconds(Int64(timeout * 1000))
@@ -63,10 +69,12 @@ extension Volume {
             logger.error("cannot persist the map of \(config.name): \(error)")
         }
         map.close()
-        let result = CloseResult(
+        var result = CloseResult(
             drained: drained || (drainTimeoutSeconds != nil && status.pendingSCOs == 0 && status.unstoredBytes <= 8192),
             unstoredBytes: status.unstoredBytes, pendingSCOs: status.pendingSCOs)
-        if result.drained && drainTimeoutSeconds != nil { await releaseOwnership(to: node) }
+        // Another router takes a released volume from the backend alone: release only when the final seal went
+        // through and its epoch is stored (never on the small-remainder tolerance above).
+        if drained && sealed { result.released = await releaseOwnership(to: node) }
         return result
     }
 }

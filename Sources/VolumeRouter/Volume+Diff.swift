@@ -290,7 +290,8 @@ extension Volume {
     package var dirtyBitmaps: [String] { snapshotTable.snapshots.map(\.name) }
 
     package func dirtyExtents(bitmap: String, offset: UInt64, length: UInt32) async throws(VDError) -> [DirtyExtent] {
-        try await dirtyExtents(since: bitmap, to: nil, offset: offset, length: length)
+        try checkOwnership()
+        return try await dirtyExtents(since: bitmap, to: nil, offset: offset, length: length)
     }
 
     /// Whether each cluster of `[offset, offset+length)` differs between snapshot `bitmap` and the end of `to` (nil:

@@ -31,7 +31,8 @@ extension Volume {
     /// Renews every third of the lease period until the volume closes or another router took it.
     func renewOwnership(_ lease: OwnerLease) async {
         let period = Duration.seconds(double: lease.leaseSeconds / 3)
-        var last = env.clock.now()
+        // The first renewal at once: opening (a replay) may have used much of the lease taken before it.
+        var last = env.clock.now() + .seconds(double: -lease.leaseSeconds)
         while !uploader.isStopping {
             await env.clock.sleep(for: .milliseconds(250))
             let now = env.clock.now()
@@ -52,13 +53,15 @@ extension Volume {
     }
 
     /// After a clean close that left everything on the backend: the next router takes the volume without waiting.
-    func releaseOwnership(to node: String?) async {
-        guard let lease = ownership.withLock({ $0 }), lease.fenced == nil else { return }
+    func releaseOwnership(to node: String?) async -> Bool {
+        guard let lease = ownership.withLock({ $0 }), lease.fenced == nil else { return false }
         do {
             try await lease.release(to: node)
             logger.info("volume \(name): released (everything is on the backend)")
+            return true
         } catch {
             logger.warning("volume \(name): could not release its owner record: \(error.message)")
+            return false
         }
     }
 }

@@ -26,6 +26,7 @@ extension Volume {
     // MARK: operations
 
     package func createSnapshot(named name: String) async throws(VDError) -> SnapshotRecord {
+        try checkOwnership()
         try SnapshotTable.validateName(name)
         if snapshotTable.snapshot(named: name) != nil {
             throw VDError(.alreadyExists, "volume \(config.name) already has a snapshot named \(name)")
@@ -67,6 +68,7 @@ extension Volume {
     }
 
     package func rollback(toSnapshot name: String) async throws(VDError) -> SnapshotRecord {
+        try checkOwnership()
         guard let target = snapshotTable.snapshot(named: name) else {
             throw VDError(.notFound, "volume \(config.name) has no snapshot named \(name)")
         }

@@ -164,6 +164,7 @@ package final class Volume: BlockDevice {
         do {
             try checkOwnership()
             let data = try await readSparseUncounted(offset: offset, length: length)
+            try checkOwnership()
             metrics.read.record(since: start, now: env.clock.now(), bytes: Int(length))
             return data
         } catch {
@@ -195,6 +196,14 @@ package final class Volume: BlockDevice {
     }
 
     package func readSparse(offset: UInt64, length: UInt32, atEpoch epoch: UInt64) async throws(VDError) -> SparseData {
+        try checkOwnership()
+        let data = try await readSparseUncounted(offset: offset, length: length, atEpoch: epoch)
+        try checkOwnership()
+        return data
+    }
+
+    func readSparseUncounted(offset: UInt64, length: UInt32, atEpoch epoch: UInt64) async throws(VDError) -> SparseData
+    {
         try checkRange(offset: offset, length: UInt64(length))
         guard length > 0 else { return SparseData(data: ByteBuffer()) }
         let cs = UInt64(clusterBytes)
@@ -436,13 +445,17 @@ package final class Volume: BlockDevice {
     // MARK: trim and write-zeroes
 
     package func trim(offset: UInt64, length: UInt32, fua: Bool) async throws(VDError) {
+        try checkOwnership()
         try await unmap(offset: offset, length: UInt64(length), zeroPartialClusters: false, fua: fua)
+        try checkOwnership()
     }
 
     package func writeZeroes(offset: UInt64, length: UInt32, fua: Bool, mayUnmap: Bool) async throws(VDError) {
         // Unmapped clusters read as zeroes and take no space, so zeroes are always stored as unmapped whole
         // clusters; partial clusters at the ends are written with zeroes.
+        try checkOwnership()
         try await unmap(offset: offset, length: UInt64(length), zeroPartialClusters: true, fua: fua)
+        try checkOwnership()
     }
 
     func unmap(offset: UInt64, length: UInt64, zeroPartialClusters: Bool, fua: Bool) async throws(VDError) {
@@ -498,6 +511,7 @@ package final class Volume: BlockDevice {
     // MARK: allocation
 
     package func allocation(offset: UInt64, length: UInt32) async throws(VDError) -> [BlockExtent] {
+        try checkOwnership()
         try checkRange(offset: offset, length: UInt64(length))
         return try await allocation(offset: offset, length: UInt64(length), atEpoch: nil)
     }

@@ -147,11 +147,24 @@ import VolumeTesting
             "fio", job + ["--uri=" + a.uri("vol1")], currentDirectory: directory.path)
         #expect(write.succeeded, "\(write.output)\(write.error)")
 
-        let move = try ProcessRunner.run(
-            a.binary, ["volume", "move", "vol1", "--to", "node-b", "--data-dir", a.dataDirectory, "--config", config],
-            environment: environment)
+        func moveToB() throws -> ProcessResult {
+            try ProcessRunner.run(
+                a.binary,
+                ["volume", "move", "vol1", "--to", "node-b", "--data-dir", a.dataDirectory, "--config", config],
+                environment: environment)
+        }
+        // The target is down: the move fails after the drain and A serves the volume again (taking its own release
+        // back: generation 2; the real move then makes generation 3).
+        #expect(try b.stop() == 0)
+        let failed = try moveToB()
+        #expect(
+            !failed.succeeded && failed.error.contains("it is served here again"), "\(failed.output)\(failed.error)")
+        #expect(try ProcessRunner.run("nbdinfo", [a.uri("vol1")]).succeeded, "\(a.output)")
+        try b.start()
+
+        let move = try moveToB()
         #expect(move.succeeded, "\(move.output)\(move.error)\n\(a.output)\n\(b.output)")
-        #expect(move.output.contains("moved volume vol1 from node-a to node-b (generation 2)"), "\(move.output)")
+        #expect(move.output.contains("moved volume vol1 from node-a to node-b (generation 3)"), "\(move.output)")
         print("move: \(move.output)")
 
         let verify = try ProcessRunner.run(
@@ -161,6 +174,7 @@ import VolumeTesting
             currentDirectory: directory.path)
         #expect(verify.succeeded && !verify.output.contains("verify failed"), "\(verify.output)\(verify.error)")
         #expect(!(try ProcessRunner.run("nbdinfo", [a.uri("vol1")])).succeeded, "node A must not export vol1 any more")
+        #expect(!(try a.cli(["volume", "list", "--config", config])).output.contains("vol1"), "A forgot the volume")
 
         // The cluster API wants the token.
         let line = b.output.split(separator: "\n").first { $0.contains("cluster API of node node-b at ") }

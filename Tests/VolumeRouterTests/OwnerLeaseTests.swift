@@ -176,4 +176,75 @@ final class CountingRandom: RandomSource {
         #expect(takenAt >= ownerStopsAt, "taken at \(takenAt) s, the owner acknowledges until \(ownerStopsAt) s")
         #expect(!owner.isValid(at: ownerClock.now()))
     }
+
+    /// A copied data directory (same instance id) on another node does not pass for the owner.
+    @Test func theSameInstanceOnAnotherNodeIsNotTheOwner() async throws {
+        let clock = DriftingClock(real: RealTime())
+        _ = try await OwnerLease.acquire(record, as: a, leaseSeconds: 10, clock: clock, random: CountingRandom())
+        let copy = OwnerIdentity(node: "b", instance: a.instance)
+        await #expect {
+            _ = try await OwnerLease.acquire(record, as: copy, leaseSeconds: 10, clock: clock, random: CountingRandom())
+        } throws: { ($0 as? VDError)?.code == .busy }
+    }
+
+    /// A move whose target never took the volume: the releasing router takes its own release back, and knows its
+    /// local state is current; a router that takes a volume another one served knows its local state is not.
+    @Test func anOwnReleaseCanBeTakenBackAndOthersStateIsStale() async throws {
+        let clock = DriftingClock(real: RealTime())
+        let first = try await OwnerLease.acquire(
+            record, as: a, leaseSeconds: 10, clock: clock, random: CountingRandom())
+        #expect(!first.servedElsewhereBefore)
+        try await first.release(to: "b")
+        let back = try await OwnerLease.acquire(record, as: a, leaseSeconds: 10, clock: clock, random: CountingRandom())
+        #expect(back.generation == 2 && !back.servedElsewhereBefore)
+        try await back.release(to: "b")
+        let onB = try await OwnerLease.acquire(record, as: b, leaseSeconds: 10, clock: clock, random: CountingRandom())
+        #expect(onB.generation == 3 && onB.servedElsewhereBefore)
+    }
+
+    /// A renewal that landed but whose outcome was lost (the listing after it failed) is recognised as our own by the
+    /// next renewal, not taken for a takeover that fences this router.
+    @Test func aRenewalWhoseOutcomeWasLostIsNotATakeover() async throws {
+        let flaky = ListFailingStore(MemoryStore())
+        let record = OwnerLease.record(namespace: "vol1", store: flaky)
+        let real = RealTime()
+        let clock = DriftingClock(real: real)
+        let lease = try await OwnerLease.acquire(
+            record, as: a, leaseSeconds: 10, clock: clock, random: CountingRandom())
+        real.advance(3)
+        flaky.failNextList.withLock { $0 = true }
+        await #expect(throws: VDError.self) { try await lease.renew() }
+        #expect(lease.fenced == nil)
+        real.advance(3)
+        try await lease.renew()
+        #expect(lease.fenced == nil)
+        #expect(lease.isValid(at: clock.now()))
+        #expect(try await OwnerLease.current(record)?.record.node == "a")
+    }
+}
+
+/// A store whose next listing fails once (a reply lost after a write landed).
+final class ListFailingStore: ObjectStore, Sendable {
+    let wrapped: MemoryStore
+    let failNextList = Mutex(false)
+    init(_ wrapped: MemoryStore) { self.wrapped = wrapped }
+    var description: String { "list-failing \(wrapped.description)" }
+    func confirmsCreateOnly() async throws(VDError) -> Bool { true }
+    func put(_ name: String, data: ByteBuffer) async throws(VDError) { try await wrapped.put(name, data: data) }
+    func replace(_ name: String, data: ByteBuffer) async throws(VDError) { try await wrapped.replace(name, data: data) }
+    func get(_ name: String) async throws(VDError) -> ByteBuffer { try await wrapped.get(name) }
+    func get(_ name: String, range: Range<UInt64>) async throws(VDError) -> ByteBuffer {
+        try await wrapped.get(name, range: range)
+    }
+    func head(_ name: String) async throws(VDError) -> ObjectInfo? { try await wrapped.head(name) }
+    func list(prefix: String) async throws(VDError) -> [ObjectInfo] {
+        let fail = failNextList.withLock { fail -> Bool in
+            defer { fail = false }
+            return fail
+        }
+        if fail { throw VDError(.backend, "the listing's reply was lost") }
+        return try await wrapped.list(prefix: prefix)
+    }
+    func delete(_ name: String) async throws(VDError) { try await wrapped.delete(name) }
+    func verifyAccess() async throws(VDError) {}
 }
