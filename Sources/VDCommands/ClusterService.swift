@@ -47,12 +47,76 @@ enum NodeRecords {
 
 extension RouterService {
     func moveVolume(_ text: String, _ request: MoveVolumeRequest) async throws(VDError) -> MoveVolumeResponse {
-        try await lifecycle.run { () async throws(VDError) -> MoveVolumeResponse in
-            try await move(text, request)
+        // Under the lifecycle lock: the checks, the drain and the release. The call to the target is made without it
+        // (two routers moving volumes to each other must not wait on each other's lock).
+        let started = Date()
+        let prepared = try await lifecycle.run { () async throws(VDError) -> PreparedMove in
+            try await prepareMove(text, request)
+        }
+        let name = prepared.name
+        let record = OwnerLease.record(
+            namespace: prepared.registration.namespace, store: try backends.store(named: prepared.registration.backend))
+        do {
+            _ = try await ManagementClient(host: prepared.host, port: prepared.port, token: prepared.token).takeVolume(
+                TakeVolumeRequest(name: name.rawValue, backend: try backends.url(of: prepared.registration.backend)))
+        } catch {
+            // The outcome decides, not the error (a lost reply may hide a take that happened).
+            let owner = try? await OwnerLease.current(record)
+            if let owner, owner.record.node == request.to, !owner.record.released {
+                try await lifecycle.run { () async throws(VDError) in forget(name, movedTo: request.to) }
+                throw VDError(
+                    error.code,
+                    "volume \(name) was taken by node \(request.to) (generation \(owner.record.generation)) but its reply was lost: \(error.message); this node no longer serves it"
+                )
+            }
+            if let owner, owner.record.released, owner.record.node == prepared.node {
+                // Nobody took it: this router takes its own release back (nothing was written since).
+                let reopened =
+                    (try? await lifecycle.run { () async throws(VDError) -> Bool in
+                        (try? await router.openVolume(named: name, retakingOwnRelease: true)) != nil
+                    }) ?? false
+                throw VDError(
+                    error.code,
+                    "node \(request.to) did not take volume \(name): \(error.message); "
+                        + (reopened
+                            ? "it is served here again"
+                            : "it is released and served nowhere: start `vd serve` again here, or attach it on another node")
+                )
+            }
+            throw VDError(
+                error.code,
+                "node \(request.to) did not take volume \(name): \(error.message); its owner record now names \(owner.map { "node \($0.record.node)" } ?? "an unknown owner (the backend did not answer)")"
+            )
+        }
+        try await lifecycle.run { () async throws(VDError) in forget(name, movedTo: request.to) }
+        let generation = try await OwnerLease.current(record)?.record.generation ?? 0
+        return MoveVolumeResponse(
+            volume: name.rawValue, from: prepared.node, to: request.to, generation: generation,
+            unstoredBytesAtStart: prepared.unstored, drainSeconds: prepared.drainSeconds,
+            totalSeconds: Date().timeIntervalSince(started))
+    }
+
+    private struct PreparedMove: Sendable {
+        var name: VolumeName
+        var node: String
+        var token: String
+        var host: String
+        var port: Int
+        var registration: VolumeRegistration
+        var unstored: UInt64
+        var drainSeconds: Double
+    }
+
+    /// The volume lives on another node now: this node forgets it (its flash is an earlier life).
+    private func forget(_ name: VolumeName, movedTo node: String) {
+        try? VolumeRegistry.remove(dataDirectory: configuration.dataDirectory, name: name, fs: router.env.fs)
+        let flash = configuration.effectiveFlashDirectory + "/" + name.rawValue
+        if router.env.fs.fileExists(flash) {
+            try? router.env.fs.rename(flash, flash + ".moved-to-\(node)-" + router.env.random.hexToken())
         }
     }
 
-    private func move(_ text: String, _ request: MoveVolumeRequest) async throws(VDError) -> MoveVolumeResponse {
+    private func prepareMove(_ text: String, _ request: MoveVolumeRequest) async throws(VDError) -> PreparedMove {
         let name = try VolumeName(validating: text)
         guard let node = configuration.clusterNode else {
             throw VDError(.configuration, "this router has no node name: start it with `vd serve --node NAME`")
@@ -61,7 +125,6 @@ extension RouterService {
         guard let token = ProcessInfo.processInfo.environment["VD_CLUSTER_TOKEN"], !token.isEmpty else {
             throw VDError(.configuration, "moving a volume needs the cluster token in VD_CLUSTER_TOKEN")
         }
-        let started = Date()
         guard let volume = router.volume(named: name), volume.ownerLease != nil else {
             throw VDError(.notFound, "volume \(name) is not served by this router (node \(node))")
         }
@@ -84,42 +147,19 @@ extension RouterService {
         let drainSeconds = Date().timeIntervalSince(drainStart)
         guard let closed, closed.released else {
             // Not everything reached the backend, or the release did not go through: the volume stays here.
-            _ = try? await router.openVolume(named: name)
+            let reopened = (try? await router.openVolume(named: name)) != nil
+            let why =
+                closed?.drained == true
+                ? "its owner record could not be released (see the log)"
+                : "\(ByteSize.format(closed?.unstoredBytes ?? 0)) were not on the backend after \(Int(timeout)) s"
             throw VDError(
                 .timeout,
-                closed?.drained == true
-                    ? "volume \(name) stays on node \(node): its owner record could not be released (see the log)"
-                    : "volume \(name) stays on node \(node): \(ByteSize.format(closed?.unstoredBytes ?? 0)) were not on the backend after \(Int(timeout)) s"
-            )
+                "volume \(name) was not moved: \(why); "
+                    + (reopened ? "it is served here again" : "it could not be opened again here (see the log)"))
         }
-        let backendURL = try backends.url(of: registration.backend)
-        do {
-            _ = try await ManagementClient(host: host, port: port, token: token).takeVolume(
-                TakeVolumeRequest(name: name.rawValue, backend: backendURL))
-        } catch {
-            // Nobody took it: this router takes its own release back (nothing was written since).
-            let reopened = (try? await router.openVolume(named: name)) != nil
-            throw VDError(
-                error.code,
-                "node \(request.to) did not take volume \(name): \(error.message); "
-                    + (reopened
-                        ? "it is served here again"
-                        : "it is released and served nowhere: start it on a node with `vd volume attach`"))
-        }
-        // The volume lives on the target now: this node forgets it (its flash is an earlier life).
-        try? VolumeRegistry.remove(dataDirectory: configuration.dataDirectory, name: name, fs: router.env.fs)
-        let flash = configuration.effectiveFlashDirectory + "/" + name.rawValue
-        if router.env.fs.fileExists(flash) {
-            try? router.env.fs.rename(flash, flash + ".moved-to-\(request.to)-" + router.env.random.hexToken())
-        }
-        let generation =
-            try await OwnerLease.current(
-                OwnerLease.record(
-                    namespace: registration.namespace, store: try backends.store(named: registration.backend))
-            )?.record.generation ?? 0
-        return MoveVolumeResponse(
-            volume: name.rawValue, from: node, to: request.to, generation: generation, unstoredBytesAtStart: unstored,
-            drainSeconds: drainSeconds, totalSeconds: Date().timeIntervalSince(started))
+        return PreparedMove(
+            name: name, node: node, token: token, host: host, port: port, registration: registration,
+            unstored: unstored, drainSeconds: drainSeconds)
     }
 
     func takeVolume(_ request: TakeVolumeRequest) async throws(VDError) -> VolumeStatus {

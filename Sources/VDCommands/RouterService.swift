@@ -63,6 +63,10 @@ final class RouterService: ManagementService {
     func volumeStatus(_ text: String) async throws(VDError) -> VolumeStatus {
         let name = try name(text)
         let registration = try registration(name)
+        if configuration.clusterNode != nil && router.volume(named: name) == nil {
+            // Routers share the backend: a status request never takes a volume's lease.
+            return status(registration, volume: nil, space: nil)
+        }
         let volume = try await router.openVolume(named: name)
         let space = try volume.space()
         let upload = volume.uploadStatus

@@ -113,7 +113,7 @@ package final class OwnerLease: Sendable {
     /// refused (`.busy`, naming it): `takeover` is the way to take it from an owner that is gone.
     package static func acquire(
         _ record: SequencedRecord, as identity: OwnerIdentity, leaseSeconds: Double, clock: any VDClock,
-        random: any RandomSource
+        random: any RandomSource, retakingOwnRelease: Bool = false
     ) async throws(VDError) -> OwnerLease {
         let found = try await current(record)
         guard let found else {
@@ -128,8 +128,11 @@ package final class OwnerLease: Sendable {
                 record, after: found.version, generation: owner.generation, identity: identity,
                 leaseSeconds: leaseSeconds, clock: clock, random: random, replacing: owner)
         }
-        // Released to this node (or to any), or our own release that nobody took yet (a move whose target failed).
-        if owner.released && (owner.releasedTo == nil || owner.releasedTo == identity.node || mine) {
+        // Released to this node (or to any), or, when asked, our own release that nobody took yet (a move whose
+        // target did not take it).
+        if owner.released
+            && (owner.releasedTo == nil || owner.releasedTo == identity.node || (mine && retakingOwnRelease))
+        {
             return try await write(
                 record, after: found.version, generation: owner.generation + 1, identity: identity,
                 leaseSeconds: leaseSeconds, clock: clock, random: random, replacing: owner)
@@ -239,7 +242,13 @@ package final class OwnerLease: Sendable {
             }
             if written % 16 == 0 { try? await record.prune(newest: written) }
         } catch  where error.code == .conflict {
-            let taker = try? await Self.current(record)
+            let taker: (version: UInt64, record: OwnerRecord)?
+            do {
+                taker = try await Self.current(record)
+            } catch {
+                // Cannot tell whose version that is: not a fence; the lease runs out unless a renewal succeeds.
+                throw VDError(error.code, "cannot renew the owner lease of \(record.prefix): \(error.message)")
+            }
             // Our own earlier renewal may have landed with its outcome lost (a reply, or the listing after it, failed):
             // that version is ours; its lease runs from when that attempt started.
             if let taker, let attemptStart = state.withLock({ $0.attempts[taker.record.nonce] }) {

@@ -328,7 +328,8 @@ package final class Router: Sendable {
     /// Opens a registered volume (its parent first, for a clone) if it is not open yet.
     @discardableResult
     package func open(
-        _ registration: VolumeRegistration, progress: @escaping @Sendable (String) -> Void
+        _ registration: VolumeRegistration, retakingOwnRelease: Bool = false,
+        progress: @escaping @Sendable (String) -> Void
     ) async throws(VDError)
         -> Volume
     {
@@ -352,18 +353,10 @@ package final class Router: Sendable {
         if closing.withLock({ $0.contains(registration.config.name) }) {
             throw VDError(.busy, "volume \(registration.config.name) is closing (being moved or deleted)")
         }
-        let lease = try await acquireOwnership(of: registration, backend: backend)
+        let lease = try await acquireOwnership(
+            of: registration, backend: backend, retakingOwnRelease: retakingOwnRelease)
         if let lease, lease.servedElsewhereBefore {
-            // Another router served the volume since this flash directory was written (or this router never did):
-            // what is here is an earlier life; the backend is the only source (as `vd volume attach` does).
-            let flash = layout(for: registration).flashDirectory
-            if env.fs.fileExists(flash) {
-                try env.fs.rename(flash, flash + ".before-generation-\(lease.generation)-" + env.random.hexToken())
-                try env.fs.syncDirectory(configuration.flashDirectory)
-                logger.info(
-                    "volume \(registration.config.name): local flash of an earlier ownership set aside; restoring from the backend"
-                )
-            }
+            try setLocalFlashAside(registration, reason: "generation \(lease.generation) follows another router's")
         }
         let volume = try await Volume.open(
             config: registration.config, layout: layout(for: registration), options: options,
@@ -376,7 +369,7 @@ package final class Router: Sendable {
     /// The owner lease of a volume when routers share the backend (nil otherwise): taken without waiting, or
     /// refused (`.busy`) naming the router that holds it.
     private func acquireOwnership(
-        of registration: VolumeRegistration, backend: any ObjectStore
+        of registration: VolumeRegistration, backend: any ObjectStore, retakingOwnRelease: Bool
     ) async throws(VDError) -> OwnerLease? {
         guard let ownership = configuration.ownership else { return nil }
         guard try await backend.confirmsCreateOnly() else {
@@ -387,11 +380,31 @@ package final class Router: Sendable {
         }
         let identity = OwnerIdentity(node: ownership.node, instance: try instanceID())
         let record = OwnerLease.record(namespace: registration.namespace, store: backend)
+        // Decide about local state before writing: if the newest record is another router's, this flash directory
+        // is an earlier life whatever happens next (a crash right after the write must not leave it trusted).
+        if let current = try await OwnerLease.current(record),
+            current.record.instance != identity.instance || current.record.node != identity.node
+        {
+            try setLocalFlashAside(
+                registration, reason: "another router (\(current.record.node)) owned the volume since")
+        }
         let lease = try await OwnerLease.acquire(
-            record, as: identity, leaseSeconds: ownership.leaseSeconds, clock: env.clock, random: env.random)
+            record, as: identity, leaseSeconds: ownership.leaseSeconds, clock: env.clock, random: env.random,
+            retakingOwnRelease: retakingOwnRelease)
         logger.info(
             "volume \(registration.config.name): owned by node \(ownership.node), generation \(lease.generation)")
         return lease
+    }
+
+    /// Another router served the volume since this flash directory was written: what is here is an earlier life;
+    /// the backend is the only source (as `vd volume attach` does).
+    private func setLocalFlashAside(_ registration: VolumeRegistration, reason: String) throws(VDError) {
+        let flash = layout(for: registration).flashDirectory
+        guard env.fs.fileExists(flash) else { return }
+        try env.fs.rename(flash, flash + ".earlier-ownership-" + env.random.hexToken())
+        try env.fs.syncDirectory(configuration.flashDirectory)
+        logger.info(
+            "volume \(registration.config.name): local flash set aside (\(reason)); restoring from the backend")
     }
 
     /// A random id of this data directory (DATA/instance.id, made once): the same node name on another data
@@ -461,7 +474,9 @@ package final class Router: Sendable {
     }
 
     /// The open volume, opening it (and its parents) on demand.
-    package func openVolume(named name: VolumeName) async throws(VDError) -> Volume {
+    package func openVolume(
+        named name: VolumeName, retakingOwnRelease: Bool = false
+    ) async throws(VDError) -> Volume {
         if let volume = volume(named: name) { return volume }
         guard
             let registration = try VolumeRegistry.read(
@@ -470,7 +485,7 @@ package final class Router: Sendable {
             throw VDError(.notFound, "no volume named \(name) in \(configuration.dataDirectory) (see `vd volume list`)")
         }
         let logger = self.logger
-        return try await open(registration) { logger.info("\($0)") }
+        return try await open(registration, retakingOwnRelease: retakingOwnRelease) { logger.info("\($0)") }
     }
     package var volumes: [Volume] { state.withLock { $0.values.sorted { $0.name < $1.name } } }
 
@@ -478,9 +493,9 @@ package final class Router: Sendable {
     package func closeVolume(
         _ name: VolumeName, drainTimeoutSeconds: Double? = nil, releaseTo node: String? = nil
     ) async -> CloseResult? {
-        guard let volume = state.withLock({ $0.removeValue(forKey: name) }) else { return nil }
         closing.withLock { _ = $0.insert(name) }
         defer { closing.withLock { _ = $0.remove(name) } }
+        guard let volume = state.withLock({ $0.removeValue(forKey: name) }) else { return nil }
         let result = await volume.close(drainTimeoutSeconds: drainTimeoutSeconds, releaseTo: node)
         cache.forget(volume: volume.config.id)
         return result

@@ -49,7 +49,8 @@ extension Volume {
             let deadline = env.clock.now() + .milliseconds(Int64(timeout * 1000))
             let lastSealed = SCONumber(journal.openEpoch - 1)
             while env.clock.now() < deadline {
-                if uploader.storedThrough >= lastSealed {
+                // Every sealed epoch and the newest snapshot table (a deletion may have changed only the table).
+                if uploader.storedThrough >= lastSealed && !catalog.needsUpload {
                     drained = true
                     break
                 }

@@ -1497,7 +1497,12 @@ final class Simulation: @unchecked Sendable {
             for sector in 0..<model.sectorCount {
                 let value = observed[sector]
                 var list = model.writes[sector] ?? []
-                if let index = list.lastIndex(where: { $0.id == value }) {
+                if model.inFlight[sector] == value && value != model.current(sector) {
+                    // An operation in flight at the crash landed (recovery may finish one, e.g. a rollback). It may
+                    // re-instate an older write's value, but it is a new change of this epoch: recorded as such, not
+                    // as that older write (which would claim the backend held it already).
+                    list.append(SectorWrite(id: value, replySeq: reply, issueSeq: 0, epochAtReply: epoch))
+                } else if let index = list.lastIndex(where: { $0.id == value }) {
                     list.removeSubrange((index + 1)...)
                 } else if value == model.storedFloor[sector] && (kind == .power) {
                     list = []

@@ -195,7 +195,13 @@ final class CountingRandom: RandomSource {
             record, as: a, leaseSeconds: 10, clock: clock, random: CountingRandom())
         #expect(!first.servedElsewhereBefore)
         try await first.release(to: "b")
-        let back = try await OwnerLease.acquire(record, as: a, leaseSeconds: 10, clock: clock, random: CountingRandom())
+        // Only when asked (a move's failure path): an ordinary open does not take back a release meant for b.
+        await #expect(throws: VDError.self) {
+            _ = try await OwnerLease.acquire(
+                record, as: self.a, leaseSeconds: 10, clock: clock, random: CountingRandom())
+        }
+        let back = try await OwnerLease.acquire(
+            record, as: a, leaseSeconds: 10, clock: clock, random: CountingRandom(), retakingOwnRelease: true)
         #expect(back.generation == 2 && !back.servedElsewhereBefore)
         try await back.release(to: "b")
         let onB = try await OwnerLease.acquire(record, as: b, leaseSeconds: 10, clock: clock, random: CountingRandom())
