@@ -100,22 +100,11 @@ __attribute__((target("sse4.2"))) static uint32_t vd_crc32c_hardware(uint32_t cr
 static uint32_t vd_shift_table[4][256];
 static int vd_shift_ready = 0;
 
-__attribute__((target("sse4.2"))) static uint64_t vd_crc32c_words(uint64_t c, const unsigned char *p, size_t n) {
-    while (n >= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        c = _mm_crc32_u64(c, w);
-        p += 8;
-        n -= 8;
-    }
-    return c;
-}
-
 static void vd_build_shift_table(void) {
     static const unsigned char zeroes[VD_STRIPE];
     for (int k = 0; k < 4; k++) {
         for (uint32_t b = 0; b < 256; b++) {
-            vd_shift_table[k][b] = (uint32_t)vd_crc32c_words((uint64_t)(b << (8 * k)), zeroes, VD_STRIPE);
+            vd_shift_table[k][b] = vd_crc32c_hardware(b << (8 * k), zeroes, VD_STRIPE);
         }
     }
     __atomic_store_n(&vd_shift_ready, 1, __ATOMIC_RELEASE);
