@@ -333,13 +333,16 @@ import VolumeCore
         }
         // Sealed SCOs on the backend are exactly their recorded length (nothing appended after sealing).
         let store = h.backend as! MemoryStore
-        for name in store.allNames where name.contains("/sco/") {
-            let object = try await store.get(name)
-            let tlog = try TLog.decode(try await store.get(name.replacingOccurrences(of: "/sco/", with: "/tlog/")), what: name)
-            guard case .scoSealed(_, let length, let crc)? = tlog.records.last else {
-                Issue.record("TLog without a sealed record")
+        // Each TLog names its epoch's SCO (SCO numbers and epochs are separate sequences: not paired by number).
+        let tlogs = store.allNames.filter { $0.contains("/tlog/") }
+        #expect(!tlogs.isEmpty)
+        for name in tlogs {
+            let tlog = try TLog.decode(try await store.get(name), what: name)
+            guard case .scoSealed(let sco, let length, let crc)? = tlog.records.last else {
+                Issue.record("TLog \(name) without a sealed record")
                 continue
             }
+            let object = try await store.get(h.volume.layout.scoObject(sco))
             #expect(UInt64(object.readableBytes) == length)
             #expect(CRC32C.checksum(object) == crc)
         }
