@@ -265,6 +265,39 @@ public protocol ManagementService: Sendable {
     func moveVolume(_ volume: String, _ request: MoveVolumeRequest) async throws(VDError) -> MoveVolumeResponse
     /// Takes a volume released to this node (the second half of a move), registering it from its backend.
     func takeVolume(_ request: TakeVolumeRequest) async throws(VDError) -> VolumeStatus
+    /// Takes a volume whose owner is gone (stopped renewing): waits its lease out, then owns and serves it.
+    func takeoverVolume(_ request: TakeoverVolumeRequest) async throws(VDError) -> VolumeStatus
+    /// Every volume in a backend with its owner record (owner, generation, lease age).
+    func clusterVolumes(backend: String?) async throws(VDError) -> [ClusterVolume]
+}
+
+public struct TakeoverVolumeRequest: Codable, Sendable, Hashable {
+    public var name: String
+    /// The backend (name in the configuration, or URL); the default backend when nil.
+    public var backend: String?
+    public init(name: String, backend: String? = nil) {
+        self.name = name
+        self.backend = backend
+    }
+}
+
+/// One volume of a backend as `vd volume list --cluster` shows it.
+public struct ClusterVolume: Codable, Sendable, Hashable {
+    public var name: String
+    /// The owner record's node (nil: no router has owned it yet).
+    public var owner: String?
+    public var generation: UInt64?
+    public var leaseSeconds: Double?
+    /// Seconds since the owner last renewed, by the owner's wall clock against this router's (for people:
+    /// decisions never use wall clocks).
+    public var leaseAgeSeconds: Double?
+    public var released: Bool?
+    public var releasedTo: String?
+    /// The owner's cluster address, from its record.
+    public var address: String?
+    /// Set when the record could not be read.
+    public var error: String?
+    public init(name: String) { self.name = name }
 }
 
 public struct MoveVolumeRequest: Codable, Sendable, Hashable {

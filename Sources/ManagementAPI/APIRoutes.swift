@@ -13,6 +13,10 @@
 //   POST   /v1/volumes/NAME/export-diff                 write a stream   ExportDiffRequest
 //   POST   /v1/volumes/NAME/import-diff                 apply a stream   ImportDiffRequest
 //   POST   /v1/volumes/NAME/scrub-results               apply new scrub results now
+//   POST   /v1/volumes/take                             take a volume released to this node   TakeVolumeRequest
+//   POST   /v1/volumes/takeover                         take a volume whose owner is gone     TakeoverVolumeRequest
+//   POST   /v1/volumes/NAME/move                        move to another node  MoveVolumeRequest
+//   GET    /v1/cluster/volumes[?backend=B]              every volume of a backend with its owner
 //   POST   /v1/clones                                   clone         CreateCloneRequest
 //   GET    /metrics                                     Prometheus text
 // Errors: JSON {"code", "message"} with 400 (bad request), 404 (not found), 409 (exists, busy), 500 (the rest).
@@ -90,6 +94,10 @@ public enum APIRoutes {
                 return .json(try await service.exportDiff(p[2], try decode(body)))
             case ("POST", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "import-diff":
                 return .json(try await service.importDiff(p[2], try decode(body)))
+            case ("POST", ["v1", "volumes", "takeover"]):
+                return .json(try await service.takeoverVolume(try decode(body)))
+            case ("GET", ["v1", "cluster", "volumes"]):
+                return .json(try await service.clusterVolumes(backend: query(path)["backend"]))
             case ("POST", ["v1", "volumes", "take"]):
                 return .json(try await service.takeVolume(try decode(body)))
             case ("POST", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "move":
@@ -106,6 +114,50 @@ public enum APIRoutes {
         } catch {
             return .error(error)
         }
+    }
+
+    /// The query parameters of a path (`?a=b&c=d`, percent-decoded).
+    static func query(_ path: String) -> [String: String] {
+        guard let question = path.firstIndex(of: "?") else { return [:] }
+        var result: [String: String] = [:]
+        for pair in path[path.index(after: question)...].split(separator: "&") {
+            let parts = pair.split(separator: "=", maxSplits: 1).map { percentDecoded(String($0)) }
+            if parts.count == 2 { result[parts[0]] = parts[1] }
+        }
+        return result
+    }
+
+    /// Every byte but letters, digits and `-._~` as %XX.
+    public static func percentEncoded(_ text: String) -> String {
+        var out = ""
+        for byte in text.utf8 {
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+                UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"),
+                UInt8(ascii: "~"):
+                out.unicodeScalars.append(Unicode.Scalar(byte))
+            default:
+                let hex = String(byte, radix: 16, uppercase: true)
+                out += "%" + (hex.count == 1 ? "0" : "") + hex
+            }
+        }
+        return out
+    }
+
+    static func percentDecoded(_ text: String) -> String {
+        var bytes: [UInt8] = []
+        var utf8 = Array(text.utf8)[...]
+        while let byte = utf8.popFirst() {
+            if byte == UInt8(ascii: "%"), utf8.count >= 2,
+                let value = UInt8(String(decoding: utf8.prefix(2), as: UTF8.self), radix: 16)
+            {
+                bytes.append(value)
+                utf8 = utf8.dropFirst(2)
+            } else {
+                bytes.append(byte == UInt8(ascii: "+") ? UInt8(ascii: " ") : byte)
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
     }
 
     static func decode<T: Decodable>(_ body: [UInt8]) throws(VDError) -> T {

@@ -91,6 +91,13 @@ public struct ManagementClient: ManagementService {
     public func takeVolume(_ request: TakeVolumeRequest) async throws(VDError) -> VolumeStatus {
         try await call("POST", "/v1/volumes/take", request)
     }
+    public func takeoverVolume(_ request: TakeoverVolumeRequest) async throws(VDError) -> VolumeStatus {
+        try await call("POST", "/v1/volumes/takeover", request)
+    }
+    public func clusterVolumes(backend: String?) async throws(VDError) -> [ClusterVolume] {
+        let query = backend.map { "?backend=" + APIRoutes.percentEncoded($0) } ?? ""
+        return try await call("GET", "/v1/cluster/volumes" + query)
+    }
     public func metrics() async throws(VDError) -> String {
         let (_, body) = try await send("GET", "/metrics", body: [])
         return String(decoding: body, as: UTF8.self)

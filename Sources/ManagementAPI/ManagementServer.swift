@@ -202,8 +202,9 @@ final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
         let parts = path.split(separator: "?").first.map { $0.split(separator: "/").map(String.init) } ?? []
         switch (method, parts.count) {
         case ("GET", _):
-            return parts == ["metrics"] || parts == ["v1", "volumes"] || (parts.count == 3 && parts[1] == "volumes")
-        case ("POST", 3): return parts == ["v1", "volumes", "take"]
+            return parts == ["metrics"] || parts == ["v1", "volumes"] || parts == ["v1", "cluster", "volumes"]
+                || (parts.count == 3 && parts[1] == "volumes")
+        case ("POST", 3): return parts == ["v1", "volumes", "take"] || parts == ["v1", "volumes", "takeover"]
         case ("POST", 4): return parts[0] == "v1" && parts[1] == "volumes" && parts[3] == "move"
         default: return false
         }

@@ -91,6 +91,10 @@ public struct InstrumentedObjectStore: ObjectStore {
         try await measure("head") { () async throws(VDError) in try await wrapped.head(name) }
     }
 
+    public func listChildren(of prefix: String) async throws(VDError) -> [String] {
+        try await measure("list") { () async throws(VDError) in try await wrapped.listChildren(of: prefix) }
+    }
+
     public func list(prefix: String) async throws(VDError) -> [ObjectInfo] {
         try await measure("list") { () async throws(VDError) in try await wrapped.list(prefix: prefix) }
     }

@@ -207,6 +207,15 @@ public final class LocalDirectoryStore: ObjectStore {
         }
     }
 
+    public func listChildren(of prefix: String) async throws(VDError) -> [String] {
+        precondition(prefix.isEmpty || prefix.hasSuffix("/"), "listChildren takes a prefix ending with /")
+        let directory = prefix.isEmpty ? root : root + "/" + prefix.dropLast()
+        return try await run { () throws(VDError) -> [String] in
+            guard Syscall.isDirectory(directory) else { return [] }
+            return try Syscall.listDirectory(directory).filter { !$0.hasPrefix(".tmp-") && !$0.hasPrefix(".") }.sorted()
+        }
+    }
+
     public func list(prefix: String) async throws(VDError) -> [ObjectInfo] {
         let root = self.root
         return try await run { () throws(VDError) -> [ObjectInfo] in

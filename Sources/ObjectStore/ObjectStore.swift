@@ -44,6 +44,10 @@ public protocol ObjectStore: Sendable {
     func list(prefix: String) async throws(VDError) -> [ObjectInfo]
     /// Removes the object. Removing a missing object succeeds.
     func delete(_ name: String) async throws(VDError)
+    /// The distinct first path components of the names under `prefix` (empty, or ending with "/"), sorted: what
+    /// a listing with delimiter "/" returns. The default lists every name under the prefix; stores that can ask for
+    /// only the components (S3's delimiter, a directory) override it.
+    func listChildren(of prefix: String) async throws(VDError) -> [String]
     /// Whether `put` refuses other bytes under an existing name (what compare-and-swap by create-only names, as
     /// ownership records use, rests on), checked against the store itself where it could be wrong: an S3 server
     /// may ignore If-None-Match (rclone's does), so S3 stores probe it once.
@@ -61,6 +65,17 @@ extension ObjectStore {
     public var unwrapped: any ObjectStore {
         if let instrumented = self as? InstrumentedObjectStore { return instrumented.underlying.unwrapped }
         return self
+    }
+
+    public func listChildren(of prefix: String) async throws(VDError) -> [String] {
+        precondition(prefix.isEmpty || prefix.hasSuffix("/"), "listChildren takes a prefix ending with /")
+        var children = Set<String>()
+        for info in try await list(prefix: prefix) {
+            if let first = info.name.dropFirst(prefix.count).split(separator: "/").first {
+                children.insert(String(first))
+            }
+        }
+        return children.sorted()
     }
 
     public func put(_ name: String, contentsOf path: String, length: UInt64) async throws(VDError) {

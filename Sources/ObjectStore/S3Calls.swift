@@ -60,17 +60,20 @@ enum S3Calls {
                             case .delete:
                                 var handler = responseHandler
                                 S3_delete_object(&bucketContext, key, context, &handler, callbackData)
-                            case .list(let prefix, let marker, let maxKeys):
+                            case .list(let prefix, let marker, let maxKeys, let delimiter):
                                 var handler = S3ListBucketHandler(
                                     responseHandler: responseHandler,
-                                    listBucketCallback: { truncated, next, count, contents, _, _, data in
-                                        S3Calls.listed(truncated, next, count, contents, data)
+                                    listBucketCallback: {
+                                        truncated, next, count, contents, prefixCount, prefixes, data in
+                                        S3Calls.listed(truncated, next, count, contents, prefixCount, prefixes, data)
                                     })
                                 prefix.withCString { prefix in
                                     withOptionalCString(marker) { marker in
-                                        S3_list_bucket(
-                                            &bucketContext, prefix.pointee == 0 ? nil : prefix, marker, nil, maxKeys,
-                                            context, &handler, callbackData)
+                                        withOptionalCString(delimiter) { delimiter in
+                                            S3_list_bucket(
+                                                &bucketContext, prefix.pointee == 0 ? nil : prefix, marker, delimiter,
+                                                maxKeys, context, &handler, callbackData)
+                                        }
                                     }
                                 }
                             case .testBucket:
@@ -186,7 +189,8 @@ enum S3Calls {
 
     static func listed(
         _ isTruncated: Int32, _ nextMarker: UnsafePointer<CChar>?, _ count: Int32,
-        _ contents: UnsafePointer<S3ListBucketContent>?, _ data: UnsafeMutableRawPointer?
+        _ contents: UnsafePointer<S3ListBucketContent>?, _ prefixCount: Int32,
+        _ prefixes: UnsafeMutablePointer<UnsafePointer<CChar>?>?, _ data: UnsafeMutableRawPointer?
     ) -> S3Status {
         let request = request(data)
         request.progressed()
@@ -195,6 +199,11 @@ enum S3Calls {
                 let entry = contents[index]
                 guard let key = string(entry.key) else { continue }
                 request.result.listed.append(ObjectInfo(name: key, sizeBytes: entry.size))
+            }
+        }
+        if let prefixes {
+            for index in 0..<Int(max(prefixCount, 0)) {
+                if let prefix = string(prefixes[index]) { request.result.commonPrefixes.append(prefix) }
             }
         }
         request.result.isTruncated = isTruncated != 0

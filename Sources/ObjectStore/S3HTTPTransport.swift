@@ -202,9 +202,10 @@ final class S3HTTPTransport: S3Transport {
         case .delete:
             method = .DELETE
             path += "/" + request.key
-        case .list(let prefix, let marker, let maxKeys):
+        case .list(let prefix, let marker, let maxKeys, let delimiter):
             path += "/"
             query.append(("max-keys", String(maxKeys)))
+            if let delimiter { query.append(("delimiter", delimiter)) }
             if !prefix.isEmpty { query.append(("prefix", prefix)) }
             if let marker { query.append(("marker", marker)) }
         case .testBucket:
@@ -332,6 +333,9 @@ final class S3HTTPTransport: S3Transport {
             guard let key = XMLText.first("Key", in: entry) else { continue }
             let size = XMLText.first("Size", in: entry).flatMap { UInt64($0) } ?? 0
             result.listed.append(ObjectInfo(name: key, sizeBytes: size))
+        }
+        for entry in XMLText.all("CommonPrefixes", in: text) {
+            if let prefix = XMLText.first("Prefix", in: entry) { result.commonPrefixes.append(prefix) }
         }
         result.isTruncated = XMLText.first("IsTruncated", in: text) == "true"
         result.nextMarker = XMLText.first("NextMarker", in: text)

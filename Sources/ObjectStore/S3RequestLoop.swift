@@ -35,7 +35,7 @@ enum S3Operation {
     case get(startByte: UInt64, byteCount: UInt64)
     case head
     case delete
-    case list(prefix: String, marker: String?, maxKeys: Int32)
+    case list(prefix: String, marker: String?, maxKeys: Int32, delimiter: String? = nil)
     case testBucket
     case createBucket
     // Multipart uploads: signature V4 only (S3HTTPTransport); libs3's loop refuses them.
@@ -101,6 +101,8 @@ struct S3AttemptResult: Sendable {
     var nextKeyMarker: String?
     var nextUploadIDMarker: String?
     var isTruncated = false
+    /// With a delimiter: the names that continue past it, up to and including it.
+    var commonPrefixes: [String] = []
     var nextMarker: String?
 
     var isOK: Bool { status == S3StatusOK.rawValue && abort == nil }

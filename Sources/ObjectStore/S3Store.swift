@@ -520,6 +520,35 @@ public final class S3Store: ObjectStore {
         return results
     }
 
+    public func listChildren(of prefix: String) async throws(VDError) -> [String] {
+        precondition(prefix.isEmpty || prefix.hasSuffix("/"), "listChildren takes a prefix ending with /")
+        var children = Set<String>()
+        var marker: String?
+        let what = prefix.isEmpty ? "(top level)" : "prefix \(prefix)"
+        while true {
+            let operation = S3Operation.list(
+                prefix: prefix, marker: marker, maxKeys: Self.listPageKeysMax, delimiter: "/")
+            let page = try await perform("LIST", what, operation) { (result) -> Verdict<S3AttemptResult> in
+                result.isOK ? .success(result) : self.failure(result, "LIST", what)
+            }
+            for name in page.commonPrefixes + page.listed.map(\.name) where name.hasPrefix(prefix) {
+                if let first = name.dropFirst(prefix.count).split(separator: "/").first {
+                    children.insert(String(first))
+                }
+            }
+            guard page.isTruncated else { break }
+            let last = max(page.listed.last?.name ?? "", page.commonPrefixes.max() ?? "")
+            guard let next = page.nextMarker ?? (last.isEmpty ? nil : last), next > (marker ?? "") else {
+                throw VDError(
+                    .backend,
+                    "S3 LIST of \(what) in \(description): the server said the listing is truncated but gave no marker past '\(marker ?? "")'"
+                )
+            }
+            marker = next
+        }
+        return children.sorted()
+    }
+
     public func delete(_ name: String) async throws(VDError) {
         try ObjectName.validate(name)
         try await perform("DELETE", name, .delete) { (result) -> Verdict<Void> in

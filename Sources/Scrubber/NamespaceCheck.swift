@@ -116,7 +116,7 @@ package struct NamespaceCheck {
                         "\(object) does not match the checksum its history recorded: \(error.message)")
                 }
                 continue
-            } catch where error.code == .notFound {
+            } catch  where error.code == .notFound {
                 if try await finishedSince(sco) {
                     report.notes.append("\(object) was deleted by a scrub result the router finished during the check")
                 } else {
@@ -159,6 +159,8 @@ package struct NamespaceCheck {
             }
         }
         report.orphans += routerOrphans.map { layout.scoObject($0) }
+        // TLogs named with another generation than the chain gives their epoch: a fenced owner's late uploads.
+        report.orphans += contents.foreignTLogs
         if !repair {
             report.orphans += scrubLeftovers
             return report

@@ -32,6 +32,10 @@ package struct NamespaceContents: Sendable {
     /// Object names present under the namespace's sco/ and tlog/ prefixes.
     package var scoObjects: [SCONumber: UInt64] = [:]
     package var tlogNumbers: [SCONumber] = []
+    /// Which owner generation wrote which epochs; TLogs named with another generation (a fenced owner's) are
+    /// `foreignTLogs`, never part of the history.
+    package var generations = GenerationChain()
+    package var foreignTLogs: [String] = []
     /// The contiguous prefix of TLogs replayed (nil: none).
     package var lastEpoch: SCONumber?
     /// Scrub results whose `scrubApplied` entry is in the replayed history.
@@ -88,16 +92,22 @@ package final class NamespaceReplay: @unchecked Sendable {
         do {
             config = try await NamespaceObjects.getVerified(layout.configObject, backend: backend) {
                 (bytes) throws(VDError) in
-                try MetadataRecord.decode(VolumeConfig.self, from: bytes, kind: .volumeConfig, what: layout.configObject)
+                try MetadataRecord.decode(
+                    VolumeConfig.self, from: bytes, kind: .volumeConfig, what: layout.configObject)
             }
-        } catch where error.code == .notFound {
+        } catch  where error.code == .notFound {
             throw VDError(.notFound, "the backend (\(backend.description)) has no volume named \(volume)")
         }
         var contents = NamespaceContents(config: config, snapshots: SnapshotTable())
         // TLogs first, then what they may depend on: a TLog is uploaded only after the snapshot table version and
         // the scrub results it relies on, so reading those afterwards sees at least what every listed TLog needs.
-        contents.tlogNumbers = VolumeLayout.numbers(
-            in: try await backend.list(prefix: layout.tlogPrefix).map(\.name), prefix: layout.tlogPrefix)
+        let tlogNames = try await backend.list(prefix: layout.tlogPrefix).map(\.name)
+        // The chain after the listing: a TLog of a generation is uploaded only after that generation's start.
+        contents.generations = try await NamespaceObjects.loadGenerationChain(layout: layout, backend: backend)
+        contents.tlogNumbers = contents.generations.historyTLogs(in: tlogNames, layout: layout).sorted().map {
+            SCONumber($0)
+        }
+        contents.foreignTLogs = contents.generations.foreignTLogs(in: tlogNames, layout: layout)
         for info in try await backend.list(prefix: layout.scoPrefix) {
             if let number = SCONumber(hex: info.name.dropFirst(layout.scoPrefix.count)) {
                 contents.scoObjects[number] = info.sizeBytes
@@ -128,7 +138,7 @@ package final class NamespaceReplay: @unchecked Sendable {
                 let available = Set(contents.tlogNumbers)
                 var done = 0
                 while available.contains(epoch) {
-                    let object = layout.tlogObject(epoch)
+                    let object = contents.generations.tlogObject(epoch.rawValue, layout: layout)
                     let tlog = try await NamespaceObjects.getVerified(object, backend: backend) {
                         (bytes) throws(VDError) in
                         try TLog.decode(bytes, what: object)
@@ -285,6 +295,42 @@ package final class NamespaceReplay: @unchecked Sendable {
 
 /// Reading namespace metadata objects (shared with the router).
 package enum NamespaceObjects {
+    /// The volume's generation chain (empty when no owner ever started a tagged generation), verified.
+    package static func loadGenerationChain(
+        layout: VolumeLayout, backend: any ObjectStore
+    ) async throws(VDError) -> GenerationChain {
+        var starts: [GenerationStart] = []
+        for info in try await backend.list(prefix: layout.generationsPrefix) {
+            guard let generation = SCONumber(hex: info.name.dropFirst(layout.generationsPrefix.count)) else { continue }
+            let start = try await getVerified(info.name, backend: backend) { (bytes) throws(VDError) in
+                try MetadataRecord.decode(GenerationStart.self, from: bytes, kind: .generationStart, what: info.name)
+            }
+            guard start.generation == generation.rawValue, start.generation >= GenerationChain.firstTagged else {
+                throw VDError(.corrupt, "\(info.name) describes generation \(start.generation)")
+            }
+            starts.append(start)
+        }
+        let chain = GenerationChain(starts)
+        try chain.validate(what: layout.generationsPrefix)
+        return chain
+    }
+
+    /// Writes the start of a generation (create-only: an existing start is never replaced) and returns the one that
+    /// is on the backend (this one, or the one an earlier attempt of the same owner wrote).
+    package static func startGeneration(
+        _ start: GenerationStart, layout: VolumeLayout, backend: any ObjectStore
+    ) async throws(VDError) -> GenerationStart {
+        let name = layout.generationObject(start.generation)
+        do {
+            try await backend.put(name, data: try MetadataRecord.encode(start, kind: .generationStart))
+            return start
+        } catch  where error.code == .alreadyExists {
+            return try await getVerified(name, backend: backend) { (bytes) throws(VDError) in
+                try MetadataRecord.decode(GenerationStart.self, from: bytes, kind: .generationStart, what: name)
+            }
+        }
+    }
+
     /// The ids of the scrub results in a namespace, and which are marked applied (names only: nothing downloaded).
     package static func listScrubResults(
         layout: VolumeLayout, backend: any ObjectStore

@@ -236,10 +236,12 @@ package struct Scrubber {
         // Only the lease holder publishes: a run that lost its lease leaves its SCOs for the next run to remove.
         try await lease.verifyHeld(backend: backend)
 
-        let result = ScrubResult(
+        var result = ScrubResult(
             id: resultID, volumeID: contents.config.id, createdAt: env.clock.wallNow(), sources: sources,
             created: created, relocations: relocations,
             sourceBytes: summary.sourceBytes, copiedBytes: summary.copiedBytes)
+        result.historyEpoch = contents.lastEpoch?.rawValue
+        result.historyTag = contents.lastEpoch.flatMap { contents.generations.tag(ofEpoch: $0.rawValue) }
         try await backend.put(
             layout.scrubResultObject(resultID), data: try MetadataRecord.encode(result, kind: .scrubResult))
         env.tasks.failpoint("after-result")

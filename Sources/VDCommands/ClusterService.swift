@@ -176,4 +176,80 @@ extension RouterService {
         }
         return try await attachVolume(AttachVolumeRequest(name: name.rawValue, backend: request.backend))
     }
+
+    /// `vd volume takeover`: the volume's owner is gone (it stopped renewing). Registers the volume from its backend
+    /// if it is not registered here, waits the owner's lease out (without holding the lifecycle lock: that takes
+    /// the lease period), then opens it in the next generation. A live owner (one that renews meanwhile) keeps it:
+    /// `.busy`. Of two routers taking over at once, one wins.
+    func takeoverVolume(_ request: TakeoverVolumeRequest) async throws(VDError) -> VolumeStatus {
+        let name = try VolumeName(validating: request.name)
+        guard online, configuration.clusterNode != nil else {
+            throw VDError(
+                .configuration,
+                "taking a volume over needs a running router with a node name (`vd serve --node NAME`), which then serves it"
+            )
+        }
+        if router.volume(named: name) != nil { throw VDError(.alreadyExists, "volume \(name) is already served here") }
+        let fs = router.env.fs
+        let (registered, attached) = try await lifecycle.run { () async throws(VDError) -> (VolumeRegistration, Bool) in
+            if let existing = try VolumeRegistry.read(dataDirectory: dataDirectory, name: name, fs: fs) {
+                return (existing, false)
+            }
+            let backendName = request.backend ?? configuration.defaultBackend
+            let store = try backends.store(named: backendName)
+            try await store.verifyAccess()
+            // Local flash of an earlier life here is set aside: the backend is the only source.
+            _ = try await VolumeAdministration.attach(
+                dataDirectory: dataDirectory, flashDirectory: configuration.effectiveFlashDirectory, fs: fs,
+                random: router.env.random, name: name, backendName: backendName, backend: store)
+            return (try registration(name), true)
+        }
+        let lease: OwnerLease
+        do throws(VDError) {
+            lease = try await router.takeOver(registered)
+        } catch {
+            if attached { try? VolumeRegistry.remove(dataDirectory: dataDirectory, name: name, fs: fs) }
+            throw error
+        }
+        let logger = router.logger
+        return try await lifecycle.run { () async throws(VDError) -> VolumeStatus in
+            do throws(VDError) {
+                let volume = try await router.open(registered, taken: lease) { logger.info("\($0)") }
+                return status(registered, volume: volume, space: nil)
+            } catch {
+                // Not served here after all: give it up so another router can take it without waiting.
+                logger.error("volume \(name): taken over but cannot be opened (\(error)); releasing it")
+                try? await lease.release(to: nil)
+                throw error
+            }
+        }
+    }
+
+    /// Every volume of a backend (a namespace with a configuration object) with its owner record.
+    func clusterVolumes(backend: String?) async throws(VDError) -> [ClusterVolume] {
+        let store = try backends.store(named: backend ?? configuration.defaultBackend)
+        var volumes: [ClusterVolume] = []
+        let now = Date()
+        for child in try await store.listChildren(of: "") {
+            guard (try? VolumeName(validating: child)) != nil,
+                try await store.head(VolumeLayout(flashDirectory: "", namespace: child).configObject) != nil
+            else { continue }
+            var entry = ClusterVolume(name: child)
+            do {
+                if let owner = try await OwnerLease.current(OwnerLease.record(namespace: child, store: store)) {
+                    entry.owner = owner.record.node
+                    entry.generation = owner.record.generation
+                    entry.leaseSeconds = owner.record.leaseSeconds
+                    entry.leaseAgeSeconds = max(0, now.timeIntervalSince(owner.record.writtenAt))
+                    entry.released = owner.record.released
+                    entry.releasedTo = owner.record.releasedTo
+                    entry.address = owner.record.address
+                }
+            } catch {
+                entry.error = error.message
+            }
+            volumes.append(entry)
+        }
+        return volumes
+    }
 }

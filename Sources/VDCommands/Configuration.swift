@@ -12,6 +12,8 @@ package import VolumeRouter
 /// The settings in effect, after defaults, the file and the command line.
 package struct VDConfiguration: Sendable {
     package var dataDirectory: String
+    /// `--router HOST:PORT`: the CLI talks to that router's cluster API (never set from the file).
+    package var remoteRouter: String?
     package var flashDirectory: String?
     package var logLevel: String = "info"
     package var nbdSocketPath: String?

@@ -29,11 +29,11 @@ final class RouterService: ManagementService {
         self.online = online
     }
 
-    private var dataDirectory: String { configuration.dataDirectory }
+    var dataDirectory: String { configuration.dataDirectory }
 
     private func name(_ text: String) throws(VDError) -> VolumeName { try VolumeName(validating: text) }
 
-    private func registration(_ name: VolumeName) throws(VDError) -> VolumeRegistration {
+    func registration(_ name: VolumeName) throws(VDError) -> VolumeRegistration {
         guard let registration = try VolumeRegistry.read(dataDirectory: dataDirectory, name: name, fs: router.env.fs)
         else {
             throw VDError(.notFound, "no volume named \(name) in \(dataDirectory) (see `vd volume list`)")
@@ -81,7 +81,7 @@ final class RouterService: ManagementService {
         return self.status(registration, volume: volume, space: status)
     }
 
-    private func status(_ registration: VolumeRegistration, volume: Volume?, space: SpaceStatus?) -> VolumeStatus {
+    func status(_ registration: VolumeRegistration, volume: Volume?, space: SpaceStatus?) -> VolumeStatus {
         let config = registration.config
         return VolumeStatus(
             name: config.name.rawValue, id: config.id.description, sizeBytes: config.sizeBytes,

@@ -19,6 +19,13 @@ enum ServiceAccess {
         _ configuration: VDConfiguration, command: String, quiet: Bool = false,
         _ body: (any ManagementService) async throws(VDError) -> T
     ) async throws(VDError) -> T {
+        if let remote = configuration.remoteRouter {
+            let (host, port) = try VDConfiguration.parseHostPort(remote)
+            guard let token = ProcessInfo.processInfo.environment["VD_CLUSTER_TOKEN"], !token.isEmpty else {
+                throw VDError(.configuration, "--router needs the cluster token in VD_CLUSTER_TOKEN")
+            }
+            return try await body(ManagementClient(host: host, port: port, token: token))
+        }
         if await ManagementClient.isListening(socketPath: configuration.apiSocketPath) {
             return try await body(ManagementClient(socketPath: configuration.apiSocketPath))
         }
@@ -30,7 +37,7 @@ enum ServiceAccess {
             try Syscall.makeDirectories(configuration.dataDirectory)
             router = try Router(
                 configuration: configuration.routerConfiguration, backends: backends, logger: logger, holder: command)
-        } catch where error.code == .busy {
+        } catch  where error.code == .busy {
             throw VDError(
                 .busy,
                 "\(error.message), and no router answers on \(configuration.apiSocketPath); if vd serve is starting, retry in a moment"

@@ -61,6 +61,13 @@ package struct GlobalOptions: ParsableArguments {
         help: ArgumentHelp("Log level: trace, debug, info, notice, warning, error, critical.", valueName: "level"))
     package var logLevel: String?
 
+    @Option(
+        name: .customLong("router"),
+        help: ArgumentHelp(
+            "Send the command to this router's cluster API (vd serve --cluster-listen) instead of the local one; the token comes from VD_CLUSTER_TOKEN.",
+            valueName: "host:port"))
+    package var remoteRouter: String?
+
     package init() {}
 
     /// The configuration in effect for this invocation.
@@ -68,6 +75,7 @@ package struct GlobalOptions: ParsableArguments {
         var configuration = try VDConfiguration.load(path: config ?? ProcessInfo.processInfo.environment["VD_CONFIG"])
         if let dataDir { configuration.dataDirectory = dataDir }
         if let logLevel { configuration.logLevel = logLevel }
+        if let remoteRouter { configuration.remoteRouter = remoteRouter }
         configuration.dataDirectory = Self.absolute(configuration.dataDirectory)
         if let flash = configuration.flashDirectory { configuration.flashDirectory = Self.absolute(flash) }
         try configuration.validate()

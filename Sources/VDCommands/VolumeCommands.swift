@@ -11,7 +11,9 @@ struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "volume",
         abstract: "Create, list, inspect, attach and delete volumes.",
-        subcommands: [Create.self, List.self, Info.self, Delete.self, Attach.self, Move.self, ImportDiff.self])
+        subcommands: [
+            Create.self, List.self, Info.self, Delete.self, Attach.self, Move.self, Takeover.self, ImportDiff.self,
+        ])
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -75,15 +77,31 @@ struct VolumeCommand: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List the volumes of the data directory.")
+        static let configuration = CommandConfiguration(
+            abstract: "List the volumes of the data directory (or, with --cluster, of the whole backend).")
 
         @OptionGroup var global: GlobalOptions
 
         @Flag(name: .long, help: "Print JSON.")
         var json = false
 
+        @Flag(
+            name: .long,
+            help: "Every volume in the backend with its owner node, generation and lease age (routers sharing it).")
+        var cluster = false
+
+        @Option(
+            name: .long,
+            help: ArgumentHelp(
+                "With --cluster: the backend (name or URL); the default backend otherwise.", valueName: "backend"))
+        var backend: String?
+
         func run() async throws {
             let configuration = try global.load()
+            if cluster {
+                try await listCluster(configuration)
+                return
+            }
             let volumes = try await ServiceAccess.with(configuration, command: "vd volume list", quiet: true) {
                 (service) throws(VDError) in try await service.listVolumes()
             }
@@ -101,6 +119,42 @@ struct VolumeCommand: AsyncParsableCommand {
                     v.name, ByteSize.format(v.sizeBytes), ByteSize.format(UInt64(v.clusterSizeBytes)), v.backend,
                     v.parent.map { "\($0.volume)@\($0.snapshot)" } ?? "-", v.online ? "\(v.snapshots.count)" : "-",
                     v.online ? "served" : "stopped",
+                ])
+            }
+            print(table(rows))
+        }
+
+        private func listCluster(_ configuration: VDConfiguration) async throws {
+            let backend = self.backend
+            let volumes = try await ServiceAccess.with(configuration, command: "vd volume list", quiet: true) {
+                (service) throws(VDError) in try await service.clusterVolumes(backend: backend)
+            }
+            if json {
+                print(try jsonString(volumes))
+                return
+            }
+            if volumes.isEmpty {
+                print("no volumes in the backend")
+                return
+            }
+            var rows = [["NAME", "OWNER", "GENERATION", "LEASE", "LAST RENEWAL", "STATE"]]
+            for v in volumes {
+                let state: String
+                if let error = v.error {
+                    state = "record unreadable: \(error)"
+                } else if v.owner == nil {
+                    state = "never owned"
+                } else if v.released == true {
+                    state = "released" + (v.releasedTo.map { " to \($0)" } ?? "")
+                } else if let age = v.leaseAgeSeconds, let lease = v.leaseSeconds, age > lease {
+                    state = "lease expired?"
+                } else {
+                    state = "owned"
+                }
+                rows.append([
+                    v.name, v.owner ?? "-", v.generation.map(String.init) ?? "-",
+                    v.leaseSeconds.map { "\(Int($0)) s" } ?? "-",
+                    v.leaseAgeSeconds.map { String(format: "%.1f s ago", $0) } ?? "-", state,
                 ])
             }
             print(table(rows))
@@ -314,6 +368,41 @@ extension VolumeCommand {
             }
             print(
                 "moved volume \(moved.volume) from \(moved.from) to \(moved.to) (generation \(moved.generation)) in \(String(format: "%.2f", moved.totalSeconds)) s; \(ByteSize.format(moved.unstoredBytesAtStart)) were uploaded first (\(String(format: "%.2f", moved.drainSeconds)) s)"
+            )
+        }
+    }
+
+    struct Takeover: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Take a volume whose owner router is gone (stopped renewing its lease) and serve it here.",
+            discussion: """
+                Needs a router started with --node. Waits the owner's lease out (lease x 1.01/0.99 + 1 s, measured
+                by this router's clock from its first read of the owner record), then writes the next generation of
+                the record and opens the volume from the backend: everything the old owner stored is there; what was
+                only on its flash is not (that is what the DTL is for). A live owner (one that renews meanwhile)
+                keeps the volume; use `vd volume move` for it. `vd volume attach` never takes a live lease.
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Argument(help: "Volume name.")
+        var name: String
+
+        @Option(
+            name: .long,
+            help: ArgumentHelp(
+                "The backend of the volume (name or URL), when it is not registered here.", valueName: "backend"))
+        var backend: String?
+
+        func run() async throws {
+            let configuration = try global.load()
+            let request = TakeoverVolumeRequest(name: name, backend: backend)
+            let started = Date()
+            let status = try await ServiceAccess.with(configuration, command: "vd volume takeover") {
+                (service) throws(VDError) in try await service.takeoverVolume(request)
+            }
+            print(
+                "took volume \(status.name) over in \(String(format: "%.1f", Date().timeIntervalSince(started))) s; served here now"
             )
         }
     }

@@ -42,6 +42,12 @@ public struct ScrubResult: Codable, Sendable, Hashable {
     /// Bytes of the sources, and of the live data copied out of them.
     public var sourceBytes: UInt64
     public var copiedBytes: UInt64
+    /// The last epoch of the history the scrub replayed and the generation tag of its TLog (nil: untagged). The
+    /// owner applies the result only if its own history has that TLog (the scrub's history is a prefix of the
+    /// owner's): a scrub that replayed a fenced owner's TLogs must not decide what is dead. Absent in results of
+    /// earlier versions (treated as untagged).
+    public var historyEpoch: UInt64?
+    public var historyTag: UInt64?
 
     public init(
         id: UInt64, volumeID: VolumeID, createdAt: Date = Date(), sources: [UInt64], created: [CreatedSCO],
@@ -53,8 +59,11 @@ public struct ScrubResult: Codable, Sendable, Hashable {
         self.sources = sources
         self.created = created
         self.relocationTable = relocations.flatMap {
-            [$0.address, $0.epoch, $0.from.sco.rawValue, UInt64($0.from.offset), $0.to.sco.rawValue, UInt64($0.to.offset),
-             UInt64($0.from.crc)]
+            [
+                $0.address, $0.epoch, $0.from.sco.rawValue, UInt64($0.from.offset), $0.to.sco.rawValue,
+                UInt64($0.to.offset),
+                UInt64($0.from.crc),
+            ]
         }
         self.sourceBytes = sourceBytes
         self.copiedBytes = copiedBytes

@@ -3,9 +3,8 @@
 //   FLASH/NAME/map/          RocksDB map
 //   FLASH/NAME/sco/HEX.sco   SCO journals (open) and sealed SCOs
 //   FLASH/NAME/tlog/HEX.tlog TLogs of sealed SCOs
-//   backend: NAME/volume, NAME/sco/HEX, NAME/tlog/HEX, NAME/snapshots/VERSION, NAME/scrub/ID[.applied],
-//            NAME/scrub.lease
-
+//   backend: NAME/volume, NAME/sco/HEX, NAME/tlog/HEX[.GENERATION], NAME/snapshots/VERSION, NAME/scrub/ID[.applied],
+//            NAME/scrub.lease, NAME/owner/VERSION, NAME/generations/GENERATION (GenerationChain)
 
 package struct VolumeLayout: Sendable {
     package var flashDirectory: String
@@ -34,7 +33,26 @@ package struct VolumeLayout: Sendable {
     package func scrubAppliedObject(_ id: UInt64) -> String { scrubResultObject(id) + ".applied" }
     package var scrubLeaseObject: String { namespace + "/scrub.lease" }
     package func scoObject(_ sco: SCONumber) -> String { scoPrefix + sco.hex }
+    /// The TLog of an epoch before any tagged generation (see `GenerationChain.tlogObject` for the rest).
     package func tlogObject(_ sco: SCONumber) -> String { tlogPrefix + sco.hex }
+    /// The TLog of an epoch written by generation `tag` (nil: an untagged generation, the plain name).
+    package func tlogObject(_ epoch: SCONumber, tag: UInt64?) -> String {
+        guard let tag else { return tlogObject(epoch) }
+        return tlogPrefix + epoch.hex + "." + SCONumber(tag).hex
+    }
+    /// Epoch and generation tag of a TLog object name (nil: not a TLog name).
+    package func parseTLogObject(_ name: String) -> (epoch: UInt64, tag: UInt64?)? {
+        guard name.hasPrefix(tlogPrefix) else { return nil }
+        let rest = name.dropFirst(tlogPrefix.count)
+        if rest.count == 16 { return SCONumber(hex: rest).map { ($0.rawValue, nil) } }
+        let parts = rest.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 2, let epoch = SCONumber(hex: parts[0]), let tag = SCONumber(hex: parts[1]),
+            tag.rawValue >= GenerationChain.firstTagged
+        else { return nil }
+        return (epoch.rawValue, tag.rawValue)
+    }
+    package var generationsPrefix: String { namespace + "/generations/" }
+    package func generationObject(_ generation: UInt64) -> String { generationsPrefix + SCONumber(generation).hex }
 
     /// Parses the numbers of objects named PREFIX + 16 hex digits.
     package static func numbers(in names: [String], prefix: String) -> [SCONumber] {

@@ -273,6 +273,28 @@ package final class OwnerLease: Sendable {
         }
     }
 
+    /// Reads the record now: is the newest version still this router's (any renewal of its own, same generation,
+    /// not released)? Anything else fences it (`.busy`). A store error is thrown as it is (not a fence).
+    package func confirmOnBackend() async throws(VDError) {
+        if let fenced = self.fenced { throw fenced }
+        let found = try await Self.current(record)
+        let generation = self.generation
+        if let found, found.record.instance == identity.instance, found.record.node == identity.node,
+            found.record.generation == generation, !found.record.released
+        {
+            return
+        }
+        let reason = VDError(
+            .busy,
+            "\(record.prefix.dropLast("/owner/".count)) is now owned by node \(found?.record.node ?? "?") (generation \(found.map { String($0.record.generation) } ?? "?")): this router no longer owns it"
+        )
+        state.withLock { state in
+            state.fenced = reason
+            state.validUntil = nil
+        }
+        throw reason
+    }
+
     /// Gives the volume up (to `node`, or to any): the next router takes it at once. This router's lease ends now.
     package func release(to node: String?) async throws(VDError) {
         let (version, current) = try state.withLock { state throws(VDError) -> (UInt64, OwnerRecord) in

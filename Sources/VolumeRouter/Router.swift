@@ -234,7 +234,7 @@ package final class Router: Sendable {
     /// The I/O thread pool of a live environment (nil when the environment was given).
     let pool: NIOThreadPool?
     let aio: AIOQueue?
-    let logger: Logger
+    package let logger: Logger
     private let lock: any DirectoryLockHandle
     private let state = Mutex<[VolumeName: Volume]>([:])
     /// Volumes being closed (a move's drain, a delete): not opened again meanwhile.
@@ -328,7 +328,7 @@ package final class Router: Sendable {
     /// Opens a registered volume (its parent first, for a clone) if it is not open yet.
     @discardableResult
     package func open(
-        _ registration: VolumeRegistration, retakingOwnRelease: Bool = false,
+        _ registration: VolumeRegistration, retakingOwnRelease: Bool = false, taken: OwnerLease? = nil,
         progress: @escaping @Sendable (String) -> Void
     ) async throws(VDError)
         -> Volume
@@ -353,14 +353,21 @@ package final class Router: Sendable {
         if closing.withLock({ $0.contains(registration.config.name) }) {
             throw VDError(.busy, "volume \(registration.config.name) is closing (being moved or deleted)")
         }
-        let lease = try await acquireOwnership(
-            of: registration, backend: backend, retakingOwnRelease: retakingOwnRelease)
+        let lease: OwnerLease?
+        if let taken {
+            lease = taken
+        } else {
+            lease = try await acquireOwnership(
+                of: registration, backend: backend, retakingOwnRelease: retakingOwnRelease)
+        }
         if let lease, lease.servedElsewhereBefore {
             try setLocalFlashAside(registration, reason: "generation \(lease.generation) follows another router's")
         }
         let volume = try await Volume.open(
             config: registration.config, layout: layout(for: registration), options: options,
-            backend: backend, cache: cache, env: env, logger: logger, parent: parent, progress: progress)
+            backend: backend, cache: cache, env: env, logger: logger, parent: parent,
+            generation: lease.map { OwnerGeneration(generation: $0.generation, node: configuration.ownership!.node) },
+            progress: progress)
         if let lease { volume.serve(under: lease) }
         state.withLock { $0[registration.config.name] = volume }
         return volume
@@ -393,6 +400,39 @@ package final class Router: Sendable {
             retakingOwnRelease: retakingOwnRelease)
         logger.info(
             "volume \(registration.config.name): owned by node \(ownership.node), generation \(lease.generation)")
+        return lease
+    }
+
+    /// `vd volume takeover`: takes the volume from an owner that stopped renewing its lease, after waiting the lease
+    /// out (OwnerLease.takeover; `.busy` when the owner renewed meanwhile, or another router took it first). The
+    /// local flash is set aside before the record is written (the backend is the only source). Open it with
+    /// `open(_:taken:)`; a caller that cannot should release the lease.
+    package func takeOver(_ registration: VolumeRegistration) async throws(VDError) -> OwnerLease {
+        guard let ownership = configuration.ownership else {
+            throw VDError(
+                .configuration, "taking a volume over needs a node name: start the router with `vd serve --node NAME`")
+        }
+        let backend = try backends.store(named: registration.backend)
+        guard try await backend.confirmsCreateOnly() else {
+            throw VDError(
+                .configuration,
+                "volume \(registration.config.name): ownership needs a backend that enforces create-only writes (\(backend.description) does not)"
+            )
+        }
+        let identity = OwnerIdentity(node: ownership.node, instance: try instanceID())
+        let record = OwnerLease.record(namespace: registration.namespace, store: backend)
+        if let current = try await OwnerLease.current(record),
+            current.record.instance != identity.instance || current.record.node != identity.node
+        {
+            try setLocalFlashAside(registration, reason: "taking over from node \(current.record.node)")
+            logger.info(
+                "volume \(registration.config.name): waiting out the lease of node \(current.record.node) (up to \(Int(OwnerLease.waitSeconds(forLease: current.record.leaseSeconds).rounded(.up))) s)"
+            )
+        }
+        let lease = try await OwnerLease.takeover(
+            record, as: identity, leaseSeconds: ownership.leaseSeconds, clock: env.clock, random: env.random)
+        logger.info(
+            "volume \(registration.config.name): taken over by node \(ownership.node), generation \(lease.generation)")
         return lease
     }
 

@@ -28,6 +28,12 @@ protocol ScrubApplierDelegate: AnyObject, Sendable {
     func forgetSCO(_ sco: SCONumber)
     /// Whether any cluster version the volume or one of its snapshots reads is in one of `scos` (a check).
     func mapReferences(_ scos: Set<SCONumber>) throws(VDError) -> Bool
+    /// Throws unless this router still owns the volume by the owner record on the backend (read now). Any router
+    /// that takes the volume afterwards lists the TLogs after its own owner write, so everything stored before this
+    /// read is in its history.
+    func confirmOwnershipOnBackend() async throws(VDError)
+    /// Which generation wrote which epochs of the history.
+    var generations: GenerationChain { get }
 }
 
 final class ScrubApplier: Sendable {
@@ -105,13 +111,14 @@ final class ScrubApplier: Sendable {
                 let appliedEpoch = try map.metadata(MapChanges.scrubAppliedKey(id))?.littleEndianUInt64
                 if applied.contains(id) {
                     // Marked applied: make sure the sources are gone (a crash may have stopped the deletion).
+                    try await delegate.confirmOwnershipOnBackend()
                     try await deleteSources(of: result)
                     finished(id)
                 } else if let epoch = appliedEpoch {
                     state.withLock { $0.results[id] = result }
                     try await finishIfDurable(result, appliedEpoch: epoch)
                 } else {
-                    guard try await createdSCOsAreThere(result) else { continue }
+                    guard try await historyIsPrefix(of: result), try await createdSCOsAreThere(result) else { continue }
                     try await apply(result)
                     let now = env.clock.now()
                     state.withLock { $0.appliedAt[id] = now }
@@ -146,6 +153,22 @@ final class ScrubApplier: Sendable {
             state.results[id] = nil
             state.appliedAt[id] = nil
         }
+    }
+
+    /// Whether the history the scrub replayed is a prefix of this volume's: its last TLog is the one this volume's
+    /// generation chain names for that epoch. A result made from a fenced owner's TLogs is removed (never applied:
+    /// it may have judged data dead that this history still reads); its SCOs are left for `vd check --repair`.
+    private func historyIsPrefix(of result: ScrubResult) async throws(VDError) -> Bool {
+        guard let epoch = result.historyEpoch else { return true }
+        let expected = delegate.generations.tag(ofEpoch: epoch)
+        if expected == result.historyTag { return true }
+        logger.error(
+            "scrub result \(result.id) replayed TLog \(epoch) of generation \(result.historyTag ?? 1), which is not part of this volume's history (generation \(expected ?? 1) wrote that epoch): removing the result, not applying it"
+        )
+        try await delegate.confirmOwnershipOnBackend()
+        try await backend.delete(layout.scrubResultObject(result.id))
+        state.withLock { $0.results[result.id] = nil }
+        return false
     }
 
     /// Whether every SCO a result wrote exists on the backend with the length the result records (a result whose
@@ -185,6 +208,8 @@ final class ScrubApplier: Sendable {
         guard appliedAt.duration(to: now) >= .milliseconds(Int64(options.scrubDeleteGraceSeconds * 1000)) else {
             return
         }
+        // The entry's TLog is stored; if this router still owns the volume now, every later owner's history has it.
+        try await delegate.confirmOwnershipOnBackend()
         try await backend.put(layout.scrubAppliedObject(result.id), data: ByteBuffer())
         env.tasks.failpoint("router-scrub-after-marker")
         try await deleteSources(of: result)

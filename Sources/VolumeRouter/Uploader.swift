@@ -63,6 +63,7 @@ final class Uploader: Sendable {
     private let state: Mutex<State>
     private let backend: any ObjectStore
     private let layout: VolumeLayout
+    private let generations: GenerationChain
     private let options: VolumeOptions
     private let env: Environment
     private let logger: Logger
@@ -72,11 +73,13 @@ final class Uploader: Sendable {
 
     init(
         storedThrough: SCONumber, localOnly: Set<SCONumber>, backend: any ObjectStore, layout: VolumeLayout,
-        options: VolumeOptions, env: Environment, logger: Logger, catalog: SnapshotCatalog, journal: Journal
+        generations: GenerationChain, options: VolumeOptions, env: Environment, logger: Logger,
+        catalog: SnapshotCatalog, journal: Journal
     ) {
         state = Mutex(State(storedThrough: storedThrough, localOnly: localOnly))
         self.backend = backend
         self.layout = layout
+        self.generations = generations
         self.options = options
         self.env = env
         self.logger = logger
@@ -224,7 +227,7 @@ final class Uploader: Sendable {
     private func uploadTLog(_ epoch: SCONumber) async -> Bool {
         let directory = layout.tlogDirectory
         let fs = env.fs
-        let object = layout.tlogObject(epoch)
+        let object = generations.tlogObject(epoch.rawValue, layout: layout)
         let backend = self.backend
         let tasks = env.tasks
         let metrics = journal.metrics

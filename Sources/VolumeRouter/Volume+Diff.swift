@@ -271,7 +271,7 @@ extension Volume {
             try local.checkBelongs(to: config, epoch: number, what: directory + "/" + TLogFiles.fileName(number))
             return local.records
         }
-        let object = layout.tlogObject(number)
+        let object = generations.tlogObject(epoch, layout: layout)
         let remote = try await NamespaceObjects.getVerified(object, backend: backend) { (bytes) throws(VDError) in
             try TLog.decode(bytes, what: object)
         }

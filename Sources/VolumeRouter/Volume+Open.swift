@@ -35,7 +35,7 @@ extension Volume {
     /// Opens (recovering as needed) a volume. `progress` receives human-readable progress of long rebuilds.
     package static func open(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, cache: FlashCache,
-        env: Environment, logger: Logger, parent: Volume? = nil,
+        env: Environment, logger: Logger, parent: Volume? = nil, generation: OwnerGeneration? = nil,
         progress: @escaping @Sendable (String) -> Void = { _ in }
     ) async throws(VDError) -> Volume {
         try options.validate()
@@ -67,6 +67,7 @@ extension Volume {
             recovery.parent = parent
             try await recovery.discover()
             try await recovery.loadSnapshots()
+            if let generation { try await recovery.startGeneration(generation) }
             var map = BlockMap(database: database, cacheEntries: options.mapCacheEntries)
             if try !recovery.checkpointIsTrustworthy(map: map, hadMap: hadMap) {
                 if hadMap {
@@ -87,7 +88,7 @@ extension Volume {
                 logger: logger, journal: journal, storedThrough: storedThrough, unstoredBytes: unstored,
                 localOnlySCOs: Set(pending.map(\.1.sco)), snapshots: recovery.snapshots,
                 snapshotsUploadedVersion: recovery.snapshotsUploadedVersion,
-                parent: parent.map { ($0, config.parent!.epoch) })
+                parent: parent.map { ($0, config.parent!.epoch) }, generations: recovery.generations)
             recovery.registerCache(cache, volume: volume, storedThrough: storedThrough)
             cache.add(volume.cacheKey(journal.sco), file: journal.file, footprintBytes: options.scoSizeBytes)
             let tableVersion = recovery.snapshots.version
@@ -105,6 +106,16 @@ extension Volume {
             database.close()
             throw error
         }
+    }
+}
+
+/// The owner generation a volume is opened in (when routers share the backend) and the node serving it.
+package struct OwnerGeneration: Sendable {
+    package var generation: UInt64
+    package var node: String
+    package init(generation: UInt64, node: String) {
+        self.generation = generation
+        self.node = node
     }
 }
 
@@ -139,6 +150,8 @@ struct Recovery {
     var snapshotsUploadedVersion: UInt64 = 0
     /// For a clone, its parent (an unmap hides what the parent's view holds).
     var parent: Volume?
+    /// Which generation wrote which epochs: only TLogs named by it are history.
+    var generations = GenerationChain()
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, env: Environment,
@@ -164,9 +177,16 @@ struct Recovery {
         localTLogs = Set(
             VolumeLayout.numbers(inFiles: try fs.listDirectory(layout.tlogDirectory), suffix: ".tlog").map(\.rawValue))
         let discarded = VolumeLayout.numbers(inFiles: try fs.listDirectory(discardedDirectory), suffix: ".sco")
+        generations = try await NamespaceObjects.loadGenerationChain(layout: layout, backend: backend)
         let tlogNames = try await backend.list(prefix: layout.tlogPrefix).map(\.name)
         let scoNames = try await backend.list(prefix: layout.scoPrefix).map(\.name)
-        backendTLogs = Set(VolumeLayout.numbers(in: tlogNames, prefix: layout.tlogPrefix).map(\.rawValue))
+        backendTLogs = generations.historyTLogs(in: tlogNames, layout: layout)
+        let foreign = generations.foreignTLogs(in: tlogNames, layout: layout)
+        if !foreign.isEmpty {
+            logger.info(
+                "volume \(config.name): \(foreign.count) TLog(s) of an owner that was fenced are not part of the history (e.g. \(foreign[0]))"
+            )
+        }
         // SCOs written by scrubs have numbers of their own (top bit set): they take no part in the numbering.
         let backendSCOs = VolumeLayout.numbers(in: scoNames, prefix: layout.scoPrefix).filter {
             !ScrubResult.isScrubSCO($0)
@@ -249,6 +269,45 @@ struct Recovery {
             snapshots.version += 1
         }
         try SnapshotCatalog.save(snapshots, layout: layout, fs: env.fs)
+    }
+
+    /// Before the volume accepts a write in owner generation `owner.generation` >= 2 (GenerationChain): its SCO
+    /// numbers and snapshot table versions move to the generation's range, the table is uploaded under its first
+    /// version of the range, and the generation's start (the epoch after the history found) is written, all before
+    /// anything of this generation can reach the backend.
+    mutating func startGeneration(_ owner: OwnerGeneration) async throws(VDError) {
+        guard owner.generation >= GenerationChain.firstTagged else { return }
+        guard owner.generation <= GenerationChain.maximumGeneration else {
+            throw VDError(.corrupt, "volume \(config.name): generation \(owner.generation) is out of range")
+        }
+        if let newest = generations.newest, newest.generation > owner.generation {
+            throw VDError(
+                .busy,
+                "volume \(config.name): generation \(newest.generation) started after this router's \(owner.generation): another router took it"
+            )
+        }
+        let base = GenerationChain.numberBase(of: owner.generation)
+        highestSCO = max(highestSCO, SCONumber(base - 1))
+        if snapshots.version < base {
+            snapshots.version = base
+            try SnapshotCatalog.save(snapshots, layout: layout, fs: env.fs)
+            let object = layout.snapshotsPrefix + SCONumber(base).hex
+            do {
+                try await backend.put(object, data: try MetadataRecord.encode(snapshots, kind: .snapshotTable))
+            } catch  where error.code == .alreadyExists {
+                // An earlier attempt of this generation uploaded its copy of the same starting table.
+            }
+            snapshotsUploadedVersion = base
+        }
+        guard generations.start(of: owner.generation) == nil else { return }
+        let start = try await NamespaceObjects.startGeneration(
+            GenerationStart(generation: owner.generation, firstEpoch: (lastEpoch ?? 0) + 1, node: owner.node),
+            layout: layout, backend: backend)
+        generations.add(start)
+        try generations.validate(what: layout.generationsPrefix)
+        logger.info(
+            "volume \(config.name): generation \(start.generation) writes the history from epoch \(start.firstEpoch) on"
+        )
     }
 
     /// Step 2: the map may be reused only if its checkpoint lies within the durable history: at a batch boundary of
@@ -369,7 +428,7 @@ struct Recovery {
                 )
             }
         }
-        let object = layout.tlogObject(number)
+        let object = generations.tlogObject(epoch, layout: layout)
         let tlog = try await NamespaceObjects.getVerified(object, backend: backend) { (bytes) throws(VDError) in
             try TLog.decode(bytes, what: object)
         }

@@ -6,7 +6,7 @@
 
 import Foundation
 import ObjectStore
-import VolumeCore
+package import VolumeCore
 
 extension Volume {
     /// The lease this router serves the volume under (nil: no ownership in use).
@@ -26,6 +26,17 @@ extension Volume {
             .shutdown,
             "volume \(name): this router's ownership lease ran out (no renewal reached the backend for \(Int(lease.leaseSeconds)) s); I/O is refused until one does"
         )
+    }
+
+    /// Throws unless the owner record on the backend, read now, is still this router's (before deleting objects
+    /// a later owner's history could need). Without ownership in use: nothing to check.
+    package func confirmOwnershipOnBackend() async throws(VDError) {
+        guard let lease = ownership.withLock({ $0 }) else { return }
+        do {
+            try await lease.confirmOnBackend()
+        } catch {
+            throw VDError(error.code == .busy ? .shutdown : error.code, "volume \(name): \(error.message)")
+        }
     }
 
     /// Renews every third of the lease period until the volume closes or another router took it.

@@ -62,14 +62,17 @@ package final class Volume: BlockDevice {
     let mapPersist: Mutex<(bytes: UInt64, at: MonotonicInstant)>
     /// For a clone: the parent volume and the epoch of the snapshot it reads through.
     package let parent: (volume: Volume, epoch: UInt64)?
+    /// Which owner generation wrote which epochs (names of backend TLogs); fixed once the volume is open.
+    package let generations: GenerationChain
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore,
         cache: FlashCache, map: BlockMap, env: Environment, logger: Logger, journal state: JournalState,
         storedThrough: SCONumber, unstoredBytes: UInt64, localOnlySCOs: Set<SCONumber>, snapshots: SnapshotTable,
-        snapshotsUploadedVersion: UInt64, parent: (volume: Volume, epoch: UInt64)?
+        snapshotsUploadedVersion: UInt64, parent: (volume: Volume, epoch: UInt64)?, generations: GenerationChain
     ) {
         self.parent = parent
+        self.generations = generations
         self.config = config
         self.layout = layout
         self.options = options
@@ -92,7 +95,7 @@ package final class Volume: BlockDevice {
             volumeName: config.name, logger: logger, changed: { wake.withLock { $0 }?() })
         uploader = Uploader(
             storedThrough: storedThrough, localOnly: localOnlySCOs.union([state.sco]), backend: backend, layout: layout,
-            options: options, env: env, logger: logger, catalog: catalog, journal: journal)
+            generations: generations, options: options, env: env, logger: logger, catalog: catalog, journal: journal)
         scrubs = ScrubApplier(
             config: config, layout: layout, backend: backend, map: map, journal: journal, uploader: uploader,
             options: options, env: env, logger: logger)

@@ -281,3 +281,33 @@ public struct TemporaryDirectory: Sendable {
     }
     public func remove() { try? FileManager.default.removeItem(atPath: path) }
 }
+
+/// A program run to completion on a thread of its own (`ProcessRunner.run`), for tests that run several at once.
+public final class BackgroundRun: @unchecked Sendable {
+    private let done = DispatchSemaphore(value: 0)
+    // Written once by the thread before `done` is signalled; read only after waiting for it.
+    private var result: Result<ProcessResult, any Error>?
+
+    init(_ body: @escaping @Sendable () throws -> ProcessResult) {
+        Thread { [self] in
+            result = Result { try body() }
+            done.signal()
+        }.start()
+    }
+
+    /// Waits for the program and returns its outcome.
+    public func wait() throws -> ProcessResult {
+        done.wait()
+        done.signal()
+        return try result!.get()
+    }
+}
+
+extension ProcessRunner {
+    /// Starts `tool` and returns at once; `wait()` gives its result.
+    public static func startCapturing(
+        _ tool: String, _ arguments: [String], environment: [String: String] = [:], timeoutSeconds: Double = 300
+    ) -> BackgroundRun {
+        BackgroundRun { try run(tool, arguments, environment: environment, timeoutSeconds: timeoutSeconds) }
+    }
+}

@@ -23,6 +23,7 @@ public enum MetadataRecord {
         public static let lease = Kind(rawValue: 5)
         public static let ownerRecord = Kind(rawValue: 6)
         public static let nodeRecord = Kind(rawValue: 7)
+        public static let generationStart = Kind(rawValue: 8)
     }
 
     public static func encode<T: Encodable>(_ value: T, kind: Kind) throws(VDError) -> ByteBuffer {
