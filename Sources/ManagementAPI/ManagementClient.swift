@@ -4,6 +4,7 @@ import FoundationEssentials
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+package import NIOSSL
 import Synchronization
 public import VolumeCore
 
@@ -12,11 +13,14 @@ public struct ManagementClient: ManagementService {
     public let timeoutSeconds: Double
     /// Another router's cluster API (TCP, with the shared token) instead of the local socket.
     private let tcp: (host: String, port: Int, token: String)?
+    /// TLS to that router (nil: plain HTTP).
+    private let tls: NIOSSLContext?
 
     public init(socketPath: String, timeoutSeconds: Double = 600) {
         self.socketPath = socketPath
         self.timeoutSeconds = timeoutSeconds
         tcp = nil
+        tls = nil
     }
 
     /// A router's cluster API at `host`:`port` (`vd serve --cluster-listen`), authenticated with the shared token.
@@ -24,6 +28,15 @@ public struct ManagementClient: ManagementService {
         socketPath = "\(host):\(port)"
         self.timeoutSeconds = timeoutSeconds
         tcp = (host, port, token)
+        tls = nil
+    }
+
+    /// The same over TLS (`ClusterTLS.makeClientContext`).
+    package init(host: String, port: Int, token: String, tls: NIOSSLContext?, timeoutSeconds: Double = 600) {
+        socketPath = "\(host):\(port)"
+        self.timeoutSeconds = timeoutSeconds
+        tcp = (host, port, token)
+        self.tls = tls
     }
 
     /// Whether a router answers on `socketPath`.
@@ -142,8 +155,12 @@ public struct ManagementClient: ManagementService {
         do {
             channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                 .connectTimeout(.seconds(5))
-                .channelInitializer { channel in
+                .channelInitializer { [tls] channel in
                     channel.eventLoop.makeCompletedFuture {
+                        if let tls {
+                            try channel.pipeline.syncOperations.addHandler(
+                                try NIOSSLClientHandler(context: tls, serverHostname: nil))
+                        }
                         try channel.pipeline.syncOperations.addHTTPClientHandlers()
                         try channel.pipeline.syncOperations.addHandler(collector)
                     }

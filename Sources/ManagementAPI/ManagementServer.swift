@@ -9,6 +9,7 @@ public import Logging
 public import NIOCore
 import NIOHTTP1
 import NIOPosix
+package import NIOSSL
 import Synchronization
 public import VolumeCore
 
@@ -24,6 +25,8 @@ public final class ManagementServer: Sendable {
     private let tcp: (host: String, port: Int)?
     /// The cluster API's shared token: every request must carry `Authorization: Bearer TOKEN`.
     private let token: String?
+    /// TLS on the cluster API (nil: plain HTTP).
+    private let tls: NIOSSLContext?
     private let service: any ManagementService
     private let group: any EventLoopGroup
     private let logger: Logger
@@ -36,17 +39,19 @@ public final class ManagementServer: Sendable {
         self.logger = logger
         tcp = nil
         token = nil
+        tls = nil
     }
 
     /// The whole API on TCP for other routers and remote CLIs (`vd serve --cluster-listen`); every request must
     /// carry the shared token (401 otherwise).
-    public init(
-        clusterHost host: String, port: Int, token: String, service: any ManagementService, group: any EventLoopGroup,
-        logger: Logger
+    package init(
+        clusterHost host: String, port: Int, token: String, tls: NIOSSLContext? = nil, service: any ManagementService,
+        group: any EventLoopGroup, logger: Logger
     ) {
         socketPath = ""
         tcp = (host, port)
         self.token = token
+        self.tls = tls
         self.service = service
         self.group = group
         self.logger = logger
@@ -59,6 +64,7 @@ public final class ManagementServer: Sendable {
         socketPath = ""
         tcp = (host, port)
         token = nil
+        tls = nil
         self.service = service
         self.group = group
         self.logger = logger
@@ -72,11 +78,13 @@ public final class ManagementServer: Sendable {
             let service = self.service
             let logger = self.logger
             let token = self.token
+            let tls = self.tls
             let bootstrap = ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 64)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls)) }
                         try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                         try channel.pipeline.syncOperations.addHandler(
                             APIHandler(service: service, logger: logger, metricsOnly: token == nil, token: token))

@@ -12,6 +12,7 @@
 import Foundation
 import ManagementAPI
 import NIOCore
+import NIOSSL
 import ObjectStore
 import VolumeCore
 import VolumeRouter
@@ -22,6 +23,8 @@ struct NodeRecord: Codable, Sendable {
     /// HOST:PORT of its cluster API.
     var address: String
     var writtenAt: Date
+    /// Its cluster API speaks TLS (absent in records of earlier versions: plain).
+    var tls: Bool?
 }
 
 enum NodeRecords {
@@ -57,7 +60,9 @@ extension RouterService {
         let record = OwnerLease.record(
             namespace: prepared.registration.namespace, store: try backends.store(named: prepared.registration.backend))
         do {
-            _ = try await ManagementClient(host: prepared.host, port: prepared.port, token: prepared.token).takeVolume(
+            _ = try await ManagementClient(
+                host: prepared.host, port: prepared.port, token: prepared.token, tls: prepared.tls
+            ).takeVolume(
                 TakeVolumeRequest(name: name.rawValue, backend: try backends.url(of: prepared.registration.backend)))
         } catch {
             // The outcome decides, not the error (a lost reply may hide a take that happened).
@@ -102,6 +107,7 @@ extension RouterService {
         var token: String
         var host: String
         var port: Int
+        var tls: NIOSSLContext?
         var registration: VolumeRegistration
         var unstored: UInt64
         var drainSeconds: Double
@@ -137,6 +143,15 @@ extension RouterService {
         let target = try await NodeRecords.read(
             request.to, store: try backends.store(named: configuration.defaultBackend))
         let (host, port) = try VDConfiguration.parseHostPort(target.address)
+        var tls: NIOSSLContext?
+        if target.tls == true {
+            guard configuration.clusterClientUsesTLS else {
+                throw VDError(
+                    .configuration,
+                    "node \(request.to) serves its cluster API over TLS: set [cluster] tls_ca here to verify it")
+            }
+            tls = try configuration.clusterTLS.makeClientContext()
+        }
         let unstored = volume.uploadStatus.unstoredBytes
         // Clients go first: nothing may be acknowledged here once the record names the target.
         await disconnectClients(name.rawValue)
@@ -158,7 +173,7 @@ extension RouterService {
                     + (reopened ? "it is served here again" : "it could not be opened again here (see the log)"))
         }
         return PreparedMove(
-            name: name, node: node, token: token, host: host, port: port, registration: registration,
+            name: name, node: node, token: token, host: host, port: port, tls: tls, registration: registration,
             unstored: unstored, drainSeconds: drainSeconds)
     }
 

@@ -4,6 +4,7 @@
 
 import FlashIO
 import Foundation
+package import ManagementAPI
 package import NBDServer
 import TOMLKit
 package import VolumeCore
@@ -45,6 +46,11 @@ package struct VDConfiguration: Sendable {
     package var clusterLeaseSeconds: Double = 20
     /// `[cluster] listen`: HOST:PORT of the cluster API (other routers and remote CLIs; token required).
     package var clusterListen: String?
+    /// `[cluster] tls_certificate`, `tls_key`, `tls_ca`: TLS on the cluster API (served with the certificate;
+    /// routers and CLIs verify it against the CA, and with a CA the server requires client certificates).
+    package var clusterTLS = ClusterTLS()
+    /// Whether connections to other routers' cluster APIs use TLS (a CA to verify them is configured).
+    package var clusterClientUsesTLS: Bool { clusterTLS.caPath != nil }
 
     package init(dataDirectory: String) {
         self.dataDirectory = dataDirectory
@@ -154,6 +160,9 @@ struct ConfigFile: Decodable {
         var node: String?
         var listen: String?
         var lease_seconds: NumberValue?
+        var tls_certificate: String?
+        var tls_key: String?
+        var tls_ca: String?
     }
     struct Backend: Decodable {
         /// Required, except for "local" (the embedded store, DATA_DIR/backend unless given).
@@ -252,6 +261,14 @@ extension VDConfiguration {
         if let node = file.cluster?.node { clusterNode = node }
         if let listen = file.cluster?.listen { clusterListen = listen }
         if let seconds = file.cluster?.lease_seconds?.value { clusterLeaseSeconds = seconds }
+        if let cluster = file.cluster {
+            if let path = cluster.tls_certificate { clusterTLS.certificatePath = path }
+            if let path = cluster.tls_key { clusterTLS.keyPath = path }
+            if let path = cluster.tls_ca { clusterTLS.caPath = path }
+            if (clusterTLS.certificatePath == nil) != (clusterTLS.keyPath == nil) {
+                throw VDError(.configuration, "\(path): [cluster] tls_certificate and tls_key go together")
+            }
+        }
         if let listen = file.metrics?.listen {
             let (host, port) = try Self.parseHostPort(listen)
             metricsHost = host

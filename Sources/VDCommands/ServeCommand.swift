@@ -152,16 +152,19 @@ struct ServeCommand: AsyncParsableCommand {
                     .configuration,
                     "--cluster-listen needs the address other routers reach this one at, not a wildcard (\(listen))")
             }
+            let tls =
+                configuration.clusterTLS.certificatePath == nil
+                ? nil : try configuration.clusterTLS.makeServerContext()
             let server = ManagementServer(
-                clusterHost: host, port: port, token: token, service: service,
+                clusterHost: host, port: port, token: token, tls: tls, service: service,
                 group: MultiThreadedEventLoopGroup.singleton, logger: logger)
             try await server.start()
             clusterServer = server
             let address = "\(host):\(server.localPort ?? port)"
             try await NodeRecords.write(
-                NodeRecord(node: node, address: address, writtenAt: Date()),
+                NodeRecord(node: node, address: address, writtenAt: Date(), tls: tls != nil),
                 store: try backends.store(named: configuration.defaultBackend))
-            logger.info("cluster API of node \(node) at \(address)")
+            logger.info("cluster API of node \(node) at \(address)\(tls != nil ? " (TLS)" : "")")
         }
         let metricsServer = configuration.metricsPort.map {
             ManagementServer(

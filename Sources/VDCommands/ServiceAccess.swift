@@ -24,7 +24,8 @@ enum ServiceAccess {
             guard let token = ProcessInfo.processInfo.environment["VD_CLUSTER_TOKEN"], !token.isEmpty else {
                 throw VDError(.configuration, "--router needs the cluster token in VD_CLUSTER_TOKEN")
             }
-            return try await body(ManagementClient(host: host, port: port, token: token))
+            let tls = configuration.clusterClientUsesTLS ? try configuration.clusterTLS.makeClientContext() : nil
+            return try await body(ManagementClient(host: host, port: port, token: token, tls: tls))
         }
         if await ManagementClient.isListening(socketPath: configuration.apiSocketPath) {
             return try await body(ManagementClient(socketPath: configuration.apiSocketPath))

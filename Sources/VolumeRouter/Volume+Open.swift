@@ -49,8 +49,19 @@ extension Volume {
             guard parent.snapshotTable.snapshot(named: link.snapshot)?.epoch == link.epoch else {
                 throw VDError(
                     .corrupt,
-                    "volume \(config.name) reads through \(link.volume)@\(link.snapshot), which no longer exists")
+                    "volume \(config.name) reads through \(link.volume)@\(link.snapshot) (epoch \(link.epoch)), which no longer exists (\(link.volume) has \(parent.snapshotTable.snapshots.map { "\($0.name)@\($0.epoch)" }.joined(separator: ", ")))"
+                )
             }
+        }
+        if let link = config.parent, let parent,
+            parent.snapshotTable.snapshot(named: link.snapshot)?.clones.contains(config.name.rawValue) == false
+        {
+            // The parent's table lost the registration (restored from a backend copy older than the clone, after a
+            // flash loss): register again before anything could delete the snapshot under the clone.
+            logger.warning(
+                "volume \(config.name): \(link.volume)@\(link.snapshot) did not record it as a clone; recording it again"
+            )
+            try parent.setClone(config.name.rawValue, ofSnapshot: link.snapshot, present: true)
         }
         let fs = env.fs
         try fs.makeDirectories(layout.scoDirectory)

@@ -38,6 +38,9 @@ package struct SimulationConfig: Sendable {
     package var mapChunkClusters: Int?
     /// Errors of operations are recorded instead of failing the run (scripts that provoke them).
     package var tolerateErrors = false
+    /// Routers serve volumes under owner leases (`vd serve --node`), and some moves are takeovers from a router
+    /// partitioned from the backend that comes back and uploads late (nil: one seed in four).
+    package var ownership: Bool?
     /// Print the trace as it happens.
     package var verbose = false
     package init(seed: UInt64) { self.seed = seed }
@@ -117,7 +120,7 @@ final class SimNode: @unchecked Sendable {
 }
 
 struct SimBackends: BackendResolver {
-    let store: SimObjectStore
+    let store: any ObjectStore
     let compress: Bool
     func store(named name: String) throws(VDError) -> any ObjectStore { store }
     var defaultBackendName: String { "sim" }
@@ -194,6 +197,12 @@ final class Simulation: @unchecked Sendable {
     var scrubErrors: [Int: VDError] = [:]
     var failure: SimFailure?
     var outageUntilOperation: Int?
+    /// A loss (power, flash, takeover) whose verification has not finished: the model has not adopted what survived,
+    /// so a crash before it finishes is verified as that loss too.
+    var pendingLoss: (kind: CrashKind, stored: [String: UInt64])?
+    /// Owner leases in use (see `SimulationConfig.ownership`), and each node's link to the store.
+    let ownership: Bool
+    var links: [String: PartitionedStore] = [:]
     /// Armed failpoints that stand for a power loss, and whether one fired since the last recovery.
     var powerLossFailpoints: Set<String> = []
     var powerLossPending = false
@@ -216,6 +225,7 @@ final class Simulation: @unchecked Sendable {
         // ahead of the journal is then the rule: recovery must judge it).
         node.maps.autoFlushProbability = [0.05, 0.3, 1.0][scheduler.below(3)]
         report = SimulationReport(seed: config.seed)
+        ownership = config.ownership ?? (config.seed % 4 == 1)
         scheduler.failpointFired = { [unowned self] name in
             if self.powerLossFailpoints.contains(name) { self.powerLossPending = true }
         }
@@ -342,6 +352,10 @@ final class Simulation: @unchecked Sendable {
         options.mapChangeChunkClusters = mapChunkClusters
         options.checkExpensiveInvariants = true
         configuration.volumeOptions = options
+        if ownership {
+            // Long enough that no backend outage of a run outlasts it: only a takeover ends a lease.
+            configuration.ownership = OwnershipSettings(node: node.name, leaseSeconds: Self.leaseSeconds)
+        }
         return configuration
     }
 
@@ -355,7 +369,7 @@ final class Simulation: @unchecked Sendable {
             fs: node.fs, clock: SimClock(scheduler: scheduler), random: SimRandomSource(scheduler: scheduler),
             tasks: SimTaskRunner(process: process), keyValueStores: node.maps)
         let configuration = routerConfiguration
-        let backends = SimBackends(store: store, compress: compress)
+        let backends = SimBackends(store: link(node), compress: compress)
         let logger = self.logger
         let outcome = try runIn(process, "router start") {
             () async throws(VDError) -> (Router, [(VolumeName, VDError)]) in
@@ -457,7 +471,10 @@ final class Simulation: @unchecked Sendable {
         case 735..<750: if config.crashes { try crash(.process) }
         case 750..<758: if config.crashes { try crash(.power) }
         case 758..<763: if config.crashes { try drainAndRestoreFromBackend() }
-        case 763..<765: if config.crashes { try moveToAnotherNode() }
+        case 763..<765:
+            if config.crashes {
+                if ownership && scheduler.chance(0.5) { try takeOverOnAnotherNode() } else { try moveToAnotherNode() }
+            }
         case 765..<770: if config.crashes { try crash(.flashLost) }
         case 770..<780: if config.backendFaults { startOutage(index) }
         case 780..<860: try wait(.milliseconds(Int64(scheduler.between(1...3000))))
@@ -1205,8 +1222,31 @@ final class Simulation: @unchecked Sendable {
         for id in inFlight.keys.sorted() { inFlight[id] = nil }
         frozen = []
         node.router = nil
-        try boot(afterFlashLoss: kind == .flashLost)
+        var verifyKind = kind
+        var verifyStored = stored
+        if let pending = pendingLoss, Self.rank(pending.kind) >= Self.rank(kind) {
+            trace.add("the \(pending.kind.rawValue) before this crash was not verified yet: verifying as that")
+            verifyKind = pending.kind
+            verifyStored = pending.stored.merging(stored) { min($0, $1) }
+        }
+        try boot(afterFlashLoss: verifyKind == .flashLost)
+        try verifyAfterLoss(verifyKind, stored: verifyStored)
+    }
+
+    static func rank(_ kind: CrashKind) -> Int {
+        switch kind {
+        case .none, .drained: 0
+        case .process: 1
+        case .power: 2
+        case .flashLost: 3
+        }
+    }
+
+    /// Verifies after a loss, remembering it until the model adopted what survived.
+    func verifyAfterLoss(_ kind: CrashKind, stored: [String: UInt64]) throws {
+        if Self.rank(kind) >= 2 { pendingLoss = (kind, stored) }
         try verifyEverything(after: kind, stored: stored)
+        pendingLoss = nil
     }
 
     /// A clean stop (drain), then the local flash is lost, then a restart from the backend alone.
@@ -1241,13 +1281,13 @@ final class Simulation: @unchecked Sendable {
         count("move")
         try quiesce()
         let router = self.router
-        let result = try runIn(routerProcess, "drain") { () async throws(VDError) -> Bool in
+        let result = try runIn(routerProcess, "drain") { () async throws(VDError) -> (Bool, Bool) in
             let results = await router.stop(drainTimeoutSeconds: 60)
-            return results.allSatisfy { $0.1.drained }
+            return (results.allSatisfy { $0.1.drained }, results.allSatisfy { $0.1.released })
         }
         routerProcess.kill()
         node.router = nil
-        guard case .success(true) = result else {
+        guard case .success(let (drained, released)) = result, drained else {
             trace.add("the drain did not finish (backend down?): restarting where it was")
             try boot()
             try verifyEverything(after: .process, stored: [:])
@@ -1283,8 +1323,135 @@ final class Simulation: @unchecked Sendable {
         }
         node = next
         for name in devices.keys { devices[name]!.allStored() }
-        try boot()
+        if ownership && !released {
+            // The release did not reach the backend: the new node waits the leases out (`vd volume takeover`).
+            trace.add("not every owner record was released: \(next.name) takes the volumes over")
+            _ = try takeOverAll(on: next, ordered, store: link(next))
+        } else {
+            try boot()
+        }
         try verifyEverything(after: .drained, stored: [:])
+    }
+
+    static let leaseSeconds = 3600.0
+
+    /// The node's link to the store (cut to partition it; without ownership, the store itself).
+    func link(_ node: SimNode) -> any ObjectStore {
+        guard ownership else { return store }
+        if let existing = links[node.name] { return existing }
+        let link = PartitionedStore(store, scheduler: scheduler)
+        links[node.name] = link
+        return link
+    }
+
+    /// The router is cut off from the backend (its link fails every request), another node takes every volume over
+    /// (`vd volume takeover`: waits the lease out, next generation, from the backend alone), then the old router's
+    /// link comes back: it renews into a fence, refuses I/O, and uploads what it still had, late. None of that may
+    /// become history: the new node must read what a flash loss at the cut allows (everything stored by then).
+    func takeOverOnAnotherNode() throws {
+        trace.add("partition the router from the backend; another node takes its volumes over")
+        count("takeover")
+        try quiesce()
+        let stored = storedEpochs()
+        let old = node
+        let oldLink = links[old.name]!
+        oldLink.cut = true
+        if store.outage {
+            store.outage = false
+            outageUntilOperation = nil
+            trace.add("backend outage ends (for the taker)")
+        }
+        let registrations = try VolumeRegistry.list(dataDirectory: old.dataDirectory, fs: old.fs)
+        nodeCount += 1
+        let next = SimNode(name: "node\(nodeCount)", scheduler: scheduler)
+        let cli = scheduler.makeProcess("attach#\(scheduler.steps)")
+        cli.role = "cli"
+        let nextStore = link(next)
+        let random = SimRandomSource(scheduler: scheduler)
+        let ordered = registrations.sorted {
+            ($0.config.parent == nil ? 0 : 1, $0.config.name) < ($1.config.parent == nil ? 0 : 1, $1.config.name)
+        }.filter { !lostClones.contains($0.config.name.rawValue) }
+        for registration in ordered {
+            let name = registration.config.name
+            let attached = try runIn(cli, "attach \(name)") { () async throws(VDError) -> Bool in
+                _ = try await VolumeAdministration.attach(
+                    dataDirectory: next.dataDirectory, flashDirectory: next.flashDirectory, fs: next.fs, random: random,
+                    name: name, backendName: "sim", backend: nextStore)
+                return true
+            }
+            if case .failure(let error) = attached { throw fail("cannot attach \(name) on \(next.name): \(error)") }
+        }
+        node = next
+        let router = try takeOverAll(on: next, ordered, store: nextStore)
+        trace.add("\(next.name) serves \(router.volumes.map(\.name.rawValue)); the old router's link is back")
+        // The old router comes back: it must fence itself, and anything it uploads now must never be read.
+        oldLink.cut = false
+        pendingLoss = (.flashLost, stored)
+        let end = scheduler.now + .seconds(scheduler.between(5...60))
+        scheduler.run(until: { scheduler.now >= end || failure != nil })
+        if let failure { throw failure }
+        old.routerProcess?.kill()
+        old.router = nil
+        if !routerProcess.isAlive { throw RouterKilled() }
+        try verifyAfterLoss(.flashLost, stored: stored)
+    }
+
+    /// Starts a router on `next` and takes every registered volume over (waiting out the leases of the router that
+    /// held them). A router killed at a failpoint meanwhile is started again and goes on where it stopped.
+    func takeOverAll(
+        on next: SimNode, _ ordered: [VolumeRegistration], store nextStore: any ObjectStore
+    ) throws -> Router {
+        while true {
+            let process = scheduler.makeProcess("router#\(scheduler.steps)")
+            process.role = "router"
+            next.routerProcess = process
+            let env = Environment(
+                fs: next.fs, clock: SimClock(scheduler: scheduler), random: SimRandomSource(scheduler: scheduler),
+                tasks: SimTaskRunner(process: process), keyValueStores: next.maps)
+            let configuration = routerConfiguration
+            let backends = SimBackends(store: nextStore, compress: compress)
+            let logger = self.logger
+            let started = try runIn(process, "router start") { () async throws(VDError) -> Router in
+                try Router(configuration: configuration, backends: backends, logger: logger, environment: env)
+            }
+            guard case .success(let router) = started else {
+                throw fail("the taking router does not start: \(started)")
+            }
+            next.router = router
+            var died = false
+            for registration in ordered where !lostClones.contains(registration.config.name.rawValue) {
+                let name = registration.config.name
+                if router.volume(named: name) != nil { continue }
+                let taken = try runIn(process, "take over \(name)", timeout: .seconds(Self.leaseSeconds * 2 + 600)) {
+                    () async throws(VDError) -> Volume in
+                    let lease = try await router.takeOver(registration)
+                    return try await router.open(registration, taken: lease) { _ in }
+                }
+                guard case .failure(let error) = taken else { continue }
+                if !process.isAlive {
+                    died = true
+                    break
+                }
+                if error.message.contains("which no longer exists")
+                    || error.message.contains("which is not open on this router")
+                {
+                    trace.add(
+                        "clone \(name) is lost with its parent's snapshot (it never reached the backend): \(error)")
+                    devices[name.rawValue] = nil
+                    lostClones.insert(name.rawValue)
+                    continue
+                }
+                throw fail("cannot take \(name) over on \(next.name): \(error)")
+            }
+            if !died { return router }
+            trace.add("the taking router died at a failpoint: starting it again")
+            if powerLossPending {
+                powerLossPending = false
+                next.fs.powerLoss()
+                next.maps.powerLoss()
+            }
+            next.router = nil
+        }
     }
 
     // MARK: verification

@@ -23,6 +23,9 @@ struct SimCommand: ParsableCommand {
     @Flag(help: "No crashes, power losses or flash losses.") var noCrashes = false
     @Flag(help: "No backend faults.") var noFaults = false
     @Flag(help: "No scrubs.") var noScrubs = false
+    @Option(
+        help: "Owner leases and takeovers: on, off, or by seed (one seed in four; the default).")
+    var ownership: String = "by-seed"
 
     func config(_ seed: UInt64, verbose: Bool) -> SimulationConfig {
         var config = SimulationConfig(seed: seed)
@@ -31,6 +34,7 @@ struct SimCommand: ParsableCommand {
         config.crashes = !noCrashes
         config.backendFaults = !noFaults
         config.scrubs = !noScrubs
+        config.ownership = ownership == "on" ? true : ownership == "off" ? false : nil
         return config
     }
 
@@ -47,7 +51,7 @@ struct SimCommand: ParsableCommand {
         }
         let next = Mutex(0)
         let failed = Mutex<[SimulationReport]>([])
-        let totals = Mutex((operations: 0, virtualSeconds: 0.0, steps: UInt64(0)))
+        let totals = Mutex((operations: 0, virtualSeconds: 0.0, steps: UInt64(0), counts: [String: Int]()))
         let started = Date()
         let group = DispatchGroup()
         for _ in 0..<max(1, jobs) {
@@ -65,6 +69,7 @@ struct SimCommand: ParsableCommand {
                         $0.operations += report.operations
                         $0.virtualSeconds += report.virtualSeconds
                         $0.steps += report.steps
+                        $0.counts.merge(report.counts, uniquingKeysWith: +)
                     }
                     if !report.passed {
                         failed.withLock { $0.append(report) }
@@ -79,7 +84,10 @@ struct SimCommand: ParsableCommand {
         }
         group.wait()
         let failures = failed.withLock { $0 }.sorted { $0.seed < $1.seed }
-        let (operations, virtualSeconds, steps) = totals.withLock { ($0.operations, $0.virtualSeconds, $0.steps) }
+        let (operations, virtualSeconds, steps, counts) = totals.withLock {
+            ($0.operations, $0.virtualSeconds, $0.steps, $0.counts)
+        }
+        print("events: " + counts.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
         print(
             "\(seeds) seed(s) from \(first), \(operations) operations, \(steps) steps, \(Int(virtualSeconds)) s virtual in \(String(format: "%.1f", Date().timeIntervalSince(started))) s: \(failures.isEmpty ? "all passed" : "\(failures.count) FAILED: \(failures.map { String($0.seed) }.joined(separator: " "))")"
         )

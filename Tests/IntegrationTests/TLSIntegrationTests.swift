@@ -6,22 +6,8 @@ import Testing
 import VolumeTesting
 
 @Suite(.serialized) struct TLSIntegrationTests {
-    /// A CA, a server certificate (localhost) and a client certificate, in the file names gnutls clients expect.
     func makeCertificates(in directory: String) throws {
-        let script = """
-            set -e
-            cd '\(directory)'
-            openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem -days 30 -subj /CN=vd-test-ca \
-              -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
-            for who in server client; do
-              openssl req -newkey rsa:2048 -nodes -keyout $who-key.pem -out $who.csr -subj /CN=localhost 2>/dev/null
-              usage=serverAuth; [ $who = client ] && usage=clientAuth
-              printf "subjectAltName=DNS:localhost,IP:127.0.0.1\\nextendedKeyUsage=$usage\\nkeyUsage=critical,digitalSignature,keyEncipherment\\nbasicConstraints=CA:FALSE\\n" > $who.ext
-              openssl x509 -req -in $who.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -out $who-cert.pem -days 30 \
-                -extfile $who.ext 2>/dev/null
-            done
-            """
-        let result = try ProcessRunner.run("/bin/bash", ["-c", script])
+        let result = try TestCertificates.make(in: directory)
         #expect(result.succeeded, "\(result.error)")
     }
 
@@ -53,9 +39,11 @@ import VolumeTesting
 
         // qemu over TLS: write, then read back.
         let object = "tls-creds-x509,id=tls0,dir=\(certificates),endpoint=client"
-        let image = "driver=nbd,server.type=unix,server.path=\(socket),export=vol1,tls-creds=tls0,tls-hostname=localhost"
+        let image =
+            "driver=nbd,server.type=unix,server.path=\(socket),export=vol1,tls-creds=tls0,tls-hostname=localhost"
         let io = try ProcessRunner.run(
-            "qemu-io", ["--object", object, "--image-opts", image, "-c", "write -P 0x5c 0 1M", "-c", "read -P 0x5c 0 1M"])
+            "qemu-io",
+            ["--object", object, "--image-opts", image, "-c", "write -P 0x5c 0 1M", "-c", "read -P 0x5c 0 1M"])
         #expect(io.succeeded && !io.output.contains("failed"), "\(io.output)\(io.error)")
         let qinfo = try ProcessRunner.run("qemu-img", ["info", "--object", object, "--image-opts", image])
         #expect(qinfo.succeeded && qinfo.output.contains("33554432"), "\(qinfo.output)\(qinfo.error)")

@@ -214,4 +214,67 @@ import VolumeTesting
         #expect((report?["problems"] as? [String])?.isEmpty == true, "\(checked.output)\(checked.error)")
         print("check after split brain: orphans \((report?["orphans"] as? [String]) ?? [])")
     }
+
+    /// The cluster API over TLS: a CLI with the cluster's CA and a client certificate reaches the router
+    /// (`--router`); plain HTTP, a client without a certificate, or one without the token do not.
+    @Test func theClusterAPIServesTLSWithClientCertificates() throws {
+        let cluster = try Cluster("vd-ctls")
+        defer { cluster.remove() }
+        let pki = cluster.directory.path + "/pki"
+        try FileManager.default.createDirectory(atPath: pki, withIntermediateDirectories: true)
+        #expect(try TestCertificates.make(in: pki).succeeded)
+        let backend = "[backends.local]\nurl = \"file://\(cluster.shared)\"\n"
+        let serverConfig = cluster.directory.path + "/server.toml"
+        try
+            (backend
+            + "[cluster]\ntls_certificate = \"\(pki)/server-cert.pem\"\ntls_key = \"\(pki)/server-key.pem\"\ntls_ca = \"\(pki)/ca-cert.pem\"\n")
+            .write(toFile: serverConfig, atomically: true, encoding: .utf8)
+        let clientConfig = cluster.directory.path + "/client.toml"
+        try
+            (backend
+            + "[cluster]\ntls_certificate = \"\(pki)/client-cert.pem\"\ntls_key = \"\(pki)/client-key.pem\"\ntls_ca = \"\(pki)/ca-cert.pem\"\n")
+            .write(toFile: clientConfig, atomically: true, encoding: .utf8)
+        let environment = ["VD_CLUSTER_TOKEN": Self.token]
+        let a = try VDServer(
+            dataDirectory: cluster.directory.path + "/a",
+            extraArguments: ["--config", serverConfig, "--node", "node-a", "--cluster-listen", "127.0.0.1:0"],
+            environment: environment)
+        defer { _ = try? a.stop() }
+        #expect(try a.cli(["volume", "create", "vol1", "--size", "16M", "--config", serverConfig]).succeeded)
+        try a.start()
+        let line = a.output.split(separator: "\n").first { $0.contains("cluster API of node node-a at ") }
+        let address = try #require(line.flatMap { $0.split(separator: " ").dropLast().last }.map(String.init))
+        #expect(line?.hasSuffix("(TLS)") == true, "\(a.output)")
+
+        let remote = try ProcessRunner.run(
+            a.binary,
+            [
+                "volume", "list", "--cluster", "--router", address, "--config", clientConfig, "--data-dir",
+                cluster.directory.path + "/cli",
+            ],
+            environment: environment)
+        #expect(remote.succeeded && remote.output.contains("vol1"), "\(remote.output)\(remote.error)")
+        let plainCLI = try ProcessRunner.run(
+            a.binary,
+            ["volume", "list", "--router", address, "--data-dir", cluster.directory.path + "/cli2"],
+            environment: environment)
+        #expect(!plainCLI.succeeded, "a client speaking plain HTTP must not get an answer: \(plainCLI.output)")
+
+        func curl(_ arguments: [String]) throws -> String {
+            try ProcessRunner.run(
+                "/usr/bin/curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"] + arguments
+            ).output
+        }
+        #expect(try curl(["http://\(address)/v1/volumes"]) == "000", "plain HTTP is not served")
+        #expect(
+            try curl(["--cacert", pki + "/ca-cert.pem", "https://\(address)/v1/volumes"]) == "000",
+            "a client without a certificate is refused")
+        let withCertificate = [
+            "--cacert", pki + "/ca-cert.pem", "--cert", pki + "/client-cert.pem", "--key", pki + "/client-key.pem",
+        ]
+        #expect(try curl(withCertificate + ["https://\(address)/v1/volumes"]) == "401", "the token is still needed")
+        #expect(
+            try curl(withCertificate + ["-H", "Authorization: Bearer \(Self.token)", "https://\(address)/v1/volumes"])
+                == "200")
+    }
 }

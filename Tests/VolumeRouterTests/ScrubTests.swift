@@ -6,6 +6,7 @@ import ObjectStore
 import Scrubber
 import Testing
 import VolumeCore
+
 @testable import VolumeRouter
 
 /// The scrubber and the router's application of its results, end to end on the engine.
@@ -36,7 +37,10 @@ import VolumeCore
         var options = ScrubOptions()
         options.liveFractionThreshold = threshold
         options.scoSizeBytes = 2 << 20
-        return try await Scrubber(volume: try VolumeName(validating: "vol1"), backend: store, options: options, env: .live(pool: .singleton), logger: Logger(label: "scrub")).run()
+        return try await Scrubber(
+            volume: try VolumeName(validating: "vol1"), backend: store, options: options, env: .live(pool: .singleton),
+            logger: Logger(label: "scrub")
+        ).run()
     }
 
     @Test func scrubReclaimsGarbageAndKeepsEverythingReadable() async throws {
@@ -53,7 +57,9 @@ import VolumeCore
         }
         func backendSCOBytes() async throws -> UInt64 {
             var total: UInt64 = 0
-            for name in store.allNames where name.contains("/sco/") { total += UInt64(try await store.get(name).readableBytes) }
+            for name in store.allNames where name.contains("/sco/") {
+                total += UInt64(try await store.get(name).readableBytes)
+            }
             return total
         }
         _ = try await fill(h, seed: 1)
@@ -92,7 +98,8 @@ import VolumeCore
         try await applyAndFinish()
         let reclaimed2 = stored2 - (try await backendSCOBytes())
         let ratio2 = Double(reclaimed2) / Double(Self.size / 2)
-        #expect(ratio2 > 0.8 && ratio2 < 1.2, "round 2 reclaimed \(reclaimed2) bytes for \(Self.size / 2) bytes of garbage")
+        #expect(
+            ratio2 > 0.8 && ratio2 < 1.2, "round 2 reclaimed \(reclaimed2) bytes for \(Self.size / 2) bytes of garbage")
         #expect(store.allNames.contains { $0.hasSuffix(".applied") })
         #expect(try await contents(h) == current)
         #expect(try await contents(h, atEpoch: s3.epoch) == current)
@@ -140,7 +147,8 @@ import VolumeCore
         let h = try await VolumeHarness(sizeBytes: 1 << 20, backend: store)
         defer { Task { await h.shutdown() } }
         let layout = VolumeLayout(flashDirectory: "", namespace: "vol1")
-        let lease = try await ScrubLease.acquire(layout: layout, backend: store, seconds: 60, env: .live(pool: .singleton))
+        let lease = try await ScrubLease.acquire(
+            layout: layout, backend: store, seconds: 60, env: .live(pool: .singleton))
         do {
             _ = try await scrub(store)
             Issue.record("a second scrubber ran")
@@ -150,5 +158,50 @@ import VolumeCore
         }
         await lease.release(backend: store)
         _ = try await scrub(store)
+    }
+
+    /// A scrub result made from a history that is not a prefix of the volume's (as when the scrubber replayed TLogs
+    /// of an owner that was fenced meanwhile) is removed, never applied: its sources stay and everything reads.
+    @Test func aResultFromAnotherHistoryIsRemovedNotApplied() async throws {
+        let store = MemoryStore()
+        let h = try await VolumeHarness(sizeBytes: UInt64(Self.size), scoSizeBytes: 1 << 20, backend: store) {
+            $0.scrubDeleteGraceSeconds = 0
+            $0.scrubPollSeconds = 3600
+        }
+        defer { Task { await h.shutdown() } }
+        _ = try await fill(h, seed: 1)
+        let current = try await fill(h, seed: 2)
+        try await h.volume.journal.submit(.roll)
+        try await h.waitUntilStored()
+        let summary = try await scrub(store)
+        let id = try #require(summary.resultID)
+        let layout = h.volume.layout
+        var result = try MetadataRecord.decode(
+            ScrubResult.self, from: try await store.get(layout.scrubResultObject(id)), kind: .scrubResult,
+            what: "result")
+        #expect(result.historyEpoch != nil && result.historyTag == nil, "the scrub records the history it replayed")
+        // Its last TLog named with a generation the volume's chain does not give that epoch.
+        result.historyTag = 7
+        try await store.replace(
+            layout.scrubResultObject(id), data: try MetadataRecord.encode(result, kind: .scrubResult))
+        let scos = Set(store.allNames.filter { $0.contains("/sco/") })
+        await h.volume.scrubPass()
+        try await h.waitUntilStored()
+        await h.volume.scrubPass()
+        #expect(try await store.head(layout.scrubResultObject(id)) == nil, "the result is removed")
+        #expect(try await store.head(layout.scrubAppliedObject(id)) == nil, "and never marked applied")
+        for source in result.sources {
+            #expect(scos.contains(layout.scoObject(SCONumber(source))))
+            #expect(try await store.head(layout.scoObject(SCONumber(source))) != nil, "its sources stay")
+        }
+        #expect(try await contents(h) == current)
+        // A scrub of the volume's own history is applied as usual.
+        let again = try await scrub(store)
+        #expect(again.resultID != nil)
+        await h.volume.scrubPass()
+        try await h.waitUntilStored()
+        await h.volume.scrubPass()
+        #expect(try await store.head(layout.scrubAppliedObject(again.resultID!)) != nil)
+        #expect(try await contents(h) == current)
     }
 }
