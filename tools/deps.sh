@@ -5,7 +5,7 @@
 set -euo pipefail
 
 build_packages=(pkg-config librocksdb-dev libs3-dev libsnappy-dev libaio-dev)
-test_packages=(qemu-utils libnbd-bin fuse3 fuse2fs e2fsprogs fio python3 python3-libnbd procps curl openssl time)
+test_packages=(qemu-utils libnbd-bin fuse3 fuse2fs e2fsprogs fio python3 python3-libnbd procps curl openssl time iproute2)
 s3_packages=(radosgw ceph-mon ceph-osd)
 
 want=("${build_packages[@]}")

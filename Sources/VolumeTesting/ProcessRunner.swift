@@ -170,6 +170,8 @@ public final class VDServer: @unchecked Sendable {
     public let extraArguments: [String]
     /// Extra environment for vd (e.g. AWS_ACCESS_KEY_ID for s3:// backends).
     public let environment: [String: String]
+    /// A program `vd serve` runs under (e.g. `ip netns exec NS`), which execs it.
+    public var launcher: [String] = []
     public private(set) var process: Process?
     private var log = LockedData()
     public let logPath: String
@@ -213,8 +215,14 @@ public final class VDServer: @unchecked Sendable {
     /// Starts `vd serve` and waits until it prints "ready" (or fails).
     public func start(timeoutSeconds: Double = 60) throws {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = ["serve", "--data-dir", dataDirectory, "--nbd-socket", socketPath] + extraArguments
+        let arguments = ["serve", "--data-dir", dataDirectory, "--nbd-socket", socketPath] + extraArguments
+        if let program = launcher.first {
+            process.executableURL = URL(fileURLWithPath: program)
+            process.arguments = Array(launcher.dropFirst()) + [binary] + arguments
+        } else {
+            process.executableURL = URL(fileURLWithPath: binary)
+            process.arguments = arguments
+        }
         if !environment.isEmpty {
             process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         }

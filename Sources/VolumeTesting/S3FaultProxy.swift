@@ -67,7 +67,8 @@ public final class S3FaultProxy: Sendable {
     /// Starts a proxy on 127.0.0.1 (a free port) forwarding to `upstreamHost:upstreamPort`. With `tls` (PEM files of
     /// a certificate chain and its key) the proxy speaks HTTPS to its clients (a TLS front for a plain-HTTP server).
     public static func start(
-        upstreamHost: String, upstreamPort: Int, tls: (certificateFile: String, keyFile: String)? = nil
+        upstreamHost: String, upstreamPort: Int, tls: (certificateFile: String, keyFile: String)? = nil,
+        listenHost: String = "127.0.0.1"
     ) async throws -> S3FaultProxy {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let box = FaultScript()
@@ -90,10 +91,10 @@ public final class S3FaultProxy: Sendable {
                 }
             }
         do {
-            let channel = try await bootstrap.bind(host: "127.0.0.1", port: 0).get()
+            let channel = try await bootstrap.bind(host: listenHost, port: 0).get()
             let port = channel.localAddress?.port ?? 0
             return S3FaultProxy(
-                group: group, serverChannel: channel, script: box, endpoint: "127.0.0.1:\(port)",
+                group: group, serverChannel: channel, script: box, endpoint: "\(listenHost):\(port)",
                 upstreamHost: upstreamHost, upstreamPort: upstreamPort)
         } catch {
             try? await group.shutdownGracefully()
@@ -103,12 +104,14 @@ public final class S3FaultProxy: Sendable {
 
     /// Starts a proxy in front of `endpoint` (`HOST:PORT`).
     public static func start(
-        upstream endpoint: String, tls: (certificateFile: String, keyFile: String)? = nil
+        upstream endpoint: String, tls: (certificateFile: String, keyFile: String)? = nil,
+        listenHost: String = "127.0.0.1"
     ) async throws -> S3FaultProxy {
         guard let colon = endpoint.lastIndex(of: ":"), let port = Int(endpoint[endpoint.index(after: colon)...]) else {
             throw ProxyError(message: "upstream endpoint '\(endpoint)' is not HOST:PORT")
         }
-        return try await start(upstreamHost: String(endpoint[..<colon]), upstreamPort: port, tls: tls)
+        return try await start(
+            upstreamHost: String(endpoint[..<colon]), upstreamPort: port, tls: tls, listenHost: listenHost)
     }
 
     private init(
