@@ -310,7 +310,7 @@ package enum NamespaceObjects {
             }
             starts.append(start)
         }
-        let chain = GenerationChain(starts)
+        let chain = GenerationChain.linked(starts)
         try chain.validate(what: layout.generationsPrefix)
         return chain
     }

@@ -234,7 +234,14 @@ extension RouterService {
             } catch {
                 // Not served here after all: give it up so another router can take it without waiting.
                 logger.error("volume \(name): taken over but cannot be opened (\(error)); releasing it")
-                try? await lease.release(to: nil)
+                if attached { try? VolumeRegistry.remove(dataDirectory: dataDirectory, name: name, fs: fs) }
+                do throws(VDError) {
+                    try await lease.release(to: nil)
+                } catch let failure {
+                    logger.error(
+                        "volume \(name): the release failed too (\(failure.message)); its lease runs out in \(Int(lease.leaseSeconds)) s"
+                    )
+                }
                 throw error
             }
         }

@@ -11,6 +11,12 @@
 // from replacing anything. F is one past the last epoch the new owner found on the backend after writing its owner
 // record: a TLog the fenced owner stored before that listing is history (and the new owner continues after it), one
 // stored after it is not.
+//
+// A start may itself be late: an owner that took generation G, stalled before writing its start, and meanwhile lost
+// the volume to generation G+1 (whose owner did not see G's start) would otherwise rewrite the history G+1 already
+// serves. So each start names the start it follows (`previous`, the newest of the chain its writer read), and the
+// chain is the list walked from the highest generation back through `previous`: a late start is on no walk and
+// counts for nothing (its generation's TLogs are foreign like any fenced owner's).
 
 /// NAME/generations/<G hex>: generation G writes the history from `firstEpoch` on.
 public struct GenerationStart: Codable, Sendable, Equatable {
@@ -18,11 +24,14 @@ public struct GenerationStart: Codable, Sendable, Equatable {
     public var firstEpoch: UInt64
     /// The node that started it (for people reading it).
     public var node: String
+    /// The start this one follows: the newest of the chain its writer read (nil: none).
+    public var previous: UInt64?
 
-    public init(generation: UInt64, firstEpoch: UInt64, node: String) {
+    public init(generation: UInt64, firstEpoch: UInt64, node: String, previous: UInt64? = nil) {
         self.generation = generation
         self.firstEpoch = firstEpoch
         self.node = node
+        self.previous = previous
     }
 }
 
@@ -39,6 +48,26 @@ public struct GenerationChain: Sendable, Equatable {
 
     public init(_ starts: [GenerationStart] = []) {
         self.starts = starts.sorted { $0.generation < $1.generation }
+    }
+
+    /// The chain of every start found under NAME/generations/: from the highest generation back through `previous`;
+    /// starts on no such walk (written late, by an owner that had lost the volume) are left out.
+    public static func linked(_ found: [GenerationStart]) -> GenerationChain {
+        let byGeneration = Dictionary(found.map { ($0.generation, $0) }, uniquingKeysWith: { first, _ in first })
+        var chain: [GenerationStart] = []
+        var next = found.map(\.generation).max()
+        while let generation = next, let start = byGeneration[generation] {
+            chain.append(start)
+            // Generations only go down along the walk (a start follows an older one): no cycle.
+            guard let previous = start.previous, previous < generation else { break }
+            next = previous
+        }
+        return GenerationChain(chain)
+    }
+
+    /// Starts found that are not on the chain (late ones).
+    public func unlinked(_ found: [GenerationStart]) -> [GenerationStart] {
+        found.filter { start(of: $0.generation) == nil }
     }
 
     /// Checks that first epochs never decrease along the generations (each continues its predecessor's history).

@@ -19,6 +19,7 @@
 // lock proves the earlier process is gone); a released record is taken at once with the next generation.
 
 package import Foundation
+package import Logging
 import NIOCore
 package import ObjectStore
 import Synchronization
@@ -73,6 +74,8 @@ package final class OwnerLease: Sendable {
 
     private let record: SequencedRecord
     private let identity: OwnerIdentity
+    /// `stopRenewing` was called: the renewal loop ends.
+    private let stopped = Mutex(false)
     private let clock: any VDClock
     private let random: any RandomSource
     private let state: Mutex<State>
@@ -305,6 +308,32 @@ package final class OwnerLease: Sendable {
         }
         throw reason
     }
+
+    /// Renews every third of the lease period, from the moment it was taken (a volume's open, which can replay for
+    /// minutes, must not let it run out) until `stopRenewing`, or until another router took the volume.
+    package func renewLoop(what: String, logger: Logger) async {
+        let period = Duration.seconds(double: leaseSeconds / 3)
+        var last = clock.now()
+        while !stopped.withLock({ $0 }) && fenced == nil {
+            await clock.sleep(for: .milliseconds(250))
+            let now = clock.now()
+            guard last.duration(to: now) >= period, !stopped.withLock({ $0 }) else { continue }
+            last = now
+            do {
+                try await renew()
+            } catch {
+                if let fenced {
+                    logger.error("\(fenced.message); \(what): its I/O is refused from now on")
+                    return
+                }
+                logger.warning(
+                    "cannot renew the owner lease of \(what) (\(error.message)); I/O stops when the lease runs out")
+            }
+        }
+    }
+
+    /// Ends the renewal loop (the volume closed, or did not open). The lease then runs out unless released.
+    package func stopRenewing() { stopped.withLock { $0 = true } }
 
     /// Gives the volume up (to `node`, or to any): the next router takes it at once. This router's lease ends now.
     package func release(to node: String?) async throws(VDError) {

@@ -363,12 +363,20 @@ package final class Router: Sendable {
         if let lease, lease.servedElsewhereBefore {
             try setLocalFlashAside(registration, reason: "generation \(lease.generation) follows another router's")
         }
-        let volume = try await Volume.open(
-            config: registration.config, layout: layout(for: registration), options: options,
-            backend: backend, cache: cache, env: env, logger: logger, parent: parent,
-            generation: lease.map { OwnerGeneration(generation: $0.generation, node: configuration.ownership!.node) },
-            progress: progress)
-        if let lease { volume.serve(under: lease) }
+        if let lease, taken == nil { startRenewing(lease, registration) }
+        let volume: Volume
+        do throws(VDError) {
+            volume = try await Volume.open(
+                config: registration.config, layout: layout(for: registration), options: options,
+                backend: backend, cache: cache, env: env, logger: logger, parent: parent,
+                generation: lease.map {
+                    OwnerGeneration(generation: $0.generation, node: configuration.ownership!.node)
+                },
+                lease: lease, progress: progress)
+        } catch {
+            lease?.stopRenewing()
+            throw error
+        }
         state.withLock { $0[registration.config.name] = volume }
         return volume
     }
@@ -431,9 +439,17 @@ package final class Router: Sendable {
         }
         let lease = try await OwnerLease.takeover(
             record, as: identity, leaseSeconds: ownership.leaseSeconds, clock: env.clock, random: env.random)
+        startRenewing(lease, registration)
         logger.info(
             "volume \(registration.config.name): taken over by node \(ownership.node), generation \(lease.generation)")
         return lease
+    }
+
+    /// Renews `lease` from now on (until the volume closes, or fails to open: `stopRenewing`).
+    private func startRenewing(_ lease: OwnerLease, _ registration: VolumeRegistration) {
+        let logger = self.logger
+        let what = "volume \(registration.config.name)"
+        _ = env.tasks.spawn { await lease.renewLoop(what: what, logger: logger) }
     }
 
     /// Another router served the volume since this flash directory was written: what is here is an earlier life;

@@ -159,7 +159,18 @@ final class ScrubApplier: Sendable {
     /// generation chain names for that epoch. A result made from a fenced owner's TLogs is removed (never applied:
     /// it may have judged data dead that this history still reads); its SCOs are left for `vd check --repair`.
     private func historyIsPrefix(of result: ScrubResult) async throws(VDError) -> Bool {
-        guard let epoch = result.historyEpoch else { return true }
+        guard let epoch = result.historyEpoch else {
+            // A scrubber of an earlier version did not record its history; it read only untagged TLog names, so its
+            // replay is trustworthy only while no generation of the volume is tagged.
+            if delegate.generations.starts.isEmpty { return true }
+            logger.error(
+                "scrub result \(result.id) does not say which history it replayed (an earlier vd scrub) and this volume has changed owners: removing the result, not applying it"
+            )
+            try await delegate.confirmOwnershipOnBackend()
+            try await backend.delete(layout.scrubResultObject(result.id))
+            state.withLock { $0.results[result.id] = nil }
+            return false
+        }
         let expected = delegate.generations.tag(ofEpoch: epoch)
         if expected == result.historyTag { return true }
         logger.error(

@@ -43,6 +43,9 @@ protocol UploaderDelegate: AnyObject, Sendable {
     func putSCO(_ sco: SCONumber, lengthBytes: UInt64) async throws(VDError)
     /// Epoch `epoch` (SCO `sco`) is stored: its local copy may go.
     func epochStored(_ epoch: SCONumber, sco: SCONumber, lengthBytes: UInt64)
+    /// Whether metadata another owner would adopt (the snapshot table) may be written now: the owner lease, if any,
+    /// is valid. (SCOs and TLogs carry the generation in their names; the table is read whole by a taker.)
+    var mayWriteMetadata: Bool { get }
 }
 
 final class Uploader: Sendable {
@@ -143,7 +146,9 @@ final class Uploader: Sendable {
                 }
                 // The snapshot table goes up before any TLog that may depend on it.
                 if catalog.needsUpload && !isStopping {
-                    if !(await catalog.uploadIfNeeded(to: backend)) {
+                    if !delegate.mayWriteMetadata {
+                        await sleepUnlessStopping(seconds: options.uploadRetryDelaySeconds)
+                    } else if !(await catalog.uploadIfNeeded(to: backend)) {
                         await sleepUnlessStopping(seconds: options.uploadRetryDelaySeconds)
                     }
                 }

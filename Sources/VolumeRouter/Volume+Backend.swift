@@ -84,7 +84,7 @@ extension Volume {
             attempt += 1
             do throws(VDError) {
                 return try await probeBackendFormat(sco)
-            } catch where error.code == .corrupt && attempt < Self.backendReadAttemptsMax {
+            } catch  where error.code == .corrupt && attempt < Self.backendReadAttemptsMax {
                 continue
             }
         }

@@ -76,6 +76,7 @@ extension Volume {
         // Another router takes a released volume from the backend alone: release only when the final seal went
         // through and its epoch is stored (never on the small-remainder tolerance above).
         if drained && sealed { result.released = await releaseOwnership(to: node) }
+        ownerLease?.stopRenewing()
         return result
     }
 }

@@ -36,6 +36,7 @@ extension Volume {
     package static func open(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, cache: FlashCache,
         env: Environment, logger: Logger, parent: Volume? = nil, generation: OwnerGeneration? = nil,
+        lease: OwnerLease? = nil,
         progress: @escaping @Sendable (String) -> Void = { _ in }
     ) async throws(VDError) -> Volume {
         try options.validate()
@@ -100,6 +101,8 @@ extension Volume {
                 localOnlySCOs: Set(pending.map(\.1.sco)), snapshots: recovery.snapshots,
                 snapshotsUploadedVersion: recovery.snapshotsUploadedVersion,
                 parent: parent.map { ($0, config.parent!.epoch) }, generations: recovery.generations)
+            // Before any background work: uploads, scrub deletions and I/O are checked against it from the start.
+            if let lease { volume.serve(under: lease) }
             recovery.registerCache(cache, volume: volume, storedThrough: storedThrough)
             cache.add(volume.cacheKey(journal.sco), file: journal.file, footprintBytes: options.scoSizeBytes)
             let tableVersion = recovery.snapshots.version
@@ -312,7 +315,9 @@ struct Recovery {
         }
         guard generations.start(of: owner.generation) == nil else { return }
         let start = try await NamespaceObjects.startGeneration(
-            GenerationStart(generation: owner.generation, firstEpoch: (lastEpoch ?? 0) + 1, node: owner.node),
+            GenerationStart(
+                generation: owner.generation, firstEpoch: (lastEpoch ?? 0) + 1, node: owner.node,
+                previous: generations.newest?.generation),
             layout: layout, backend: backend)
         generations.add(start)
         try generations.validate(what: layout.generationsPrefix)

@@ -12,9 +12,9 @@ extension Volume {
     /// The lease this router serves the volume under (nil: no ownership in use).
     package var ownerLease: OwnerLease? { ownership.withLock { $0 } }
 
+    /// Set before any background work starts (Volume.open); the Router renews the lease from when it took it.
     func serve(under lease: OwnerLease) {
         ownership.withLock { $0 = lease }
-        startBackground { volume in await volume.renewOwnership(lease) }
     }
 
     /// Throws unless this router may acknowledge I/O on the volume now.
@@ -36,30 +36,6 @@ extension Volume {
             try await lease.confirmOnBackend()
         } catch {
             throw VDError(error.code == .busy ? .shutdown : error.code, "volume \(name): \(error.message)")
-        }
-    }
-
-    /// Renews every third of the lease period until the volume closes or another router took it.
-    func renewOwnership(_ lease: OwnerLease) async {
-        let period = Duration.seconds(double: lease.leaseSeconds / 3)
-        // The first renewal at once: opening (a replay) may have used much of the lease taken before it.
-        var last = env.clock.now() + .seconds(double: -lease.leaseSeconds)
-        while !uploader.isStopping {
-            await env.clock.sleep(for: .milliseconds(250))
-            let now = env.clock.now()
-            guard last.duration(to: now) >= period, !uploader.isStopping else { continue }
-            last = now
-            do {
-                try await lease.renew()
-            } catch {
-                if lease.fenced != nil {
-                    logger.error("\(error.message); its I/O is refused from now on")
-                    return
-                }
-                logger.warning(
-                    "cannot renew the owner lease of volume \(name) (\(error.message)); I/O stops when the lease runs out"
-                )
-            }
         }
     }
 

@@ -102,6 +102,7 @@ extension Volume {
 
     /// Removes a snapshot from the table. Frees nothing by itself: the scrubber reclaims what only it referenced.
     package func deleteSnapshot(named name: String) throws(VDError) {
+        try checkOwnership()
         try catalog.update { table throws(VDError) in
             guard let index = table.snapshots.firstIndex(where: { $0.name == name }) else {
                 throw VDError(.notFound, "volume \(config.name) has no snapshot named \(name)")
@@ -156,6 +157,7 @@ extension Volume {
 
     /// Records that `clone` reads through snapshot `name` (or no longer does).
     package func setClone(_ clone: String, ofSnapshot name: String, present: Bool) throws(VDError) {
+        try checkOwnership()
         try catalog.update { table throws(VDError) in
             guard let index = table.snapshots.firstIndex(where: { $0.name == name }) else {
                 throw VDError(.notFound, "volume \(config.name) has no snapshot named \(name)")

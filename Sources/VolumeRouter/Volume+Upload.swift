@@ -9,6 +9,8 @@ import Synchronization
 import VolumeCore
 
 extension Volume: UploaderDelegate {
+    var mayWriteMetadata: Bool { ownerLease.map { $0.isValid(at: env.clock.now()) } ?? true }
+
     func epochStored(_ epoch: SCONumber, sco: SCONumber, lengthBytes: UInt64) {
         var update = MapUpdate()
         update.metadata.append((Self.storedThroughKey, [UInt8](littleEndian64: epoch.rawValue)))

@@ -171,6 +171,52 @@ import VolumeCore
         try await pool.shutdownGracefully()
     }
 
+    /// An owner that took generation 2 but wrote its start only after generation 3 had started (it stalled, and lost
+    /// the volume meanwhile): its late start must not rewrite the history generation 3 serves.
+    @Test func aLateGenerationStartCountsForNothing() async throws {
+        let pool = NIOThreadPool(numberOfThreads: 2)
+        pool.start()
+        let env = Environment.live(pool: pool)
+        var options = VolumeOptions()
+        options.scoSizeBytes = 1 << 20
+        options.uploadRetryDelaySeconds = 0.01
+        options.uploadRetryDelaySecondsMax = 0.05
+        let config = VolumeConfig(name: try VolumeName(validating: "vol1"), sizeBytes: 16 << 20)
+        let layout = VolumeLayout(flashDirectory: "", namespace: "vol1")
+        let backend = MemoryStore()
+        try await backend.put(layout.configObject, data: try MetadataRecord.encode(config, kind: .volumeConfig))
+        let a = try Node(env: env, pool: pool)
+        let c = try Node(env: env, pool: pool)
+        defer {
+            a.remove()
+            c.remove()
+        }
+        try await a.open(config, backend: backend, generation: 1, node: "a", options: options)
+        try await a.write(first: 0, count: 40, seed: 1)
+        try await a.write(first: 40, count: 40, seed: 2)
+        await a.close()
+        try await c.open(config, backend: backend, generation: 3, node: "c", options: options)
+        try await c.write(first: 20, count: 10, seed: 3)
+        // The late start of generation 2: it found fewer epochs than generation 3 did.
+        let late = GenerationStart(generation: 2, firstEpoch: 2, node: "b")
+        try await backend.put(layout.generationObject(2), data: try MetadataRecord.encode(late, kind: .generationStart))
+        let chain = try await NamespaceObjects.loadGenerationChain(layout: layout, backend: backend)
+        #expect(chain.start(of: 2) == nil && chain.start(of: 3) != nil)
+        await c.close()
+        try await c.open(config, backend: backend, generation: 3, node: "c", options: options)
+        try await Self.expect(c.volume, first: 0, count: 20, seed: 1, "after a restart of generation 3")
+        try await Self.expect(c.volume, first: 20, count: 10, seed: 3, "after a restart of generation 3")
+        try await Self.expect(c.volume, first: 40, count: 40, seed: 2, "after a restart of generation 3")
+        await c.close()
+        let work = c.root + "/check"
+        try Syscall.makeDirectories(work)
+        var check = NamespaceCheck()
+        check.workDirectory = work
+        let report = try await check.run(volume: config.name, backend: backend, env: env, progress: { _ in })
+        #expect(report.problems.isEmpty, "\(report.problems)")
+        try await pool.shutdownGracefully()
+    }
+
     @Test func chainNamesAndParsing() {
         let layout = VolumeLayout(flashDirectory: "", namespace: "v")
         let chain = GenerationChain([
@@ -192,6 +238,16 @@ import VolumeCore
             chain.foreignTLogs(in: names, layout: layout) == [
                 "v/tlog/000000000000000a", "v/tlog/0000000000000014.0000000000000002",
             ])
+        // The chain is walked from the highest generation through `previous`.
+        let found = [
+            GenerationStart(generation: 2, firstEpoch: 10, node: "b"),
+            GenerationStart(generation: 3, firstEpoch: 13, node: "c", previous: nil),
+            GenerationStart(generation: 4, firstEpoch: 15, node: "d", previous: 3),
+        ]
+        let linked = GenerationChain.linked(found)
+        #expect(linked.starts.map(\.generation) == [3, 4])
+        #expect(linked.unlinked(found).map(\.generation) == [2])
+        #expect(GenerationChain.linked([]).starts.isEmpty)
         #expect(throws: VDError.self) {
             try GenerationChain([
                 GenerationStart(generation: 2, firstEpoch: 10, node: "b"),

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark: moving a volume between two routers on one backend (`vd volume move`), against the data not yet on the
-# backend when the move starts; and the cost of serving under an owner lease (`--node`) on write throughput.
+# backend when the move starts; taking a volume over from a dead router (`vd volume takeover`, kill -9) against the
+# lease period; and the cost of serving under an owner lease (`--node`) on write throughput.
 #
-#   tools/bench/move.sh [--dir DIR] [--sizes "16M 256M 1G"] [--vd PATH] [--runtime 8]
+#   tools/bench/move.sh [--dir DIR] [--sizes "16M 256M 1G"] [--leases "3 10 20"] [--vd PATH] [--runtime 8]
 #
 # Both routers run on this machine and share a local-directory backend (what the embedded default does; with S3 the
 # drain is an upload at the store's speed: docs/performance.md has those rates). Not a test.
@@ -12,6 +13,7 @@ here="$(cd "$(dirname "$0")/../.." && pwd)"
 dir="${BENCH_DIR:-/var/tmp/vd-bench-move}"
 sizes="16M 256M 1G"
 runtime=8
+leases="3 10 20"
 vd=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -19,7 +21,8 @@ while [ $# -gt 0 ]; do
     --sizes) sizes="$2"; shift 2 ;;
     --vd) vd="$2"; shift 2 ;;
     --runtime) runtime="$2"; shift 2 ;;
-    -h|--help) sed -n 2,9p "$0"; exit 0 ;;
+    --leases) leases="$2"; shift 2 ;;
+    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -63,6 +66,32 @@ for size in $sizes; do
   unstored=$(echo "$out" | sed -n 's/.*; \(.*\) were uploaded first.*/\1/p')
   drain=$(echo "$out" | sed -n 's/.*first (\([0-9.]*\) s).*/\1/p')
   printf '%-10s %14s %11ss %11ss\n' "$size" "$unstored" "$drain" "$total"
+done
+
+echo
+echo "takeover of a dead router's volume (kill -9; 256 MiB written, everything stored first) against the lease"
+printf '%-8s %12s %12s\n' lease minimum takeover
+for lease in $leases; do
+  fresh
+  printf '[cluster]\nlease_seconds = %s\n' "$lease" >> "$dir/vd.toml"
+  "$vd" volume create vol --size 4G --data-dir "$dir/a" --config "$dir/vd.toml" >/dev/null
+  start a --node a
+  start b --node b
+  fio --name=fill --ioengine=nbd --uri="nbd+unix:///vol?socket=$dir/a.sock" --rw=write --bs=1M --iodepth=8 \
+    --size=256M >/dev/null
+  "$vd" snapshot create vol stored --data-dir "$dir/a" --config "$dir/vd.toml" >/dev/null
+  for _ in $(seq 600); do
+    unstored=$("$vd" volume info vol --json --data-dir "$dir/a" --config "$dir/vd.toml" \
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["space"]["unstoredBytes"])')
+    [ "$unstored" -le 1048576 ] && break
+    sleep 0.1
+  done
+  kill -9 "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
+  t0=$(date +%s.%N)
+  "$vd" volume takeover vol --data-dir "$dir/b" --config "$dir/vd.toml" >/dev/null
+  t1=$(date +%s.%N)
+  minimum=$(python3 -c "print(round($lease * 1.01 / 0.99 + 1, 2))")
+  printf '%-8s %11ss %11ss\n' "${lease}s" "$minimum" "$(python3 -c "print(round($t1 - $t0, 2))")"
 done
 
 echo
