@@ -310,7 +310,7 @@ package enum NamespaceObjects {
             }
             starts.append(start)
         }
-        let chain = GenerationChain.linked(starts)
+        let chain = try GenerationChain.linked(starts, what: layout.generationsPrefix)
         try chain.validate(what: layout.generationsPrefix)
         return chain
     }

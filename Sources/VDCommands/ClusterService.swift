@@ -144,7 +144,8 @@ extension RouterService {
             request.to, store: try backends.store(named: configuration.defaultBackend))
         let (host, port) = try VDConfiguration.parseHostPort(target.address)
         var tls: NIOSSLContext?
-        if target.tls == true {
+        // With a cluster CA configured, always TLS (never the token in clear because a record in the bucket says so).
+        if target.tls == true || configuration.clusterClientUsesTLS {
             guard configuration.clusterClientUsesTLS else {
                 throw VDError(
                     .configuration,

@@ -152,6 +152,12 @@ struct ServeCommand: AsyncParsableCommand {
                     .configuration,
                     "--cluster-listen needs the address other routers reach this one at, not a wildcard (\(listen))")
             }
+            if configuration.clusterTLS.caPath != nil && configuration.clusterTLS.certificatePath == nil {
+                throw VDError(
+                    .configuration,
+                    "[cluster] tls_ca is set but tls_certificate and tls_key are not: the cluster API would be plain HTTP; give this router a certificate"
+                )
+            }
             let tls =
                 configuration.clusterTLS.certificatePath == nil
                 ? nil : try configuration.clusterTLS.makeServerContext()

@@ -51,15 +51,21 @@ public struct GenerationChain: Sendable, Equatable {
     }
 
     /// The chain of every start found under NAME/generations/: from the highest generation back through `previous`;
-    /// starts on no such walk (written late, by an owner that had lost the volume) are left out.
-    public static func linked(_ found: [GenerationStart]) -> GenerationChain {
+    /// starts on no such walk (written late, by an owner that had lost the volume) are left out. A late start can only
+    /// be left out, never missing from a walk: a `previous` naming no start found, or not an older generation, is
+    /// damage (`.corrupt`), never a reason to drop the rest of the history.
+    public static func linked(_ found: [GenerationStart], what: String) throws(VDError) -> GenerationChain {
         let byGeneration = Dictionary(found.map { ($0.generation, $0) }, uniquingKeysWith: { first, _ in first })
         var chain: [GenerationStart] = []
         var next = found.map(\.generation).max()
         while let generation = next, let start = byGeneration[generation] {
             chain.append(start)
-            // Generations only go down along the walk (a start follows an older one): no cycle.
-            guard let previous = start.previous, previous < generation else { break }
+            guard let previous = start.previous else { break }
+            guard previous < generation, byGeneration[previous] != nil else {
+                throw .corrupt(
+                    "\(what): generation \(generation) follows generation \(previous), which is not an older start on the backend"
+                )
+            }
             next = previous
         }
         return GenerationChain(chain)

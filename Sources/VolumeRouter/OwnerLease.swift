@@ -67,6 +67,10 @@ package final class OwnerLease: Sendable {
         var fenced: VDError?
         /// Renewals whose outcome is unknown (the write may have landed): nonce -> when the attempt started.
         var attempts: [String: MonotonicInstant] = [:]
+        /// No renewal starts any more (closed, released, or the volume did not open).
+        var stopped = false
+        /// A renewal's write is in flight (a release waits for it: both write the next version).
+        var renewing = false
     }
 
     package static let driftFraction = 0.01
@@ -74,8 +78,6 @@ package final class OwnerLease: Sendable {
 
     private let record: SequencedRecord
     private let identity: OwnerIdentity
-    /// `stopRenewing` was called: the renewal loop ends.
-    private let stopped = Mutex(false)
     private let clock: any VDClock
     private let random: any RandomSource
     private let state: Mutex<State>
@@ -169,7 +171,14 @@ package final class OwnerLease: Sendable {
             return try await acquire(record, as: identity, leaseSeconds: leaseSeconds, clock: clock, random: random)
         }
         await clock.sleep(for: .seconds(double: waitSeconds(forLease: owner.leaseSeconds)))
-        guard let again = try await current(record), again.version == found.version else {
+        let again = try await current(record)
+        guard let again, again.version == found.version else {
+            if let again, again.record.instance != owner.instance || again.record.node != owner.node {
+                throw VDError(
+                    .busy,
+                    "another router took \(record.prefix) meanwhile: node \(again.record.node), generation \(again.record.generation)"
+                )
+            }
             throw VDError(
                 .busy,
                 "the owner of \(record.prefix) (\(owner.node)) renewed its lease while this router waited: it is alive; use `vd volume move` to move the volume"
@@ -236,10 +245,16 @@ package final class OwnerLease: Sendable {
     /// thrown, and `fenced` says why). A store error leaves the lease as it was: it runs out unless a later renewal
     /// succeeds.
     package func renew() async throws(VDError) {
-        let (version, current) = try state.withLock { state throws(VDError) -> (UInt64, OwnerRecord) in
+        let taken = try state.withLock { state throws(VDError) -> (UInt64, OwnerRecord)? in
             if let fenced = state.fenced { throw fenced }
+            if state.stopped { return nil }
+            state.renewing = true
             return (state.version, state.record)
         }
+        guard let (version, current) = taken else {
+            throw VDError(.shutdown, "the owner lease of \(record.prefix) is no longer renewed")
+        }
+        defer { state.withLock { $0.renewing = false } }
         let start = clock.now()
         var next = current
         next.nonce = random.hexToken()
@@ -314,14 +329,15 @@ package final class OwnerLease: Sendable {
     package func renewLoop(what: String, logger: Logger) async {
         let period = Duration.seconds(double: leaseSeconds / 3)
         var last = clock.now()
-        while !stopped.withLock({ $0 }) && fenced == nil {
+        while !state.withLock({ $0.stopped }) && fenced == nil {
             await clock.sleep(for: .milliseconds(250))
             let now = clock.now()
-            guard last.duration(to: now) >= period, !stopped.withLock({ $0 }) else { continue }
+            guard last.duration(to: now) >= period, !state.withLock({ $0.stopped }) else { continue }
             last = now
             do {
                 try await renew()
             } catch {
+                if state.withLock({ $0.stopped }) { return }
                 if let fenced {
                     logger.error("\(fenced.message); \(what): its I/O is refused from now on")
                     return
@@ -333,31 +349,51 @@ package final class OwnerLease: Sendable {
     }
 
     /// Ends the renewal loop (the volume closed, or did not open). The lease then runs out unless released.
-    package func stopRenewing() { stopped.withLock { $0 = true } }
+    package func stopRenewing() { state.withLock { $0.stopped = true } }
 
     /// Gives the volume up (to `node`, or to any): the next router takes it at once. This router's lease ends now.
+    /// Renewals stop first, and one in flight is waited for (both write the next version); a renewal of ours that
+    /// landed with its reply lost is recognised by its nonce and the release goes on after it.
     package func release(to node: String?) async throws(VDError) {
-        let (version, current) = try state.withLock { state throws(VDError) -> (UInt64, OwnerRecord) in
-            if let fenced = state.fenced { throw fenced }
-            state.validUntil = nil
-            return (state.version, state.record)
-        }
-        var next = current
-        next.released = true
-        next.releasedTo = node
-        next.nonce = random.hexToken()
-        next.writtenAt = clock.wallNow()
-        do {
-            let written = try await record.write(try MetadataRecord.encode(next, kind: .ownerRecord), after: version)
-            state.withLock { state in
-                state.version = written
-                state.record = next
-                state.fenced = VDError(.busy, "\(record.prefix) was released")
+        state.withLock { $0.stopped = true }
+        while state.withLock({ $0.renewing }) { await clock.sleep(for: .milliseconds(5)) }
+        for _ in 0..<2 {
+            let (version, current) = try state.withLock { state throws(VDError) -> (UInt64, OwnerRecord) in
+                if let fenced = state.fenced { throw fenced }
+                state.validUntil = nil
+                return (state.version, state.record)
             }
-        } catch  where error.code == .conflict {
-            let reason = VDError(.busy, "\(record.prefix) was taken over before it could be released")
-            state.withLock { $0.fenced = reason }
-            throw reason
+            var next = current
+            next.released = true
+            next.releasedTo = node
+            next.nonce = random.hexToken()
+            next.writtenAt = clock.wallNow()
+            do {
+                let written = try await record.write(
+                    try MetadataRecord.encode(next, kind: .ownerRecord), after: version)
+                state.withLock { state in
+                    state.version = written
+                    state.record = next
+                    state.fenced = VDError(.busy, "\(record.prefix) was released")
+                }
+                return
+            } catch  where error.code == .conflict {
+                if let newest = try? await Self.current(record),
+                    state.withLock({ $0.attempts[newest.record.nonce] != nil })
+                {
+                    // Our own renewal: release after it.
+                    state.withLock { state in
+                        state.attempts = [:]
+                        state.version = newest.version
+                        state.record = newest.record
+                    }
+                    continue
+                }
+                let reason = VDError(.busy, "\(record.prefix) was taken over before it could be released")
+                state.withLock { $0.fenced = reason }
+                throw reason
+            }
         }
+        throw VDError(.busy, "\(record.prefix) keeps changing: not released")
     }
 }

@@ -239,6 +239,9 @@ package final class Router: Sendable {
     private let state = Mutex<[VolumeName: Volume]>([:])
     /// Volumes being closed (a move's drain, a delete): not opened again meanwhile.
     private let closing = Mutex<Set<VolumeName>>([])
+    /// Volumes being opened, or taken over (from the takeover's first read to its open): one at a time, so two
+    /// leases of this router never compete for one volume and one flash directory is never opened twice.
+    private let opening = Mutex<Set<VolumeName>>([])
 
     /// Takes the data directory lock (or fails naming its holder) and prepares the shared cache and I/O threads.
     /// `holder` names this process in the lock ("vd serve", or the CLI command working offline). `environment`:
@@ -333,7 +336,35 @@ package final class Router: Sendable {
     ) async throws(VDError)
         -> Volume
     {
-        if let existing = volume(named: registration.config.name) { return existing }
+        let name = registration.config.name
+        if let taken {
+            // `takeOver` marked the volume as opening; this call ends that, whatever happens.
+            defer { opening.withLock { _ = $0.remove(name) } }
+            do throws(VDError) {
+                if volume(named: name) != nil {
+                    throw VDError(.alreadyExists, "volume \(name) is already served here")
+                }
+                return try await openMarked(registration, taken: taken, progress: progress)
+            } catch {
+                taken.stopRenewing()
+                throw error
+            }
+        }
+        if let existing = volume(named: name) { return existing }
+        let marked = opening.withLock { $0.insert(name).inserted }
+        guard marked else {
+            throw VDError(.busy, "volume \(name) is being opened (or taken over) here; retry in a moment")
+        }
+        defer { opening.withLock { _ = $0.remove(name) } }
+        if let existing = volume(named: name) { return existing }
+        return try await openMarked(registration, retakingOwnRelease: retakingOwnRelease, progress: progress)
+    }
+
+    /// `open` once the volume is marked as opening (no other open of it runs).
+    private func openMarked(
+        _ registration: VolumeRegistration, retakingOwnRelease: Bool = false, taken: OwnerLease? = nil,
+        progress: @escaping @Sendable (String) -> Void
+    ) async throws(VDError) -> Volume {
         var parent: Volume?
         if let link = registration.config.parent {
             guard
@@ -416,6 +447,20 @@ package final class Router: Sendable {
     /// local flash is set aside before the record is written (the backend is the only source). Open it with
     /// `open(_:taken:)`; a caller that cannot should release the lease.
     package func takeOver(_ registration: VolumeRegistration) async throws(VDError) -> OwnerLease {
+        let name = registration.config.name
+        guard volume(named: name) == nil else { throw VDError(.alreadyExists, "volume \(name) is already served here") }
+        guard opening.withLock({ $0.insert(name).inserted }) else {
+            throw VDError(.busy, "volume \(name) is being opened or taken over here already")
+        }
+        do throws(VDError) {
+            return try await takeOverMarked(registration)
+        } catch {
+            opening.withLock { _ = $0.remove(name) }
+            throw error
+        }
+    }
+
+    private func takeOverMarked(_ registration: VolumeRegistration) async throws(VDError) -> OwnerLease {
         guard let ownership = configuration.ownership else {
             throw VDError(
                 .configuration, "taking a volume over needs a node name: start the router with `vd serve --node NAME`")

@@ -157,7 +157,9 @@ extension Volume {
 
     /// Records that `clone` reads through snapshot `name` (or no longer does).
     package func setClone(_ clone: String, ofSnapshot name: String, present: Bool) throws(VDError) {
-        try checkOwnership()
+        // Registering protects a snapshot, so it needs the lease; forgetting a deleted clone does not (the table
+        // reaches the backend only under a valid lease anyway).
+        if present { try checkOwnership() }
         try catalog.update { table throws(VDError) in
             guard let index = table.snapshots.firstIndex(where: { $0.name == name }) else {
                 throw VDError(.notFound, "volume \(config.name) has no snapshot named \(name)")

@@ -217,7 +217,7 @@ import VolumeCore
         try await pool.shutdownGracefully()
     }
 
-    @Test func chainNamesAndParsing() {
+    @Test func chainNamesAndParsing() throws {
         let layout = VolumeLayout(flashDirectory: "", namespace: "v")
         let chain = GenerationChain([
             GenerationStart(generation: 3, firstEpoch: 20, node: "c"),
@@ -244,10 +244,22 @@ import VolumeCore
             GenerationStart(generation: 3, firstEpoch: 13, node: "c", previous: nil),
             GenerationStart(generation: 4, firstEpoch: 15, node: "d", previous: 3),
         ]
-        let linked = GenerationChain.linked(found)
+        let linked = try GenerationChain.linked(found, what: "test")
         #expect(linked.starts.map(\.generation) == [3, 4])
         #expect(linked.unlinked(found).map(\.generation) == [2])
-        #expect(GenerationChain.linked([]).starts.isEmpty)
+        #expect(try GenerationChain.linked([], what: "test").starts.isEmpty)
+        // A link to a start that is not there, or not older: damage, never a shorter history.
+        #expect(throws: VDError.self) {
+            try GenerationChain.linked(
+                [GenerationStart(generation: 4, firstEpoch: 15, node: "d", previous: 3)], what: "test")
+        }
+        #expect(throws: VDError.self) {
+            try GenerationChain.linked(
+                [
+                    GenerationStart(generation: 3, firstEpoch: 13, node: "c"),
+                    GenerationStart(generation: 4, firstEpoch: 15, node: "d", previous: 4),
+                ], what: "test")
+        }
         #expect(throws: VDError.self) {
             try GenerationChain([
                 GenerationStart(generation: 2, firstEpoch: 10, node: "b"),
