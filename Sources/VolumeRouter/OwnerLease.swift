@@ -290,16 +290,21 @@ package final class OwnerLease: Sendable {
                 }
                 return
             }
-            let reason = VDError(
-                .busy,
-                "\(record.prefix.dropLast("/owner/".count)) was taken over by node \(taker?.record.node ?? "?") (generation \(taker.map { String($0.record.generation) } ?? "?")): this router no longer owns it"
-            )
-            state.withLock { state in
-                state.fenced = reason
-                state.validUntil = nil
-            }
-            throw reason
+            throw fence(lostTo: taker?.record, "was taken over by")
         }
+    }
+
+    /// This router no longer owns the volume (`newest` is the record that says who does): fenced for good.
+    private func fence(lostTo newest: OwnerRecord?, _ how: String) -> VDError {
+        let reason = VDError(
+            .busy,
+            "\(record.prefix.dropLast("/owner/".count)) \(how) node \(newest?.node ?? "?") (generation \(newest.map { String($0.generation) } ?? "?")): this router no longer owns it"
+        )
+        state.withLock { state in
+            state.fenced = reason
+            state.validUntil = nil
+        }
+        return reason
     }
 
     /// Reads the record now: is the newest version still this router's (any renewal of its own, same generation,
@@ -313,15 +318,7 @@ package final class OwnerLease: Sendable {
         {
             return
         }
-        let reason = VDError(
-            .busy,
-            "\(record.prefix.dropLast("/owner/".count)) is now owned by node \(found?.record.node ?? "?") (generation \(found.map { String($0.record.generation) } ?? "?")): this router no longer owns it"
-        )
-        state.withLock { state in
-            state.fenced = reason
-            state.validUntil = nil
-        }
-        throw reason
+        throw fence(lostTo: found?.record, "is now owned by")
     }
 
     /// Renews every third of the lease period, from the moment it was taken (a volume's open, which can replay for

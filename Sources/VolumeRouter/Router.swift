@@ -418,6 +418,24 @@ package final class Router: Sendable {
         of registration: VolumeRegistration, backend: any ObjectStore, retakingOwnRelease: Bool
     ) async throws(VDError) -> OwnerLease? {
         guard let ownership = configuration.ownership else { return nil }
+        let (identity, record, _) = try await ownerRecord(
+            of: registration, backend: backend, ownership: ownership,
+            asideBecause: "another router owned the volume since")
+        let lease = try await OwnerLease.acquire(
+            record, as: identity, leaseSeconds: ownership.leaseSeconds, clock: env.clock, random: env.random,
+            retakingOwnRelease: retakingOwnRelease)
+        logger.info(
+            "volume \(registration.config.name): owned by node \(ownership.node), generation \(lease.generation)")
+        return lease
+    }
+
+    /// The volume's owner record and this router's identity, on a backend that enforces create-only writes. When
+    /// the newest record is another router's, the local flash is set aside first (before anything is written: a
+    /// crash right after must not leave an earlier life's flash trusted).
+    private func ownerRecord(
+        of registration: VolumeRegistration, backend: any ObjectStore, ownership: OwnershipSettings,
+        asideBecause reason: String
+    ) async throws(VDError) -> (OwnerIdentity, SequencedRecord, OwnerRecord?) {
         guard try await backend.confirmsCreateOnly() else {
             throw VDError(
                 .configuration,
@@ -426,20 +444,11 @@ package final class Router: Sendable {
         }
         let identity = OwnerIdentity(node: ownership.node, instance: try instanceID())
         let record = OwnerLease.record(namespace: registration.namespace, store: backend)
-        // Decide about local state before writing: if the newest record is another router's, this flash directory
-        // is an earlier life whatever happens next (a crash right after the write must not leave it trusted).
-        if let current = try await OwnerLease.current(record),
-            current.record.instance != identity.instance || current.record.node != identity.node
-        {
-            try setLocalFlashAside(
-                registration, reason: "another router (\(current.record.node)) owned the volume since")
+        let current = try await OwnerLease.current(record)?.record
+        if let current, current.instance != identity.instance || current.node != identity.node {
+            try setLocalFlashAside(registration, reason: "\(reason) (node \(current.node))")
         }
-        let lease = try await OwnerLease.acquire(
-            record, as: identity, leaseSeconds: ownership.leaseSeconds, clock: env.clock, random: env.random,
-            retakingOwnRelease: retakingOwnRelease)
-        logger.info(
-            "volume \(registration.config.name): owned by node \(ownership.node), generation \(lease.generation)")
-        return lease
+        return (identity, record, current)
     }
 
     /// `vd volume takeover`: takes the volume from an owner that stopped renewing its lease, after waiting the lease
@@ -465,21 +474,12 @@ package final class Router: Sendable {
             throw VDError(
                 .configuration, "taking a volume over needs a node name: start the router with `vd serve --node NAME`")
         }
-        let backend = try backends.store(named: registration.backend)
-        guard try await backend.confirmsCreateOnly() else {
-            throw VDError(
-                .configuration,
-                "volume \(registration.config.name): ownership needs a backend that enforces create-only writes (\(backend.description) does not)"
-            )
-        }
-        let identity = OwnerIdentity(node: ownership.node, instance: try instanceID())
-        let record = OwnerLease.record(namespace: registration.namespace, store: backend)
-        if let current = try await OwnerLease.current(record),
-            current.record.instance != identity.instance || current.record.node != identity.node
-        {
-            try setLocalFlashAside(registration, reason: "taking over from node \(current.record.node)")
+        let (identity, record, current) = try await ownerRecord(
+            of: registration, backend: try backends.store(named: registration.backend), ownership: ownership,
+            asideBecause: "taking it over")
+        if let current, current.instance != identity.instance || current.node != identity.node {
             logger.info(
-                "volume \(registration.config.name): waiting out the lease of node \(current.record.node) (up to \(Int(OwnerLease.waitSeconds(forLease: current.record.leaseSeconds).rounded(.up))) s)"
+                "volume \(registration.config.name): waiting out the lease of node \(current.node) (up to \(Int(OwnerLease.waitSeconds(forLease: current.leaseSeconds).rounded(.up))) s)"
             )
         }
         let lease = try await OwnerLease.takeover(

@@ -1300,27 +1300,9 @@ final class Simulation: @unchecked Sendable {
             outageUntilOperation = nil
             trace.add("backend outage ends (to attach)")
         }
-        let registrations = try VolumeRegistry.list(dataDirectory: node.dataDirectory, fs: node.fs)
-        nodeCount += 1
-        let next = SimNode(name: "node\(nodeCount)", scheduler: scheduler)
-        let cli = scheduler.makeProcess("attach#\(scheduler.steps)")
-        cli.role = "cli"
-        let store = self.store
-        let random = SimRandomSource(scheduler: scheduler)
-        // Parents first: a clone opens only once its parent is open.
-        let ordered = registrations.sorted {
-            ($0.config.parent == nil ? 0 : 1, $0.config.name) < ($1.config.parent == nil ? 0 : 1, $1.config.name)
-        }
-        for registration in ordered where !lostClones.contains(registration.config.name.rawValue) {
-            let name = registration.config.name
-            let attached = try runIn(cli, "attach \(name)") { () async throws(VDError) -> Bool in
-                _ = try await VolumeAdministration.attach(
-                    dataDirectory: next.dataDirectory, flashDirectory: next.flashDirectory, fs: next.fs, random: random,
-                    name: name, backendName: "sim", backend: store)
-                return true
-            }
-            if case .failure(let error) = attached { throw fail("cannot attach \(name) on \(next.name): \(error)") }
-        }
+        let (next, ordered) = try attachEverything(
+            of: try VolumeRegistry.list(dataDirectory: node.dataDirectory, fs: node.fs)
+        ) { [store] _ in store }
         node = next
         for name in devices.keys { devices[name]!.allStored() }
         if ownership && !released {
@@ -1361,28 +1343,11 @@ final class Simulation: @unchecked Sendable {
             outageUntilOperation = nil
             trace.add("backend outage ends (for the taker)")
         }
-        let registrations = try VolumeRegistry.list(dataDirectory: old.dataDirectory, fs: old.fs)
-        nodeCount += 1
-        let next = SimNode(name: "node\(nodeCount)", scheduler: scheduler)
-        let cli = scheduler.makeProcess("attach#\(scheduler.steps)")
-        cli.role = "cli"
-        let nextStore = link(next)
-        let random = SimRandomSource(scheduler: scheduler)
-        let ordered = registrations.sorted {
-            ($0.config.parent == nil ? 0 : 1, $0.config.name) < ($1.config.parent == nil ? 0 : 1, $1.config.name)
-        }.filter { !lostClones.contains($0.config.name.rawValue) }
-        for registration in ordered {
-            let name = registration.config.name
-            let attached = try runIn(cli, "attach \(name)") { () async throws(VDError) -> Bool in
-                _ = try await VolumeAdministration.attach(
-                    dataDirectory: next.dataDirectory, flashDirectory: next.flashDirectory, fs: next.fs, random: random,
-                    name: name, backendName: "sim", backend: nextStore)
-                return true
-            }
-            if case .failure(let error) = attached { throw fail("cannot attach \(name) on \(next.name): \(error)") }
-        }
+        let (next, ordered) = try attachEverything(
+            of: try VolumeRegistry.list(dataDirectory: old.dataDirectory, fs: old.fs)
+        ) { self.link($0) }
         node = next
-        let router = try takeOverAll(on: next, ordered, store: nextStore)
+        let router = try takeOverAll(on: next, ordered, store: link(next))
         trace.add("\(next.name) serves \(router.volumes.map(\.name.rawValue)); the old router's link is back")
         // The old router comes back: it must fence itself, and anything it uploads now must never be read.
         oldLink.cut = false
@@ -1394,6 +1359,33 @@ final class Simulation: @unchecked Sendable {
         old.router = nil
         if !routerProcess.isAlive { throw RouterKilled() }
         try verifyAfterLoss(.flashLost, stored: stored)
+    }
+
+    /// A new node with every volume of `registrations` attached from the backend (`vd volume attach`), parents
+    /// first (a clone opens only once its parent is open); clones lost earlier are left out.
+    func attachEverything(
+        of registrations: [VolumeRegistration], backend: (SimNode) -> any ObjectStore
+    ) throws -> (SimNode, [VolumeRegistration]) {
+        nodeCount += 1
+        let next = SimNode(name: "node\(nodeCount)", scheduler: scheduler)
+        let cli = scheduler.makeProcess("attach#\(scheduler.steps)")
+        cli.role = "cli"
+        let store = backend(next)
+        let random = SimRandomSource(scheduler: scheduler)
+        let ordered = registrations.sorted {
+            ($0.config.parent == nil ? 0 : 1, $0.config.name) < ($1.config.parent == nil ? 0 : 1, $1.config.name)
+        }.filter { !lostClones.contains($0.config.name.rawValue) }
+        for registration in ordered {
+            let name = registration.config.name
+            let attached = try runIn(cli, "attach \(name)") { () async throws(VDError) -> Bool in
+                _ = try await VolumeAdministration.attach(
+                    dataDirectory: next.dataDirectory, flashDirectory: next.flashDirectory, fs: next.fs, random: random,
+                    name: name, backendName: "sim", backend: store)
+                return true
+            }
+            if case .failure(let error) = attached { throw fail("cannot attach \(name) on \(next.name): \(error)") }
+        }
+        return (next, ordered)
     }
 
     /// Starts a router on `next` and takes every registered volume over (waiting out the leases of the router that

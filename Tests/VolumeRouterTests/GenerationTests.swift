@@ -66,6 +66,33 @@ import VolumeCore
         func remove() { try? Syscall.removeTree(root) }
     }
 
+    /// A thread pool, options with 1 MiB SCOs and fast retries, and a 16 MiB volume vol1 created on an in-memory backend.
+    static func world() async throws -> (
+        NIOThreadPool, Environment, VolumeOptions, VolumeConfig, VolumeLayout, MemoryStore
+    ) {
+        let pool = NIOThreadPool(numberOfThreads: 2)
+        pool.start()
+        var options = VolumeOptions()
+        options.scoSizeBytes = 1 << 20
+        options.uploadRetryDelaySeconds = 0.01
+        options.uploadRetryDelaySecondsMax = 0.05
+        let config = VolumeConfig(name: try VolumeName(validating: "vol1"), sizeBytes: 16 << 20)
+        let layout = VolumeLayout(flashDirectory: "", namespace: "vol1")
+        let backend = MemoryStore()
+        try await backend.put(layout.configObject, data: try MetadataRecord.encode(config, kind: .volumeConfig))
+        return (pool, .live(pool: pool), options, config, layout, backend)
+    }
+
+    /// `vd check` of the namespace (its work directory under `root`).
+    static func check(
+        _ config: VolumeConfig, backend: any ObjectStore, env: Environment, in root: String
+    ) async throws -> CheckReport {
+        try Syscall.makeDirectories(root + "/check")
+        var check = NamespaceCheck()
+        check.workDirectory = root + "/check"
+        return try await check.run(volume: config.name, backend: backend, env: env, progress: { _ in })
+    }
+
     static func copy(_ from: MemoryStore) async throws -> MemoryStore {
         let to = MemoryStore()
         for info in try await from.list(prefix: "") { try await to.put(info.name, data: try await from.get(info.name)) }
@@ -82,17 +109,7 @@ import VolumeCore
     }
 
     @Test func aFencedOwnersLateUploadsNeverCollideNorBecomeHistory() async throws {
-        let pool = NIOThreadPool(numberOfThreads: 2)
-        pool.start()
-        let env = Environment.live(pool: pool)
-        var options = VolumeOptions()
-        options.scoSizeBytes = 1 << 20
-        options.uploadRetryDelaySeconds = 0.01
-        options.uploadRetryDelaySecondsMax = 0.05
-        let config = VolumeConfig(name: try VolumeName(validating: "vol1"), sizeBytes: 16 << 20)
-        let layout = VolumeLayout(flashDirectory: "", namespace: "vol1")
-        let backend = MemoryStore()
-        try await backend.put(layout.configObject, data: try MetadataRecord.encode(config, kind: .volumeConfig))
+        let (pool, env, options, config, layout, backend) = try await Self.world()
 
         // A owns generation 1 and stores clusters 0..<100 (seed 1).
         let a = try Node(env: env, pool: pool)
@@ -160,11 +177,7 @@ import VolumeCore
         await c.close()
 
         // The scrubber's and the check's view: the same history; A's late TLogs are orphans.
-        let work = c.root + "/check"
-        try Syscall.makeDirectories(work)
-        var check = NamespaceCheck()
-        check.workDirectory = work
-        let report = try await check.run(volume: config.name, backend: atTakeover, env: env, progress: { _ in })
+        let report = try await Self.check(config, backend: atTakeover, env: env, in: c.root)
         #expect(report.problems.isEmpty, "\(report.problems)")
         let lateTLogs = late.filter { $0.hasPrefix(layout.tlogPrefix) }
         #expect(Set(lateTLogs).isSubset(of: Set(report.orphans)), "\(report.orphans)")
@@ -174,17 +187,7 @@ import VolumeCore
     /// An owner that took generation 2 but wrote its start only after generation 3 had started (it stalled, and lost
     /// the volume meanwhile): its late start must not rewrite the history generation 3 serves.
     @Test func aLateGenerationStartCountsForNothing() async throws {
-        let pool = NIOThreadPool(numberOfThreads: 2)
-        pool.start()
-        let env = Environment.live(pool: pool)
-        var options = VolumeOptions()
-        options.scoSizeBytes = 1 << 20
-        options.uploadRetryDelaySeconds = 0.01
-        options.uploadRetryDelaySecondsMax = 0.05
-        let config = VolumeConfig(name: try VolumeName(validating: "vol1"), sizeBytes: 16 << 20)
-        let layout = VolumeLayout(flashDirectory: "", namespace: "vol1")
-        let backend = MemoryStore()
-        try await backend.put(layout.configObject, data: try MetadataRecord.encode(config, kind: .volumeConfig))
+        let (pool, env, options, config, layout, backend) = try await Self.world()
         let a = try Node(env: env, pool: pool)
         let c = try Node(env: env, pool: pool)
         defer {
@@ -208,11 +211,7 @@ import VolumeCore
         try await Self.expect(c.volume, first: 20, count: 10, seed: 3, "after a restart of generation 3")
         try await Self.expect(c.volume, first: 40, count: 40, seed: 2, "after a restart of generation 3")
         await c.close()
-        let work = c.root + "/check"
-        try Syscall.makeDirectories(work)
-        var check = NamespaceCheck()
-        check.workDirectory = work
-        let report = try await check.run(volume: config.name, backend: backend, env: env, progress: { _ in })
+        let report = try await Self.check(config, backend: backend, env: env, in: c.root)
         #expect(report.problems.isEmpty, "\(report.problems)")
         try await pool.shutdownGracefully()
     }
