@@ -269,6 +269,22 @@ public protocol ManagementService: Sendable {
     func takeoverVolume(_ request: TakeoverVolumeRequest) async throws(VDError) -> VolumeStatus
     /// Every volume in a backend with its owner record (owner, generation, lease age).
     func clusterVolumes(backend: String?) async throws(VDError) -> [ClusterVolume]
+    /// Records (or forgets) a clone served by another router in a snapshot of a volume this router owns, so the
+    /// snapshot is kept while the clone reads through it.
+    func registerClone(
+        _ volume: String, _ snapshot: String, _ request: CloneRegistrationRequest
+    ) async throws(VDError) -> SnapshotStatus
+}
+
+public struct CloneRegistrationRequest: Codable, Sendable, Hashable {
+    /// The clone's name.
+    public var clone: String
+    /// true: record it; false: forget it (the clone was deleted).
+    public var present: Bool
+    public init(clone: String, present: Bool) {
+        self.clone = clone
+        self.present = present
+    }
 }
 
 public struct TakeoverVolumeRequest: Codable, Sendable, Hashable {

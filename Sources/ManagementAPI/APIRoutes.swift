@@ -9,6 +9,8 @@
 //   POST   /v1/volumes/NAME/snapshots                   create        CreateSnapshotRequest
 //   DELETE /v1/volumes/NAME/snapshots/SNAP              delete
 //   POST   /v1/volumes/NAME/snapshots/SNAP/rollback     rollback      RollbackRequest
+//   POST   /v1/volumes/NAME/snapshots/SNAP/clones       record or forget a clone of another router
+//                                                                     CloneRegistrationRequest
 //   POST   /v1/volumes/NAME/diff                        changed extents  DiffRequest
 //   POST   /v1/volumes/NAME/export-diff                 write a stream   ExportDiffRequest
 //   POST   /v1/volumes/NAME/import-diff                 apply a stream   ImportDiffRequest
@@ -85,6 +87,9 @@ public enum APIRoutes {
             case ("POST", let p)
             where p.count == 6 && p[0] == "v1" && p[1] == "volumes" && p[3] == "snapshots" && p[5] == "rollback":
                 return .json(try await service.rollback(p[2], p[4], try decode(body)))
+            case ("POST", let p)
+            where p.count == 6 && p[0] == "v1" && p[1] == "volumes" && p[3] == "snapshots" && p[5] == "clones":
+                return .json(try await service.registerClone(p[2], p[4], try decode(body)))
             case ("POST", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "scrub-results":
                 try await service.applyScrubResults(p[2])
                 return .empty

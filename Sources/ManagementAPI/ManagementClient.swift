@@ -111,6 +111,11 @@ public struct ManagementClient: ManagementService {
         let query = backend.map { "?backend=" + APIRoutes.percentEncoded($0) } ?? ""
         return try await call("GET", "/v1/cluster/volumes" + query)
     }
+    public func registerClone(
+        _ volume: String, _ snapshot: String, _ request: CloneRegistrationRequest
+    ) async throws(VDError) -> SnapshotStatus {
+        try await call("POST", "/v1/volumes/\(volume)/snapshots/\(snapshot)/clones", request)
+    }
     public func metrics() async throws(VDError) -> String {
         let (_, body) = try await send("GET", "/metrics", body: [])
         return String(decoding: body, as: UTF8.self)

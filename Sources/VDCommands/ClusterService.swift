@@ -49,6 +49,88 @@ enum NodeRecords {
 }
 
 extension RouterService {
+    /// Where node `node`'s cluster API is, and the TLS to reach it with (from its node record).
+    static func clusterEndpoint(
+        of node: String, configuration: VDConfiguration, backends: ConfiguredBackends
+    ) async throws(VDError) -> (host: String, port: Int, tls: NIOSSLContext?) {
+        let target = try await NodeRecords.read(node, store: try backends.store(named: configuration.defaultBackend))
+        let (host, port) = try VDConfiguration.parseHostPort(target.address)
+        var tls: NIOSSLContext?
+        // With a cluster CA configured, always TLS (never the token in clear because a record in the bucket says so).
+        if target.tls == true || configuration.clusterClientUsesTLS {
+            guard configuration.clusterClientUsesTLS else {
+                throw VDError(
+                    .configuration,
+                    "node \(node) serves its cluster API over TLS: set [cluster] tls_ca here to verify it")
+            }
+            tls = try configuration.clusterTLS.makeClientContext()
+        }
+        return (host, port, tls)
+    }
+
+    /// How this router asks the owner of a clone's parent to record or forget the clone (nil without a node name):
+    /// the parent's owner record names the node, its node record the address.
+    static func cloneRegistrar(
+        configuration: VDConfiguration, backends: ConfiguredBackends
+    ) -> Router.RemoteCloneRegistrar? {
+        guard let node = configuration.clusterNode else { return nil }
+        return { (parent, snapshot, clone, present, backendName) async throws(VDError) in
+            let store = try backends.store(named: backendName)
+            let record = OwnerLease.record(namespace: parent.rawValue, store: store)
+            let current = try await OwnerLease.current(record)
+            guard let owner = current?.record, !owner.released else {
+                throw VDError(
+                    .busy,
+                    "volume \(parent) has no owner now (never served, or released in a move): serve it on a router, then retry"
+                )
+            }
+            guard owner.node != node else {
+                throw VDError(.busy, "volume \(parent) is owned by this node (\(node)) but is not open here")
+            }
+            guard let token = ProcessInfo.processInfo.environment["VD_CLUSTER_TOKEN"], !token.isEmpty else {
+                throw VDError(
+                    .configuration,
+                    "asking node \(owner.node) about a clone needs the cluster token in VD_CLUSTER_TOKEN")
+            }
+            let (host, port, tls) = try await clusterEndpoint(
+                of: owner.node, configuration: configuration, backends: backends)
+            do throws(VDError) {
+                _ = try await ManagementClient(host: host, port: port, token: token, tls: tls).registerClone(
+                    parent.rawValue, snapshot, CloneRegistrationRequest(clone: clone.rawValue, present: present))
+            } catch {
+                throw VDError(
+                    error.code,
+                    "node \(owner.node), the owner of \(parent), did not \(present ? "record" : "forget") clone \(clone) of \(parent)@\(snapshot): \(error.message)"
+                )
+            }
+        }
+    }
+
+    /// The owner side of `cloneRegistrar`.
+    func registerClone(
+        _ volume: String, _ snapshot: String, _ request: CloneRegistrationRequest
+    ) async throws(VDError) -> SnapshotStatus {
+        let name = try VolumeName(validating: volume)
+        let clone = try VolumeName(validating: request.clone)
+        return try await lifecycle.run { () async throws(VDError) -> SnapshotStatus in
+            guard let target = router.volume(named: name) else {
+                throw VDError(.notFound, "volume \(name) is not served by this router")
+            }
+            try target.setClone(clone.rawValue, ofSnapshot: snapshot, present: request.present)
+            // On the backend before the reply: a copy of the table without it (a restore after a flash loss here)
+            // would let the snapshot be deleted under the clone.
+            guard await target.waitUntilStored(through: 0, timeoutSeconds: 30) else {
+                throw VDError(
+                    .timeout,
+                    "volume \(name): the snapshot table recording clone \(clone) did not reach the backend within 30 s")
+            }
+            router.logger.info(
+                "volume \(name): clone \(clone) of another router \(request.present ? "recorded in" : "forgotten from") snapshot \(snapshot)"
+            )
+            return snapshotStatuses(target).first { $0.name == snapshot }!
+        }
+    }
+
     func moveVolume(_ text: String, _ request: MoveVolumeRequest) async throws(VDError) -> MoveVolumeResponse {
         // Under the lifecycle lock: the checks, the drain and the release. The call to the target is made without it
         // (two routers moving volumes to each other must not wait on each other's lock).
@@ -134,30 +216,15 @@ extension RouterService {
         guard let volume = router.volume(named: name), volume.ownerLease != nil else {
             throw VDError(.notFound, "volume \(name) is not served by this router (node \(node))")
         }
-        if try VolumeRegistry.list(dataDirectory: configuration.dataDirectory, fs: router.env.fs).contains(where: {
-            $0.config.parent?.volume == name
-        }) {
-            throw VDError(.busy, "volume \(name) has clones on this node: move or delete them first")
-        }
         let registration = try registrationOf(name)
-        let target = try await NodeRecords.read(
-            request.to, store: try backends.store(named: configuration.defaultBackend))
-        let (host, port) = try VDConfiguration.parseHostPort(target.address)
-        var tls: NIOSSLContext?
-        // With a cluster CA configured, always TLS (never the token in clear because a record in the bucket says so).
-        if target.tls == true || configuration.clusterClientUsesTLS {
-            guard configuration.clusterClientUsesTLS else {
-                throw VDError(
-                    .configuration,
-                    "node \(request.to) serves its cluster API over TLS: set [cluster] tls_ca here to verify it")
-            }
-            tls = try configuration.clusterTLS.makeClientContext()
-        }
+        let (host, port, tls) = try await Self.clusterEndpoint(
+            of: request.to, configuration: configuration, backends: backends)
+        let timeout = request.drainTimeoutSeconds ?? configuration.drainTimeoutSeconds
+        try await prepareClonesForMove(of: volume, registration: registration, timeoutSeconds: timeout)
         let unstored = volume.uploadStatus.unstoredBytes
         // Clients go first: nothing may be acknowledged here once the record names the target.
         await disconnectClients(name.rawValue)
         for snapshot in volume.snapshotTable.snapshots { await disconnectClients("\(name)@\(snapshot.name)") }
-        let timeout = request.drainTimeoutSeconds ?? configuration.drainTimeoutSeconds
         let drainStart = Date()
         let closed = await router.closeVolume(name, drainTimeoutSeconds: timeout, releaseTo: request.to)
         let drainSeconds = Date().timeIntervalSince(drainStart)
@@ -176,6 +243,42 @@ extension RouterService {
         return PreparedMove(
             name: name, node: node, token: token, host: host, port: port, tls: tls, registration: registration,
             unstored: unstored, drainSeconds: drainSeconds)
+    }
+
+    /// Clones and parents stay where they are when one of them moves (docs/design.md, "Clones across owners"):
+    /// - a clone moving away reads its parent through a backend view on the target, so the parent's snapshot must
+    ///   be on the backend first;
+    /// - a parent moving away leaves its clones here reading through backend views: they switch to one now, while
+    ///   the parent is still open (a read in flight on the parent is made again on the view).
+    private func prepareClonesForMove(
+        of volume: Volume, registration: VolumeRegistration, timeoutSeconds: Double
+    ) async throws(VDError) {
+        let name = volume.name
+        if let link = volume.config.parent, let parent = volume.parent?.source as? Volume {
+            guard await parent.waitUntilStored(through: link.epoch, timeoutSeconds: timeoutSeconds) else {
+                throw VDError(
+                    .timeout,
+                    "volume \(name) was not moved: its parent's snapshot \(link.volume)@\(link.snapshot) did not reach the backend within \(Int(timeoutSeconds)) s"
+                )
+            }
+        }
+        let clones = router.volumes.filter { ($0.parent?.source as? Volume) === volume }
+        guard !clones.isEmpty else { return }
+        let latest = clones.compactMap { $0.config.parent?.epoch }.max() ?? 0
+        guard await volume.waitUntilStored(through: latest, timeoutSeconds: timeoutSeconds) else {
+            throw VDError(
+                .timeout,
+                "volume \(name) was not moved: the snapshots its clones here read did not reach the backend within \(Int(timeoutSeconds)) s"
+            )
+        }
+        for clone in clones {
+            guard let link = clone.config.parent, let parentLink = clone.parent else { continue }
+            let view = try await router.parentView(link, backendName: registration.backend)
+            parentLink.replace(with: view)
+            router.logger.info(
+                "volume \(clone.name): reads \(link.volume)@\(link.snapshot) from the backend from now on (\(name) moves away)"
+            )
+        }
     }
 
     func takeVolume(_ request: TakeVolumeRequest) async throws(VDError) -> VolumeStatus {

@@ -144,10 +144,20 @@ final class RouterService: ManagementService {
                 await disconnect(name.rawValue)
                 for snapshot in volume.snapshotTable.snapshots { await disconnect("\(name)@\(snapshot.name)") }
             }
-            _ = await router.closeVolume(name)
+            var localParent: Volume?
             if let link = registration.config.parent {
-                let parent = try await router.openVolume(named: link.volume)
-                try? parent.setClone(name.rawValue, ofSnapshot: link.snapshot, present: false)
+                do throws(VDError) {
+                    localParent = try await router.openVolume(named: link.volume)
+                } catch  where configuration.clusterNode != nil && (error.code == .busy || error.code == .notFound) {
+                    // Another router owns the parent: it forgets the clone first (if it cannot be asked, nothing
+                    // is deleted: a clone that exists without its registration could lose its snapshot).
+                    guard let registrar = router.remoteCloneRegistrar else { throw error }
+                    try await registrar(link.volume, link.snapshot, name, false, registration.backend)
+                }
+            }
+            _ = await router.closeVolume(name)
+            if let link = registration.config.parent, let localParent {
+                try? localParent.setClone(name.rawValue, ofSnapshot: link.snapshot, present: false)
             }
             let store = try backends.store(named: registration.backend)
             try await VolumeAdministration.delete(
@@ -158,7 +168,7 @@ final class RouterService: ManagementService {
 
     // MARK: snapshots
 
-    private func snapshotStatuses(_ volume: Volume) -> [SnapshotStatus] {
+    func snapshotStatuses(_ volume: Volume) -> [SnapshotStatus] {
         let table = volume.snapshotTable
         let stored = volume.uploadStatus.storedThrough.rawValue
         // Per-epoch figures only: creating or listing snapshots must not scan the map.
@@ -190,8 +200,25 @@ final class RouterService: ManagementService {
         let name = try name(volume)
         try await lifecycle.run { () async throws(VDError) in
             let target = try await router.openVolume(named: name)
+            try await forgetClonesThatDoNotExist(of: target, snapshot: snapshot)
             try target.deleteSnapshot(named: snapshot)
             await disconnect("\(name)@\(snapshot)")
+        }
+    }
+
+    /// A clone recorded in a snapshot that exists neither here nor on the backend (its creation on another router
+    /// failed after the owner recorded it) no longer keeps the snapshot.
+    private func forgetClonesThatDoNotExist(of volume: Volume, snapshot: String) async throws(VDError) {
+        guard let record = volume.snapshotTable.snapshot(named: snapshot), !record.clones.isEmpty else { return }
+        let store = try backends.store(named: try registration(volume.name).backend)
+        for clone in record.clones {
+            guard let name = VolumeName(rawValue: clone),
+                try VolumeRegistry.read(dataDirectory: dataDirectory, name: name, fs: router.env.fs) == nil,
+                try await store.head(VolumeLayout(flashDirectory: "", namespace: clone).configObject) == nil
+            else { continue }
+            router.logger.warning(
+                "volume \(volume.name): clone \(clone) recorded in snapshot \(snapshot) does not exist; forgetting it")
+            try volume.setClone(clone, ofSnapshot: snapshot, present: false)
         }
     }
 

@@ -111,6 +111,8 @@ struct ServeCommand: AsyncParsableCommand {
             try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true)
         }
         let router = try Router(configuration: configuration.routerConfiguration, backends: backends, logger: logger)
+        // Clones whose parent another router owns ask that router to record them (docs/design.md).
+        router.remoteCloneRegistrar = RouterService.cloneRegistrar(configuration: configuration, backends: backends)
         let failures = await router.openAll { message in logger.info("\(message)") }
         for (name, error) in failures { printError("volume \(name) is not served: \(error.message)") }
 

@@ -297,6 +297,8 @@ package final class Router: Sendable {
     /// others are served.
     package func openAll(progress: @escaping @Sendable (String) -> Void) async -> [(VolumeName, VDError)] {
         var failures: [(VolumeName, VDError)] = []
+        // Views of parents owned elsewhere are rebuilt when their clones open.
+        try? env.fs.removeTree(parentViewDirectory)
         let registrations: [VolumeRegistration]
         do throws(VDError) {
             registrations = try VolumeRegistry.list(dataDirectory: configuration.dataDirectory, fs: env.fs)
@@ -365,19 +367,7 @@ package final class Router: Sendable {
         _ registration: VolumeRegistration, retakingOwnRelease: Bool = false, taken: OwnerLease? = nil,
         progress: @escaping @Sendable (String) -> Void
     ) async throws(VDError) -> Volume {
-        var parent: Volume?
-        if let link = registration.config.parent {
-            guard
-                let parentRegistration = try VolumeRegistry.read(
-                    dataDirectory: configuration.dataDirectory, name: link.volume, fs: env.fs)
-            else {
-                throw VDError(
-                    .notFound,
-                    "volume \(registration.config.name) is a clone of \(link.volume), which is not registered here; attach \(link.volume) first"
-                )
-            }
-            parent = try await open(parentRegistration, progress: progress)
-        }
+        let parent = try await parentSource(of: registration, progress: progress)
         let backend = try backends.store(named: registration.backend)
         var options = configuration.volumeOptions
         options.compressUploads = backends.compressesUploads(registration.backend)
@@ -397,6 +387,10 @@ package final class Router: Sendable {
         if let lease, taken == nil { startRenewing(lease, registration) }
         let volume: Volume
         do throws(VDError) {
+            if let view = parent as? BackendParentView, let link = registration.config.parent {
+                try await registerRemotely(
+                    registration.config.name, in: view, link: link, backend: registration.backend)
+            }
             volume = try await Volume.open(
                 config: registration.config, layout: layout(for: registration), options: options,
                 backend: backend, cache: cache, env: env, logger: logger, parent: parent,
@@ -406,10 +400,99 @@ package final class Router: Sendable {
                 lease: lease, progress: progress)
         } catch {
             lease?.stopRenewing()
+            (parent as? BackendParentView)?.detach()
             throw error
         }
         state.withLock { $0[registration.config.name] = volume }
         return volume
+    }
+
+    // MARK: parents owned elsewhere
+
+    /// What a clone reads through: its parent open here (opened if it is registered here and this router may own
+    /// it), or, when routers share the backend and another one owns the parent, a backend view of the parent's
+    /// snapshot (docs/design.md, "Clones across owners").
+    private func parentSource(
+        of registration: VolumeRegistration, progress: @escaping @Sendable (String) -> Void
+    ) async throws(VDError) -> (any CloneParentSource)? {
+        guard let link = registration.config.parent else { return nil }
+        if let open = volume(named: link.volume) { return open }
+        let parentRegistration = try VolumeRegistry.read(
+            dataDirectory: configuration.dataDirectory, name: link.volume, fs: env.fs)
+        if let parentRegistration {
+            do throws(VDError) {
+                return try await open(parentRegistration, progress: progress)
+            } catch  where configuration.ownership != nil && error.code == .busy {
+                logger.info(
+                    "volume \(registration.config.name): its parent \(link.volume) is not served here (\(error.message)); reading \(link.volume)@\(link.snapshot) from the backend"
+                )
+            }
+        } else if configuration.ownership == nil {
+            throw VDError(
+                .notFound,
+                "volume \(registration.config.name) is a clone of \(link.volume), which is not registered here; attach \(link.volume) first"
+            )
+        }
+        let view = try await parentView(link, backendName: parentRegistration?.backend ?? registration.backend)
+        logger.info(
+            "volume \(registration.config.name): reads \(link.volume)@\(link.snapshot) from the backend (another router owns \(link.volume))"
+        )
+        return view
+    }
+
+    /// Where backend views of parents keep their temporary maps and fetched data (emptied when the router starts).
+    package var parentViewDirectory: String { configuration.dataDirectory + "/parent-views" }
+
+    /// A backend view of `link` (a clone of a clone reads its grandparent open here, or through a view too).
+    package func parentView(
+        _ link: VolumeConfig.Parent, backendName: String
+    ) async throws(VDError) -> BackendParentView {
+        let backend = try backends.store(named: backendName)
+        return try await BackendParentView.load(
+            name: link.volume, snapshot: link.snapshot, epoch: link.epoch, backend: backend, cache: cache,
+            workDirectory: parentViewDirectory, options: configuration.volumeOptions, env: env, logger: logger
+        ) { [self] (grandparent) async throws(VDError) -> any CloneParentSource in
+            if let open = volume(named: grandparent.volume) { return open }
+            return try await parentView(grandparent, backendName: backendName)
+        }
+    }
+
+    /// Registers or forgets a clone in the snapshot table of a parent that another router owns, through that
+    /// router's cluster API (set by the cluster service; nil: not in a cluster).
+    package typealias RemoteCloneRegistrar =
+        @Sendable (
+            _ parent: VolumeName, _ snapshot: String, _ clone: VolumeName, _ present: Bool, _ backend: String
+        ) async throws(VDError) -> Void
+    private let registrar = Mutex<RemoteCloneRegistrar?>(nil)
+    package var remoteCloneRegistrar: RemoteCloneRegistrar? {
+        get { registrar.withLock { $0 } }
+        set { registrar.withLock { $0 = newValue } }
+    }
+
+    /// A clone opening through a backend view whose table lacks it (the owner's table came back from an older
+    /// copy, or the clone was made before it moved here): asks the owner to record it again. Without a registrar,
+    /// or when the owner cannot be reached, the clone opens anyway: a deleted snapshot makes its reads fail, never
+    /// return other data (the view checks the snapshot each time it replays).
+    private func registerRemotely(
+        _ clone: VolumeName, in view: BackendParentView, link: VolumeConfig.Parent, backend: String
+    ) async throws(VDError) {
+        guard view.snapshotTable.snapshot(named: link.snapshot)?.clones.contains(clone.rawValue) == false else {
+            return
+        }
+        guard let registrar = remoteCloneRegistrar else {
+            logger.warning("volume \(clone): \(link.volume)@\(link.snapshot) does not record it as a clone")
+            return
+        }
+        do throws(VDError) {
+            try await registrar(link.volume, link.snapshot, clone, true, backend)
+            logger.warning(
+                "volume \(clone): \(link.volume)@\(link.snapshot) did not record it as a clone; its owner recorded it again"
+            )
+        } catch {
+            logger.error(
+                "volume \(clone): \(link.volume)@\(link.snapshot) does not record it as a clone and its owner could not be asked to (\(error.message))"
+            )
+        }
     }
 
     /// The owner lease of a volume when routers share the backend (nil otherwise): taken without waiting, or
@@ -550,7 +633,13 @@ package final class Router: Sendable {
     )
         async throws(VDError) -> Volume
     {
-        let parent = try await openVolume(named: parentName)
+        let parent: Volume
+        do throws(VDError) {
+            parent = try await openVolume(named: parentName)
+        } catch  where configuration.ownership != nil && (error.code == .busy || error.code == .notFound) {
+            // Routers share the backend and another one owns the parent (or it is not registered here).
+            return try await createClone(named: name, ofRemote: parentName, snapshot: snapshotName, because: error)
+        }
         guard let snapshot = parent.snapshotTable.snapshot(named: snapshotName) else {
             throw VDError(.notFound, "volume \(parentName) has no snapshot named \(snapshotName)")
         }
@@ -569,6 +658,48 @@ package final class Router: Sendable {
                 id: .random(using: env.random), createdAt: env.clock.wallNow())
         } catch {
             try? parent.setClone(name.rawValue, ofSnapshot: snapshot.name, present: false)
+            throw error
+        }
+        return try await openVolume(named: name)
+    }
+
+    /// A clone of a parent another router owns: the owner records the clone in its snapshot table (through its
+    /// cluster API), then the clone is created here and reads its parent through a backend view.
+    private func createClone(
+        named name: VolumeName, ofRemote parentName: VolumeName, snapshot snapshotName: String,
+        because notHere: VDError
+    ) async throws(VDError) -> Volume {
+        let backendName =
+            try VolumeRegistry.read(dataDirectory: configuration.dataDirectory, name: parentName, fs: env.fs)?.backend
+            ?? backends.defaultBackendName
+        let store = try backends.store(named: backendName)
+        let table = try await NamespaceObjects.loadSnapshotTable(
+            layout: VolumeLayout(flashDirectory: "", namespace: parentName.rawValue), backend: store)
+        guard let snapshot = table?.snapshot(named: snapshotName) else {
+            throw VDError(
+                .notFound,
+                "volume \(parentName) is not served here (\(notHere.message)), and its snapshot table on \(store.description) has no snapshot named \(snapshotName)"
+            )
+        }
+        let link = VolumeConfig.Parent(volume: parentName, snapshot: snapshot.name, epoch: snapshot.epoch)
+        // The snapshot must be on the backend (its TLogs stored) before anything is recorded.
+        let view = try await parentView(link, backendName: backendName)
+        let parentConfig = view.parentConfig
+        view.detach()
+        guard let registrar = remoteCloneRegistrar else {
+            throw VDError(
+                .configuration,
+                "volume \(parentName) is owned by another router (\(notHere.message)); cloning it here needs this router in the cluster (`vd serve --node NAME --cluster-listen HOST:PORT`)"
+            )
+        }
+        try await registrar(parentName, snapshot.name, name, true, backendName)
+        do throws(VDError) {
+            _ = try await VolumeAdministration.create(
+                dataDirectory: configuration.dataDirectory, fs: env.fs, name: name, sizeBytes: parentConfig.sizeBytes,
+                clusterSizeBytes: parentConfig.clusterSizeBytes, backendName: backendName, backend: store, parent: link,
+                id: .random(using: env.random), createdAt: env.clock.wallNow())
+        } catch {
+            try? await registrar(parentName, snapshot.name, name, false, backendName)
             throw error
         }
         return try await openVolume(named: name)

@@ -39,14 +39,41 @@ struct BackendFormats {
     }
 }
 
-extension Volume {
+/// Reads the SCOs of one volume's namespace from the backend, caching fetched windows in the router's flash cache
+/// under `cacheVolume` (the volume's id for the volume itself; a private id for a view of another router's volume,
+/// so the two never share cache entries). Used by `Volume` and by `BackendParentView`.
+final class BackendSCOReader: Sendable {
+    let volumeID: VolumeID
+    let volumeName: VolumeName
+    let layout: VolumeLayout
+    let backend: any ObjectStore
+    let cache: FlashCache
+    let cacheVolume: VolumeID
+    let readAheadBytes: UInt64
+    private let formats = Mutex(BackendFormats())
+
+    init(
+        volumeID: VolumeID, volumeName: VolumeName, layout: VolumeLayout, backend: any ObjectStore, cache: FlashCache,
+        cacheVolume: VolumeID, readAheadBytes: UInt64
+    ) {
+        self.volumeID = volumeID
+        self.volumeName = volumeName
+        self.layout = layout
+        self.backend = backend
+        self.cache = cache
+        self.cacheVolume = cacheVolume
+        self.readAheadBytes = readAheadBytes
+    }
+
+    func cacheKey(_ sco: SCONumber) -> FlashCache.Key { FlashCache.Key(volume: cacheVolume, sco: sco) }
+
     /// Bytes `range` (4096-aligned, in the SCO's own layout) of SCO `sco` from the backend.
-    func fetchFromBackend(_ sco: SCONumber, range: Range<UInt64>) async throws(VDError) -> ByteBuffer {
-        let format = try await backendFormat(sco)
+    func fetch(_ sco: SCONumber, range: Range<UInt64>) async throws(VDError) -> ByteBuffer {
+        let format = try await format(sco)
         let object = layout.scoObject(sco)
         guard range.upperBound <= format.lengthBytes else {
             throw .corrupt(
-                "volume \(config.name): the map points past the end of backend object \(object) (\(range.upperBound) > \(format.lengthBytes))"
+                "volume \(volumeName): the map points past the end of backend object \(object) (\(range.upperBound) > \(format.lengthBytes))"
             )
         }
         let window = readAheadWindow(range, lengthBytes: format.lengthBytes)
@@ -69,7 +96,7 @@ extension Volume {
     }
 
     private func readAheadWindow(_ range: Range<UInt64>, lengthBytes: UInt64) -> Range<UInt64> {
-        let unit = max(UInt64(SCOFormat.blockBytes), options.readAheadBytes)
+        let unit = max(UInt64(SCOFormat.blockBytes), readAheadBytes)
         let start = range.lowerBound / unit * unit
         let end = min((range.upperBound + unit - 1) / unit * unit, lengthBytes)
         return start..<max(end, range.upperBound)
@@ -77,26 +104,31 @@ extension Volume {
 
     /// The format of a backend SCO, probed once (a probe whose bytes do not verify is repeated: they may have been
     /// damaged on the way).
-    func backendFormat(_ sco: SCONumber) async throws(VDError) -> BackendSCOFormat {
-        if let known = backendFormats.withLock({ $0.formats[sco] }) { return known }
+    func format(_ sco: SCONumber) async throws(VDError) -> BackendSCOFormat {
+        if let known = formats.withLock({ $0.formats[sco] }) { return known }
         var attempt = 0
         while true {
             attempt += 1
             do throws(VDError) {
-                return try await probeBackendFormat(sco)
-            } catch  where error.code == .corrupt && attempt < Self.backendReadAttemptsMax {
+                return try await probe(sco)
+            } catch  where error.code == .corrupt && attempt < Volume.backendReadAttemptsMax {
                 continue
             }
         }
     }
 
-    private func probeBackendFormat(_ sco: SCONumber) async throws(VDError) -> BackendSCOFormat {
+    /// Forgets what is known of `sco` (it was deleted).
+    func forget(_ sco: SCONumber) {
+        _ = formats.withLock { $0.formats.removeValue(forKey: sco) }
+    }
+
+    private func probe(_ sco: SCONumber) async throws(VDError) -> BackendSCOFormat {
         let object = layout.scoObject(sco)
         let first = try await backend.get(object, range: 0..<UInt64(SCOFormat.blockBytes))
         let format: BackendSCOFormat
         if CompressedSCOHeader.isCompressed(first) {
             let header = try CompressedSCOHeader.decode(first, what: object)
-            guard header.volumeID == config.id, header.sco == sco else {
+            guard header.volumeID == volumeID, header.sco == sco else {
                 throw .corrupt("\(object) belongs to volume \(header.volumeID) SCO \(header.sco.hex)")
             }
             let index = try await backend.get(
@@ -105,14 +137,21 @@ extension Volume {
                 header: header, offsets: try CompressedSCO.decodeIndex(index, header: header, what: object))
         } else {
             let header = try SCOHeader.decode(first, what: object)
-            guard header.volumeID == config.id, header.sco == sco else {
+            guard header.volumeID == volumeID, header.sco == sco else {
                 throw .corrupt("\(object) belongs to volume \(header.volumeID) SCO \(header.sco.hex)")
             }
             guard let info = try await backend.head(object) else { throw .notFound("backend object \(object) is gone") }
             format = .plain(lengthBytes: info.sizeBytes)
         }
-        backendFormats.withLock { $0.insert(sco, format) }
+        formats.withLock { $0.insert(sco, format) }
         return format
+    }
+}
+
+extension Volume {
+    /// Bytes `range` (4096-aligned, in the SCO's own layout) of SCO `sco` from the backend.
+    func fetchFromBackend(_ sco: SCONumber, range: Range<UInt64>) async throws(VDError) -> ByteBuffer {
+        try await backendReader.fetch(sco, range: range)
     }
 
     /// Uploads a sealed SCO: a hard link or copy for stores that can, compressed in memory when configured.
@@ -166,14 +205,14 @@ extension Volume: ScrubApplierDelegate {
     package func scrubPass() async { await scrubs.pass() }
 
     func backendSCOLength(_ sco: SCONumber) async throws(VDError) -> UInt64 {
-        try await backendFormat(sco).lengthBytes
+        try await backendReader.format(sco).lengthBytes
     }
 
     func forgetSCO(_ sco: SCONumber) {
         cache.remove(cacheKey(sco))
         try? env.fs.unlinkIfPresent(layout.scoPath(sco))
         try? env.fs.unlinkIfPresent(layout.fetchedPath(sco))
-        _ = backendFormats.withLock { $0.formats.removeValue(forKey: sco) }
+        backendReader.forget(sco)
     }
 
     /// Live by the one definition (docs/design.md): what the volume reads now or an existing snapshot reads. (A

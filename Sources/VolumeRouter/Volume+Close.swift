@@ -70,6 +70,7 @@ extension Volume {
             logger.error("cannot persist the map of \(config.name): \(error)")
         }
         map.close()
+        parent?.detach()
         var result = CloseResult(
             drained: drained || (drainTimeoutSeconds != nil && status.pendingSCOs == 0 && status.unstoredBytes <= 8192),
             unstoredBytes: status.unstoredBytes, pendingSCOs: status.pendingSCOs)

@@ -107,30 +107,15 @@ package enum DiffBase: Sendable, Hashable {
 }
 
 extension Volume {
-    /// What a cluster reads as in one version: zeroes, or the bytes at a place (volume, SCO, offset).
-    struct ClusterContent: Hashable {
-        var volume: VolumeID
-        var location: ClusterLocation?
-
-        func sameBytes(as other: ClusterContent) -> Bool {
-            switch (location, other.location) {
-            case (nil, nil): true
-            case (let a?, let b?): volume == other.volume && a.sco == b.sco && a.offset == b.offset
-            default: false
-            }
-        }
-    }
-
     /// The content of `address` given its map value here (nil: never written, read through a clone's parent).
     func content(_ address: ClusterAddress, value: MapValue?) throws(VDError) -> ClusterContent {
         if let value { return ClusterContent(volume: config.id, location: value.location) }
         guard let parent else { return ClusterContent(volume: config.id, location: nil) }
-        return try parent.volume.content(
-            address, value: try parent.volume.map.value(address, atEpoch: parent.epoch))
+        return try parent.content(address)
     }
 
     /// The content of `address` at the end of `epoch` (nil: now).
-    func content(_ address: ClusterAddress, atEpoch epoch: UInt64?) throws(VDError) -> ClusterContent {
+    package func content(_ address: ClusterAddress, atEpoch epoch: UInt64?) throws(VDError) -> ClusterContent {
         let value = if let epoch { try map.value(address, atEpoch: epoch) } else { try map.current(address) }
         return try content(address, value: value)
     }

@@ -35,7 +35,7 @@ extension Volume {
     /// Opens (recovering as needed) a volume. `progress` receives human-readable progress of long rebuilds.
     package static func open(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, cache: FlashCache,
-        env: Environment, logger: Logger, parent: Volume? = nil, generation: OwnerGeneration? = nil,
+        env: Environment, logger: Logger, parent: (any CloneParentSource)? = nil, generation: OwnerGeneration? = nil,
         lease: OwnerLease? = nil,
         progress: @escaping @Sendable (String) -> Void = { _ in }
     ) async throws(VDError) -> Volume {
@@ -54,7 +54,7 @@ extension Volume {
                 )
             }
         }
-        if let link = config.parent, let parent,
+        if let link = config.parent, let parent = parent as? Volume,
             parent.snapshotTable.snapshot(named: link.snapshot)?.clones.contains(config.name.rawValue) == false
         {
             // The parent's table lost the registration (restored from a backend copy older than the clone, after a
@@ -100,7 +100,8 @@ extension Volume {
                 logger: logger, journal: journal, storedThrough: storedThrough, unstoredBytes: unstored,
                 localOnlySCOs: Set(pending.map(\.1.sco)), snapshots: recovery.snapshots,
                 snapshotsUploadedVersion: recovery.snapshotsUploadedVersion,
-                parent: parent.map { ($0, config.parent!.epoch) }, generations: recovery.generations)
+                parent: parent.map { ParentLink(source: $0, epoch: config.parent!.epoch) },
+                generations: recovery.generations)
             // Before any background work: uploads, scrub deletions and I/O are checked against it from the start.
             if let lease { volume.serve(under: lease) }
             recovery.registerCache(cache, volume: volume, storedThrough: storedThrough)
@@ -163,7 +164,7 @@ struct Recovery {
     var snapshots = SnapshotTable()
     var snapshotsUploadedVersion: UInt64 = 0
     /// For a clone, its parent (an unmap hides what the parent's view holds).
-    var parent: Volume?
+    var parent: (any CloneParentSource)?
     /// Which generation wrote which epochs: only TLogs named by it are history.
     var generations = GenerationChain()
 

@@ -28,6 +28,18 @@ extension Volume {
 
     package var uploadStatus: UploadStatus { uploader.status }
 
+    /// Waits (up to `timeoutSeconds`) until the backend holds every TLog through `epoch` and the newest snapshot
+    /// table: what another router needs to read this volume at a snapshot of that epoch. False on timeout.
+    package func waitUntilStored(through epoch: UInt64, timeoutSeconds: Double) async -> Bool {
+        let deadline = env.clock.now() + .milliseconds(Int64(timeoutSeconds * 1000))
+        while true {
+            if uploader.storedThrough.rawValue >= epoch && !catalog.needsUpload { return true }
+            guard env.clock.now() < deadline else { return false }
+            uploader.wake()
+            await env.clock.sleep(for: .milliseconds(20))
+        }
+    }
+
     /// Whether SCO `sco` exists only on local flash (not yet stored with its TLog).
     func isLocalOnly(_ sco: SCONumber) -> Bool { uploader.isLocalOnly(sco) }
 

@@ -55,13 +55,13 @@ package final class Volume: BlockDevice {
     let scrubs: ScrubApplier
     /// Background tasks (seals, the loops): awaited at close.
     let background = Mutex<[Task<Void, Never>]>([])
-    let backendFormats = Mutex(BackendFormats())
+    let backendReader: BackendSCOReader
     /// The owner lease this router serves the volume under, when routers share the backend (see Volume+Ownership).
     let ownership = Mutex<OwnerLease?>(nil)
     /// Sealed journal bytes since the map was last persisted, and when that was (see `seal`).
     let mapPersist: Mutex<(bytes: UInt64, at: MonotonicInstant)>
-    /// For a clone: the parent volume and the epoch of the snapshot it reads through.
-    package let parent: (volume: Volume, epoch: UInt64)?
+    /// For a clone: the parent (open here, or a backend view) and the epoch of the snapshot it reads through.
+    package let parent: ParentLink?
     /// Which owner generation wrote which epochs (names of backend TLogs); fixed once the volume is open.
     package let generations: GenerationChain
 
@@ -69,7 +69,7 @@ package final class Volume: BlockDevice {
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore,
         cache: FlashCache, map: BlockMap, env: Environment, logger: Logger, journal state: JournalState,
         storedThrough: SCONumber, unstoredBytes: UInt64, localOnlySCOs: Set<SCONumber>, snapshots: SnapshotTable,
-        snapshotsUploadedVersion: UInt64, parent: (volume: Volume, epoch: UInt64)?, generations: GenerationChain
+        snapshotsUploadedVersion: UInt64, parent: ParentLink?, generations: GenerationChain
     ) {
         self.parent = parent
         self.generations = generations
@@ -84,6 +84,9 @@ package final class Volume: BlockDevice {
         logger[metadataKey: "volume"] = "\(config.name)"
         self.logger = logger
         self.clusterBytes = Int(config.clusterSizeBytes)
+        backendReader = BackendSCOReader(
+            volumeID: config.id, volumeName: config.name, layout: layout, backend: backend, cache: cache,
+            cacheVolume: config.id, readAheadBytes: options.readAheadBytes)
         mapPersist = Mutex((0, env.clock.now()))
         journal = Journal(
             config: config, layout: layout, options: options, env: env, logger: logger, state: state,
@@ -133,18 +136,18 @@ package final class Volume: BlockDevice {
 
     /// Addresses in `[start, end)` this volume's view may hold data for, at any epoch: every cluster it ever wrote
     /// (a superset), and for a clone its parent's. What a clone's unmap must hide of its parent.
-    func addressesPossiblyWithData(
+    package func addressesPossiblyWithData(
         from start: ClusterAddress, to end: ClusterAddress
     ) throws(VDError) -> [ClusterAddress] {
         var addresses = try map.writtenAddresses(from: start, to: end).map(\.0)
-        if let parent { addresses += try parent.volume.addressesPossiblyWithData(from: start, to: end) }
+        if let parent { addresses += try parent.addressesPossiblyWithData(from: start, to: end) }
         return addresses
     }
 
     /// Map changes built the way every replay builds them, with the volume's retained epochs.
     func mapChanges() -> MapChanges {
         var changes = MapChanges(map: map, retainedEpochs: catalog.table.retainedEpochs, isClone: config.parent != nil)
-        if let parent = parent?.volume {
+        if let parent {
             changes.parentAddresses = { (start, end) throws(VDError) in
                 try parent.addressesPossiblyWithData(from: start, to: end)
             }
@@ -212,94 +215,13 @@ package final class Volume: BlockDevice {
         let cs = UInt64(clusterBytes)
         let first = offset / cs
         let count = Int((offset + UInt64(length) - 1) / cs - first + 1)
-        func lookUp() throws(VDError) -> [MapValue?] {
-            var values: [MapValue?] = []
-            values.reserveCapacity(count)
-            for index in 0..<count { values.append(try map.value(first + UInt64(index), atEpoch: epoch)) }
-            return values
-        }
+        func lookUp() throws(VDError) -> [MapValue?] { try values(first: first, count: count, atEpoch: epoch, in: map) }
         do {
             return try await assemble(values: try lookUp(), first: first, offset: offset, length: length)
         } catch  where error.code == .notFound {
             // An SCO a scrub relocated away from was deleted after this read looked the map up: look again.
             return try await assemble(values: try lookUp(), first: first, offset: offset, length: length)
         }
-    }
-
-    /// Builds the bytes of `[offset, offset+length)` from the map values of its clusters: located clusters are read
-    /// (runs in one SCO at a time), unmapped ones are zeroes (holes), never-written ones come from the parent snapshot
-    /// of a clone (holes otherwise).
-    private func assemble(
-        values: [MapValue?], first: ClusterAddress, offset: UInt64, length: UInt32
-    )
-        async throws(VDError) -> SparseData
-    {
-        let cs = UInt64(clusterBytes)
-        let count = values.count
-        if count == 1 && offset % cs == 0 && length == UInt32(clusterBytes), parent == nil || values[0] != nil {
-            guard let location = values[0]?.location else {
-                return SparseData(data: ByteBuffer.zeroes(clusterBytes), holes: [0..<clusterBytes])
-            }
-            return SparseData(
-                data: try await readClusters(
-                    sco: location.sco, offset: location.offset, crcs: [location.crc], firstAddress: first))
-        }
-        let end = offset + UInt64(length)
-        var result = SparseData(data: ByteBuffer.zeroes(Int(length)))
-        /// The part of the cluster run `[runStart, runEnd)` inside the request, relative to its start.
-        func clip(_ runStart: UInt64, _ runEnd: UInt64) -> Range<Int> {
-            Int(max(runStart, offset) - offset)..<Int(min(runEnd, end) - offset)
-        }
-        func place(_ bytes: ByteBuffer, runStart: UInt64, runEnd: UInt64) {
-            let range = clip(runStart, runEnd)
-            let skip = Int(max(runStart, offset) - runStart)
-            result.data.setBuffer(
-                bytes.getSlice(at: bytes.readerIndex + skip, length: range.count)!,
-                at: result.data.readerIndex + range.lowerBound)
-        }
-        var i = 0
-        while i < count {
-            let runStart = (first + UInt64(i)) * cs
-            guard let value = values[i] else {
-                // Never written here: a clone reads its parent's snapshot.
-                var j = i + 1
-                while j < count, values[j] == nil { j += 1 }
-                let runEnd = (first + UInt64(j)) * cs
-                if let parent {
-                    let inherited = try await parent.volume.readSparse(
-                        offset: runStart, length: UInt32(runEnd - runStart), atEpoch: parent.epoch)
-                    place(inherited.data, runStart: runStart, runEnd: runEnd)
-                    let window = clip(runStart, runEnd)
-                    let shift = Int(runStart) - Int(offset)
-                    for hole in inherited.holes {
-                        let lower = max(hole.lowerBound + shift, window.lowerBound)
-                        let upper = min(hole.upperBound + shift, window.upperBound)
-                        if lower < upper { result.addHole(lower..<upper) }
-                    }
-                } else {
-                    result.addHole(clip(runStart, runEnd))
-                }
-                i = j
-                continue
-            }
-            guard let location = value.location else {
-                result.addHole(clip(runStart, runStart + cs))
-                i += 1
-                continue
-            }
-            var j = i + 1
-            while j < count, let next = values[j]?.location, next.sco == location.sco,
-                UInt64(next.offset) == UInt64(location.offset) + UInt64(j - i) * cs
-            {
-                j += 1
-            }
-            let crcs = values[i..<j].map { $0!.location!.crc }
-            let bytes = try await readClusters(
-                sco: location.sco, offset: location.offset, crcs: crcs, firstAddress: first + UInt64(i))
-            place(bytes, runStart: runStart, runEnd: (first + UInt64(j)) * cs)
-            i = j
-        }
-        return result
     }
 
     /// Attempts at reading clusters from the backend before a checksum mismatch is reported (the bytes may have
@@ -322,30 +244,8 @@ package final class Volume: BlockDevice {
             guard !isLocalOnly(sco) else { throw .corrupt(message) }
             logger.error("\(message); reading it from the backend instead")
         }
-        let object = layout.scoObject(sco)
-        var attempt = 0
-        while true {
-            attempt += 1
-            let remote = try await fetchFromBackend(sco, range: UInt64(offset)..<(UInt64(offset) + UInt64(length)))
-            guard let bad = firstMismatch(remote, crcs) else { return remote }
-            let message =
-                "volume \(config.name) cluster \(firstAddress + UInt64(bad)): checksum mismatch in backend object \(object) at offset \(UInt64(offset) + UInt64(bad * clusterBytes))"
-            guard attempt < Self.backendReadAttemptsMax else { throw .corrupt(message) }
-            logger.warning("\(message) (attempt \(attempt)); reading it again")
-        }
-    }
-
-    /// Index of the first cluster whose CRC does not match, or nil.
-    func firstMismatch(_ bytes: ByteBuffer, _ crcs: [UInt32]) -> Int? {
-        guard bytes.readableBytes == crcs.count * clusterBytes else { return 0 }
-        let cs = clusterBytes
-        return bytes.withUnsafeReadableBytes { raw -> Int? in
-            for (index, crc) in crcs.enumerated() {
-                let actual = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: raw[(index * cs)..<((index + 1) * cs)]))
-                if actual != crc { return index }
-            }
-            return nil
-        }
+        return try await fetchVerified(
+            sco: sco, offset: offset, crcs: crcs, firstAddress: firstAddress, from: backendReader, logger: logger)
     }
 
     // MARK: write
@@ -519,73 +419,12 @@ package final class Volume: BlockDevice {
         return try await allocation(offset: offset, length: UInt64(length), atEpoch: nil)
     }
 
-    /// Allocation from the map only: data where a cluster is located, holes (reading as zeroes) where it is unmapped,
-    /// and for clones the parent snapshot's allocation where the clone never wrote. Covers `[offset, ...)` without
-    /// gaps; may stop before `offset + length` (at least one extent).
+    /// Allocation from the map (see `mapAllocation`), at the end of `epoch` (nil: now).
     package func allocation(
         offset: UInt64, length: UInt64, atEpoch epoch: UInt64?
     ) async throws(VDError) -> [BlockExtent] {
-        guard length > 0 else { return [BlockExtent(lengthBytes: 0, isHole: true, isZero: true)] }
-        let cs = UInt64(clusterBytes)
-        let end = offset + length
-        let first = offset / cs
-        let last = (end - 1) / cs
-        var extents: [BlockExtent] = []
-        func add(_ bytes: UInt64, hole: Bool) {
-            guard bytes > 0 else { return }
-            if let previous = extents.last, previous.isHole == hole {
-                extents[extents.count - 1].lengthBytes += bytes
-            } else {
-                extents.append(BlockExtent(lengthBytes: bytes, isHole: hole, isZero: hole))
-            }
-        }
-        if epoch == nil && parent == nil && last - first >= 1024 {
-            // Large ranges of a plain volume: one scan of the written clusters.
-            var position = offset
-            for (address, value) in try map.writtenAddresses(from: first, to: last + 1) where value.location != nil {
-                let start = max(address * cs, offset)
-                add(start - position, hole: true)
-                let stop = min((address + 1) * cs, end)
-                add(stop - start, hole: false)
-                position = stop
-            }
-            add(end - position, hole: true)
-            return extents
-        }
-        // Otherwise cluster by cluster, at most 1024 clusters per call.
-        let count = Int(min(last - first + 1, 1024))
-        var values: [MapValue?] = []
-        if let epoch {
-            for index in 0..<count { values.append(try map.value(first + UInt64(index), atEpoch: epoch)) }
-        } else {
-            values = try map.current(from: first, count: count)
-        }
-        let stopAt = min(end, (first + UInt64(count)) * cs)
-        var i = 0
-        while i < count {
-            let start = max((first + UInt64(i)) * cs, offset)
-            if values[i] == nil, let parent {
-                var j = i + 1
-                while j < count, values[j] == nil { j += 1 }
-                let runEnd = min((first + UInt64(j)) * cs, stopAt)
-                var position = start
-                while position < runEnd {
-                    let sub = try await parent.volume.allocation(
-                        offset: position, length: runEnd - position, atEpoch: parent.epoch)
-                    for extent in sub {
-                        let take = min(extent.lengthBytes, runEnd - position)
-                        add(take, hole: extent.isHole)
-                        position += take
-                        if position >= runEnd { break }
-                    }
-                }
-                i = j
-                continue
-            }
-            let stop = min((first + UInt64(i) + 1) * cs, stopAt)
-            add(stop - start, hole: values[i]?.location == nil)
-            i += 1
-        }
-        return extents
+        try await mapAllocation(offset: offset, length: length, atEpoch: epoch, in: map)
     }
 }
+
+extension Volume: MapBackedReads {}
