@@ -4,7 +4,10 @@
 //
 // Liveness: a cluster version is live when the volume reads it now (the current value) or a snapshot that exists
 // reads it (a history version whose epoch is at or below the snapshot and whose successor is after it). Nothing
-// else is ever read again, so nothing else needs to be kept.
+// else is ever read again, so nothing else needs to be kept. One more case: the snapshot table is read after the
+// TLogs and may record a rollback whose TLog is not stored yet (the table goes up first). That rollback makes what
+// its target read current again, so its target counts as a snapshot here even when the snapshot itself was deleted
+// since (without that, a scrub deleted the SCOs of the versions a rollback had just restored: seed 1325).
 
 package import BlockMap
 package import FlashIO
@@ -67,6 +70,14 @@ package struct NamespaceContents: Sendable {
         return nil
     }
 
+    /// Epochs whose readers keep versions live: every snapshot, and the target of every rollback the replayed TLogs
+    /// do not reach yet (it makes what its target read current again; see the file comment).
+    package var liveEpochs: [UInt64] {
+        let replayed = lastEpoch?.rawValue ?? 0
+        let pending = snapshots.rollbacks.filter { $0.atEpoch > replayed }.map(\.toEpoch)
+        return Array(Set(snapshots.snapshots.map(\.epoch) + pending)).sorted()
+    }
+
     /// Results not yet applied: their sources must not be touched and their new SCOs are not referenced yet.
     package var pendingResults: [ScrubResult] {
         results.values.filter { !appliedResults.contains($0.id) }.sorted { $0.id < $1.id }
@@ -82,22 +93,17 @@ package final class NamespaceReplay: @unchecked Sendable {
     private let directory: String
     private let env: Environment
 
-    /// Loads and replays the namespace of `volume` into a temporary map under `workDirectory`.
+    /// Loads and replays the namespace of `volume` into a temporary map under `workDirectory`. `parentAddresses`:
+    /// for a replay that reads through a clone's parent (a backend view of the clone), what the parent may hold, so
+    /// the clone's unmaps hide it exactly as the router's own replay does (the scrubber and the check never read
+    /// through a parent and leave it nil).
     package static func load(
         volume: VolumeName, backend: any ObjectStore, workDirectory: String, env: Environment, logger: Logger,
+        parentAddresses: ((ClusterAddress, ClusterAddress) throws(VDError) -> [ClusterAddress])? = nil,
         progress: @escaping @Sendable (String) -> Void
     ) async throws(VDError) -> NamespaceReplay {
         let layout = VolumeLayout(flashDirectory: "", namespace: volume.rawValue)
-        let config: VolumeConfig
-        do {
-            config = try await NamespaceObjects.getVerified(layout.configObject, backend: backend) {
-                (bytes) throws(VDError) in
-                try MetadataRecord.decode(
-                    VolumeConfig.self, from: bytes, kind: .volumeConfig, what: layout.configObject)
-            }
-        } catch  where error.code == .notFound {
-            throw VDError(.notFound, "the backend (\(backend.description)) has no volume named \(volume)")
-        }
+        let config = try await NamespaceObjects.loadConfig(of: volume, backend: backend)
         var contents = NamespaceContents(config: config, snapshots: SnapshotTable())
         // TLogs first, then what they may depend on: a TLog is uploaded only after the snapshot table version and
         // the scrub results it relies on, so reading those afterwards sees at least what every listed TLog needs.
@@ -134,6 +140,7 @@ package final class NamespaceReplay: @unchecked Sendable {
         do throws(VDError) {
             var changes = MapChanges(
                 map: map, retainedEpochs: contents.snapshots.retainedEpochs, isClone: config.parent != nil)
+            changes.parentAddresses = parentAddresses
             if var epoch = contents.tlogNumbers.first {
                 let available = Set(contents.tlogNumbers)
                 var done = 0
@@ -200,7 +207,7 @@ package final class NamespaceReplay: @unchecked Sendable {
     /// Live cluster versions per SCO (see the file comment), counted in one pass over the map.
     package func liveClustersPerSCO() throws(VDError) -> [SCONumber: Int] {
         var counts: [SCONumber: Int] = [:]
-        try map.forEachLiveVersion(snapshotEpochs: contents.snapshots.snapshots.map(\.epoch)) {
+        try map.forEachLiveVersion(snapshotEpochs: contents.liveEpochs) {
             (_, value, _) throws(VDError) in
             counts[value.location!.sco, default: 0] += 1
         }
@@ -211,7 +218,7 @@ package final class NamespaceReplay: @unchecked Sendable {
     /// bounded whatever their number), for `liveVersions(in:)`.
     package func indexLiveVersions(in scos: Set<SCONumber>) throws(VDError) {
         var batch = database.makeBatch()
-        try map.forEachLiveVersion(snapshotEpochs: contents.snapshots.snapshots.map(\.epoch)) {
+        try map.forEachLiveVersion(snapshotEpochs: contents.liveEpochs) {
             (address, value, _) throws(VDError) in
             let location = value.location!
             guard scos.contains(location.sco) else { return }
@@ -295,6 +302,21 @@ package final class NamespaceReplay: @unchecked Sendable {
 
 /// Reading namespace metadata objects (shared with the router).
 package enum NamespaceObjects {
+    /// The volume's configuration object (`.notFound` naming the backend when there is none).
+    package static func loadConfig(
+        of volume: VolumeName, backend: any ObjectStore
+    ) async throws(VDError) -> VolumeConfig {
+        let layout = VolumeLayout(flashDirectory: "", namespace: volume.rawValue)
+        do {
+            return try await getVerified(layout.configObject, backend: backend) { (bytes) throws(VDError) in
+                try MetadataRecord.decode(
+                    VolumeConfig.self, from: bytes, kind: .volumeConfig, what: layout.configObject)
+            }
+        } catch  where error.code == .notFound {
+            throw VDError(.notFound, "the backend (\(backend.description)) has no volume named \(volume)")
+        }
+    }
+
     /// The volume's generation chain (empty when no owner ever started a tagged generation), verified.
     package static func loadGenerationChain(
         layout: VolumeLayout, backend: any ObjectStore

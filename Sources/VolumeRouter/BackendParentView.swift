@@ -65,23 +65,26 @@ package final class BackendParentView: CloneParentSource, MapBackedReads {
         resolveParent: (VolumeConfig.Parent) async throws(VDError) -> any CloneParentSource
     ) async throws(VDError) -> BackendParentView {
         try env.fs.makeDirectories(workDirectory)
-        let replay = try await replayChecked(
-            name: name, snapshot: snapshot, epoch: epoch, backend: backend, workDirectory: workDirectory, env: env,
-            logger: logger)
-        let config = replay.contents.config
+        // The parent's own parent first: its addresses decide what the parent's unmaps hide in the replay.
+        let config = try await NamespaceObjects.loadConfig(of: name, backend: backend)
         var parent: ParentLink?
         if let link = config.parent {
-            do throws(VDError) {
-                parent = ParentLink(source: try await resolveParent(link), epoch: link.epoch)
-            } catch {
-                replay.close()
-                throw error
-            }
+            parent = ParentLink(source: try await resolveParent(link), epoch: link.epoch)
         }
         let cacheVolume = VolumeID.random(using: env.random)
         let fetched = VolumeLayout(
             flashDirectory: workDirectory + "/fetched-" + cacheVolume.description, namespace: name.rawValue)
-        try env.fs.makeDirectories(fetched.fetchedDirectory)
+        let replay: NamespaceReplay
+        do throws(VDError) {
+            try env.fs.makeDirectories(fetched.fetchedDirectory)
+            replay = try await replayChecked(
+                name: name, snapshot: snapshot, epoch: epoch, backend: backend, workDirectory: workDirectory,
+                parent: parent, env: env, logger: logger)
+        } catch {
+            parent?.detach()
+            try? env.fs.removeTree(fetched.flashDirectory)
+            throw error
+        }
         let reader = BackendSCOReader(
             volumeID: config.id, volumeName: name, layout: fetched, backend: backend, cache: cache,
             cacheVolume: cacheVolume, readAheadBytes: options.readAheadBytes)
@@ -114,10 +117,17 @@ package final class BackendParentView: CloneParentSource, MapBackedReads {
     /// A replay of the parent's namespace that holds the snapshot at its epoch, with every TLog through it.
     private static func replayChecked(
         name: VolumeName, snapshot: String, epoch: UInt64, backend: any ObjectStore, workDirectory: String,
-        env: Environment, logger: Logger
+        parent: ParentLink?, env: Environment, logger: Logger
     ) async throws(VDError) -> NamespaceReplay {
+        var parentAddresses: ((ClusterAddress, ClusterAddress) throws(VDError) -> [ClusterAddress])?
+        if let parent {
+            parentAddresses = { (start, end) throws(VDError) in
+                try parent.addressesPossiblyWithData(from: start, to: end)
+            }
+        }
         let replay = try await NamespaceReplay.load(
-            volume: name, backend: backend, workDirectory: workDirectory, env: env, logger: logger, progress: { _ in })
+            volume: name, backend: backend, workDirectory: workDirectory, env: env, logger: logger,
+            parentAddresses: parentAddresses, progress: { _ in })
         guard replay.contents.snapshots.snapshot(named: snapshot)?.epoch == epoch else {
             replay.close()
             throw VDError(
@@ -206,7 +216,7 @@ package final class BackendParentView: CloneParentSource, MapBackedReads {
                 do throws(VDError) {
                     let replay = try await Self.replayChecked(
                         name: name, snapshot: snapshotName, epoch: snapshotEpoch, backend: backend,
-                        workDirectory: workDirectory, env: env, logger: logger)
+                        workDirectory: workDirectory, parent: parent, env: env, logger: logger)
                     install(replay)
                 } catch {
                     if error.code == .notFound { logger.error("\(error.message): reads through it fail") }

@@ -26,8 +26,8 @@ protocol ScrubApplierDelegate: AnyObject, Sendable {
     func backendSCOLength(_ sco: SCONumber) async throws(VDError) -> UInt64
     /// The SCO is gone from the backend: drop its local copies.
     func forgetSCO(_ sco: SCONumber)
-    /// Whether any cluster version the volume or one of its snapshots reads is in one of `scos` (a check).
-    func mapReferences(_ scos: Set<SCONumber>) throws(VDError) -> Bool
+    /// A cluster version the volume or one of its snapshots reads that is in one of `scos` (a check), described.
+    func mapReferences(_ scos: Set<SCONumber>) throws(VDError) -> String?
     /// Throws unless this router still owns the volume by the owner record on the backend (read now). Any router
     /// that takes the volume afterwards lists the TLogs after its own owner write, so everything stored before this
     /// read is in its history.
@@ -231,8 +231,12 @@ final class ScrubApplier: Sendable {
     private func deleteSources(of result: ScrubResult) async throws(VDError) {
         if options.checkExpensiveInvariants {
             let referenced = try delegate.mapReferences(Set(result.sources.map { SCONumber($0) }))
-            env.tasks.check(!referenced, "scrub result \(result.id) would delete an SCO a live cluster version is in")
-            if referenced { throw VDError(.corrupt, "scrub result \(result.id) still has live data in its sources") }
+            env.tasks.check(
+                referenced == nil,
+                "scrub result \(result.id) would delete an SCO a live cluster version is in: \(referenced ?? "")")
+            if referenced != nil {
+                throw VDError(.corrupt, "scrub result \(result.id) still has live data in its sources")
+            }
         }
         for (index, raw) in result.sources.enumerated() {
             let sco = SCONumber(raw)

@@ -217,11 +217,14 @@ extension Volume: ScrubApplierDelegate {
 
     /// Live by the one definition (docs/design.md): what the volume reads now or an existing snapshot reads. (A
     /// rollback target that is no snapshot any more keeps versions in the map for replays, but nothing reads them.)
-    func mapReferences(_ scos: Set<SCONumber>) throws(VDError) -> Bool {
-        var found = false
+    func mapReferences(_ scos: Set<SCONumber>) throws(VDError) -> String? {
+        var found: String?
         try map.forEachLiveVersion(snapshotEpochs: snapshotTable.snapshots.map(\.epoch)) {
-            _, value, _ throws(VDError) in
-            if let sco = value.location?.sco, scos.contains(sco) { found = true }
+            address, value, isCurrent throws(VDError) in
+            if found == nil, let location = value.location, scos.contains(location.sco) {
+                found =
+                    "cluster \(address) (\(isCurrent ? "current" : "history") version of epoch \(value.epoch)) in SCO \(location.sco.hex) at \(location.offset)"
+            }
         }
         return found
     }

@@ -28,6 +28,8 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
     package var outage = false
     /// Requests on names starting with one of these fail (a store that refuses one kind of object).
     package var failingPrefixes: Set<String> = []
+    /// Object names under which uploads (PUT) fail; reads and listings work (uploads that cannot get through).
+    package var failingPutPrefixes: Set<String> = []
     /// Names where several writers race to create the same name on purpose (compare-and-swap records): a refused
     /// create there is the expected outcome, not a broken invariant.
     package var contendedPrefixes: Set<String> = []
@@ -83,7 +85,9 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
         if outage {
             throw VDError(.backend, "simulated store: \(what) \(name): the backend is unreachable")
         }
-        if failingPrefixes.contains(where: { name.hasPrefix($0) }) {
+        if failingPrefixes.contains(where: { name.hasPrefix($0) })
+            || (what == "PUT" && failingPutPrefixes.contains(where: { name.hasPrefix($0) }))
+        {
             throw VDError(.backend, "simulated store: \(what) \(name): 500 Internal Server Error")
         }
         if scheduler.chance(faults.failBefore) {

@@ -149,6 +149,12 @@ final class Simulation: @unchecked Sendable {
     let store: SimObjectStore
     /// The node serving the volumes now (a move attaches them on a new one).
     var node: SimNode
+    /// With ownership: a second router that clones move to, away from their parents (docs/design.md, "Clones across
+    /// owners"). It never crashes and no failpoint fires in it; its clones read their parents through backend views
+    /// while the main node crashes, loses its flash, scrubs, and moves or is taken over.
+    var peer: SimNode?
+    /// Devices the peer serves.
+    var peerDevices: Set<String> = []
     var nodeCount = 1
     let logger: Logger
     let client: SimProcess
@@ -335,7 +341,9 @@ final class Simulation: @unchecked Sendable {
 
     // MARK: the router
 
-    var routerConfiguration: RouterConfiguration {
+    var routerConfiguration: RouterConfiguration { routerConfiguration(for: node) }
+
+    func routerConfiguration(for node: SimNode) -> RouterConfiguration {
         var configuration = RouterConfiguration(dataDirectory: node.dataDirectory)
         configuration.directIO = false
         configuration.cacheCapacityBytes = 64 << 20
@@ -380,6 +388,7 @@ final class Simulation: @unchecked Sendable {
         switch outcome {
         case .success(let (router, failures)):
             node.router = router
+            router.remoteCloneRegistrar = cloneRegistrar(toward: { $0.peer })
             for (name, error) in failures {
                 if lostClones.contains(name.rawValue) { continue }
                 if afterFlashLoss,
@@ -442,7 +451,19 @@ final class Simulation: @unchecked Sendable {
 
     func volume(_ name: String) -> Volume? {
         guard let volumeName = VolumeName(rawValue: name) else { return nil }
+        if peerDevices.contains(name) { return peer?.router?.volume(named: volumeName) }
         return node.router?.volume(named: volumeName)
+    }
+
+    /// The router process serving `device` (a device, or DEVICE@SNAPSHOT).
+    func process(for device: String) -> SimProcess {
+        let name = String(device.split(separator: "@").first ?? "")
+        return peerDevices.contains(name) ? peer!.routerProcess! : routerProcess
+    }
+
+    /// What a crash of the main node means for `device`: nothing for the peer's devices.
+    func crashKind(_ kind: CrashKind, of device: String) -> CrashKind {
+        peerDevices.contains(device) ? .none : kind
     }
 
     // MARK: the workload
@@ -477,6 +498,7 @@ final class Simulation: @unchecked Sendable {
             }
         case 765..<770: if config.crashes { try crash(.flashLost) }
         case 770..<780: if config.backendFaults { startOutage(index) }
+        case 780..<788 where ownership && config.clones: try moveCloneToPeer()
         case 780..<860: try wait(.milliseconds(Int64(scheduler.between(1...3000))))
         case 860..<875: if config.crashes { armFailpoint() }
         case 875..<890: try checkDiff()
@@ -687,7 +709,7 @@ final class Simulation: @unchecked Sendable {
         inFlight[id] = InFlight(
             kind: kind, device: device, sectors: sectors, issueSeq: issued, replyCounterAtIssue: issued,
             faultsAtIssue: store.injectedFaults, apply: apply)
-        let router = routerProcess
+        let router = process(for: device)
         client.spawn { [self] in
             let result: Result<OpOutput, VDError>
             do throws(VDError) {
@@ -877,8 +899,9 @@ final class Simulation: @unchecked Sendable {
         let (fromEpoch, toEpoch) = (older.epoch, to.epoch)
         trace.add("diff \(older.volume) \(older.name) -> \(to.name)")
         count("diff")
+        let process = process(for: older.volume)
         let result = try runIn(client, "diff") { () async throws(VDError) -> [DiffExtent] in
-            try await self.routerProcess.call { () async throws(VDError) -> [DiffExtent] in
+            try await process.call { () async throws(VDError) -> [DiffExtent] in
                 try await target.diff(from: .epoch(fromEpoch), to: toEpoch)
             }
         }
@@ -982,8 +1005,9 @@ final class Simulation: @unchecked Sendable {
         trace.add("snapshot delete \(key)")
         count("snapshot-delete")
         let name = snapshot.name
+        let process = process(for: snapshot.volume)
         let result = try runIn(client, "snapshot delete") { () async throws(VDError) -> Void in
-            try await self.routerProcess.call { () async throws(VDError) in try target.deleteSnapshot(named: name) }
+            try await process.call { () async throws(VDError) in try target.deleteSnapshot(named: name) }
         }
         switch result {
         case .success:
@@ -1019,8 +1043,9 @@ final class Simulation: @unchecked Sendable {
             target.snapshotTable.snapshot(named: snapshots[$0]!.name)?.clones.isEmpty == false
         }
         let issued = nextIssue()
+        let process = process(for: device)
         let result = try runIn(client, "rollback") { () async throws(VDError) -> SnapshotRecord in
-            try await self.routerProcess.call { () async throws(VDError) -> SnapshotRecord in
+            try await process.call { () async throws(VDError) -> SnapshotRecord in
                 try await target.rollback(toSnapshot: name)
             }
         }
@@ -1081,6 +1106,12 @@ final class Simulation: @unchecked Sendable {
             coveredSeq[name] = 0
         case .failure(let error):
             if error.message.contains("connection to") || error.code == .backend { return }
+            if peerDevices.contains(snapshot.volume) && [.busy, .timeout].contains(error.code) {
+                // A parent on the peer: its snapshot is not on the backend yet, or its table did not get there in
+                // time (the peer keeps the registration: a snapshot it protects, with no clone).
+                trace.add("clone \(name) of \(key) (on the peer) not created: \(error)")
+                return
+            }
             throw fail("clone \(name) of \(key) failed: \(error)")
         }
     }
@@ -1201,6 +1232,8 @@ final class Simulation: @unchecked Sendable {
             powerLossPending = false
             if kind == .process { kind = .power }
         }
+        // The peer does not crash: what it has in flight finishes first (its replies are checked as usual).
+        for device in peerDevices.sorted() { try quiesce(device) }
         let stored = storedEpochs()
         routerProcess.kill()
         if kind == .power || kind == .flashLost {
@@ -1317,6 +1350,128 @@ final class Simulation: @unchecked Sendable {
 
     static let leaseSeconds = 3600.0
 
+    // MARK: clones across owners
+
+    /// How a router asks the owner of a clone's parent to record or forget the clone (the cluster API in `vd
+    /// serve`): the owner records it and waits until its table is on the backend. `owner` finds the node at call time.
+    func cloneRegistrar(toward owner: @escaping @Sendable (Simulation) -> SimNode?) -> Router.RemoteCloneRegistrar {
+        { [self] (parent, snapshot, clone, present, _) async throws(VDError) in
+            guard let node = owner(self), let router = node.router, let process = node.routerProcess,
+                let target = router.volume(named: parent)
+            else { throw VDError(.notFound, "no router serves \(parent)") }
+            try await process.call { () async throws(VDError) in
+                try target.setClone(clone.rawValue, ofSnapshot: snapshot, present: present)
+                guard await target.waitUntilStored(through: 0, timeoutSeconds: 60) else {
+                    throw VDError(.timeout, "the snapshot table of \(parent) did not reach the backend")
+                }
+            }
+        }
+    }
+
+    /// The peer router, started on first use.
+    func bootPeer() throws -> SimNode {
+        if let peer, peer.router != nil { return peer }
+        let peer = self.peer ?? SimNode(name: "peer", scheduler: scheduler)
+        self.peer = peer
+        let process = scheduler.makeProcess("peer-router#\(scheduler.steps)")
+        process.role = "peer-router"
+        peer.routerProcess = process
+        let env = Environment(
+            fs: peer.fs, clock: SimClock(scheduler: scheduler), random: SimRandomSource(scheduler: scheduler),
+            tasks: SimTaskRunner(process: process), keyValueStores: peer.maps)
+        let configuration = routerConfiguration(for: peer)
+        let backends = SimBackends(store: link(peer), compress: compress)
+        let logger = self.logger
+        let started = try runIn(process, "peer router start") { () async throws(VDError) -> Router in
+            try Router(configuration: configuration, backends: backends, logger: logger, environment: env)
+        }
+        guard case .success(let router) = started else { throw fail("the peer router does not start: \(started)") }
+        router.remoteCloneRegistrar = cloneRegistrar(toward: { $0.node })
+        peer.router = router
+        return peer
+    }
+
+    /// `vd volume move CLONE --to peer` for a clone no other device of the main node reads through: the parent's
+    /// snapshot and table reach the backend, the clone is drained and released to the peer, which serves it from
+    /// then on, reading its parent through a backend view while the parent's owner goes on (scrubs, crashes,
+    /// moves, takeovers). An operator's move: no failpoint fires during it.
+    func moveCloneToPeer() throws {
+        let registrations = try VolumeRegistry.list(dataDirectory: node.dataDirectory, fs: node.fs)
+        let parents = Set(registrations.compactMap { $0.config.parent?.volume.rawValue })
+        let candidates = registrations.filter { registration in
+            let name = registration.config.name.rawValue
+            return registration.config.parent != nil && !parents.contains(name) && devices[name] != nil
+                && !frozen.contains(name) && volume(name) != nil
+        }.map(\.config.name.rawValue)
+        guard !candidates.isEmpty else { return }
+        let name = candidates[scheduler.below(candidates.count)]
+        try quiesce()
+        guard let clone = volume(name), let parentLink = clone.config.parent else { return }
+        trace.add("move clone \(name) (of \(parentLink.volume)@\(parentLink.snapshot)) to the peer router")
+        count("clone-move")
+        let armed = scheduler.armedFailpoints
+        scheduler.armedFailpoints = [:]
+        defer { scheduler.armedFailpoints.merge(armed) { kept, _ in kept } }
+        if store.outage {
+            store.outage = false
+            outageUntilOperation = nil
+            trace.add("backend outage ends (to move \(name))")
+        }
+        let peer = try bootPeer()
+        let router = self.router
+        let (fs, dataDirectory, flash, peerName) = (node.fs, node.dataDirectory, node.flashDirectory, peer.name)
+        let random = SimRandomSource(scheduler: scheduler)
+        let released = try runIn(routerProcess, "move \(name) away") { () async throws(VDError) -> Bool in
+            if let parent = clone.parent?.source as? Volume {
+                guard await parent.waitUntilStored(through: parentLink.epoch, timeoutSeconds: 120) else {
+                    return false
+                }
+            }
+            guard let closed = await router.closeVolume(clone.name, drainTimeoutSeconds: 60, releaseTo: peerName)
+            else { return false }
+            guard closed.released else {
+                _ = try await router.openVolume(named: clone.name, retakingOwnRelease: true)
+                return false
+            }
+            try VolumeRegistry.remove(dataDirectory: dataDirectory, name: clone.name, fs: fs)
+            let path = flash + "/" + clone.name.rawValue
+            if fs.fileExists(path) { try fs.rename(path, path + ".moved-to-\(peerName)-" + random.hexToken()) }
+            return true
+        }
+        switch released {
+        case .failure(let error): throw fail("moving \(name) to the peer failed on the main router: \(error)")
+        case .success(false):
+            trace.add("\(name) stays (its parent's snapshot or its own data did not reach the backend in time)")
+            return
+        case .success(true): break
+        }
+        let peerRouter = peer.router!
+        let peerStore = link(peer)
+        var attempts = 0
+        while true {
+            attempts += 1
+            let taken = try runIn(peer.routerProcess!, "peer takes \(name)") { () async throws(VDError) -> Bool in
+                if try VolumeRegistry.read(dataDirectory: peer.dataDirectory, name: clone.name, fs: peer.fs) == nil {
+                    _ = try await VolumeAdministration.attach(
+                        dataDirectory: peer.dataDirectory, flashDirectory: peer.flashDirectory, fs: peer.fs,
+                        random: random, name: clone.name, backendName: "sim", backend: peerStore)
+                }
+                _ = try await peerRouter.openVolume(named: clone.name)
+                return true
+            }
+            if case .failure(let error) = taken {
+                // Injected backend faults: try again, as an operator would.
+                if error.code == .backend && attempts < 10 { continue }
+                throw fail("the peer cannot take \(name): \(error)")
+            }
+            break
+        }
+        peerDevices.insert(name)
+        devices[name]!.allStored()
+        trace.add("the peer serves \(name)")
+        try verifyEverything(after: .none)
+    }
+
     /// The node's link to the store (cut to partition it; without ownership, the store itself).
     func link(_ node: SimNode) -> any ObjectStore {
         guard ownership else { return store }
@@ -1410,6 +1565,7 @@ final class Simulation: @unchecked Sendable {
                 throw fail("the taking router does not start: \(started)")
             }
             next.router = router
+            router.remoteCloneRegistrar = cloneRegistrar(toward: { $0.peer })
             var died = false
             for registration in ordered where !lostClones.contains(registration.config.name.rawValue) {
                 let name = registration.config.name
@@ -1463,7 +1619,7 @@ final class Simulation: @unchecked Sendable {
         if kind == .power || kind == .flashLost {
             for key in snapshots.keys.sorted() where !snapshots[key]!.confirmed {
                 let snapshot = snapshots[key]!
-                guard let model = devices[snapshot.volume] else { continue }
+                guard !peerDevices.contains(snapshot.volume), let model = devices[snapshot.volume] else { continue }
                 for sector in 0..<snapshot.contents.count {
                     var allowed = snapshot.allowed(sector)
                     allowed.insert(model.storedFloor[sector])
@@ -1477,15 +1633,16 @@ final class Simulation: @unchecked Sendable {
                 throw fail("volume \(name) is not open after the restart")
             }
             let observed = try readWhole(name, volume)
-            try accept(name, observed: observed, after: kind, stored: stored[name])
+            try accept(name, observed: observed, after: crashKind(kind, of: name), stored: stored[name])
         }
         for key in snapshots.keys.sorted() {
             let snapshot = snapshots[key]!
             guard let volume = volume(snapshot.volume) else { continue }
+            let deviceKind = crashKind(kind, of: snapshot.volume)
             let record = volume.snapshotTable.snapshot(named: snapshot.name)
             if snapshot.deleted {
-                if record != nil && kind != .flashLost && kind != .drained {
-                    throw fail("deleted snapshot \(key) exists again after a \(kind.rawValue) crash")
+                if record != nil && deviceKind != .flashLost && deviceKind != .drained {
+                    throw fail("deleted snapshot \(key) exists again after a \(deviceKind.rawValue) crash")
                 }
                 if record == nil { snapshots[key] = nil }
                 if record == nil { continue }
@@ -1493,12 +1650,12 @@ final class Simulation: @unchecked Sendable {
             }
             guard let record else {
                 if snapshot.confirmed {
-                    let lostAllowed = kind == .flashLost && snapshot.epoch > (stored[snapshot.volume] ?? 0)
+                    let lostAllowed = deviceKind == .flashLost && snapshot.epoch > (stored[snapshot.volume] ?? 0)
                     if !lostAllowed {
-                        throw fail("snapshot \(key) (epoch \(snapshot.epoch)) is gone after a \(kind.rawValue)")
+                        throw fail("snapshot \(key) (epoch \(snapshot.epoch)) is gone after a \(deviceKind.rawValue)")
                     }
                 }
-                trace.add("snapshot \(key) did not survive the \(kind.rawValue) (never replied or not stored)")
+                trace.add("snapshot \(key) did not survive the \(deviceKind.rawValue) (never replied or not stored)")
                 snapshots[key] = nil
                 continue
             }
@@ -1531,6 +1688,7 @@ final class Simulation: @unchecked Sendable {
     /// The whole device as write ids per sector.
     func readWhole(_ name: String, _ device: any BlockDevice) throws -> [UInt32] {
         let total = Int(config.volumeBytes / 512)
+        let routerProcess = process(for: name)
         guard routerProcess.isAlive else { throw RouterKilled() }
         var values = [UInt32](repeating: 0, count: total)
         // A verification observes: an armed failpoint waits until it is done (a kill would fail the read).
@@ -1547,7 +1705,7 @@ final class Simulation: @unchecked Sendable {
             repeat {
                 attempts += 1
                 result = try runIn(client, "read \(name)") { () async throws(VDError) -> ByteBuffer in
-                    try await self.routerProcess.call { () async throws(VDError) -> ByteBuffer in
+                    try await routerProcess.call { () async throws(VDError) -> ByteBuffer in
                         try await device.read(offset: offset, length: UInt32(count * 512))
                     }
                 }
