@@ -281,9 +281,12 @@ public struct CloneRegistrationRequest: Codable, Sendable, Hashable {
     public var clone: String
     /// true: record it; false: forget it (the clone was deleted).
     public var present: Bool
-    public init(clone: String, present: Bool) {
+    /// The snapshot's epoch the clone reads (a recording is refused when the snapshot has another one now).
+    public var epoch: UInt64?
+    public init(clone: String, present: Bool, epoch: UInt64? = nil) {
         self.clone = clone
         self.present = present
+        self.epoch = epoch
     }
 }
 

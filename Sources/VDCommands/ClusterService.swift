@@ -74,7 +74,7 @@ extension RouterService {
         configuration: VDConfiguration, backends: ConfiguredBackends
     ) -> Router.RemoteCloneRegistrar? {
         guard let node = configuration.clusterNode else { return nil }
-        return { (parent, snapshot, clone, present, backendName) async throws(VDError) in
+        return { (parent, snapshot, epoch, clone, present, backendName) async throws(VDError) in
             let store = try backends.store(named: backendName)
             let record = OwnerLease.record(namespace: parent.rawValue, store: store)
             let current = try await OwnerLease.current(record)
@@ -96,7 +96,8 @@ extension RouterService {
                 of: owner.node, configuration: configuration, backends: backends)
             do throws(VDError) {
                 _ = try await ManagementClient(host: host, port: port, token: token, tls: tls).registerClone(
-                    parent.rawValue, snapshot, CloneRegistrationRequest(clone: clone.rawValue, present: present))
+                    parent.rawValue, snapshot,
+                    CloneRegistrationRequest(clone: clone.rawValue, present: present, epoch: epoch))
             } catch {
                 throw VDError(
                     error.code,
@@ -106,29 +107,38 @@ extension RouterService {
         }
     }
 
-    /// The owner side of `cloneRegistrar`.
+    /// The owner side of `cloneRegistrar`. Not under the lifecycle lock: the other router may hold its own while it
+    /// asks (two routers cloning each other's volumes must not wait on each other); the snapshot table's own update
+    /// orders a registration against a deletion or rollback of the snapshot.
     func registerClone(
         _ volume: String, _ snapshot: String, _ request: CloneRegistrationRequest
     ) async throws(VDError) -> SnapshotStatus {
         let name = try VolumeName(validating: volume)
         let clone = try VolumeName(validating: request.clone)
-        return try await lifecycle.run { () async throws(VDError) -> SnapshotStatus in
-            guard let target = router.volume(named: name) else {
-                throw VDError(.notFound, "volume \(name) is not served by this router")
-            }
-            try target.setClone(clone.rawValue, ofSnapshot: snapshot, present: request.present)
-            // On the backend before the reply: a copy of the table without it (a restore after a flash loss here)
-            // would let the snapshot be deleted under the clone.
-            guard await target.waitUntilStored(through: 0, timeoutSeconds: 30) else {
-                throw VDError(
-                    .timeout,
-                    "volume \(name): the snapshot table recording clone \(clone) did not reach the backend within 30 s")
-            }
-            router.logger.info(
-                "volume \(name): clone \(clone) of another router \(request.present ? "recorded in" : "forgotten from") snapshot \(snapshot)"
-            )
-            return snapshotStatuses(target).first { $0.name == snapshot }!
+        guard let target = router.volume(named: name) else {
+            throw VDError(.notFound, "volume \(name) is not served by this router")
         }
+        if request.present, let epoch = request.epoch, target.snapshotTable.snapshot(named: snapshot)?.epoch != epoch {
+            throw VDError(
+                .notFound, "volume \(name) has no snapshot \(snapshot) at epoch \(epoch) (deleted and taken again?)")
+        }
+        try target.setClone(clone.rawValue, ofSnapshot: snapshot, present: request.present)
+        router.logger.info(
+            "volume \(name): clone \(clone) of another router \(request.present ? "recorded in" : "forgotten from") snapshot \(snapshot)"
+        )
+        // On the backend before the reply: a copy of the table without it (a restore after a flash loss here)
+        // would let the snapshot be deleted under the clone, and the clone reads the snapshot from the backend.
+        let through = request.present ? target.snapshotTable.snapshot(named: snapshot)?.epoch ?? 0 : 0
+        guard await target.waitUntilStored(through: through, timeoutSeconds: 60) else {
+            throw VDError(
+                .timeout,
+                "volume \(name): snapshot \(snapshot) and the table recording clone \(clone) did not reach the backend within 60 s"
+            )
+        }
+        guard let status = snapshotStatuses(target).first(where: { $0.name == snapshot }) else {
+            throw VDError(.notFound, "snapshot \(snapshot) of \(name) was deleted meanwhile")
+        }
+        return status
     }
 
     func moveVolume(_ text: String, _ request: MoveVolumeRequest) async throws(VDError) -> MoveVolumeResponse {

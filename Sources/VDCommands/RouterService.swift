@@ -141,6 +141,18 @@ final class RouterService: ManagementService {
                 _ = try await router.openVolume(named: name)
             }
             if let volume = router.volume(named: name) {
+                // Clones on other routers are recorded only in the snapshot table (creations that failed are
+                // forgotten first).
+                for snapshot in volume.snapshotTable.snapshots where !snapshot.clones.isEmpty {
+                    try await forgetClonesThatDoNotExist(of: volume, snapshot: snapshot.name)
+                }
+                let recorded = volume.snapshotTable.snapshots.flatMap { snapshot in
+                    snapshot.clones.map { "\($0) (of \(snapshot.name))" }
+                }
+                guard recorded.isEmpty else {
+                    throw VDError(
+                        .busy, "volume \(name) has clones: \(recorded.joined(separator: ", ")); delete them first")
+                }
                 await disconnect(name.rawValue)
                 for snapshot in volume.snapshotTable.snapshots { await disconnect("\(name)@\(snapshot.name)") }
             }
@@ -152,7 +164,7 @@ final class RouterService: ManagementService {
                     // Another router owns the parent: it forgets the clone first (if it cannot be asked, nothing
                     // is deleted: a clone that exists without its registration could lose its snapshot).
                     guard let registrar = router.remoteCloneRegistrar else { throw error }
-                    try await registrar(link.volume, link.snapshot, name, false, registration.backend)
+                    try await registrar(link.volume, link.snapshot, nil, name, false, registration.backend)
                 }
             }
             _ = await router.closeVolume(name)

@@ -219,11 +219,15 @@ package final class BackendParentView: CloneParentSource, MapBackedReads {
                         workDirectory: workDirectory, parent: parent, env: env, logger: logger)
                     install(replay)
                 } catch {
-                    if error.code == .notFound { logger.error("\(error.message): reads through it fail") }
+                    // The view ends only when the snapshot itself is gone (an object missing for another reason,
+                    // such as a scrub result deleted between listing and loading, is retried by the next read).
+                    var gone = false
+                    if error.code == .notFound { gone = await snapshotIsOnBackend() == false }
+                    if gone { logger.error("\(error.message): reads through it fail") }
                     self.state.withLock { state in
                         state.refresh = nil
                         state.refreshFailure = error
-                        if error.code == .notFound { state.gone = error }
+                        if gone { state.gone = error }
                     }
                 }
             }
@@ -234,6 +238,20 @@ package final class BackendParentView: CloneParentSource, MapBackedReads {
         try state.withLock { (state) throws(VDError) in
             if let gone = state.gone { throw gone }
             if state.current.number == number, let failure = state.refreshFailure { throw failure }
+        }
+    }
+
+    /// Whether the parent's configuration and this snapshot (at its epoch) are on the backend (nil: the backend
+    /// did not say).
+    private func snapshotIsOnBackend() async -> Bool? {
+        let layout = VolumeLayout(flashDirectory: "", namespace: name.rawValue)
+        do throws(VDError) {
+            guard try await backend.head(layout.configObject) != nil,
+                let table = try await NamespaceObjects.loadSnapshotTable(layout: layout, backend: backend)
+            else { return false }
+            return table.snapshot(named: snapshotName)?.epoch == snapshotEpoch
+        } catch {
+            return nil
         }
     }
 

@@ -94,14 +94,26 @@ package final class ParentLink: Sendable {
 
     func addressesPossiblyWithData(
         from start: ClusterAddress, to end: ClusterAddress
-    ) throws(VDError)
-        -> [ClusterAddress]
-    {
-        try source.addressesPossiblyWithData(from: start, to: end)
+    ) throws(VDError) -> [ClusterAddress] {
+        let used = source
+        do {
+            return try used.addressesPossiblyWithData(from: start, to: end)
+        } catch {
+            let now = source
+            guard now !== used else { throw error }
+            return try now.addressesPossiblyWithData(from: start, to: end)
+        }
     }
 
     func content(_ address: ClusterAddress) throws(VDError) -> ClusterContent {
-        try source.content(address, atEpoch: epoch)
+        let used = source
+        do {
+            return try used.content(address, atEpoch: epoch)
+        } catch {
+            let now = source
+            guard now !== used else { throw error }
+            return try now.content(address, atEpoch: epoch)
+        }
     }
 }
 

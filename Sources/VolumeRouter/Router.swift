@@ -367,7 +367,6 @@ package final class Router: Sendable {
         _ registration: VolumeRegistration, retakingOwnRelease: Bool = false, taken: OwnerLease? = nil,
         progress: @escaping @Sendable (String) -> Void
     ) async throws(VDError) -> Volume {
-        let parent = try await parentSource(of: registration, progress: progress)
         let backend = try backends.store(named: registration.backend)
         var options = configuration.volumeOptions
         options.compressUploads = backends.compressesUploads(registration.backend)
@@ -385,8 +384,11 @@ package final class Router: Sendable {
             try setLocalFlashAside(registration, reason: "generation \(lease.generation) follows another router's")
         }
         if let lease, taken == nil { startRenewing(lease, registration) }
+        // The parent after the lease: a clone another router owns builds no view of its parent here.
+        var parent: (any CloneParentSource)?
         let volume: Volume
         do throws(VDError) {
+            parent = try await parentSource(of: registration, progress: progress)
             if let view = parent as? BackendParentView, let link = registration.config.parent {
                 try await registerRemotely(
                     registration.config.name, in: view, link: link, backend: registration.backend)
@@ -443,7 +445,8 @@ package final class Router: Sendable {
     /// Where backend views of parents keep their temporary maps and fetched data (emptied when the router starts).
     package var parentViewDirectory: String { configuration.dataDirectory + "/parent-views" }
 
-    /// A backend view of `link` (a clone of a clone reads its grandparent open here, or through a view too).
+    /// A backend view of `link`. Its own parent (a clone of a clone) is a view too, even when that volume is open
+    /// here: a view never holds a volume that may move away or close under it.
     package func parentView(
         _ link: VolumeConfig.Parent, backendName: String
     ) async throws(VDError) -> BackendParentView {
@@ -452,8 +455,7 @@ package final class Router: Sendable {
             name: link.volume, snapshot: link.snapshot, epoch: link.epoch, backend: backend, cache: cache,
             workDirectory: parentViewDirectory, options: configuration.volumeOptions, env: env, logger: logger
         ) { [self] (grandparent) async throws(VDError) -> any CloneParentSource in
-            if let open = volume(named: grandparent.volume) { return open }
-            return try await parentView(grandparent, backendName: backendName)
+            try await parentView(grandparent, backendName: backendName)
         }
     }
 
@@ -461,7 +463,8 @@ package final class Router: Sendable {
     /// router's cluster API (set by the cluster service; nil: not in a cluster).
     package typealias RemoteCloneRegistrar =
         @Sendable (
-            _ parent: VolumeName, _ snapshot: String, _ clone: VolumeName, _ present: Bool, _ backend: String
+            _ parent: VolumeName, _ snapshot: String, _ epoch: UInt64?, _ clone: VolumeName, _ present: Bool,
+            _ backend: String
         ) async throws(VDError) -> Void
     private let registrar = Mutex<RemoteCloneRegistrar?>(nil)
     package var remoteCloneRegistrar: RemoteCloneRegistrar? {
@@ -484,7 +487,7 @@ package final class Router: Sendable {
             return
         }
         do throws(VDError) {
-            try await registrar(link.volume, link.snapshot, clone, true, backend)
+            try await registrar(link.volume, link.snapshot, link.epoch, clone, true, backend)
             logger.warning(
                 "volume \(clone): \(link.volume)@\(link.snapshot) did not record it as a clone; its owner recorded it again"
             )
@@ -669,37 +672,38 @@ package final class Router: Sendable {
         named name: VolumeName, ofRemote parentName: VolumeName, snapshot snapshotName: String,
         because notHere: VDError
     ) async throws(VDError) -> Volume {
+        guard let registrar = remoteCloneRegistrar else {
+            throw VDError(
+                .configuration,
+                "volume \(parentName) is not served here (\(notHere.message)); cloning a volume another router owns needs this router in the cluster (`vd serve --node NAME --cluster-listen HOST:PORT`)"
+            )
+        }
         let backendName =
             try VolumeRegistry.read(dataDirectory: configuration.dataDirectory, name: parentName, fs: env.fs)?.backend
             ?? backends.defaultBackendName
         let store = try backends.store(named: backendName)
-        let table = try await NamespaceObjects.loadSnapshotTable(
-            layout: VolumeLayout(flashDirectory: "", namespace: parentName.rawValue), backend: store)
-        guard let snapshot = table?.snapshot(named: snapshotName) else {
-            throw VDError(
-                .notFound,
-                "volume \(parentName) is not served here (\(notHere.message)), and its snapshot table on \(store.description) has no snapshot named \(snapshotName)"
-            )
-        }
-        let link = VolumeConfig.Parent(volume: parentName, snapshot: snapshot.name, epoch: snapshot.epoch)
-        // The snapshot must be on the backend (its TLogs stored) before anything is recorded.
-        let view = try await parentView(link, backendName: backendName)
-        let parentConfig = view.parentConfig
-        view.detach()
-        guard let registrar = remoteCloneRegistrar else {
-            throw VDError(
-                .configuration,
-                "volume \(parentName) is owned by another router (\(notHere.message)); cloning it here needs this router in the cluster (`vd serve --node NAME --cluster-listen HOST:PORT`)"
-            )
-        }
-        try await registrar(parentName, snapshot.name, name, true, backendName)
+        // The owner records the clone and replies once the snapshot's TLogs and its table are on the backend (a
+        // snapshot taken a moment ago may not be there yet); whatever fails after this forgets it again.
+        try await registrar(parentName, snapshotName, nil, name, true, backendName)
         do throws(VDError) {
+            let table = try await NamespaceObjects.loadSnapshotTable(
+                layout: VolumeLayout(flashDirectory: "", namespace: parentName.rawValue), backend: store)
+            guard let snapshot = table?.snapshot(named: snapshotName), snapshot.clones.contains(name.rawValue) else {
+                throw VDError(
+                    .notFound,
+                    "the snapshot table of \(parentName) on \(store.description) has no snapshot \(snapshotName) recording clone \(name)"
+                )
+            }
+            let link = VolumeConfig.Parent(volume: parentName, snapshot: snapshot.name, epoch: snapshot.epoch)
+            let view = try await parentView(link, backendName: backendName)
+            let parentConfig = view.parentConfig
+            view.detach()
             _ = try await VolumeAdministration.create(
                 dataDirectory: configuration.dataDirectory, fs: env.fs, name: name, sizeBytes: parentConfig.sizeBytes,
                 clusterSizeBytes: parentConfig.clusterSizeBytes, backendName: backendName, backend: store, parent: link,
                 id: .random(using: env.random), createdAt: env.clock.wallNow())
         } catch {
-            try? await registrar(parentName, snapshot.name, name, false, backendName)
+            try? await registrar(parentName, snapshotName, nil, name, false, backendName)
             throw error
         }
         return try await openVolume(named: name)

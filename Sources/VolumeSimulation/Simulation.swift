@@ -1355,14 +1355,18 @@ final class Simulation: @unchecked Sendable {
     /// How a router asks the owner of a clone's parent to record or forget the clone (the cluster API in `vd
     /// serve`): the owner records it and waits until its table is on the backend. `owner` finds the node at call time.
     func cloneRegistrar(toward owner: @escaping @Sendable (Simulation) -> SimNode?) -> Router.RemoteCloneRegistrar {
-        { [self] (parent, snapshot, clone, present, _) async throws(VDError) in
+        { [self] (parent, snapshot, epoch, clone, present, _) async throws(VDError) in
             guard let node = owner(self), let router = node.router, let process = node.routerProcess,
                 let target = router.volume(named: parent)
             else { throw VDError(.notFound, "no router serves \(parent)") }
             try await process.call { () async throws(VDError) in
+                if present, let epoch, target.snapshotTable.snapshot(named: snapshot)?.epoch != epoch {
+                    throw VDError(.notFound, "\(parent) has no snapshot \(snapshot) at epoch \(epoch)")
+                }
                 try target.setClone(clone.rawValue, ofSnapshot: snapshot, present: present)
-                guard await target.waitUntilStored(through: 0, timeoutSeconds: 60) else {
-                    throw VDError(.timeout, "the snapshot table of \(parent) did not reach the backend")
+                let through = present ? target.snapshotTable.snapshot(named: snapshot)?.epoch ?? 0 : 0
+                guard await target.waitUntilStored(through: through, timeoutSeconds: 60) else {
+                    throw VDError(.timeout, "\(parent)@\(snapshot) and its table did not reach the backend")
                 }
             }
         }

@@ -97,6 +97,11 @@ import VolumeTesting
         #expect(snapshots.output.contains("c1") && snapshots.output.contains("c2"), "\(snapshots.output)")
         let refused = try a.cli(["snapshot", "delete", "vol1", "s1", "--config", config])
         #expect(!refused.succeeded && refused.error.contains("c2"), "\(refused.output)\(refused.error)")
+        // Nor can the parent go while clones on other routers read it.
+        let parentDelete = try a.cli(["volume", "delete", "vol1", "--config", config])
+        #expect(
+            !parentDelete.succeeded && parentDelete.error.contains("c2 (of s1)"),
+            "\(parentDelete.output)\(parentDelete.error)")
 
         // 3. The parent moves away from a clone that stays: c3 on A switches to a backend view while it is open.
         _ = try vd(a, ["clone", "create", "vol1@s1", "c3"])
