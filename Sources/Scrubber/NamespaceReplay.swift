@@ -73,8 +73,10 @@ package struct NamespaceContents: Sendable {
     /// Epochs whose readers keep versions live: every snapshot, and the target of every rollback the replayed TLogs
     /// do not reach yet (it makes what its target read current again; see the file comment).
     package var liveEpochs: [UInt64] {
+        // `>=`: a rollback in the last replayed epoch counts as pending too (costs nothing but a little space until
+        // the next run, and covers a record whose entry landed one epoch later).
         let replayed = lastEpoch?.rawValue ?? 0
-        let pending = snapshots.rollbacks.filter { $0.atEpoch > replayed }.map(\.toEpoch)
+        let pending = snapshots.rollbacks.filter { $0.atEpoch >= replayed }.map(\.toEpoch)
         return Array(Set(snapshots.snapshots.map(\.epoch) + pending)).sorted()
     }
 

@@ -122,7 +122,13 @@ extension RouterService {
             throw VDError(
                 .notFound, "volume \(name) has no snapshot \(snapshot) at epoch \(epoch) (deleted and taken again?)")
         }
-        try target.setClone(clone.rawValue, ofSnapshot: snapshot, present: request.present)
+        do throws(VDError) {
+            try target.setClone(clone.rawValue, ofSnapshot: snapshot, present: request.present)
+        } catch  where !request.present && error.code == .notFound {
+            // The snapshot is gone: nothing records the clone any more.
+            return SnapshotStatus(
+                name: snapshot, createdAt: Date(), epoch: 0, writtenSincePreviousBytes: 0, onBackend: true, clones: [])
+        }
         router.logger.info(
             "volume \(name): clone \(clone) of another router \(request.present ? "recorded in" : "forgotten from") snapshot \(snapshot)"
         )

@@ -253,6 +253,9 @@ final class RouterService: ManagementService {
             let later = target.snapshotTable.snapshots.filter {
                 $0.epoch > (target.snapshotTable.snapshot(named: snapshot)?.epoch ?? .max)
             }
+            for blocking in later where !blocking.clones.isEmpty {
+                try await forgetClonesThatDoNotExist(of: target, snapshot: blocking.name)
+            }
             let record = try await target.rollback(toSnapshot: snapshot)
             for gone in later { await disconnect("\(name)@\(gone.name)") }
             return snapshotStatuses(target).first { $0.name == record.name }!

@@ -684,26 +684,37 @@ package final class Router: Sendable {
         let store = try backends.store(named: backendName)
         // The owner records the clone and replies once the snapshot's TLogs and its table are on the backend (a
         // snapshot taken a moment ago may not be there yet); whatever fails after this forgets it again.
-        try await registrar(parentName, snapshotName, nil, name, true, backendName)
+        func forget() async { try? await registrar(parentName, snapshotName, nil, name, false, backendName) }
         do throws(VDError) {
-            let table = try await NamespaceObjects.loadSnapshotTable(
-                layout: VolumeLayout(flashDirectory: "", namespace: parentName.rawValue), backend: store)
+            try await registrar(parentName, snapshotName, nil, name, true, backendName)
+            let layout = VolumeLayout(flashDirectory: "", namespace: parentName.rawValue)
+            let table = try await NamespaceObjects.loadSnapshotTable(layout: layout, backend: store)
             guard let snapshot = table?.snapshot(named: snapshotName), snapshot.clones.contains(name.rawValue) else {
                 throw VDError(
                     .notFound,
                     "the snapshot table of \(parentName) on \(store.description) has no snapshot \(snapshotName) recording clone \(name)"
                 )
             }
+            let parentConfig = try await NamespaceObjects.loadConfig(of: parentName, backend: store)
             let link = VolumeConfig.Parent(volume: parentName, snapshot: snapshot.name, epoch: snapshot.epoch)
-            let view = try await parentView(link, backendName: backendName)
-            let parentConfig = view.parentConfig
-            view.detach()
-            _ = try await VolumeAdministration.create(
+            let created = try await VolumeAdministration.create(
                 dataDirectory: configuration.dataDirectory, fs: env.fs, name: name, sizeBytes: parentConfig.sizeBytes,
                 clusterSizeBytes: parentConfig.clusterSizeBytes, backendName: backendName, backend: store, parent: link,
                 id: .random(using: env.random), createdAt: env.clock.wallNow())
+            // Once more now that the clone exists: the owner forgets recorded clones that exist nowhere (a creation
+            // that failed), and may have taken this one for such a clone before its configuration was written.
+            do throws(VDError) {
+                try await registrar(parentName, snapshotName, snapshot.epoch, name, true, backendName)
+            } catch {
+                try? await VolumeAdministration.delete(
+                    dataDirectory: configuration.dataDirectory, flashDirectory: configuration.flashDirectory,
+                    fs: env.fs,
+                    registration: VolumeRegistration(config: created, backend: backendName, namespace: name.rawValue),
+                    backend: store)
+                throw error
+            }
         } catch {
-            try? await registrar(parentName, snapshotName, nil, name, false, backendName)
+            await forget()
             throw error
         }
         return try await openVolume(named: name)

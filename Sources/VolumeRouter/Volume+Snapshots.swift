@@ -86,9 +86,20 @@ extension Volume {
             guard let target = catalog.table.snapshot(named: name) else {
                 throw VDError(.notFound, "volume \(volume) has no snapshot named \(name)")
             }
-            // The table first: if the journal entry never lands, the table only keeps more history than needed.
+            // The table first: if the journal entry never lands, the table only keeps more history than needed. Room
+            // first, so the entry lands in the epoch the table names (a roll to make room would move it to the next).
+            try await leader.makeRoomForEntries()
             let at = leader.epoch
             try catalog.update { table throws(VDError) in
+                // Checked again here: a clone of another router may have been recorded meanwhile (not under the
+                // lifecycle lock), and its snapshot must not go.
+                let blocking = table.snapshots.filter { $0.epoch > target.epoch && !$0.clones.isEmpty }
+                guard blocking.isEmpty else {
+                    throw VDError(
+                        .busy,
+                        "rolling \(volume) back to \(name) would delete later snapshots that clones read through: \(blocking.flatMap(\.clones).joined(separator: ", ")); delete those clones first"
+                    )
+                }
                 table.snapshots.removeAll { $0.epoch > target.epoch }
                 table.rollbacks.append(RollbackRecord(atEpoch: at, toEpoch: target.epoch))
             }
