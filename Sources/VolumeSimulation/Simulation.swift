@@ -1473,7 +1473,10 @@ final class Simulation: @unchecked Sendable {
         peerDevices.insert(name)
         devices[name]!.allStored()
         trace.add("the peer serves \(name)")
-        try verifyEverything(after: .none)
+        // The moved clone reads exactly what it held (drained). Only it: a verification adopts what it reads as
+        // durable, and the main node's devices were not flushed by this move.
+        guard let moved = volume(name) else { throw fail("the peer does not serve \(name)") }
+        try accept(name, observed: try readWhole(name, moved), after: .drained, stored: nil)
     }
 
     /// The node's link to the store (cut to partition it; without ownership, the store itself).
