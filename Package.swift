@@ -111,9 +111,20 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "DTL",
+            dependencies: [
+                "VolumeCore", "FlashIO",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "VolumeRouter",
             dependencies: [
-                "VolumeCore", "FlashIO", "ObjectStore", "TransactionLog", "BlockMap", "SCOCache", "SnappyCodec", "Scrubber",
+                "VolumeCore", "FlashIO", "ObjectStore", "TransactionLog", "BlockMap", "SCOCache", "SnappyCodec",
+                "Scrubber",
                 "RocksKV",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -225,7 +236,7 @@ let package = Package(
             name: "VolumeRouterTests",
             dependencies: [
                 "VolumeRouter", "VolumeCore", "VolumeTesting", "ObjectStore", "SCOCache", "FlashIO", "TransactionLog",
-                "BlockMap", "RocksKV", "SnappyCodec", "Scrubber",
+                "BlockMap", "RocksKV", "SnappyCodec", "Scrubber", "DTL",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -249,7 +260,9 @@ let package = Package(
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["vd", "VolumeTesting", "VolumeCore", "ObjectStore", .product(name: "NIOCore", package: "swift-nio")],
+            dependencies: [
+                "vd", "VolumeTesting", "VolumeCore", "ObjectStore", .product(name: "NIOCore", package: "swift-nio"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

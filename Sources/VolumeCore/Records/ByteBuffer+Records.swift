@@ -16,24 +16,24 @@ extension ByteBuffer {
     }
 
     @inlinable
-    mutating func setLE<T: FixedWidthInteger>(_ value: T, at index: Int) {
+    package mutating func setLE<T: FixedWidthInteger>(_ value: T, at index: Int) {
         setInteger(value, at: readerIndex + index, endianness: .little)
     }
 
     @inlinable
-    func getLE<T: FixedWidthInteger>(_ type: T.Type, at index: Int) -> T {
+    package func getLE<T: FixedWidthInteger>(_ type: T.Type, at index: Int) -> T {
         getInteger(at: readerIndex + index, endianness: .little, as: T.self)!
     }
 
     /// CRC32C of readable bytes `[start, end)` (relative to the reader index).
     @inlinable
-    func crc32c(_ start: Int, _ end: Int) -> UInt32 {
+    package func crc32c(_ start: Int, _ end: Int) -> UInt32 {
         withUnsafeReadableBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[start..<end])) }
     }
 
     /// Eight ASCII bytes at relative `index` equal `magic`.
     @inlinable
-    func hasMagic(_ magic: [UInt8], at index: Int = 0) -> Bool {
+    package func hasMagic(_ magic: [UInt8], at index: Int = 0) -> Bool {
         guard readableBytes >= index + magic.count else { return false }
         return withUnsafeReadableBytes { raw in
             for i in 0..<magic.count where raw[index + i] != magic[i] { return false }

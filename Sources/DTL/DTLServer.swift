@@ -1,0 +1,368 @@
+// The DTL peer's TCP service and its client (issue 14, in progress). Frames (DTLFrame.swift) over one connection
+// per owner volume, in order. The first frame must be `hello` with the cluster token; anything else closes the
+// connection. The peer answers `sync` with `synced` once every earlier append is durable, streams `journal` frames
+// then `fetchDone` for a `fetch`, and answers a request it cannot take (a fenced generation, a full store, a
+// damaged append) with `refused` naming why. Store work runs on a thread pool, never on the event loop.
+
+package import Logging
+package import NIOCore
+package import NIOPosix
+import Synchronization
+package import VolumeCore
+
+struct DTLFrameDecoder: ByteToMessageDecoder {
+    typealias InboundOut = DTLFrame
+
+    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let frame = try DTLFrame.decode(from: &buffer) else { return .needMoreData }
+        context.fireChannelRead(wrapInboundOut(frame))
+        return .continue
+    }
+
+    mutating func decodeLast(
+        context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool
+    ) throws -> DecodingState {
+        try decode(context: context, buffer: &buffer)
+    }
+}
+
+struct DTLFrameEncoder: MessageToByteEncoder {
+    typealias OutboundIn = DTLFrame
+    func encode(data: DTLFrame, out: inout ByteBuffer) throws { data.encode(into: &out) }
+}
+
+extension Channel {
+    /// Frames in, frames out.
+    func addDTLCodec() throws {
+        try pipeline.syncOperations.addHandler(ByteToMessageHandler(DTLFrameDecoder()))
+        try pipeline.syncOperations.addHandler(MessageToByteHandler(DTLFrameEncoder()))
+    }
+}
+
+package final class DTLServer: Sendable {
+    private let host: String
+    private let port: Int
+    private let token: String
+    private let store: DTLStore
+    private let pool: NIOThreadPool
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let state = Mutex<(channel: (any Channel)?, task: Task<Void, Never>?)>((nil, nil))
+
+    package init(
+        host: String, port: Int, token: String, store: DTLStore, pool: NIOThreadPool, group: any EventLoopGroup,
+        logger: Logger
+    ) {
+        self.host = host
+        self.port = port
+        self.token = token
+        self.store = store
+        self.pool = pool
+        self.group = group
+        self.logger = logger
+    }
+
+    package var localPort: Int? { state.withLock { $0.channel?.localAddress?.port } }
+
+    package func start() async throws(VDError) {
+        let listener: NIOAsyncChannel<NIOAsyncChannel<DTLFrame, DTLFrame>, Never>
+        do {
+            listener = try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 64)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .bind(host: host, port: port) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.addDTLCodec()
+                        return try NIOAsyncChannel<DTLFrame, DTLFrame>(wrappingChannelSynchronously: channel)
+                    }
+                }
+        } catch {
+            throw VDError(.io, "cannot listen for DTL peers on \(host):\(port): \(error)")
+        }
+        let task = Task { [self] in
+            do {
+                try await listener.executeThenClose { connections in
+                    try await withThrowingDiscardingTaskGroup { group in
+                        for try await connection in connections {
+                            group.addTask { await self.serve(connection) }
+                        }
+                    }
+                }
+            } catch {
+                logger.debug("DTL listener ended: \(error)")
+            }
+        }
+        state.withLock { $0 = (listener.channel, task) }
+    }
+
+    package func stop() async {
+        let (channel, task) = state.withLock { state in
+            defer { state = (nil, nil) }
+            return state
+        }
+        try? await channel?.close()
+        task?.cancel()
+        await task?.value
+    }
+
+    private func blocking<T: Sendable>(_ body: @escaping @Sendable () throws(VDError) -> T) async throws(VDError) -> T {
+        do {
+            return try await pool.runIfActive { () throws -> T in try body() }
+        } catch let error as VDError {
+            throw error
+        } catch {
+            throw VDError(.io, "DTL store: \(error)")
+        }
+    }
+
+    private func refusal(_ frame: DTLFrame, _ error: VDError) -> DTLFrame {
+        var message = ByteBufferAllocator().buffer(capacity: 0)
+        message.writeString("\(error.code.rawValue): \(error.message)")
+        return DTLFrame(
+            kind: .refused, volumeID: frame.volumeID, generation: frame.generation, epoch: frame.epoch,
+            value: frame.value, payload: message)
+    }
+
+    private func serve(_ connection: NIOAsyncChannel<DTLFrame, DTLFrame>) async {
+        do {
+            try await connection.executeThenClose { inbound, outbound in
+                var authenticated = false
+                for try await frame in inbound {
+                    guard authenticated else {
+                        guard frame.kind == .hello,
+                            Self.sameSecret(String(buffer: frame.payload), token)
+                        else {
+                            logger.warning("DTL connection refused: no hello with the cluster token")
+                            try await outbound.write(
+                                refusal(frame, VDError(.authentication, "a DTL connection starts with the token")))
+                            return
+                        }
+                        authenticated = true
+                        continue
+                    }
+                    try await handle(frame, outbound)
+                }
+            }
+        } catch {
+            logger.debug("DTL connection ended: \(error)")
+        }
+    }
+
+    private func handle(_ frame: DTLFrame, _ outbound: NIOAsyncChannelOutboundWriter<DTLFrame>) async throws {
+        let store = self.store
+        do throws(VDError) {
+            switch frame.kind {
+            case .append:
+                let (offset, bytes) = try frame.appended()
+                try await blocking { () throws(VDError) in
+                    try store.append(
+                        volume: frame.volumeID, generation: frame.generation, epoch: frame.epoch,
+                        sco: SCONumber(frame.value), offset: offset, bytes: bytes)
+                }
+            case .sync:
+                try await blocking { () throws(VDError) in try store.sync(volume: frame.volumeID) }
+                try? await outbound.write(
+                    DTLFrame(kind: .synced, volumeID: frame.volumeID, generation: frame.generation, value: frame.value))
+            case .trim:
+                try await blocking { () throws(VDError) in
+                    try store.trim(volume: frame.volumeID, throughEpoch: frame.value)
+                }
+            case .fetch:
+                let journals = try await blocking {
+                    () throws(VDError) -> [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)] in
+                    try store.journals(volume: frame.volumeID, afterEpoch: frame.value)
+                }
+                for journal in journals {
+                    try? await outbound.write(
+                        DTLFrame(
+                            kind: .journal, volumeID: frame.volumeID, generation: frame.generation,
+                            epoch: journal.epoch, value: journal.sco.rawValue, payload: journal.bytes))
+                }
+                try? await outbound.write(
+                    DTLFrame(
+                        kind: .fetchDone, volumeID: frame.volumeID, generation: frame.generation,
+                        value: UInt64(journals.count)))
+            default:
+                throw VDError(.invalidArgument, "a DTL peer does not take \(frame.kind) frames")
+            }
+        } catch {
+            logger.warning("DTL \(frame.kind) of volume \(frame.volumeID) refused: \(error.message)")
+            try await outbound.write(refusal(frame, error))
+        }
+    }
+
+    /// Compares without stopping at the first difference.
+    static func sameSecret(_ a: String, _ b: String) -> Bool {
+        let (x, y) = (Array(a.utf8), Array(b.utf8))
+        var difference = UInt8(x.count == y.count ? 0 : 1)
+        for index in 0..<min(x.count, y.count) { difference |= x[index] ^ y[index] }
+        return difference == 0
+    }
+}
+
+/// Frames (or the connection's end) as they arrive, for one reader at a time.
+final class DTLInbox: Sendable {
+    private struct State {
+        var arrived: [Result<DTLFrame, VDError>] = []
+        var waiter: CheckedContinuation<Result<DTLFrame, VDError>, Never>?
+        var ended: VDError?
+    }
+    private let state = Mutex(State())
+
+    func deliver(_ result: Result<DTLFrame, VDError>) {
+        let waiter = state.withLock { state -> CheckedContinuation<Result<DTLFrame, VDError>, Never>? in
+            if case .failure(let error) = result {
+                guard state.ended == nil else { return nil }
+                state.ended = error
+            }
+            if let waiter = state.waiter {
+                state.waiter = nil
+                return waiter
+            }
+            state.arrived.append(result)
+            return nil
+        }
+        waiter?.resume(returning: result)
+    }
+
+    func next() async -> Result<DTLFrame, VDError> {
+        await withCheckedContinuation { continuation in
+            let ready = state.withLock { state -> Result<DTLFrame, VDError>? in
+                if !state.arrived.isEmpty { return state.arrived.removeFirst() }
+                if let ended = state.ended { return .failure(ended) }
+                precondition(state.waiter == nil, "a DTL client is read by one caller at a time")
+                state.waiter = continuation
+                return nil
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+}
+
+/// Forwards a client connection's frames (and its end) to its inbox.
+final class DTLClientHandler: ChannelInboundHandler, Sendable {
+    typealias InboundIn = DTLFrame
+    let inbox: DTLInbox
+
+    init(_ inbox: DTLInbox) { self.inbox = inbox }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        inbox.deliver(.success(unwrapInboundIn(data)))
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        inbox.deliver(.failure(VDError(.io, "the DTL peer connection failed: \(error)")))
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        inbox.deliver(.failure(VDError(.io, "the DTL peer closed the connection")))
+    }
+}
+
+/// One connection to a DTL peer, used in order: appends go out at once; `sync` waits for the peer's `synced` and
+/// fails with the first refusal the peer sent since the previous sync; `fetch` collects journals until `fetchDone`.
+package final class DTLClient: Sendable {
+    private let channel: any Channel
+    private let inbox: DTLInbox
+    private let volumeID: VolumeID
+    private let generation: UInt64
+
+    private init(channel: any Channel, inbox: DTLInbox, volumeID: VolumeID, generation: UInt64) {
+        self.channel = channel
+        self.inbox = inbox
+        self.volumeID = volumeID
+        self.generation = generation
+    }
+
+    package static func connect(
+        host: String, port: Int, token: String, volumeID: VolumeID, generation: UInt64, group: any EventLoopGroup
+    ) async throws(VDError) -> DTLClient {
+        let inbox = DTLInbox()
+        let channel: any Channel
+        do {
+            channel = try await ClientBootstrap(group: group)
+                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .connectTimeout(.seconds(5))
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.addDTLCodec()
+                        try channel.pipeline.syncOperations.addHandler(DTLClientHandler(inbox))
+                    }
+                }
+                .connect(host: host, port: port).get()
+        } catch {
+            throw VDError(.io, "cannot reach the DTL peer at \(host):\(port): \(error)")
+        }
+        let client = DTLClient(channel: channel, inbox: inbox, volumeID: volumeID, generation: generation)
+        var hello = ByteBufferAllocator().buffer(capacity: token.utf8.count)
+        hello.writeString(token)
+        try await client.send(DTLFrame(kind: .hello, volumeID: volumeID, generation: generation, payload: hello))
+        return client
+    }
+
+    private func send(_ frame: DTLFrame) async throws(VDError) {
+        do {
+            try await channel.writeAndFlush(frame).get()
+        } catch {
+            throw VDError(.io, "the DTL peer connection failed: \(error)")
+        }
+    }
+
+    private func next() async throws(VDError) -> DTLFrame { try await inbox.next().get() }
+
+    private static func refusal(_ frame: DTLFrame) -> VDError {
+        VDError(.backend, "the DTL peer refused: " + String(buffer: frame.payload))
+    }
+
+    package func append(epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: ByteBuffer) async throws(VDError) {
+        try await send(
+            .append(volumeID: volumeID, generation: generation, epoch: epoch, sco: sco, offset: offset, bytes: bytes))
+    }
+
+    /// Everything appended so far is durable on the peer (or the first refusal since the last sync).
+    package func sync() async throws(VDError) {
+        try await send(DTLFrame(kind: .sync, volumeID: volumeID, generation: generation))
+        var refused: VDError?
+        while true {
+            let frame = try await next()
+            switch frame.kind {
+            case .synced:
+                if let refused { throw refused }
+                return
+            case .refused: refused = refused ?? Self.refusal(frame)
+            default: throw VDError(.corrupt, "the DTL peer answered a sync with \(frame.kind)")
+            }
+        }
+    }
+
+    package func trim(throughEpoch epoch: UInt64) async throws(VDError) {
+        try await send(DTLFrame(kind: .trim, volumeID: volumeID, generation: generation, value: epoch))
+    }
+
+    /// The journals of every epoch after `epoch` the peer holds.
+    package func fetch(
+        afterEpoch epoch: UInt64
+    ) async throws(VDError) -> [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)] {
+        try await send(DTLFrame(kind: .fetch, volumeID: volumeID, generation: generation, value: epoch))
+        var journals: [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)] = []
+        while true {
+            let frame = try await next()
+            switch frame.kind {
+            case .journal: journals.append((frame.epoch, SCONumber(frame.value), frame.payload))
+            case .fetchDone:
+                guard frame.value == UInt64(journals.count) else {
+                    throw VDError(.corrupt, "the DTL peer sent \(journals.count) journals and counted \(frame.value)")
+                }
+                return journals
+            case .refused: throw Self.refusal(frame)
+            default: throw VDError(.corrupt, "the DTL peer answered a fetch with \(frame.kind)")
+            }
+        }
+    }
+
+    package func close() async {
+        try? await channel.close()
+    }
+}

@@ -1,0 +1,237 @@
+// A DTL peer's copy of the journals of the volumes it mirrors (issue 14, in progress). One file per journal:
+// DIR/<volume id>/<epoch, 16 hex>.<SCO, 16 hex>.jrn, written at the offsets the owner's journal has, so the copy is
+// the journal itself (its batches verify as they do in recovery). Per volume:
+//
+// - the newest owner generation seen is kept durably (DIR/<volume id>/generation); appends of an older generation
+//   are refused (`.busy`): a fenced owner cannot change what a taker will fetch;
+// - the bytes held are bounded: an append past the bound is refused (`.noSpace`), which makes the owner treat the
+//   peer as degraded, never stall;
+// - `sync` makes every append before it durable (file data, then the directory for new files);
+// - `trim` drops the journals of epochs the backend holds; `journals(after:)` hands the rest to a taker.
+//
+// Blocking file I/O: call from a thread pool, never from an event loop.
+
+package import FlashIO
+package import NIOCore
+import Synchronization
+package import VolumeCore
+
+package final class DTLStore: Sendable {
+    package let directory: String
+    package let bytesPerVolumeMax: UInt64
+    private let fs: any FileSystem
+
+    private struct Journal {
+        var file: FlashFile
+        var epoch: UInt64
+        var sco: SCONumber
+        var lengthBytes: UInt64
+    }
+
+    private struct Volume {
+        var generation: UInt64 = 0
+        var journals: [SCONumber: Journal] = [:]
+        var unsynced: Set<SCONumber> = []
+        var newNames = false
+        var bytes: UInt64 { journals.values.reduce(0) { $0 + $1.lengthBytes } }
+    }
+
+    private let volumes = Mutex<[VolumeID: Volume]>([:])
+
+    package init(directory: String, bytesPerVolumeMax: UInt64, fs: any FileSystem) throws(VDError) {
+        self.directory = directory
+        self.bytesPerVolumeMax = bytesPerVolumeMax
+        self.fs = fs
+        try fs.makeDirectories(directory)
+    }
+
+    private func volumeDirectory(_ id: VolumeID) -> String { directory + "/" + id.description }
+
+    private func journalName(epoch: UInt64, sco: SCONumber) -> String {
+        SCONumber(epoch).hex + "." + sco.hex + ".jrn"
+    }
+
+    /// The volume's state, loaded from its directory the first time (a restarted peer keeps what it held).
+    private func loaded(_ id: VolumeID, _ all: inout [VolumeID: Volume]) throws(VDError) -> Volume {
+        if let known = all[id] { return known }
+        var volume = Volume()
+        let path = volumeDirectory(id)
+        if let bytes = try fs.readWholeFile(path + "/generation") {
+            volume.generation = try Self.decodeGeneration(bytes, what: path + "/generation")
+        }
+        for name in try fs.listDirectory(path) where name.hasSuffix(".jrn") {
+            let parts = name.dropLast(4).split(separator: ".")
+            guard parts.count == 2, let epoch = SCONumber(hex: parts[0]), let sco = SCONumber(hex: parts[1]) else {
+                continue
+            }
+            let file = try fs.open(path + "/" + name)
+            volume.journals[sco] = Journal(file: file, epoch: epoch.rawValue, sco: sco, lengthBytes: try file.size())
+        }
+        all[id] = volume
+        return volume
+    }
+
+    static func encodeGeneration(_ generation: UInt64) -> [UInt8] {
+        var b = ByteBuffer.zeroes(24)
+        b.setBytes(Array("VDDTLGEN".utf8), at: 0)
+        b.setLE(UInt32(1), at: 8)
+        b.setLE(generation, at: 12)
+        b.setLE(b.crc32c(0, 20), at: 20)
+        return Array(b.readableBytesView)
+    }
+
+    static func decodeGeneration(_ bytes: [UInt8], what: String) throws(VDError) -> UInt64 {
+        var b = ByteBufferAllocator().buffer(capacity: bytes.count)
+        b.writeBytes(bytes)
+        guard bytes.count == 24, b.hasMagic(Array("VDDTLGEN".utf8)), b.getLE(UInt32.self, at: 8) == 1,
+            b.getLE(UInt32.self, at: 20) == b.crc32c(0, 20)
+        else { throw VDError(.corrupt, "\(what): not a DTL generation record (or damaged)") }
+        return b.getLE(UInt64.self, at: 12)
+    }
+
+    /// Appends `bytes` at `offset` of the journal of `epoch` (SCO `sco`) of volume `id`, written by an owner of
+    /// `generation`.
+    package func append(
+        volume id: VolumeID, generation: UInt64, epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: ByteBuffer
+    ) throws(VDError) {
+        let path = volumeDirectory(id)
+        try volumes.withLock { (all) throws(VDError) in
+            var volume = try loaded(id, &all)
+            guard generation >= volume.generation else {
+                throw VDError(
+                    .busy,
+                    "volume \(id): an append of generation \(generation) after generation \(volume.generation): fenced")
+            }
+            if generation > volume.generation {
+                try fs.makeDirectories(path)
+                let record = Self.encodeGeneration(generation)
+                try VDError.catching {
+                    try record.withUnsafeBytes { raw in
+                        try fs.replaceDurably(directory: path, name: "generation", with: raw)
+                    }
+                }
+                volume.generation = generation
+            }
+            let end = offset + UInt64(bytes.readableBytes)
+            let growth =
+                end > (volume.journals[sco]?.lengthBytes ?? 0) ? end - (volume.journals[sco]?.lengthBytes ?? 0) : 0
+            guard volume.bytes + growth <= bytesPerVolumeMax else {
+                all[id] = volume
+                throw VDError(
+                    .noSpace,
+                    "volume \(id): the DTL peer holds \(volume.bytes) bytes of \(bytesPerVolumeMax) allowed; this append needs \(growth) more"
+                )
+            }
+            var journal: Journal
+            if let existing = volume.journals[sco] {
+                guard existing.epoch == epoch else {
+                    all[id] = volume
+                    throw VDError(
+                        .corrupt, "volume \(id): SCO \(sco.hex) is the journal of epoch \(existing.epoch), not \(epoch)"
+                    )
+                }
+                journal = existing
+            } else {
+                try fs.makeDirectories(path)
+                let file = try fs.open(path + "/" + journalName(epoch: epoch, sco: sco), options: [.create])
+                journal = Journal(file: file, epoch: epoch, sco: sco, lengthBytes: 0)
+                volume.newNames = true
+            }
+            try bytes.withUnsafeReadableBytes { (raw) throws(VDError) in try journal.file.write(raw, at: offset) }
+            journal.lengthBytes = max(journal.lengthBytes, end)
+            volume.journals[sco] = journal
+            volume.unsynced.insert(sco)
+            all[id] = volume
+        }
+    }
+
+    /// Makes every append to volume `id` before this call durable.
+    package func sync(volume id: VolumeID) throws(VDError) {
+        let path = volumeDirectory(id)
+        let (scos, files, newNames) = try volumes.withLock {
+            (all) throws(VDError) -> (Set<SCONumber>, [FlashFile], Bool) in
+            var volume = try loaded(id, &all)
+            let scos = volume.unsynced
+            let files = scos.compactMap { volume.journals[$0]?.file }
+            let newNames = volume.newNames
+            volume.unsynced = []
+            volume.newNames = false
+            all[id] = volume
+            return (scos, files, newNames)
+        }
+        do throws(VDError) {
+            for file in files { try file.dataSync() }
+            if newNames { try fs.syncDirectory(path) }
+        } catch {
+            // Not durable: the next sync tries these again.
+            volumes.withLock { all in
+                guard var volume = all[id] else { return }
+                volume.unsynced.formUnion(scos.filter { volume.journals[$0] != nil })
+                volume.newNames = volume.newNames || newNames
+                all[id] = volume
+            }
+            throw error
+        }
+    }
+
+    /// Drops the journals of every epoch through `epoch` (the backend holds them).
+    package func trim(volume id: VolumeID, throughEpoch epoch: UInt64) throws(VDError) {
+        let path = volumeDirectory(id)
+        let gone = try volumes.withLock { (all) throws(VDError) -> [Journal] in
+            var volume = try loaded(id, &all)
+            let gone = volume.journals.values.filter { $0.epoch <= epoch }
+            for journal in gone {
+                volume.journals[journal.sco] = nil
+                volume.unsynced.remove(journal.sco)
+            }
+            all[id] = volume
+            return gone
+        }
+        for journal in gone {
+            journal.file.close()
+            try fs.unlinkIfPresent(path + "/" + journalName(epoch: journal.epoch, sco: journal.sco))
+        }
+        if !gone.isEmpty { try fs.syncDirectory(path) }
+    }
+
+    /// The journals of every epoch after `epoch`, oldest first, each whole (for a taker).
+    package func journals(
+        volume id: VolumeID, afterEpoch epoch: UInt64
+    ) throws(VDError) -> [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)] {
+        let held = try volumes.withLock { (all) throws(VDError) -> [Journal] in
+            try loaded(id, &all).journals.values.filter { $0.epoch > epoch }.sorted {
+                ($0.epoch, $0.sco) < ($1.epoch, $1.sco)
+            }
+        }
+        var result: [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)] = []
+        for journal in held {
+            let length = Int(journal.lengthBytes)
+            var buffer = ByteBufferAllocator().buffer(capacity: length)
+            let read = try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) {
+                (raw) throws(VDError) -> Int in
+                try journal.file.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<length]), at: 0)
+            }
+            guard read == length else {
+                throw VDError(.corrupt, "volume \(id): the DTL copy of SCO \(journal.sco.hex) is shorter than written")
+            }
+            result.append((journal.epoch, journal.sco, buffer))
+        }
+        return result
+    }
+
+    /// Bytes held for volume `id`, and the newest generation seen.
+    package func usage(volume id: VolumeID) throws(VDError) -> (bytes: UInt64, generation: UInt64) {
+        try volumes.withLock { (all) throws(VDError) -> (UInt64, UInt64) in
+            let volume = try loaded(id, &all)
+            return (volume.bytes, volume.generation)
+        }
+    }
+
+    /// Closes every file.
+    package func close() {
+        volumes.withLock { all in
+            for volume in all.values { for journal in volume.journals.values { journal.file.close() } }
+            all = [:]
+        }
+    }
+}

@@ -1,0 +1,155 @@
+import DTL
+import FlashIO
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import Testing
+import VolumeCore
+
+/// The DTL peer's pieces that exist so far (issue 14, in progress): the frame codec and the peer's journal store.
+@Suite struct DTLStoreTests {
+    static let volume = VolumeID(high: 0x1234, low: 0x5678)
+
+    func bytes(_ count: Int, seed: UInt8) -> ByteBuffer {
+        var b = ByteBufferAllocator().buffer(capacity: count)
+        for i in 0..<count { b.writeInteger(UInt8(truncatingIfNeeded: Int(seed) &* 31 &+ i)) }
+        return b
+    }
+
+    @Test func framesRoundTripInPiecesAndRejectDamage() throws {
+        let frames = [
+            DTLFrame.append(
+                volumeID: Self.volume, generation: 3, epoch: 7, sco: SCONumber(0x30_0000_0001), offset: 8192,
+                bytes: bytes(10_000, seed: 1)),
+            DTLFrame(kind: .sync, volumeID: Self.volume, generation: 3),
+            DTLFrame(kind: .trim, volumeID: Self.volume, generation: 3, value: 6),
+        ]
+        var stream = ByteBufferAllocator().buffer(capacity: 0)
+        for frame in frames { frame.encode(into: &stream) }
+        // Fed a few bytes at a time: nothing is decoded before it is whole.
+        var incoming = ByteBufferAllocator().buffer(capacity: 0)
+        var decoded: [DTLFrame] = []
+        while let chunk = stream.readSlice(length: min(777, stream.readableBytes)) {
+            incoming.writeImmutableBuffer(chunk)
+            while let frame = try DTLFrame.decode(from: &incoming) { decoded.append(frame) }
+            if stream.readableBytes == 0 { break }
+        }
+        #expect(decoded == frames)
+        let (offset, payload) = try decoded[0].appended()
+        #expect(offset == 8192 && payload == bytes(10_000, seed: 1))
+
+        // Any flipped byte (header or payload) is an error, never a different frame.
+        let whole = frames[0].encode()
+        for index in [0, 9, 13, 20, 45, 57, 61, 64, 5000, whole.readableBytes - 1] {
+            var damaged = whole
+            damaged.setInteger(damaged.getInteger(at: index, as: UInt8.self)! ^ 0x40, at: index)
+            #expect(throws: VDError.self, "byte \(index)") { _ = try DTLFrame.decode(from: &damaged) }
+        }
+    }
+
+    @Test func theStoreKeepsJournalsAcrossARestartTrimsAndFencesOldGenerations() throws {
+        let root = NSTemporaryDirectory() + "vd-dtl-" + UUID().uuidString
+        defer { try? Syscall.removeTree(root) }
+        let fs = PosixFileSystem()
+        var store = try DTLStore(directory: root, bytesPerVolumeMax: 1 << 20, fs: fs)
+        let a = SCONumber(0x20_0000_0000)
+        let b = SCONumber(0x20_0000_0001)
+        try store.append(volume: Self.volume, generation: 2, epoch: 5, sco: a, offset: 0, bytes: bytes(4096, seed: 1))
+        try store.append(
+            volume: Self.volume, generation: 2, epoch: 5, sco: a, offset: 4096, bytes: bytes(8192, seed: 2))
+        try store.append(volume: Self.volume, generation: 2, epoch: 6, sco: b, offset: 0, bytes: bytes(4096, seed: 3))
+        try store.sync(volume: Self.volume)
+        #expect(try store.usage(volume: Self.volume) == (bytes: 16384, generation: 2))
+
+        // A restarted peer has the same journals and remembers the generation.
+        store.close()
+        store = try DTLStore(directory: root, bytesPerVolumeMax: 1 << 20, fs: fs)
+        let held = try store.journals(volume: Self.volume, afterEpoch: 0)
+        #expect(held.map(\.epoch) == [5, 6] && held.map(\.sco) == [a, b])
+        var expected = bytes(4096, seed: 1)
+        expected.writeImmutableBuffer(bytes(8192, seed: 2))
+        #expect(held[0].bytes == expected)
+        #expect(try store.journals(volume: Self.volume, afterEpoch: 5).map(\.epoch) == [6])
+
+        // A fenced owner (older generation) cannot change what a taker fetches.
+        #expect(throws: VDError.self) {
+            try store.append(
+                volume: Self.volume, generation: 1, epoch: 6, sco: b, offset: 0, bytes: bytes(4096, seed: 9))
+        }
+        #expect(try store.journals(volume: Self.volume, afterEpoch: 5)[0].bytes == bytes(4096, seed: 3))
+
+        // Bounded: past the bound an append is refused with no-space (the owner then degrades).
+        do {
+            try store.append(
+                volume: Self.volume, generation: 2, epoch: 6, sco: b, offset: 4096, bytes: bytes(1 << 20, seed: 4))
+            Issue.record("an append past the bound was taken")
+        } catch {
+            #expect(error.code == .noSpace)
+        }
+
+        // Trimmed epochs are gone, durably.
+        try store.trim(volume: Self.volume, throughEpoch: 5)
+        store.close()
+        store = try DTLStore(directory: root, bytesPerVolumeMax: 1 << 20, fs: fs)
+        #expect(try store.journals(volume: Self.volume, afterEpoch: 0).map(\.epoch) == [6])
+        #expect(try store.usage(volume: Self.volume).bytes == 4096)
+        store.close()
+    }
+
+    @Test func aPeerOverTCPStoresSyncsTrimsAndHandsJournalsToATaker() async throws {
+        let root = NSTemporaryDirectory() + "vd-dtl-" + UUID().uuidString
+        defer { try? Syscall.removeTree(root) }
+        let pool = NIOThreadPool(numberOfThreads: 2)
+        pool.start()
+        let store = try DTLStore(directory: root, bytesPerVolumeMax: 4 << 20, fs: PosixFileSystem())
+        let token = "dtl-test-token-0123456789"
+        let server = DTLServer(
+            host: "127.0.0.1", port: 0, token: token, store: store, pool: pool,
+            group: MultiThreadedEventLoopGroup.singleton, logger: Logger(label: "dtl"))
+        try await server.start()
+        let port = try #require(server.localPort)
+
+        let owner = try await DTLClient.connect(
+            host: "127.0.0.1", port: port, token: token, volumeID: Self.volume, generation: 4,
+            group: MultiThreadedEventLoopGroup.singleton)
+        let a = SCONumber(0x40_0000_0000)
+        let b = SCONumber(0x40_0000_0001)
+        try await owner.append(epoch: 9, sco: a, offset: 0, bytes: bytes(4096, seed: 1))
+        try await owner.append(epoch: 9, sco: a, offset: 4096, bytes: bytes(65536, seed: 2))
+        try await owner.append(epoch: 10, sco: b, offset: 0, bytes: bytes(4096, seed: 3))
+        try await owner.sync()
+        #expect(try store.usage(volume: Self.volume) == (bytes: 4096 + 65536 + 4096, generation: 4))
+
+        // The backend holds epoch 9: the peer drops it; a taker gets epoch 10 only.
+        try await owner.trim(throughEpoch: 9)
+        try await owner.sync()
+        let taker = try await DTLClient.connect(
+            host: "127.0.0.1", port: port, token: token, volumeID: Self.volume, generation: 5,
+            group: MultiThreadedEventLoopGroup.singleton)
+        let journals = try await taker.fetch(afterEpoch: 8)
+        #expect(journals.map(\.epoch) == [10] && journals.map(\.sco) == [b])
+        #expect(journals.first?.bytes == bytes(4096, seed: 3))
+
+        // Once a newer generation wrote, the old owner's appends are refused, and its sync says so.
+        try await taker.append(epoch: 11, sco: SCONumber(0x50_0000_0000), offset: 0, bytes: bytes(4096, seed: 4))
+        try await taker.sync()
+        try await owner.append(epoch: 10, sco: b, offset: 4096, bytes: bytes(4096, seed: 5))
+        await #expect(throws: VDError.self) { try await owner.sync() }
+        #expect(try await taker.fetch(afterEpoch: 9).first?.bytes == bytes(4096, seed: 3))
+
+        // Without the token nothing is taken.
+        let stranger = try await DTLClient.connect(
+            host: "127.0.0.1", port: port, token: "wrong-token-wrong-token", volumeID: Self.volume, generation: 9,
+            group: MultiThreadedEventLoopGroup.singleton)
+        await #expect(throws: VDError.self) { try await stranger.sync() }
+        #expect(try store.usage(volume: Self.volume).generation == 5)
+
+        await owner.close()
+        await taker.close()
+        await stranger.close()
+        await server.stop()
+        store.close()
+        try await pool.shutdownGracefully()
+    }
+}
