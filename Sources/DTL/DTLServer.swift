@@ -131,7 +131,7 @@ package final class DTLServer: Sendable {
                 for try await frame in inbound {
                     guard authenticated else {
                         guard frame.kind == .hello,
-                            Self.sameSecret(String(buffer: frame.payload), token)
+                            Secrets.equal(String(buffer: frame.payload), token)
                         else {
                             logger.warning("DTL connection refused: no hello with the cluster token")
                             try await outbound.write(
@@ -192,13 +192,6 @@ package final class DTLServer: Sendable {
         }
     }
 
-    /// Compares without stopping at the first difference.
-    static func sameSecret(_ a: String, _ b: String) -> Bool {
-        let (x, y) = (Array(a.utf8), Array(b.utf8))
-        var difference = UInt8(x.count == y.count ? 0 : 1)
-        for index in 0..<min(x.count, y.count) { difference |= x[index] ^ y[index] }
-        return difference == 0
-    }
 }
 
 /// Frames (or the connection's end) as they arrive, for one reader at a time.

@@ -178,7 +178,7 @@ final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
                     keepAlive: false)
                 return
             }
-            if let token, !Self.sameSecret(head.headers.first(name: "Authorization") ?? "", "Bearer " + token) {
+            if let token, !Secrets.equal(head.headers.first(name: "Authorization") ?? "", "Bearer " + token) {
                 Self.respond(
                     channel: channel, head: head,
                     response: APIResponse.json(
@@ -218,14 +218,6 @@ final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
             return parts[0] == "v1" && parts[1] == "volumes" && parts[3] == "snapshots" && parts[5] == "clones"
         default: return false
         }
-    }
-
-    /// Compares without stopping at the first difference (the time does not tell how much of a guess was right).
-    static func sameSecret(_ a: String, _ b: String) -> Bool {
-        let (x, y) = (Array(a.utf8), Array(b.utf8))
-        var difference = UInt8(x.count == y.count ? 0 : 1)
-        for index in 0..<min(x.count, y.count) { difference |= x[index] ^ y[index] }
-        return difference == 0
     }
 
     private static func dispatch(
