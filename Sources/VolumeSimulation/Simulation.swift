@@ -498,7 +498,8 @@ final class Simulation: @unchecked Sendable {
             }
         case 765..<770: if config.crashes { try crash(.flashLost) }
         case 770..<780: if config.backendFaults { startOutage(index) }
-        case 780..<788 where ownership && config.clones: try moveCloneToPeer()
+        case 780..<786 where ownership && config.clones: try moveCloneToPeer()
+        case 786..<788 where ownership && config.clones && config.crashes: try crashPeer()
         case 780..<860: try wait(.milliseconds(Int64(scheduler.between(1...3000))))
         case 860..<875: if config.crashes { armFailpoint() }
         case 875..<890: try checkDiff()
@@ -1386,13 +1387,64 @@ final class Simulation: @unchecked Sendable {
         let configuration = routerConfiguration(for: peer)
         let backends = SimBackends(store: link(peer), compress: compress)
         let logger = self.logger
-        let started = try runIn(process, "peer router start") { () async throws(VDError) -> Router in
-            try Router(configuration: configuration, backends: backends, logger: logger, environment: env)
+        let registrar = cloneRegistrar(toward: { $0.node })
+        let started = try runIn(process, "peer router start") {
+            () async throws(VDError) -> (Router, [(VolumeName, VDError)]) in
+            let router = try Router(configuration: configuration, backends: backends, logger: logger, environment: env)
+            router.remoteCloneRegistrar = registrar
+            return (router, await router.openAll { _ in })
         }
-        guard case .success(let router) = started else { throw fail("the peer router does not start: \(started)") }
-        router.remoteCloneRegistrar = cloneRegistrar(toward: { $0.node })
+        guard case .success(let (router, failures)) = started else {
+            throw fail("the peer router does not start: \(started)")
+        }
         peer.router = router
+        for (name, error) in failures {
+            // A backend that is down or failing when the peer starts: the volume opens once it answers.
+            guard error.code == .backend else { throw fail("the peer's \(name) does not open: \(error)") }
+            if store.outage {
+                store.outage = false
+                outageUntilOperation = nil
+                trace.add("backend outage ends (to open \(name) on the peer)")
+            }
+            var attempts = 0
+            while true {
+                attempts += 1
+                let opened = try runIn(process, "peer opens \(name)") { () async throws(VDError) -> Bool in
+                    _ = try await router.openVolume(named: name)
+                    return true
+                }
+                guard case .failure(let again) = opened else { break }
+                if again.code == .backend && attempts < 10 { continue }
+                throw fail("the peer's \(name) does not open with the backend back: \(again)")
+            }
+        }
         return peer
+    }
+
+    /// The peer router is killed (or its node loses power) and starts again: its clones open through new views of
+    /// their parents and must read what the crash allows (the main node is not affected).
+    func crashPeer() throws {
+        guard let peer, peer.routerProcess != nil, !peerDevices.isEmpty else { return }
+        let power = scheduler.chance(0.5)
+        trace.add("CRASH of the peer router: \(power ? "power" : "process")")
+        count("crash-peer")
+        for device in peerDevices.sorted() { try quiesce(device) }
+        var stored: [String: UInt64] = [:]
+        for name in peerDevices { stored[name] = volume(name)?.uploadStatus.storedThrough.rawValue }
+        peer.routerProcess?.kill()
+        scheduler.run(until: { !scheduler.hasReadyJobs })
+        try processCompletions()
+        if power {
+            peer.fs.powerLoss()
+            peer.maps.powerLoss()
+        }
+        peer.router = nil
+        _ = try bootPeer()
+        for name in peerDevices.sorted() {
+            guard let moved = volume(name) else { throw fail("\(name) is not served by the peer after its restart") }
+            try accept(
+                name, observed: try readWhole(name, moved), after: power ? .power : .process, stored: stored[name])
+        }
     }
 
     /// `vd volume move CLONE --to peer` for a clone no other device of the main node reads through: the parent's
