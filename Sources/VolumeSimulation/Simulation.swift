@@ -370,12 +370,8 @@ final class Simulation: @unchecked Sendable {
     /// `afterFlashLoss`: a clone whose parent's snapshot never reached the backend cannot be rebuilt (its base is
     /// gone with the flash): it may fail to open, and leaves the model.
     func boot(afterFlashLoss: Bool = false) throws {
-        let process = scheduler.makeProcess("router#\(scheduler.steps)")
-        process.role = "router"
+        let (process, env) = makeProcess("router", role: "router", on: node)
         node.routerProcess = process
-        let env = Environment(
-            fs: node.fs, clock: SimClock(scheduler: scheduler), random: SimRandomSource(scheduler: scheduler),
-            tasks: SimTaskRunner(process: process), keyValueStores: node.maps)
         let configuration = routerConfiguration
         let backends = SimBackends(store: link(node), compress: compress)
         let logger = self.logger
@@ -430,6 +426,16 @@ final class Simulation: @unchecked Sendable {
             }
             throw fail("the router does not start: \(error)")
         }
+    }
+
+    /// A new process of `role` on `node` and the environment it runs the engine in.
+    func makeProcess(_ name: String, role: String, on node: SimNode) -> (SimProcess, Environment) {
+        let process = scheduler.makeProcess("\(name)#\(scheduler.steps)")
+        process.role = role
+        let env = Environment(
+            fs: node.fs, clock: SimClock(scheduler: scheduler), random: SimRandomSource(scheduler: scheduler),
+            tasks: SimTaskRunner(process: process), keyValueStores: node.maps)
+        return (process, env)
     }
 
     var router: Router { node.router! }
@@ -1130,12 +1136,8 @@ final class Simulation: @unchecked Sendable {
     /// Starts `vd scrub` of `device` in a process of its own (killed after `killAfter` steps); returns the process.
     @discardableResult
     func startScrub(_ device: String, threshold: Double, killAfter: UInt64?) throws -> SimProcess {
-        let process = scheduler.makeProcess("scrubber#\(scheduler.steps)")
-        process.role = "scrubber"
+        let (process, env) = makeProcess("scrubber", role: "scrubber", on: node)
         scrubbers.append(process)
-        let env = Environment(
-            fs: node.fs, clock: SimClock(scheduler: scheduler), random: SimRandomSource(scheduler: scheduler),
-            tasks: SimTaskRunner(process: process), keyValueStores: node.maps)
         var options = ScrubOptions()
         options.liveFractionThreshold = threshold
         options.scoSizeBytes = config.scoBytes
@@ -1178,11 +1180,7 @@ final class Simulation: @unchecked Sendable {
     }
 
     func runCheck(_ device: String, repair: Bool) throws {
-        let process = scheduler.makeProcess("check#\(scheduler.steps)")
-        process.role = "check"
-        let env = Environment(
-            fs: node.fs, clock: SimClock(scheduler: scheduler), random: SimRandomSource(scheduler: scheduler),
-            tasks: SimTaskRunner(process: process), keyValueStores: node.maps)
+        let (process, env) = makeProcess("check", role: "check", on: node)
         var checker = NamespaceCheck()
         checker.repair = repair
         checker.workDirectory = node.dataDirectory + "/check-tmp"
@@ -1378,12 +1376,8 @@ final class Simulation: @unchecked Sendable {
         if let peer, peer.router != nil { return peer }
         let peer = self.peer ?? SimNode(name: "peer", scheduler: scheduler)
         self.peer = peer
-        let process = scheduler.makeProcess("peer-router#\(scheduler.steps)")
-        process.role = "peer-router"
+        let (process, env) = makeProcess("peer-router", role: "peer-router", on: peer)
         peer.routerProcess = process
-        let env = Environment(
-            fs: peer.fs, clock: SimClock(scheduler: scheduler), random: SimRandomSource(scheduler: scheduler),
-            tasks: SimTaskRunner(process: process), keyValueStores: peer.maps)
         let configuration = routerConfiguration(for: peer)
         let backends = SimBackends(store: link(peer), compress: compress)
         let logger = self.logger
@@ -1608,12 +1602,8 @@ final class Simulation: @unchecked Sendable {
         on next: SimNode, _ ordered: [VolumeRegistration], store nextStore: any ObjectStore
     ) throws -> Router {
         while true {
-            let process = scheduler.makeProcess("router#\(scheduler.steps)")
-            process.role = "router"
+            let (process, env) = makeProcess("router", role: "router", on: next)
             next.routerProcess = process
-            let env = Environment(
-                fs: next.fs, clock: SimClock(scheduler: scheduler), random: SimRandomSource(scheduler: scheduler),
-                tasks: SimTaskRunner(process: process), keyValueStores: next.maps)
             let configuration = routerConfiguration
             let backends = SimBackends(store: nextStore, compress: compress)
             let logger = self.logger

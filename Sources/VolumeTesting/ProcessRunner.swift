@@ -192,6 +192,17 @@ public final class VDServer: @unchecked Sendable {
         throw TestToolError(message: "cannot find the vd binary: run `swift build` first or set VD_BIN")
     }
 
+    /// A router of a cluster: `vd serve --config CONFIG --node NODE` on DIRECTORY/NODE, with the cluster token, and
+    /// (`listen`) its cluster API on a free loopback port.
+    public static func clusterNode(
+        _ node: String, in directory: String, config: String, token: String, listen: Bool = true
+    ) throws -> VDServer {
+        try VDServer(
+            dataDirectory: directory + "/" + node,
+            extraArguments: ["--config", config, "--node", node] + (listen ? ["--cluster-listen", "127.0.0.1:0"] : []),
+            environment: ["VD_CLUSTER_TOKEN": token])
+    }
+
     public init(
         dataDirectory: String, socketPath: String? = nil, extraArguments: [String] = [],
         environment: [String: String] = [:]

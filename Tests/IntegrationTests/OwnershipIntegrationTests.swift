@@ -125,10 +125,7 @@ import VolumeTesting
         let token = "test-cluster-token-0123456789"
         let environment = ["VD_CLUSTER_TOKEN": token]
         func router(_ node: String) throws -> VDServer {
-            try VDServer(
-                dataDirectory: directory.path + "/" + node,
-                extraArguments: ["--config", config, "--node", node, "--cluster-listen", "127.0.0.1:0"],
-                environment: environment)
+            try .clusterNode(node, in: directory.path, config: config, token: token)
         }
         let a = try router("node-a")
         let b = try router("node-b")

@@ -29,9 +29,8 @@ import VolumeTesting
         }
 
         func router(_ node: String) throws -> VDServer {
-            try VDServer(
-                dataDirectory: directory.path + "/" + node, extraArguments: ["--config", config, "--node", node],
-                environment: ["VD_CLUSTER_TOKEN": TakeoverIntegrationTests.token])
+            try .clusterNode(
+                node, in: directory.path, config: config, token: TakeoverIntegrationTests.token, listen: false)
         }
 
         func vd(_ server: VDServer, _ arguments: [String]) throws -> ProcessResult {
