@@ -124,7 +124,7 @@ let package = Package(
             name: "VolumeRouter",
             dependencies: [
                 "VolumeCore", "FlashIO", "ObjectStore", "TransactionLog", "BlockMap", "SCOCache", "SnappyCodec",
-                "Scrubber",
+                "Scrubber", "DTL",
                 "RocksKV",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -17,9 +17,9 @@ public import VolumeCore
 public enum DTLFrameKind: UInt16, Sendable, CaseIterable {
     /// Owner -> peer: bytes of the journal of `epoch` (SCO `value`) at the offset in the first 8 payload bytes.
     case append = 1
-    /// Owner -> peer: make everything appended so far durable; answered by `synced`.
+    /// Owner -> peer: make everything appended so far durable; answered by `synced` with the same `value`.
     case sync = 2
-    /// Peer -> owner: everything appended before the matching `sync` is durable.
+    /// Peer -> owner: everything appended before the matching `sync` (same `value`) is durable.
     case synced = 3
     /// Owner -> peer: the backend holds every epoch through `value`; their journals may go.
     case trim = 4
@@ -33,6 +33,11 @@ public enum DTLFrameKind: UInt16, Sendable, CaseIterable {
     case refused = 8
     /// Client -> peer, first on every connection: the payload is the cluster token (UTF-8).
     case hello = 9
+    /// Peer -> owner: the appends of this connection through the `value`-th are written (in the peer's page cache).
+    case received = 10
+    /// Owner -> peer: drop every journal held for the volume (the owner is about to send again everything the
+    /// backend lacks: a catch-up starts with it, so the peer never mixes an earlier life's journals with the new).
+    case reset = 11
 }
 
 public struct DTLFrame: Sendable, Hashable {

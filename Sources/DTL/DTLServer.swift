@@ -128,6 +128,7 @@ package final class DTLServer: Sendable {
         do {
             try await connection.executeThenClose { inbound, outbound in
                 var authenticated = false
+                var appends: UInt64 = 0
                 for try await frame in inbound {
                     guard authenticated else {
                         guard frame.kind == .hello,
@@ -141,7 +142,8 @@ package final class DTLServer: Sendable {
                         authenticated = true
                         continue
                     }
-                    try await handle(frame, outbound)
+                    if frame.kind == .append { appends += 1 }
+                    try await handle(frame, outbound, appends: appends)
                 }
             }
         } catch {
@@ -149,7 +151,10 @@ package final class DTLServer: Sendable {
         }
     }
 
-    private func handle(_ frame: DTLFrame, _ outbound: NIOAsyncChannelOutboundWriter<DTLFrame>) async throws {
+    /// Serves one frame; `appends`: how many appends this connection carried so far (this one included).
+    private func handle(
+        _ frame: DTLFrame, _ outbound: NIOAsyncChannelOutboundWriter<DTLFrame>, appends: UInt64
+    ) async throws {
         let store = self.store
         do throws(VDError) {
             switch frame.kind {
@@ -159,6 +164,12 @@ package final class DTLServer: Sendable {
                     try store.append(
                         volume: frame.volumeID, generation: frame.generation, epoch: frame.epoch,
                         sco: SCONumber(frame.value), offset: offset, bytes: bytes)
+                }
+                try? await outbound.write(
+                    DTLFrame(kind: .received, volumeID: frame.volumeID, generation: frame.generation, value: appends))
+            case .reset:
+                try await blocking { () throws(VDError) in
+                    try store.reset(volume: frame.volumeID, generation: frame.generation)
                 }
             case .sync:
                 try await blocking { () throws(VDError) in try store.sync(volume: frame.volumeID) }
@@ -171,7 +182,7 @@ package final class DTLServer: Sendable {
             case .fetch:
                 let journals = try await blocking {
                     () throws(VDError) -> [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)] in
-                    try store.journals(volume: frame.volumeID, afterEpoch: frame.value)
+                    try store.journals(volume: frame.volumeID, generation: frame.generation, afterEpoch: frame.value)
                 }
                 for journal in journals {
                     try? await outbound.write(
@@ -305,7 +316,24 @@ package final class DTLClient: Sendable {
 
     private func next() async throws(VDError) -> DTLFrame { try await inbox.next().get() }
 
-    private static func refusal(_ frame: DTLFrame) -> VDError {
+    /// The next frame from the peer (for an owner's mirror, the only reader of its connection).
+    package func nextFrame() async throws(VDError) -> DTLFrame { try await next() }
+
+    /// Sends `frame` without waiting: frames posted one after another (by one caller at a time, in a
+    /// happens-before order) leave in that order. A failure shows as the connection's end to `nextFrame`.
+    package func post(_ frame: DTLFrame) {
+        channel.writeAndFlush(frame, promise: nil)
+    }
+
+    package func appendFrame(epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: ByteBuffer) -> DTLFrame {
+        .append(volumeID: volumeID, generation: generation, epoch: epoch, sco: sco, offset: offset, bytes: bytes)
+    }
+
+    package func frame(_ kind: DTLFrameKind, value: UInt64 = 0) -> DTLFrame {
+        DTLFrame(kind: kind, volumeID: volumeID, generation: generation, value: value)
+    }
+
+    package static func refusal(_ frame: DTLFrame) -> VDError {
         VDError(.backend, "the DTL peer refused: " + String(buffer: frame.payload))
     }
 
@@ -324,6 +352,7 @@ package final class DTLClient: Sendable {
             case .synced:
                 if let refused { throw refused }
                 return
+            case .received: continue
             case .refused: refused = refused ?? Self.refusal(frame)
             default: throw VDError(.corrupt, "the DTL peer answered a sync with \(frame.kind)")
             }

@@ -7,7 +7,8 @@
 // - the bytes held are bounded: an append past the bound is refused (`.noSpace`), which makes the owner treat the
 //   peer as degraded, never stall;
 // - `sync` makes every append before it durable (file data, then the directory for new files);
-// - `trim` drops the journals of epochs the backend holds; `journals(after:)` hands the rest to a taker.
+// - `trim` drops the journals of epochs the backend holds; `reset` drops all (an owner's catch-up starts with it);
+//   `journals(after:)` hands the rest to a taker and fences the older generations from then on.
 //
 // Blocking file I/O: call from a thread pool, never from an event loop.
 
@@ -89,6 +90,25 @@ package final class DTLStore: Sendable {
         return b.getLE(UInt64.self, at: 12)
     }
 
+    /// Checks that `generation` is not older than the newest seen for the volume, and records it durably if newer.
+    private func admit(_ id: VolumeID, generation: UInt64, _ volume: inout Volume, what: String) throws(VDError) {
+        guard generation >= volume.generation else {
+            throw VDError(
+                .busy, "volume \(id): \(what) of generation \(generation) after generation \(volume.generation): fenced"
+            )
+        }
+        guard generation > volume.generation else { return }
+        let path = volumeDirectory(id)
+        try fs.makeDirectories(path)
+        let record = Self.encodeGeneration(generation)
+        try VDError.catching {
+            try record.withUnsafeBytes { raw in
+                try fs.replaceDurably(directory: path, name: "generation", with: raw)
+            }
+        }
+        volume.generation = generation
+    }
+
     /// Appends `bytes` at `offset` of the journal of `epoch` (SCO `sco`) of volume `id`, written by an owner of
     /// `generation`.
     package func append(
@@ -97,21 +117,7 @@ package final class DTLStore: Sendable {
         let path = volumeDirectory(id)
         try volumes.withLock { (all) throws(VDError) in
             var volume = try loaded(id, &all)
-            guard generation >= volume.generation else {
-                throw VDError(
-                    .busy,
-                    "volume \(id): an append of generation \(generation) after generation \(volume.generation): fenced")
-            }
-            if generation > volume.generation {
-                try fs.makeDirectories(path)
-                let record = Self.encodeGeneration(generation)
-                try VDError.catching {
-                    try record.withUnsafeBytes { raw in
-                        try fs.replaceDurably(directory: path, name: "generation", with: raw)
-                    }
-                }
-                volume.generation = generation
-            }
+            try admit(id, generation: generation, &volume, what: "an append")
             let end = offset + UInt64(bytes.readableBytes)
             let growth =
                 end > (volume.journals[sco]?.lengthBytes ?? 0) ? end - (volume.journals[sco]?.lengthBytes ?? 0) : 0
@@ -176,10 +182,22 @@ package final class DTLStore: Sendable {
 
     /// Drops the journals of every epoch through `epoch` (the backend holds them).
     package func trim(volume id: VolumeID, throughEpoch epoch: UInt64) throws(VDError) {
+        try drop(volume: id, generation: nil) { $0.epoch <= epoch }
+    }
+
+    /// Drops every journal of volume `id`: its owner (of `generation`) is about to send again all the backend lacks.
+    package func reset(volume id: VolumeID, generation: UInt64) throws(VDError) {
+        try drop(volume: id, generation: generation) { _ in true }
+    }
+
+    private func drop(
+        volume id: VolumeID, generation: UInt64?, where condition: (Journal) -> Bool
+    ) throws(VDError) {
         let path = volumeDirectory(id)
         let gone = try volumes.withLock { (all) throws(VDError) -> [Journal] in
             var volume = try loaded(id, &all)
-            let gone = volume.journals.values.filter { $0.epoch <= epoch }
+            if let generation { try admit(id, generation: generation, &volume, what: "a reset") }
+            let gone = volume.journals.values.filter(condition)
             for journal in gone {
                 volume.journals[journal.sco] = nil
                 volume.unsynced.remove(journal.sco)
@@ -194,12 +212,16 @@ package final class DTLStore: Sendable {
         if !gone.isEmpty { try fs.syncDirectory(path) }
     }
 
-    /// The journals of every epoch after `epoch`, oldest first, each whole (for a taker).
+    /// The journals of every epoch after `epoch`, oldest first, each whole, for a taker of `generation`: from now
+    /// on appends of older generations are refused (the owner being taken over cannot change them any more).
     package func journals(
-        volume id: VolumeID, afterEpoch epoch: UInt64
+        volume id: VolumeID, generation: UInt64, afterEpoch epoch: UInt64
     ) throws(VDError) -> [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)] {
         let held = try volumes.withLock { (all) throws(VDError) -> [Journal] in
-            try loaded(id, &all).journals.values.filter { $0.epoch > epoch }.sorted {
+            var volume = try loaded(id, &all)
+            try admit(id, generation: generation, &volume, what: "a fetch")
+            all[id] = volume
+            return volume.journals.values.filter { $0.epoch > epoch }.sorted {
                 ($0.epoch, $0.sco) < ($1.epoch, $1.sco)
             }
         }

@@ -75,6 +75,8 @@ public struct VolumeStatus: Codable, Sendable, Hashable {
     public var space: SpaceStatus?
     public var lastUploadError: String?
     public var connections: Int?
+    /// The DTL mirror (nil: the volume is not served here).
+    public var dtl: DTLInfo?
 
     public init(
         name: String, id: String, sizeBytes: UInt64, clusterSizeBytes: UInt32, createdAt: Date, backend: String,
@@ -93,6 +95,38 @@ public struct VolumeStatus: Codable, Sendable, Hashable {
         self.space = space
         self.lastUploadError = lastUploadError
         self.connections = connections
+    }
+}
+
+/// A volume's distributed transaction log as `vd volume info` shows it.
+public struct DTLInfo: Codable, Sendable, Hashable {
+    /// sync, async or none.
+    public var mode: String
+    public var peer: String?
+    /// in_sync, catching_up, degraded or off.
+    public var state: String
+    /// Bytes sent to the peer and not yet answered.
+    public var unansweredBytes: UInt64
+    /// Why the mirror is degraded.
+    public var lastError: String?
+    public init(mode: String, peer: String?, state: String, unansweredBytes: UInt64, lastError: String?) {
+        self.mode = mode
+        self.peer = peer
+        self.state = state
+        self.unansweredBytes = unansweredBytes
+        self.lastError = lastError
+    }
+}
+
+/// `vd volume dtl`: a volume's DTL mode and peer.
+public struct SetDTLRequest: Codable, Sendable, Hashable {
+    /// sync, async or none.
+    public var mode: String
+    /// The peer's node name; nil: one is chosen among the cluster's nodes with a DTL service (never the owner).
+    public var peer: String?
+    public init(mode: String, peer: String? = nil) {
+        self.mode = mode
+        self.peer = peer
     }
 }
 
@@ -267,6 +301,8 @@ public protocol ManagementService: Sendable {
     func takeVolume(_ request: TakeVolumeRequest) async throws(VDError) -> VolumeStatus
     /// Takes a volume whose owner is gone (stopped renewing): waits its lease out, then owns and serves it.
     func takeoverVolume(_ request: TakeoverVolumeRequest) async throws(VDError) -> VolumeStatus
+    /// Sets a volume's DTL mode and peer.
+    func setVolumeDTL(_ volume: String, _ request: SetDTLRequest) async throws(VDError) -> VolumeStatus
     /// Every volume in a backend with its owner record (owner, generation, lease age).
     func clusterVolumes(backend: String?) async throws(VDError) -> [ClusterVolume]
     /// Records (or forgets) a clone served by another router in a snapshot of a volume this router owns, so the
@@ -294,9 +330,13 @@ public struct TakeoverVolumeRequest: Codable, Sendable, Hashable {
     public var name: String
     /// The backend (name in the configuration, or URL); the default backend when nil.
     public var backend: String?
-    public init(name: String, backend: String? = nil) {
+    /// Take it over even if writes the lost owner replied may be lost (its DTL peer is unreachable, or was not in
+    /// sync).
+    public var acceptLoss: Bool?
+    public init(name: String, backend: String? = nil, acceptLoss: Bool? = nil) {
         self.name = name
         self.backend = backend
+        self.acceptLoss = acceptLoss
     }
 }
 

@@ -18,6 +18,7 @@
 //   POST   /v1/volumes/take                             take a volume released to this node   TakeVolumeRequest
 //   POST   /v1/volumes/takeover                         take a volume whose owner is gone     TakeoverVolumeRequest
 //   POST   /v1/volumes/NAME/move                        move to another node  MoveVolumeRequest
+//   PUT    /v1/volumes/NAME/dtl                         DTL mode and peer     SetDTLRequest
 //   GET    /v1/cluster/volumes[?backend=B]              every volume of a backend with its owner
 //   POST   /v1/clones                                   clone         CreateCloneRequest
 //   GET    /metrics                                     Prometheus text
@@ -43,7 +44,7 @@ public struct APIResponse: Sendable {
         let status: Int
         switch error.code {
         case .notFound: status = 404
-        case .alreadyExists, .busy, .conflict: status = 409
+        case .alreadyExists, .busy, .conflict, .dataLoss: status = 409
         case .invalidArgument, .outOfRange, .configuration: status = 400
         case .readOnly: status = 403
         case .unsupported: status = 405
@@ -107,6 +108,8 @@ public enum APIRoutes {
                 return .json(try await service.takeVolume(try decode(body)))
             case ("POST", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "move":
                 return .json(try await service.moveVolume(p[2], try decode(body)))
+            case ("PUT", let p) where p.count == 4 && p[0] == "v1" && p[1] == "volumes" && p[3] == "dtl":
+                return .json(try await service.setVolumeDTL(p[2], try decode(body)))
             case ("POST", ["v1", "clones"]):
                 return .json(try await service.createClone(try decode(body)), status: 201)
             case ("GET", ["metrics"]):

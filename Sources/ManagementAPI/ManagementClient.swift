@@ -107,6 +107,9 @@ public struct ManagementClient: ManagementService {
     public func takeoverVolume(_ request: TakeoverVolumeRequest) async throws(VDError) -> VolumeStatus {
         try await call("POST", "/v1/volumes/takeover", request)
     }
+    public func setVolumeDTL(_ volume: String, _ request: SetDTLRequest) async throws(VDError) -> VolumeStatus {
+        try await call("PUT", "/v1/volumes/\(volume)/dtl", request)
+    }
     public func clusterVolumes(backend: String?) async throws(VDError) -> [ClusterVolume] {
         let query = backend.map { "?backend=" + APIRoutes.percentEncoded($0) } ?? ""
         return try await call("GET", "/v1/cluster/volumes" + query)

@@ -204,8 +204,8 @@ final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    /// What the cluster port serves: listing and status, moves, takes, clone registrations from other routers and
-    /// metrics; nothing that names a local file (export-diff, import-diff) or deletes.
+    /// What the cluster port serves: listing and status, moves, takes, DTL settings, clone registrations from other
+    /// routers and metrics; nothing that names a local file (export-diff, import-diff) or deletes.
     static func clusterRoutes(method: String, path: String) -> Bool {
         let parts = path.split(separator: "?").first.map { $0.split(separator: "/").map(String.init) } ?? []
         switch (method, parts.count) {
@@ -214,6 +214,7 @@ final class APIHandler: ChannelInboundHandler, RemovableChannelHandler {
                 || (parts.count == 3 && parts[1] == "volumes")
         case ("POST", 3): return parts == ["v1", "volumes", "take"] || parts == ["v1", "volumes", "takeover"]
         case ("POST", 4): return parts[0] == "v1" && parts[1] == "volumes" && parts[3] == "move"
+        case ("PUT", 4): return parts[0] == "v1" && parts[1] == "volumes" && parts[3] == "dtl"
         case ("POST", 6):
             return parts[0] == "v1" && parts[1] == "volumes" && parts[3] == "snapshots" && parts[5] == "clones"
         default: return false

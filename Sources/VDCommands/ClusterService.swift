@@ -25,10 +25,23 @@ struct NodeRecord: Codable, Sendable {
     var writtenAt: Date
     /// Its cluster API speaks TLS (absent in records of earlier versions: plain).
     var tls: Bool?
+    /// HOST:PORT of its DTL peer service (absent: it is no DTL peer).
+    var dtl: String?
 }
 
 enum NodeRecords {
-    static func name(_ node: String) -> String { "cluster/nodes/\(node)" }
+    static let prefix = "cluster/nodes/"
+    static func name(_ node: String) -> String { prefix + node }
+
+    /// Every node record of the store (records that do not decode are skipped).
+    static func all(store: any ObjectStore) async throws(VDError) -> [NodeRecord] {
+        var records: [NodeRecord] = []
+        for object in try await store.list(prefix: prefix) {
+            let node = String(object.name.dropFirst(prefix.count))
+            if let record = try? await read(node, store: store) { records.append(record) }
+        }
+        return records
+    }
 
     static func write(_ record: NodeRecord, store: any ObjectStore) async throws(VDError) {
         try await store.replace(name(record.node), data: try MetadataRecord.encode(record, kind: .nodeRecord))
@@ -349,7 +362,9 @@ extension RouterService {
         let logger = router.logger
         return try await lifecycle.run { () async throws(VDError) -> VolumeStatus in
             do throws(VDError) {
-                let volume = try await router.open(registered, taken: lease) { logger.info("\($0)") }
+                let volume = try await router.open(
+                    registered, taken: lease, acceptLoss: request.acceptLoss ?? false
+                ) { logger.info("\($0)") }
                 return status(registered, volume: volume, space: nil)
             } catch {
                 // Not served here after all: give it up so another router can take it without waiting.

@@ -51,6 +51,15 @@ package struct VDConfiguration: Sendable {
     package var clusterTLS = ClusterTLS()
     /// Whether connections to other routers' cluster APIs use TLS (a CA to verify them is configured).
     package var clusterClientUsesTLS: Bool { clusterTLS.caPath != nil }
+    /// `[dtl] listen`: HOST:PORT of this router's DTL peer service (other routers mirror their volumes to it).
+    package var dtlListen: String?
+    /// `[dtl] directory`: where the peer service keeps the journals it mirrors (default DATA/dtl).
+    package var dtlDirectory: String?
+    /// `[dtl] max_per_volume`: most bytes the peer service keeps for one volume (a full peer is a degraded peer).
+    package var dtlBytesPerVolumeMax: UInt64 = 4 << 30
+    /// `[dtl] timeout_seconds`: a peer that does not answer within this is treated as lost (the volume degrades).
+    package var dtlTimeoutSeconds: Double = 5
+    package var effectiveDTLDirectory: String { dtlDirectory ?? dataDirectory + "/dtl" }
 
     package init(dataDirectory: String) {
         self.dataDirectory = dataDirectory
@@ -164,6 +173,12 @@ struct ConfigFile: Decodable {
         var tls_key: String?
         var tls_ca: String?
     }
+    struct DTLSection: Decodable {
+        var listen: String?
+        var directory: String?
+        var max_per_volume: SizeValue?
+        var timeout_seconds: NumberValue?
+    }
     struct Backend: Decodable {
         /// Required, except for "local" (the embedded store, DATA_DIR/backend unless given).
         var url: String?
@@ -185,6 +200,7 @@ struct ConfigFile: Decodable {
     var shutdown: Shutdown?
     var metrics: MetricsSection?
     var cluster: ClusterSection?
+    var dtl: DTLSection?
     var backends: [String: Backend]?
 }
 
@@ -267,6 +283,17 @@ extension VDConfiguration {
             if let path = cluster.tls_ca { clusterTLS.caPath = path }
             if (clusterTLS.certificatePath == nil) != (clusterTLS.keyPath == nil) {
                 throw VDError(.configuration, "\(path): [cluster] tls_certificate and tls_key go together")
+            }
+        }
+        if let dtl = file.dtl {
+            if let listen = dtl.listen { dtlListen = listen }
+            if let directory = dtl.directory { dtlDirectory = directory }
+            if let size = dtl.max_per_volume { dtlBytesPerVolumeMax = size.bytes }
+            if let seconds = dtl.timeout_seconds?.value {
+                guard seconds >= 0.5 && seconds <= 600 else {
+                    throw VDError(.configuration, "\(path): [dtl] timeout_seconds must be 0.5 to 600")
+                }
+                dtlTimeoutSeconds = seconds
             }
         }
         if let listen = file.metrics?.listen {

@@ -83,13 +83,20 @@ final class RouterService: ManagementService {
 
     func status(_ registration: VolumeRegistration, volume: Volume?, space: SpaceStatus?) -> VolumeStatus {
         let config = registration.config
-        return VolumeStatus(
+        var status = VolumeStatus(
             name: config.name.rawValue, id: config.id.description, sizeBytes: config.sizeBytes,
             clusterSizeBytes: config.clusterSizeBytes, createdAt: config.createdAt, backend: registration.backend,
             parent: config.parent.map { VolumeStatus.Parent(volume: $0.volume.rawValue, snapshot: $0.snapshot) },
             online: online && volume != nil, snapshots: volume.map(snapshotStatuses) ?? [], space: space,
             lastUploadError: volume?.uploadStatus.lastError?.message,
             connections: online ? connections(config.name.rawValue) : nil)
+        if let dtl = volume?.dtlStatus {
+            status.dtl = DTLInfo(
+                mode: dtl.mode.rawValue, peer: dtl.peer, state: dtl.state.rawValue,
+                unansweredBytes: dtl.unansweredBytes,
+                lastError: dtl.lastError)
+        }
+        return status
     }
 
     func createVolume(_ request: CreateVolumeRequest) async throws(VDError) -> VolumeStatus {

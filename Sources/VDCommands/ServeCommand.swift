@@ -59,6 +59,13 @@ struct ServeCommand: AsyncParsableCommand {
             valueName: "host:port"))
     var clusterListen: String?
 
+    @Option(
+        name: .customLong("dtl-listen"),
+        help: ArgumentHelp(
+            "Serve as DTL peer for volumes of other routers on TCP HOST:PORT ([dtl] listen); needs --node, --cluster-listen and VD_CLUSTER_TOKEN.",
+            valueName: "host:port"))
+    var dtlListen: String?
+
     func run() async throws {
         var configuration = try global.load()
         if let nbdSocket { configuration.nbdSocketPath = GlobalOptions.absolute(nbdSocket) }
@@ -70,6 +77,7 @@ struct ServeCommand: AsyncParsableCommand {
         if let drainTimeout { configuration.drainTimeoutSeconds = drainTimeout }
         if let node { configuration.clusterNode = node }
         if let clusterListen { configuration.clusterListen = clusterListen }
+        if let dtlListen { configuration.dtlListen = dtlListen }
         if let metricsListen {
             let (host, port) = try VDConfiguration.parseHostPort(metricsListen)
             configuration.metricsHost = host
@@ -110,9 +118,41 @@ struct ServeCommand: AsyncParsableCommand {
         if !socketDirectory.isEmpty {
             try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true)
         }
-        let router = try Router(configuration: configuration.routerConfiguration, backends: backends, logger: logger)
+        let clusterToken = ProcessInfo.processInfo.environment["VD_CLUSTER_TOKEN"]
+        // The DTL peer service first: other routers' mirrors may be waiting for it.
+        var dtlPeer: DTLPeerService?
+        var dtlAddress: String?
+        if let listen = configuration.dtlListen {
+            guard configuration.clusterNode != nil, configuration.clusterListen != nil else {
+                throw VDError(
+                    .configuration,
+                    "--dtl-listen needs a node name and --cluster-listen (its address is in the node record)")
+            }
+            guard let token = clusterToken, token.count >= 16 else {
+                throw VDError(
+                    .configuration, "--dtl-listen needs a shared token of at least 16 characters in VD_CLUSTER_TOKEN")
+            }
+            let (service, address) = try await DTLPeerService.start(
+                configuration: configuration, listen: listen, token: token, logger: logger)
+            dtlPeer = service
+            dtlAddress = address
+            logger.info("DTL peer service at \(address) (journals in \(configuration.effectiveDTLDirectory))")
+        }
+        let router: Router
+        do {
+            router = try Router(configuration: configuration.routerConfiguration, backends: backends, logger: logger)
+        } catch {
+            await dtlPeer?.stop()
+            throw error
+        }
         // Clones whose parent another router owns ask that router to record them (docs/design.md).
         router.remoteCloneRegistrar = RouterService.cloneRegistrar(configuration: configuration, backends: backends)
+        if configuration.clusterNode != nil, let token = clusterToken, token.count >= 16 {
+            router.enableDTL(
+                RouterService.dtlNetwork(
+                    configuration: configuration, backends: backends, token: token,
+                    group: MultiThreadedEventLoopGroup.singleton))
+        }
         let failures = await router.openAll { message in logger.info("\(message)") }
         for (name, error) in failures { printError("volume \(name) is not served: \(error.message)") }
 
@@ -170,7 +210,7 @@ struct ServeCommand: AsyncParsableCommand {
             clusterServer = server
             let address = "\(host):\(server.localPort ?? port)"
             try await NodeRecords.write(
-                NodeRecord(node: node, address: address, writtenAt: Date(), tls: tls != nil),
+                NodeRecord(node: node, address: address, writtenAt: Date(), tls: tls != nil, dtl: dtlAddress),
                 store: try backends.store(named: configuration.defaultBackend))
             logger.info("cluster API of node \(node) at \(address)\(tls != nil ? " (TLS)" : "")")
         }
@@ -206,6 +246,7 @@ struct ServeCommand: AsyncParsableCommand {
         await clusterServer?.stop()
         await server.stop()
         let results = await router.stop(drainTimeoutSeconds: configuration.drainTimeoutSeconds)
+        await dtlPeer?.stop()
         var left: [String] = []
         for (name, result) in results where !result.drained {
             left.append("\(name): \(ByteSize.format(result.unstoredBytes)) in \(result.pendingSCOs) SCO(s)")

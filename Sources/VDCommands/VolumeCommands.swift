@@ -12,7 +12,8 @@ struct VolumeCommand: AsyncParsableCommand {
         commandName: "volume",
         abstract: "Create, list, inspect, attach and delete volumes.",
         subcommands: [
-            Create.self, List.self, Info.self, Delete.self, Attach.self, Move.self, Takeover.self, ImportDiff.self,
+            Create.self, List.self, Info.self, Delete.self, Attach.self, Move.self, Takeover.self, DTL.self,
+            ImportDiff.self,
         ])
 
     struct Create: AsyncParsableCommand {
@@ -202,6 +203,13 @@ struct VolumeCommand: AsyncParsableCommand {
                 )
             }
             if let error = volume.lastUploadError { lines.append("  upload error:  \(error)") }
+            if let dtl = volume.dtl {
+                let state = dtl.state.replacingOccurrences(of: "_", with: " ")
+                lines.append(
+                    "  DTL:           \(dtl.mode == "none" ? "none (writes not yet on the backend exist on this node only)" : "\(dtl.mode) to \(dtl.peer ?? "?"), \(state)")\(dtl.unansweredBytes > 0 ? ", \(ByteSize.format(dtl.unansweredBytes)) unanswered" : "")"
+                )
+                if let error = dtl.lastError, dtl.state != "in_sync" { lines.append("  DTL error:     \(error)") }
+            }
             lines.append("  snapshots:     \(volume.snapshots.isEmpty ? "none" : "")")
             for snapshot in volume.snapshots {
                 lines.append(
@@ -378,9 +386,12 @@ extension VolumeCommand {
             discussion: """
                 Needs a router started with --node. Waits the owner's lease out (lease x 1.01/0.99 + 1 s, measured
                 by this router's clock from its first read of the owner record), then writes the next generation of
-                the record and opens the volume from the backend: everything the old owner stored is there; what was
-                only on its flash is not (that is what the DTL is for). A live owner (one that renews meanwhile)
-                keeps the volume; use `vd volume move` for it. `vd volume attach` never takes a live lease.
+                the record and opens the volume from the backend: everything the old owner stored is there. With a
+                DTL (`vd volume dtl`), the writes not yet stored are fetched from the volume's DTL peer (which may be
+                this router) and recovered too; if the peer cannot be reached, or was not in sync when the owner was
+                lost, the takeover says what may be lost and stops unless --accept-loss is given. Without a DTL, what
+                was only on the old owner's flash is not recovered. A live owner (one that renews meanwhile) keeps
+                the volume; use `vd volume move` for it. `vd volume attach` never takes a live lease.
                 """)
 
         @OptionGroup var global: GlobalOptions
@@ -394,9 +405,16 @@ extension VolumeCommand {
                 "The backend of the volume (name or URL), when it is not registered here.", valueName: "backend"))
         var backend: String?
 
+        @Flag(
+            name: .customLong("accept-loss"),
+            help:
+                "Take it over even if writes the lost owner replied may be lost (its DTL peer is unreachable or was not in sync)."
+        )
+        var acceptLoss = false
+
         func run() async throws {
             let configuration = try global.load()
-            let request = TakeoverVolumeRequest(name: name, backend: backend)
+            let request = TakeoverVolumeRequest(name: name, backend: backend, acceptLoss: acceptLoss ? true : nil)
             let started = Date()
             let status = try await ServiceAccess.with(configuration, command: "vd volume takeover") {
                 (service) throws(VDError) in try await service.takeoverVolume(request)
@@ -404,6 +422,47 @@ extension VolumeCommand {
             print(
                 "took volume \(status.name) over in \(String(format: "%.1f", Date().timeIntervalSince(started))) s; served here now"
             )
+        }
+    }
+
+    struct DTL: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "dtl",
+            abstract: "Set how a volume's writes are mirrored to a DTL peer until the backend holds them.",
+            discussion: """
+                sync: a write is replied once the peer received it, a flush or FUA once the peer made it durable: with
+                the state in sync, no flushed write is lost when the owner's node is lost (`vd volume takeover`
+                fetches them from the peer). async: flushes as in sync, writes do not wait for the peer (up to 64 MiB
+                may be unanswered). none: no mirror. The peer is another node running `vd serve --dtl-listen`; without
+                --peer one is chosen among the cluster's node records. An unreachable peer makes the volume
+                degraded (writes continue on local flash; `vd volume info` and the metric vd_volume_dtl_state show
+                it) until the peer returns and has caught up.
+                """)
+
+        @OptionGroup var global: GlobalOptions
+
+        @Argument(help: "Volume name.")
+        var name: String
+
+        @Option(name: .long, help: ArgumentHelp("sync, async or none.", valueName: "mode"))
+        var mode: String
+
+        @Option(name: .long, help: ArgumentHelp("The peer's node name.", valueName: "node"))
+        var peer: String?
+
+        func run() async throws {
+            let configuration = try global.load()
+            let request = SetDTLRequest(mode: mode, peer: peer)
+            let status = try await ServiceAccess.with(configuration, command: "vd volume dtl") {
+                (service) throws(VDError) in try await service.setVolumeDTL(name, request)
+            }
+            if let dtl = status.dtl, dtl.mode != "none" {
+                print(
+                    "volume \(status.name): DTL \(dtl.mode) to \(dtl.peer ?? "?") (\(dtl.state.replacingOccurrences(of: "_", with: " ")))"
+                )
+            } else {
+                print("volume \(status.name): no DTL")
+            }
         }
     }
 }

@@ -41,6 +41,8 @@ public struct VDError: Error, Sendable, Hashable, CustomStringConvertible {
         public static let configuration = Code(rawValue: "configuration")
         /// A compare-and-swap lost: another writer changed the record since it was read; nothing was written.
         public static let conflict = Code(rawValue: "conflict")
+        /// Going on would lose acknowledged writes: it needs the caller's explicit acceptance.
+        public static let dataLoss = Code(rawValue: "data-loss")
     }
 
     public var code: Code

@@ -52,6 +52,8 @@ package struct VolumeLayout: Sendable {
         return (epoch.rawValue, tag.rawValue)
     }
     package var generationsPrefix: String { namespace + "/generations/" }
+    /// The volume's DTL mode, peer and state (read by a taker).
+    package var dtlObject: String { namespace + "/dtl" }
     package func generationObject(_ generation: UInt64) -> String { generationsPrefix + SCONumber(generation).hex }
 
     /// Parses the numbers of objects named PREFIX + 16 hex digits.

@@ -147,6 +147,10 @@ final class Journal: Sendable {
     private let background = Mutex<[Task<Void, Never>]>([])
     /// The next journal file, created ahead of the roll that needs it (see `prepareSpare`).
     private let spare = Mutex<SpareJournal>(.none)
+    /// The DTL mirror every journal write is handed to (DTLMirror.swift), if the volume has one. Swapped only with
+    /// leader rights, so every range reaches either the mirror or its catch-up.
+    let mirrorBox = Mutex<DTLMirror?>(nil)
+    var mirror: DTLMirror? { mirrorBox.withLock { $0 } }
 
     /// Most bytes a leader writes in one round (the rest waits for the next leader).
     static let leaderRoundBytesMax = 64 << 20
@@ -348,6 +352,20 @@ final class Journal: Sendable {
             markFailed(failure)
             throw failure
         }
+        if let mirror {
+            var bytes = ByteBufferAllocator().buffer(capacity: Int(written))
+            for (index, batch) in pending.batches.enumerated() {
+                bytes.writeImmutableBuffer(
+                    headers.getSlice(
+                        at: headers.readerIndex + index * SCOFormat.blockBytes, length: SCOFormat.blockBytes)!)
+                for run in batch.payloadRuns {
+                    let source = pending.buffers[run.buffer]
+                    bytes.writeImmutableBuffer(source.getSlice(at: source.readerIndex + run.start, length: run.length)!)
+                }
+            }
+            precondition(bytes.readableBytes == Int(written), "a mirrored range differs from what was written")
+            mirror.appended(epoch: state.epoch, sco: state.sco, offset: pending.startOffset, bytes: bytes)
+        }
         let now = env.clock.now()
         let openBytes = state.writeOffset
         shared.withLock { shared in
@@ -419,6 +437,13 @@ final class Journal: Sendable {
             file.close()
             try? env.fs.unlinkIfPresent(file.path)
             throw error
+        }
+        if let mirror {
+            mirror.appended(epoch: oldEpoch, sco: old, offset: state.writeOffset, bytes: marker.encode())
+            mirror.appended(
+                epoch: nextEpoch, sco: next, offset: 0,
+                bytes: SCOHeader(volumeID: volumeID, sco: next, clusterSizeBytes: clusterSizeBytes, epoch: nextEpoch)
+                    .encode())
         }
         state.writeOffset += UInt64(SCOFormat.blockBytes)
         unstoredBytes.add(UInt64(2 * SCOFormat.blockBytes), ordering: .relaxed)

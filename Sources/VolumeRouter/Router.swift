@@ -11,6 +11,7 @@
 // namespace and the flash directory, so a half-finished deletion never leaves a volume that looks usable.
 
 import BlockMap
+import DTL
 package import FlashIO
 package import Foundation
 package import Logging
@@ -242,6 +243,8 @@ package final class Router: Sendable {
     /// Volumes being opened, or taken over (from the takeover's first read to its open): one at a time, so two
     /// leases of this router never compete for one volume and one flash directory is never opened twice.
     private let opening = Mutex<Set<VolumeName>>([])
+    /// How volumes reach DTL peers (set by `vd serve` in cluster mode before volumes open; nil: no DTL).
+    private let dtlNetworkBox = Mutex<DTLNetwork?>(nil)
 
     /// Takes the data directory lock (or fails naming its holder) and prepares the shared cache and I/O threads.
     /// `holder` names this process in the lock ("vd serve", or the CLI command working offline). `environment`:
@@ -286,6 +289,10 @@ package final class Router: Sendable {
         self.aio = aio
         cache = FlashCache(capacityBytes: configuration.cacheCapacityBytes, aio: aio, logger: logger, fs: env.fs)
     }
+
+    /// Volumes opened from now on mirror as their DTL record says, through `network`.
+    package func enableDTL(_ network: DTLNetwork) { dtlNetworkBox.withLock { $0 = network } }
+    package var dtlNetwork: DTLNetwork? { dtlNetworkBox.withLock { $0 } }
 
     package func layout(for registration: VolumeRegistration) -> VolumeLayout {
         VolumeLayout(
@@ -334,7 +341,7 @@ package final class Router: Sendable {
     @discardableResult
     package func open(
         _ registration: VolumeRegistration, retakingOwnRelease: Bool = false, taken: OwnerLease? = nil,
-        progress: @escaping @Sendable (String) -> Void
+        acceptLoss: Bool = false, progress: @escaping @Sendable (String) -> Void
     ) async throws(VDError)
         -> Volume
     {
@@ -346,7 +353,7 @@ package final class Router: Sendable {
                 if volume(named: name) != nil {
                     throw VDError(.alreadyExists, "volume \(name) is already served here")
                 }
-                return try await openMarked(registration, taken: taken, progress: progress)
+                return try await openMarked(registration, taken: taken, acceptLoss: acceptLoss, progress: progress)
             } catch {
                 taken.stopRenewing()
                 throw error
@@ -365,7 +372,7 @@ package final class Router: Sendable {
     /// `open` once the volume is marked as opening (no other open of it runs).
     private func openMarked(
         _ registration: VolumeRegistration, retakingOwnRelease: Bool = false, taken: OwnerLease? = nil,
-        progress: @escaping @Sendable (String) -> Void
+        acceptLoss: Bool = false, progress: @escaping @Sendable (String) -> Void
     ) async throws(VDError) -> Volume {
         let backend = try backends.store(named: registration.backend)
         var options = configuration.volumeOptions
@@ -399,14 +406,111 @@ package final class Router: Sendable {
                 generation: lease.map {
                     OwnerGeneration(generation: $0.generation, node: configuration.ownership!.node)
                 },
-                lease: lease, progress: progress)
+                lease: lease,
+                peerJournals: taken.map {
+                    peerJournalSource(registration, backend: backend, generation: $0.generation, acceptLoss: acceptLoss)
+                },
+                progress: progress)
         } catch {
             lease?.stopRenewing()
             (parent as? BackendParentView)?.detach()
             throw error
         }
         state.withLock { $0[registration.config.name] = volume }
+        await startMirror(volume)
         return volume
+    }
+
+    // MARK: the distributed transaction log
+
+    /// Starts the volume's DTL mirror as its record on the backend says (a failure is logged: the volume is served
+    /// without a mirror, `vd volume info` shows it).
+    private func startMirror(_ volume: Volume) async {
+        guard let network = dtlNetwork else { return }
+        do throws(VDError) {
+            guard var record = try await DTLRecord.load(layout: volume.layout, backend: volume.backend),
+                record.mode != .none
+            else { return }
+            if record.peer == nil || record.peer == configuration.ownership?.node {
+                // The owner cannot be its own peer (after a takeover by the peer, typically): choose another.
+                let chosen = try await network.choosePeer(configuration.ownership?.node ?? "")
+                guard let chosen else {
+                    logger.warning(
+                        "volume \(volume.name): no DTL peer other than this node is known; not mirrored (`vd volume dtl \(volume.name) --mode \(record.mode.rawValue) --peer NODE` once one runs)"
+                    )
+                    return
+                }
+                logger.info("volume \(volume.name): DTL peer \(record.peer ?? "none") replaced by \(chosen)")
+                record.peer = chosen
+            }
+            try await setDTL(of: volume, mode: record.mode, peer: record.peer)
+        } catch {
+            logger.error("volume \(volume.name): cannot start its DTL mirror: \(error.message)")
+        }
+    }
+
+    /// Sets a volume's DTL mode and peer: the record on the backend first (a taker reads it), then the mirror.
+    package func setDTL(of volume: Volume, mode: DTLMode, peer: String?) async throws(VDError) {
+        guard let network = dtlNetwork else {
+            throw VDError(
+                .configuration,
+                "the DTL needs a router with a node name and the cluster token (`vd serve --node NAME` with VD_CLUSTER_TOKEN)"
+            )
+        }
+        if mode != .none, peer == nil || peer == configuration.ownership?.node {
+            throw VDError(.invalidArgument, "volume \(volume.name): the DTL peer must be another node than its owner")
+        }
+        guard volume.mayWriteMetadata else {
+            throw VDError(.shutdown, "volume \(volume.name): this router's lease is not valid; the DTL is unchanged")
+        }
+        let record = DTLRecord(
+            mode: mode, peer: mode == .none ? nil : peer, state: mode == .none ? .off : .degraded,
+            generation: volume.ownerLease?.generation ?? 1, changedAt: env.clock.wallNow(),
+            storedThrough: volume.uploadStatus.storedThrough.rawValue)
+        try await record.write(layout: volume.layout, backend: volume.backend)
+        try await volume.startDTL(mode: mode, peer: record.peer, network: network)
+    }
+
+    /// At a takeover: fetches the journals the backend lacks from the volume's DTL peer (fencing the lost owner at the
+    /// peer). Refuses, unless `acceptLoss`, when the peer cannot be asked or its copy may be short.
+    private func peerJournalSource(
+        _ registration: VolumeRegistration, backend: any ObjectStore, generation: UInt64, acceptLoss: Bool
+    ) -> PeerJournalSource {
+        let layout = self.layout(for: registration)
+        let (network, logger) = (dtlNetwork, logger)
+        let name = registration.config.name
+        return { (after) throws(VDError) in
+            guard let record = try await DTLRecord.load(layout: layout, backend: backend), record.mode != .none,
+                let peer = record.peer
+            else { return [] }
+            let window =
+                "writes replied after epoch \(after) was stored, and not yet on the backend, may exist only on the lost node"
+            let advice =
+                "`vd volume takeover \(name) --accept-loss` takes it over with what the backend and the peer hold"
+            if record.state != .inSync {
+                let message =
+                    "volume \(name): its DTL peer \(peer) was \(record.state.rawValue) since \(record.changedAt) (generation \(record.generation)): \(window)"
+                guard acceptLoss else { throw VDError(.dataLoss, message + "; " + advice) }
+                logger.warning("\(message); taking it over anyway (--accept-loss)")
+            }
+            do throws(VDError) {
+                guard let network else {
+                    throw VDError(.configuration, "this router has no DTL network (node name and cluster token)")
+                }
+                let (host, port) = try await network.resolve(peer)
+                let client = try await DTLClient.connect(
+                    host: host, port: port, token: network.token, volumeID: registration.config.id,
+                    generation: generation, group: network.group)
+                defer { Task { await client.close() } }
+                return try await client.fetch(afterEpoch: after)
+            } catch {
+                let message =
+                    "volume \(name): cannot fetch its journals from DTL peer \(peer) (\(error.message)): \(window)"
+                guard acceptLoss else { throw VDError(.dataLoss, message + "; " + advice) }
+                logger.warning("\(message); taking it over without them (--accept-loss)")
+                return []
+            }
+        }
     }
 
     // MARK: parents owned elsewhere

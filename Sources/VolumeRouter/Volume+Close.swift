@@ -65,6 +65,7 @@ extension Volume {
         }
         for task in tasks { await task.value }
         await journal.stop()
+        await stopMirror()
         let status = uploadStatus
         do throws(VDError) { try map.persist() } catch {
             logger.error("cannot persist the map of \(config.name): \(error)")

@@ -48,6 +48,7 @@ extension Volume {
         do {
             try checkOwnership()
             try await flusher.flush()
+            await journal.mirror?.flush()
             try checkOwnership()
         } catch {
             metrics.flush.record(since: start, now: env.clock.now(), failed: true)

@@ -22,7 +22,7 @@
 import BlockMap
 package import FlashIO
 package import Logging
-import NIOCore
+package import NIOCore
 import NIOPosix
 package import ObjectStore
 package import SCOCache
@@ -36,7 +36,7 @@ extension Volume {
     package static func open(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, cache: FlashCache,
         env: Environment, logger: Logger, parent: (any CloneParentSource)? = nil, generation: OwnerGeneration? = nil,
-        lease: OwnerLease? = nil,
+        lease: OwnerLease? = nil, peerJournals: PeerJournalSource? = nil,
         progress: @escaping @Sendable (String) -> Void = { _ in }
     ) async throws(VDError) -> Volume {
         try options.validate()
@@ -78,6 +78,37 @@ extension Volume {
                 progress: progress)
             recovery.parent = parent
             try await recovery.discover()
+            if let peerJournals, let generation {
+                if recovery.scans.isEmpty && recovery.localTLogs.isSubset(of: recovery.backendTLogs) {
+                    let stored = recovery.lastEpoch ?? 0
+                    let fetched = try await peerJournals(stored)
+                    let firstNumber = max(
+                        SCONumber(GenerationChain.numberBase(of: generation.generation)), recovery.highestSCO.next)
+                    let installed = try await env.tasks.blocking { () throws(VDError) -> PeerJournals.Installed in
+                        try PeerJournals.install(
+                            fetched, after: stored, firstNumber: firstNumber, config: config, layout: layout, fs: fs,
+                            logger: logger)
+                    }
+                    if let last = installed.epochs.last {
+                        progress(
+                            "recovered epochs \(installed.epochs[0])-\(last) (\(ByteSize.format(installed.bytes))) from the DTL peer\(installed.lastSealed ? "" : ", the last one open at the loss")"
+                        )
+                        // The history again, now with the installed journals; this generation starts right after
+                        // what the backend holds, so their TLogs carry its tag and their SCOs its numbers.
+                        recovery = Recovery(
+                            config: config, layout: layout, options: options, backend: backend, env: env,
+                            logger: logger, progress: progress)
+                        recovery.parent = parent
+                        try await recovery.discover()
+                        recovery.generationFirstEpoch = stored + 1
+                    } else {
+                        progress("the DTL peer held nothing after epoch \(stored)")
+                    }
+                } else {
+                    logger.info(
+                        "volume \(config.name): local journals continue the history; the DTL peer is not needed")
+                }
+            }
             try await recovery.loadSnapshots()
             if let generation { try await recovery.startGeneration(generation) }
             var map = BlockMap(database: database, cacheEntries: options.mapCacheEntries)
@@ -124,6 +155,12 @@ extension Volume {
     }
 }
 
+/// Journals of the epochs after the given one, fetched from the volume's DTL peer at a takeover.
+package typealias PeerJournalSource =
+    @Sendable (_ afterEpoch: UInt64) async throws(VDError) -> [(
+        epoch: UInt64, sco: SCONumber, bytes: ByteBuffer
+    )]
+
 /// The owner generation a volume is opened in (when routers share the backend) and the node serving it.
 package struct OwnerGeneration: Sendable {
     package var generation: UInt64
@@ -167,6 +204,9 @@ struct Recovery {
     var parent: (any CloneParentSource)?
     /// Which generation wrote which epochs: only TLogs named by it are history.
     var generations = GenerationChain()
+    /// The first epoch of the generation being started, when not the one after the history (journals recovered
+    /// from a DTL peer: they belong to the new generation).
+    var generationFirstEpoch: UInt64?
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, env: Environment,
@@ -317,7 +357,8 @@ struct Recovery {
         guard generations.start(of: owner.generation) == nil else { return }
         let start = try await NamespaceObjects.startGeneration(
             GenerationStart(
-                generation: owner.generation, firstEpoch: (lastEpoch ?? 0) + 1, node: owner.node,
+                generation: owner.generation, firstEpoch: generationFirstEpoch ?? (lastEpoch ?? 0) + 1,
+                node: owner.node,
                 previous: generations.newest?.generation),
             layout: layout, backend: backend)
         generations.add(start)

@@ -17,6 +17,7 @@ extension Volume: UploaderDelegate {
         try? map.apply(update)
         cache.markEvictable(cacheKey(sco))
         cache.evictIfNeeded()
+        journal.mirror?.stored(through: epoch.rawValue)
     }
 }
 

@@ -297,6 +297,7 @@ package final class Volume: BlockDevice {
             buffer = merged
         }
         try await journal.submit(.write(clusterWrite(first: first, buffer: buffer)))
+        await journal.mirror?.waitForWrites()
         if fua { try await flush() }
     }
 
@@ -394,6 +395,7 @@ package final class Volume: BlockDevice {
                 address += n
             }
             try await journal.submit(.write(ClusterWrite(entries: entries, payloadIndex: [], buffer: ByteBuffer())))
+            await journal.mirror?.waitForWrites()
         }
         if fua { try await flush() }
     }

@@ -65,19 +65,19 @@ import VolumeCore
         // A restarted peer has the same journals and remembers the generation.
         store.close()
         store = try DTLStore(directory: root, bytesPerVolumeMax: 1 << 20, fs: fs)
-        let held = try store.journals(volume: Self.volume, afterEpoch: 0)
+        let held = try store.journals(volume: Self.volume, generation: 2, afterEpoch: 0)
         #expect(held.map(\.epoch) == [5, 6] && held.map(\.sco) == [a, b])
         var expected = bytes(4096, seed: 1)
         expected.writeImmutableBuffer(bytes(8192, seed: 2))
         #expect(held[0].bytes == expected)
-        #expect(try store.journals(volume: Self.volume, afterEpoch: 5).map(\.epoch) == [6])
+        #expect(try store.journals(volume: Self.volume, generation: 2, afterEpoch: 5).map(\.epoch) == [6])
 
         // A fenced owner (older generation) cannot change what a taker fetches.
         #expect(throws: VDError.self) {
             try store.append(
                 volume: Self.volume, generation: 1, epoch: 6, sco: b, offset: 0, bytes: bytes(4096, seed: 9))
         }
-        #expect(try store.journals(volume: Self.volume, afterEpoch: 5)[0].bytes == bytes(4096, seed: 3))
+        #expect(try store.journals(volume: Self.volume, generation: 2, afterEpoch: 5)[0].bytes == bytes(4096, seed: 3))
 
         // Bounded: past the bound an append is refused with no-space (the owner then degrades).
         do {
@@ -92,7 +92,7 @@ import VolumeCore
         try store.trim(volume: Self.volume, throughEpoch: 5)
         store.close()
         store = try DTLStore(directory: root, bytesPerVolumeMax: 1 << 20, fs: fs)
-        #expect(try store.journals(volume: Self.volume, afterEpoch: 0).map(\.epoch) == [6])
+        #expect(try store.journals(volume: Self.volume, generation: 2, afterEpoch: 0).map(\.epoch) == [6])
         #expect(try store.usage(volume: Self.volume).bytes == 4096)
         store.close()
     }

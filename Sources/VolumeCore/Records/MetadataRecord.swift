@@ -24,6 +24,7 @@ public enum MetadataRecord {
         public static let ownerRecord = Kind(rawValue: 6)
         public static let nodeRecord = Kind(rawValue: 7)
         public static let generationStart = Kind(rawValue: 8)
+        public static let dtlRecord = Kind(rawValue: 9)
     }
 
     public static func encode<T: Encodable>(_ value: T, kind: Kind) throws(VDError) -> ByteBuffer {
