@@ -195,11 +195,12 @@ public final class VDServer: @unchecked Sendable {
     /// A router of a cluster: `vd serve --config CONFIG --node NODE` on DIRECTORY/NODE, with the cluster token, and
     /// (`listen`) its cluster API on a free loopback port.
     public static func clusterNode(
-        _ node: String, in directory: String, config: String, token: String, listen: Bool = true
+        _ node: String, in directory: String, config: String, token: String, listen: Bool = true, dtl: Bool = false
     ) throws -> VDServer {
         try VDServer(
             dataDirectory: directory + "/" + node,
-            extraArguments: ["--config", config, "--node", node] + (listen ? ["--cluster-listen", "127.0.0.1:0"] : []),
+            extraArguments: ["--config", config, "--node", node] + (listen ? ["--cluster-listen", "127.0.0.1:0"] : [])
+                + (dtl ? ["--dtl-listen", "127.0.0.1:0"] : []),
             environment: ["VD_CLUSTER_TOKEN": token])
     }
 
