@@ -48,6 +48,7 @@ package final class DTLServer: Sendable {
     private let group: any EventLoopGroup
     private let logger: Logger
     private let state = Mutex<(channel: (any Channel)?, task: Task<Void, Never>?)>((nil, nil))
+    private let logic: DTLPeerLogic
 
     package init(
         host: String, port: Int, token: String, store: DTLStore, pool: NIOThreadPool, group: any EventLoopGroup,
@@ -60,6 +61,7 @@ package final class DTLServer: Sendable {
         self.pool = pool
         self.group = group
         self.logger = logger
+        logic = DTLPeerLogic(store: store, logger: logger)
     }
 
     package var localPort: Int? { state.withLock { $0.channel?.localAddress?.port } }
@@ -106,25 +108,9 @@ package final class DTLServer: Sendable {
         await task?.value
     }
 
-    private func blocking<T: Sendable>(_ body: @escaping @Sendable () throws(VDError) -> T) async throws(VDError) -> T {
-        do {
-            return try await pool.runIfActive { () throws -> T in try body() }
-        } catch let error as VDError {
-            throw error
-        } catch {
-            throw VDError(.io, "DTL store: \(error)")
-        }
-    }
-
-    private func refusal(_ frame: DTLFrame, _ error: VDError) -> DTLFrame {
-        var message = ByteBufferAllocator().buffer(capacity: 0)
-        message.writeString("\(error.code.rawValue): \(error.message)")
-        return DTLFrame(
-            kind: .refused, volumeID: frame.volumeID, generation: frame.generation, epoch: frame.epoch,
-            value: frame.value, payload: message)
-    }
-
     private func serve(_ connection: NIOAsyncChannel<DTLFrame, DTLFrame>) async {
+        let session = logic.newConnection()
+        let logic = self.logic
         do {
             try await connection.executeThenClose { inbound, outbound in
                 var authenticated = false
@@ -136,73 +122,116 @@ package final class DTLServer: Sendable {
                         else {
                             logger.warning("DTL connection refused: no hello with the cluster token")
                             try await outbound.write(
-                                refusal(frame, VDError(.authentication, "a DTL connection starts with the token")))
+                                DTLPeerLogic.refusal(
+                                    frame, VDError(.authentication, "a DTL connection starts with the token")))
                             return
                         }
                         authenticated = true
                         continue
                     }
                     if frame.kind == .append { appends += 1 }
-                    try await handle(frame, outbound, appends: appends)
+                    let count = appends
+                    let replies: [DTLFrame]
+                    do {
+                        replies = try await pool.runIfActive {
+                            logic.handle(frame, connection: session, appends: count)
+                        }
+                    } catch {
+                        replies = [DTLPeerLogic.refusal(frame, VDError(.shutdown, "the DTL peer is stopping"))]
+                    }
+                    for reply in replies { try await outbound.write(reply) }
                 }
             }
         } catch {
             logger.debug("DTL connection ended: \(error)")
         }
     }
+}
 
-    /// Serves one frame; `appends`: how many appends this connection carried so far (this one included).
-    private func handle(
-        _ frame: DTLFrame, _ outbound: NIOAsyncChannelOutboundWriter<DTLFrame>, appends: UInt64
-    ) async throws {
-        let store = self.store
+/// What a DTL peer answers, frame by frame, for the TCP server or a simulation's in-process link. Each owner
+/// connection is a session: a `reset` makes it the volume's current one, and frames of an older session of the same
+/// volume (a backlog still arriving after the owner reconnected) are refused, so they can never land after the reset.
+/// `handle` does blocking file I/O: call it off the event loops.
+package final class DTLPeerLogic: Sendable {
+    private let store: DTLStore
+    private let logger: Logger
+    private let sessions = Mutex<(next: UInt64, current: [VolumeID: UInt64])>((0, [:]))
+
+    package init(store: DTLStore, logger: Logger) {
+        self.store = store
+        self.logger = logger
+    }
+
+    /// A new owner connection's session.
+    package func newConnection() -> UInt64 {
+        sessions.withLock { state in
+            state.next += 1
+            return state.next
+        }
+    }
+
+    package static func refusal(_ frame: DTLFrame, _ error: VDError) -> DTLFrame {
+        var message = ByteBufferAllocator().buffer(capacity: 0)
+        message.writeString("\(error.code.rawValue): \(error.message)")
+        return DTLFrame(
+            kind: .refused, volumeID: frame.volumeID, generation: frame.generation, epoch: frame.epoch,
+            value: frame.value, payload: message)
+    }
+
+    /// The answers to `frame`, the `appends`-th append of session `connection` (counting this one, if it is one).
+    package func handle(_ frame: DTLFrame, connection: UInt64, appends: UInt64) -> [DTLFrame] {
         do throws(VDError) {
+            switch frame.kind {
+            case .append, .sync, .trim:
+                let current = sessions.withLock { $0.current[frame.volumeID] }
+                if let current, current != connection {
+                    throw VDError(.busy, "volume \(frame.volumeID): a newer connection of its owner replaced this one")
+                }
+            case .reset:
+                sessions.withLock { $0.current[frame.volumeID] = connection }
+            default:
+                break
+            }
             switch frame.kind {
             case .append:
                 let (offset, bytes) = try frame.appended()
-                try await blocking { () throws(VDError) in
-                    try store.append(
-                        volume: frame.volumeID, generation: frame.generation, epoch: frame.epoch,
-                        sco: SCONumber(frame.value), offset: offset, bytes: bytes)
-                }
-                try? await outbound.write(
-                    DTLFrame(kind: .received, volumeID: frame.volumeID, generation: frame.generation, value: appends))
+                try store.append(
+                    volume: frame.volumeID, generation: frame.generation, epoch: frame.epoch,
+                    sco: SCONumber(frame.value), offset: offset, bytes: bytes)
+                return [
+                    DTLFrame(kind: .received, volumeID: frame.volumeID, generation: frame.generation, value: appends)
+                ]
             case .reset:
-                try await blocking { () throws(VDError) in
-                    try store.reset(volume: frame.volumeID, generation: frame.generation)
-                }
+                try store.reset(volume: frame.volumeID, generation: frame.generation)
+                return []
             case .sync:
-                try await blocking { () throws(VDError) in try store.sync(volume: frame.volumeID) }
-                try? await outbound.write(
-                    DTLFrame(kind: .synced, volumeID: frame.volumeID, generation: frame.generation, value: frame.value))
+                try store.sync(volume: frame.volumeID, generation: frame.generation)
+                return [
+                    DTLFrame(kind: .synced, volumeID: frame.volumeID, generation: frame.generation, value: frame.value)
+                ]
             case .trim:
-                try await blocking { () throws(VDError) in
-                    try store.trim(volume: frame.volumeID, throughEpoch: frame.value)
-                }
+                try store.trim(volume: frame.volumeID, generation: frame.generation, throughEpoch: frame.value)
+                return []
             case .fetch:
-                let journals = try await blocking {
-                    () throws(VDError) -> [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)] in
-                    try store.journals(volume: frame.volumeID, generation: frame.generation, afterEpoch: frame.value)
-                }
-                for journal in journals {
-                    try? await outbound.write(
-                        DTLFrame(
-                            kind: .journal, volumeID: frame.volumeID, generation: frame.generation,
-                            epoch: journal.epoch, value: journal.sco.rawValue, payload: journal.bytes))
-                }
-                try? await outbound.write(
+                let journals = try store.journals(
+                    volume: frame.volumeID, generation: frame.generation, afterEpoch: frame.value)
+                return journals.map {
+                    DTLFrame(
+                        kind: .journal, volumeID: frame.volumeID, generation: frame.generation, epoch: $0.epoch,
+                        value: $0.sco.rawValue, payload: $0.bytes)
+                } + [
                     DTLFrame(
                         kind: .fetchDone, volumeID: frame.volumeID, generation: frame.generation,
-                        value: UInt64(journals.count)))
+                        value: UInt64(journals.count))
+                ]
             default:
                 throw VDError(.invalidArgument, "a DTL peer does not take \(frame.kind) frames")
             }
         } catch {
             logger.warning("DTL \(frame.kind) of volume \(frame.volumeID) refused: \(error.message)")
-            try await outbound.write(refusal(frame, error))
+            return [Self.refusal(frame, error)]
         }
     }
-
 }
 
 /// Frames (or the connection's end) as they arrive, for one reader at a time.
@@ -265,13 +294,57 @@ final class DTLClientHandler: ChannelInboundHandler, Sendable {
     }
 }
 
+/// One owner's (or taker's) connection to a DTL peer, used in order: over TCP (`DTLClient`) or, in a simulation, an
+/// in-process link.
+package protocol DTLConnection: Sendable {
+    var volumeID: VolumeID { get }
+    var generation: UInt64 { get }
+    /// Sends `frame` without waiting; frames posted one after another leave in that order.
+    func post(_ frame: DTLFrame)
+    /// The next frame from the peer (one reader at a time); an error once the connection ended.
+    func nextFrame() async throws(VDError) -> DTLFrame
+    func close() async
+}
+
+extension DTLConnection {
+    package func frame(_ kind: DTLFrameKind, value: UInt64 = 0) -> DTLFrame {
+        DTLFrame(kind: kind, volumeID: volumeID, generation: generation, value: value)
+    }
+
+    package func appendFrame(epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: ByteBuffer) -> DTLFrame {
+        .append(volumeID: volumeID, generation: generation, epoch: epoch, sco: sco, offset: offset, bytes: bytes)
+    }
+
+    /// The journals of every epoch after `epoch` the peer holds (for a taker: from then on the peer refuses the
+    /// older generations).
+    package func fetch(
+        afterEpoch epoch: UInt64
+    ) async throws(VDError) -> [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)] {
+        post(frame(.fetch, value: epoch))
+        var journals: [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)] = []
+        while true {
+            let frame = try await nextFrame()
+            switch frame.kind {
+            case .journal: journals.append((frame.epoch, SCONumber(frame.value), frame.payload))
+            case .fetchDone:
+                guard frame.value == UInt64(journals.count) else {
+                    throw VDError(.corrupt, "the DTL peer sent \(journals.count) journals and counted \(frame.value)")
+                }
+                return journals
+            case .refused: throw DTLClient.refusal(frame)
+            default: throw VDError(.corrupt, "the DTL peer answered a fetch with \(frame.kind)")
+            }
+        }
+    }
+}
+
 /// One connection to a DTL peer, used in order: appends go out at once; `sync` waits for the peer's `synced` and
 /// fails with the first refusal the peer sent since the previous sync; `fetch` collects journals until `fetchDone`.
-package final class DTLClient: Sendable {
+package final class DTLClient: DTLConnection {
     private let channel: any Channel
     private let inbox: DTLInbox
-    private let volumeID: VolumeID
-    private let generation: UInt64
+    package let volumeID: VolumeID
+    package let generation: UInt64
 
     private init(channel: any Channel, inbox: DTLInbox, volumeID: VolumeID, generation: UInt64) {
         self.channel = channel
@@ -322,15 +395,10 @@ package final class DTLClient: Sendable {
     /// Sends `frame` without waiting: frames posted one after another (by one caller at a time, in a
     /// happens-before order) leave in that order. A failure shows as the connection's end to `nextFrame`.
     package func post(_ frame: DTLFrame) {
-        channel.writeAndFlush(frame, promise: nil)
-    }
-
-    package func appendFrame(epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: ByteBuffer) -> DTLFrame {
-        .append(volumeID: volumeID, generation: generation, epoch: epoch, sco: sco, offset: offset, bytes: bytes)
-    }
-
-    package func frame(_ kind: DTLFrameKind, value: UInt64 = 0) -> DTLFrame {
-        DTLFrame(kind: kind, volumeID: volumeID, generation: generation, value: value)
+        // Always through the loop's task queue (a write made on the loop itself would go out at once, ahead of writes
+        // queued earlier from other threads).
+        let channel = self.channel
+        channel.eventLoop.execute { channel.writeAndFlush(frame, promise: nil) }
     }
 
     package static func refusal(_ frame: DTLFrame) -> VDError {
@@ -361,27 +429,6 @@ package final class DTLClient: Sendable {
 
     package func trim(throughEpoch epoch: UInt64) async throws(VDError) {
         try await send(DTLFrame(kind: .trim, volumeID: volumeID, generation: generation, value: epoch))
-    }
-
-    /// The journals of every epoch after `epoch` the peer holds.
-    package func fetch(
-        afterEpoch epoch: UInt64
-    ) async throws(VDError) -> [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)] {
-        try await send(DTLFrame(kind: .fetch, volumeID: volumeID, generation: generation, value: epoch))
-        var journals: [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)] = []
-        while true {
-            let frame = try await next()
-            switch frame.kind {
-            case .journal: journals.append((frame.epoch, SCONumber(frame.value), frame.payload))
-            case .fetchDone:
-                guard frame.value == UInt64(journals.count) else {
-                    throw VDError(.corrupt, "the DTL peer sent \(journals.count) journals and counted \(frame.value)")
-                }
-                return journals
-            case .refused: throw Self.refusal(frame)
-            default: throw VDError(.corrupt, "the DTL peer answered a fetch with \(frame.kind)")
-            }
-        }
     }
 
     package func close() async {

@@ -32,8 +32,13 @@ package final class DTLStore: Sendable {
     private struct Volume {
         var generation: UInt64 = 0
         var journals: [SCONumber: Journal] = [:]
-        var unsynced: Set<SCONumber> = []
-        var newNames = false
+        /// Appends so far (a counter), and per journal the count at its last append not yet known durable: a sync
+        /// removes an entry only if no append came after the count it synced (syncs of two connections may overlap).
+        var appends: UInt64 = 0
+        var unsynced: [SCONumber: UInt64] = [:]
+        /// Journals created so far, and how many of those a directory sync covered.
+        var namesCreated: UInt64 = 0
+        var namesSynced: UInt64 = 0
         var bytes: UInt64 { journals.values.reduce(0) { $0 + $1.lengthBytes } }
     }
 
@@ -141,72 +146,66 @@ package final class DTLStore: Sendable {
                 try fs.makeDirectories(path)
                 let file = try fs.open(path + "/" + journalName(epoch: epoch, sco: sco), options: [.create])
                 journal = Journal(file: file, epoch: epoch, sco: sco, lengthBytes: 0)
-                volume.newNames = true
+                volume.namesCreated += 1
             }
             try bytes.withUnsafeReadableBytes { (raw) throws(VDError) in try journal.file.write(raw, at: offset) }
             journal.lengthBytes = max(journal.lengthBytes, end)
             volume.journals[sco] = journal
-            volume.unsynced.insert(sco)
+            volume.appends += 1
+            volume.unsynced[sco] = volume.appends
             all[id] = volume
         }
     }
 
-    /// Makes every append to volume `id` before this call durable.
-    package func sync(volume id: VolumeID) throws(VDError) {
+    /// Makes every append to volume `id` before this call durable (for an owner of `generation`).
+    package func sync(volume id: VolumeID, generation: UInt64) throws(VDError) {
         let path = volumeDirectory(id)
-        let (scos, files, newNames) = try volumes.withLock {
-            (all) throws(VDError) -> (Set<SCONumber>, [FlashFile], Bool) in
+        let (pending, files, names) = try volumes.withLock {
+            (all) throws(VDError) -> ([SCONumber: UInt64], [FlashFile], UInt64?) in
             var volume = try loaded(id, &all)
-            let scos = volume.unsynced
-            let files = scos.compactMap { volume.journals[$0]?.file }
-            let newNames = volume.newNames
-            volume.unsynced = []
-            volume.newNames = false
+            try admit(id, generation: generation, &volume, what: "a sync")
             all[id] = volume
-            return (scos, files, newNames)
+            let files = volume.unsynced.keys.compactMap { volume.journals[$0]?.file }
+            return (volume.unsynced, files, volume.namesCreated > volume.namesSynced ? volume.namesCreated : nil)
         }
-        do throws(VDError) {
-            for file in files { try file.dataSync() }
-            if newNames { try fs.syncDirectory(path) }
-        } catch {
-            // Not durable: the next sync tries these again.
-            volumes.withLock { all in
-                guard var volume = all[id] else { return }
-                volume.unsynced.formUnion(scos.filter { volume.journals[$0] != nil })
-                volume.newNames = volume.newNames || newNames
-                all[id] = volume
-            }
-            throw error
+        for file in files { try file.dataSync() }
+        if names != nil { try fs.syncDirectory(path) }
+        volumes.withLock { all in
+            guard var volume = all[id] else { return }
+            for (sco, count) in pending where volume.unsynced[sco] == count { volume.unsynced[sco] = nil }
+            if let names { volume.namesSynced = max(volume.namesSynced, names) }
+            all[id] = volume
         }
     }
 
-    /// Drops the journals of every epoch through `epoch` (the backend holds them).
-    package func trim(volume id: VolumeID, throughEpoch epoch: UInt64) throws(VDError) {
-        try drop(volume: id, generation: nil) { $0.epoch <= epoch }
+    /// Drops the journals of every epoch through `epoch` (the backend holds them; the owner is of `generation`).
+    package func trim(volume id: VolumeID, generation: UInt64, throughEpoch epoch: UInt64) throws(VDError) {
+        try drop(volume: id, generation: generation, what: "a trim") { $0.epoch <= epoch }
     }
 
     /// Drops every journal of volume `id`: its owner (of `generation`) is about to send again all the backend lacks.
     package func reset(volume id: VolumeID, generation: UInt64) throws(VDError) {
-        try drop(volume: id, generation: generation) { _ in true }
+        try drop(volume: id, generation: generation, what: "a reset") { _ in true }
     }
 
     private func drop(
-        volume id: VolumeID, generation: UInt64?, where condition: (Journal) -> Bool
+        volume id: VolumeID, generation: UInt64, what: String, where condition: (Journal) -> Bool
     ) throws(VDError) {
         let path = volumeDirectory(id)
         let gone = try volumes.withLock { (all) throws(VDError) -> [Journal] in
             var volume = try loaded(id, &all)
-            if let generation { try admit(id, generation: generation, &volume, what: "a reset") }
+            try admit(id, generation: generation, &volume, what: what)
             let gone = volume.journals.values.filter(condition)
             for journal in gone {
                 volume.journals[journal.sco] = nil
-                volume.unsynced.remove(journal.sco)
+                volume.unsynced[journal.sco] = nil
             }
             all[id] = volume
             return gone
         }
+        // The files are not closed here: a sync of another connection may be using one (each closes when its last
+        // user lets go of it).
         for journal in gone {
-            journal.file.close()
             try fs.unlinkIfPresent(path + "/" + journalName(epoch: journal.epoch, sco: journal.sco))
         }
         if !gone.isEmpty { try fs.syncDirectory(path) }

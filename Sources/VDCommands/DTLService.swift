@@ -69,7 +69,8 @@ extension RouterService {
     static func dtlNetwork(
         configuration: VDConfiguration, backends: ConfiguredBackends, token: String, group: any EventLoopGroup
     ) -> DTLNetwork {
-        var network = DTLNetwork(token: token, group: group) { (node) throws(VDError) -> (host: String, port: Int) in
+        var network = DTLNetwork.tcp(token: token, group: group) {
+            (node) throws(VDError) -> (host: String, port: Int) in
             let store = try backends.store(named: configuration.defaultBackend)
             guard let address = try await NodeRecords.read(node, store: store).dtl else {
                 throw VDError(.notFound, "node \(node) serves no DTL (its node record names no DTL address)")

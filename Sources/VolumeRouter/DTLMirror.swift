@@ -2,18 +2,20 @@
 // journal mirrored, byte for byte, to a DTL peer on another node until the backend holds it.
 //
 // The journal's leader hands every range it writes (batches, seal markers, the header of each new journal) to
-// `appended` right after the pwritev, in journal order; the mirror posts it to the peer on one TCP connection. The
-// peer answers each append with `received` (it is in the peer's file) and each `sync` with `synced` (durable there).
+// `appended` right after the pwritev, in journal order; the mirror posts it to the peer on one connection (posts
+// leave in the order they are made, under the mirror's lock). The peer answers each append with `received` (it is
+// in the peer's file) and each `sync` with `synced` (durable there).
 //
 // Modes: `sync`, a write is replied once the peer received it (the write path waits in `waitForWrites`), and a flush
 // or FUA once the peer made everything durable (`flush`); `async`, writes do not wait unless more than
 // `asyncLagBytesMax` are unanswered, flushes wait as in `sync`. States: `catchingUp` (connected, resending what the
 // backend lacks), `inSync` (the peer holds everything not on the backend), `degraded` (no peer: writes and flushes
 // continue on local flash alone). A peer that refuses, fails or does not answer within `timeoutSeconds` makes the
-// mirror degraded. Before anything is replied without the peer, the degraded state is recorded on the backend (the
-// volume's DTL record, within `timeoutSeconds`), so a taker knows the peer's copy may be short. Every `retrySeconds`
-// the mirror reconnects, tells the peer to drop what it held (`reset`), resends the journal of every epoch the
-// backend lacks from the local files, and is in sync again once the peer has made all of it durable.
+// mirror degraded. Nothing is replied without the peer before the degraded state is on the backend (the volume's DTL
+// record, written by its one `DTLRecorder`, in request order): a taker then knows the peer's copy may be short; if
+// the record cannot be written the volume's lease runs out and its I/O fails instead. Every `retrySeconds` a degraded
+// mirror reconnects, tells the peer to drop what it held (`reset`), resends the journal of every epoch the backend
+// lacks from the local files, and is in sync again (recorded) once the peer has made all of it durable.
 //
 // Owns: the connection, the counts of appends sent and answered, waiting writes and flushes, and which journals
 // (epoch, SCO, length) exist only locally.
@@ -43,7 +45,7 @@ final class DTLMirror: Sendable {
 
     private struct State {
         var status: DTLState = .degraded
-        var client: DTLClient?
+        var connectionHandle: (any DTLConnection)?
         /// Bumped at every connection: answers and waiters belong to one.
         var connection: UInt64 = 0
         var sent: UInt64 = 0
@@ -55,12 +57,14 @@ final class DTLMirror: Sendable {
         var syncsSent: UInt64 = 0
         var syncsSentAt: [UInt64: MonotonicInstant] = [:]
         var syncWaiters: [Waiter] = []
-        /// Waiting while the degraded state is being recorded on the backend.
+        /// Waiting until the degraded state is on the backend.
         var held: [UnsafeContinuation<Void, Never>] = []
         var recordingDegraded = false
         var journals: [UInt64: LocalJournal] = [:]
         var storedThrough: UInt64
         var stopped = false
+        /// Another mirror takes over: this one records nothing more (its successor's settings are recorded).
+        var retired = false
         var lastError: String?
     }
 
@@ -74,8 +78,9 @@ final class DTLMirror: Sendable {
     private let network: DTLNetwork
     private let env: Environment
     private let logger: Logger
-    /// Records the state in the volume's DTL record on the backend (best effort).
-    private let record: @Sendable (DTLState) async -> Void
+    private let recorder: DTLRecorder
+    /// The record of `state` for this mirror's settings.
+    private let makeRecord: @Sendable (DTLState) -> DTLRecord
     private let state: Mutex<State>
     private let tasks = Mutex<[Task<Void, Never>]>([])
     /// vd_volume_dtl_state{volume}: 0 off, 1 in sync, 2 catching up, 3 degraded; vd_volume_dtl_degraded_total.
@@ -89,7 +94,7 @@ final class DTLMirror: Sendable {
     init(
         mode: DTLMode, peer: String, volumeID: VolumeID, volumeName: VolumeName, generation: UInt64,
         clusterSizeBytes: UInt32, layout: VolumeLayout, network: DTLNetwork, env: Environment, logger: Logger,
-        storedThrough: UInt64, journals: [UInt64: LocalJournal], record: @escaping @Sendable (DTLState) async -> Void
+        storedThrough: UInt64, recorder: DTLRecorder, makeRecord: @escaping @Sendable (DTLState) -> DTLRecord
     ) {
         precondition(mode != .none, "a DTL mirror of mode none")
         self.mode = mode
@@ -102,13 +107,12 @@ final class DTLMirror: Sendable {
         self.network = network
         self.env = env
         self.logger = logger
-        self.record = record
+        self.recorder = recorder
+        self.makeRecord = makeRecord
         stateGauge = Gauge(label: "vd_volume_dtl_state", dimensions: [("volume", volumeName.rawValue)])
         degradations = Counter(label: "vd_volume_dtl_degraded_total", dimensions: [("volume", volumeName.rawValue)])
         stateGauge.record(3)
-        var initial = State(storedThrough: storedThrough)
-        initial.journals = journals.filter { $0.key > storedThrough }
-        state = Mutex(initial)
+        state = Mutex(State(storedThrough: storedThrough))
     }
 
     var status: DTLStatus {
@@ -125,19 +129,22 @@ final class DTLMirror: Sendable {
         tasks.withLock { $0 = [connector, watchdog] }
     }
 
-    /// Stops for good: waiting writes and flushes continue without the peer.
+    /// From now on this mirror records nothing: the settings of its successor are being recorded.
+    func retire() { state.withLock { $0.retired = true } }
+
+    /// Stops for good (after `retire`, or at close once everything was flushed to the peer): waiting writes and
+    /// flushes continue without the peer.
     func stop() async {
-        let (client, released) = state.withLock { state -> (DTLClient?, [UnsafeContinuation<Void, Never>]) in
+        let (connection, released) = state.withLock {
+            state -> ((any DTLConnection)?, [UnsafeContinuation<Void, Never>]) in
             state.stopped = true
-            defer { state.client = nil }
-            return (state.client, Self.takeAllWaiters(&state))
+            defer { state.connectionHandle = nil }
+            return (state.connectionHandle, Self.takeAllWaiters(&state))
         }
         for continuation in released { continuation.resume() }
         stateGauge.record(0)
-        await client?.close()
-        let running = tasks.withLock { $0 }
-        for task in running { task.cancel() }
-        for task in running { await task.value }
+        for task in tasks.withLock({ $0 }) { task.cancel() }
+        await connection?.close()
     }
 
     // MARK: the journal's side (leader only, in journal order)
@@ -159,17 +166,20 @@ final class DTLMirror: Sendable {
             precondition(journal.sco == sco, "epoch \(epoch) is in two journals")
             journal.lengthBytes = max(journal.lengthBytes ?? 0, end)
             state.journals[epoch] = journal
-            guard let client = state.client else { return }
-            Self.send(&state, client, client.appendFrame(epoch: epoch, sco: sco, offset: offset, bytes: bytes), now)
+            guard let connection = state.connectionHandle else { return }
+            Self.send(
+                &state, connection, connection.appendFrame(epoch: epoch, sco: sco, offset: offset, bytes: bytes), now)
         }
     }
 
-    private static func send(_ state: inout State, _ client: DTLClient, _ frame: DTLFrame, _ now: MonotonicInstant) {
+    private static func send(
+        _ state: inout State, _ connection: any DTLConnection, _ frame: DTLFrame, _ now: MonotonicInstant
+    ) {
         state.sent += 1
         let bytes = UInt64(frame.payload.readableBytes)
         state.unanswered.append((state.sent, bytes, now))
         state.unansweredBytes += bytes
-        client.post(frame)
+        connection.post(frame)
     }
 
     /// Epochs through `epoch` are on the backend: the peer may drop them.
@@ -178,17 +188,17 @@ final class DTLMirror: Sendable {
             guard epoch > state.storedThrough else { return }
             state.storedThrough = epoch
             state.journals = state.journals.filter { $0.key > epoch }
-            state.client?.post(state.client!.frame(.trim, value: epoch))
+            if let connection = state.connectionHandle { connection.post(connection.frame(.trim, value: epoch)) }
         }
     }
 
     // MARK: the write path
 
     /// Waits, in `sync` mode, until the peer received every append sent so far (in `async` mode only while too much
-    /// is unanswered). Never fails: without a peer the volume continues degraded.
+    /// is unanswered). Never fails: without a peer the volume continues degraded (once that is recorded).
     func waitForWrites() async {
         await wait { state in
-            guard state.client != nil else { return nil }
+            guard state.connectionHandle != nil else { return nil }
             switch mode {
             case .sync: return state.received >= state.sent ? nil : state.sent
             case .async: return state.unansweredBytes > network.asyncLagBytesMax ? state.sent : nil
@@ -203,10 +213,10 @@ final class DTLMirror: Sendable {
     func flush() async {
         let now = env.clock.now()
         await wait { state in
-            guard let client = state.client else { return nil }
+            guard let connection = state.connectionHandle else { return nil }
             state.syncsSent += 1
             state.syncsSentAt[state.syncsSent] = now
-            client.post(client.frame(.sync, value: state.syncsSent))
+            connection.post(connection.frame(.sync, value: state.syncsSent))
             return state.syncsSent
         } register: { state, waiter in
             state.syncWaiters.append(waiter)
@@ -219,11 +229,12 @@ final class DTLMirror: Sendable {
     ) async {
         await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
             let ready = state.withLock { state -> Bool in
+                if state.stopped { return true }
                 if state.recordingDegraded {
                     state.held.append(continuation)
                     return false
                 }
-                guard !state.stopped, let goal = target(&state) else { return true }
+                guard let goal = target(&state) else { return true }
                 register(&state, Waiter(target: goal, connection: state.connection, continuation: continuation))
                 return false
             }
@@ -244,15 +255,14 @@ final class DTLMirror: Sendable {
 
     private func connectLoop() async {
         while !Task.isCancelled {
-            let (stopped, connected) = state.withLock { ($0.stopped, $0.client != nil || $0.recordingDegraded) }
+            let (stopped, connected) = state.withLock {
+                ($0.stopped, $0.connectionHandle != nil || $0.recordingDegraded)
+            }
             if stopped { return }
             if !connected {
                 do throws(VDError) {
-                    let (host, port) = try await network.resolve(peer)
-                    let client = try await DTLClient.connect(
-                        host: host, port: port, token: network.token, volumeID: volumeID, generation: generation,
-                        group: network.group)
-                    await catchUp(client)
+                    let connection = try await network.connect(peer, volumeID, generation)
+                    await catchUp(connection)
                 } catch {
                     noteFailure("cannot reach DTL peer \(peer): \(error.message)")
                 }
@@ -271,12 +281,11 @@ final class DTLMirror: Sendable {
 
     /// A new connection: the peer drops what it held, gets every journal the backend lacks again, and once it made
     /// them durable the mirror is in sync.
-    private func catchUp(_ client: DTLClient) async {
-        let started = state.withLock {
-            state -> (UInt64, [(UInt64, LocalJournal)], UInt64)? in
+    private func catchUp(_ handle: any DTLConnection) async {
+        let started = state.withLock { state -> (UInt64, [(UInt64, LocalJournal)], UInt64)? in
             guard !state.stopped else { return nil }
             state.connection += 1
-            state.client = client
+            state.connectionHandle = handle
             state.sent = 0
             state.received = 0
             state.unanswered = []
@@ -286,20 +295,19 @@ final class DTLMirror: Sendable {
             state.status = .catchingUp
             stateGauge.record(2)
             // Reset first, in the same step as going live: every append after this one is sent too.
-            client.post(client.frame(.reset))
+            handle.post(handle.frame(.reset))
+            handle.post(handle.frame(.trim, value: state.storedThrough))
             return (state.connection, state.journals.sorted { $0.key < $1.key }, state.storedThrough)
         }
-        guard let (connection, journals, storedThrough) = started else {
-            await client.close()
+        guard let (connection, journals, _) = started else {
+            await handle.close()
             return
         }
-        let reader = env.tasks.spawn { [self] in await readLoop(client, connection: connection) }
-        tasks.withLock { $0.append(reader) }
+        _ = env.tasks.spawn { [self] in await readLoop(handle, connection: connection) }
         logger.info("volume \(volumeName): DTL peer \(peer) connected; catching up \(journals.count) journal(s)")
-        client.post(client.frame(.trim, value: storedThrough))
         do throws(VDError) {
             for (epoch, journal) in journals {
-                try await resend(epoch: epoch, journal, client: client, connection: connection)
+                try await resend(epoch: epoch, journal, handle: handle, connection: connection)
             }
         } catch {
             degrade("the DTL catch-up failed: \(error.message)", connection: connection)
@@ -308,25 +316,25 @@ final class DTLMirror: Sendable {
         // In sync once the peer made all of it durable.
         await flush()
         let reached = state.withLock { state -> Bool in
-            guard state.connection == connection, state.client != nil else { return false }
+            guard state.connection == connection, state.connectionHandle != nil, !state.stopped else { return false }
             state.status = .inSync
             state.lastError = nil
             stateGauge.record(1)
+            // Requested under the lock: a degradation after this point is recorded after it.
+            if !state.retired { _ = recorder.request(makeRecord(.inSync)) }
             return true
         }
-        if reached {
-            logger.info("volume \(volumeName): DTL peer \(peer) in sync")
-            await record(.inSync)
-        }
+        if reached { logger.info("volume \(volumeName): DTL peer \(peer) in sync") }
     }
 
     /// Sends the local journal of `epoch` again, in chunks, waiting for answers whenever a window is in flight.
     private func resend(
-        epoch: UInt64, _ journal: LocalJournal, client: DTLClient, connection: UInt64
+        epoch: UInt64, _ journal: LocalJournal, handle: any DTLConnection, connection: UInt64
     ) async throws(VDError) {
         let path = layout.scoPath(journal.sco)
         let fs = env.fs
         let (volumeID, clusterSizeBytes) = (self.volumeID, self.clusterSizeBytes)
+        var isStored: Bool { state.withLock { $0.storedThrough >= epoch } }
         let file: FlashFile
         do {
             file = try await env.tasks.blocking { () throws(VDError) -> FlashFile in
@@ -334,7 +342,7 @@ final class DTLMirror: Sendable {
             }
         } catch  where error.code == .notFound {
             // Stored (and evicted) meanwhile: nothing to resend.
-            if state.withLock({ $0.storedThrough >= epoch }) { return }
+            if isStored { return }
             throw error
         }
         defer { file.close() }
@@ -349,6 +357,8 @@ final class DTLMirror: Sendable {
         }
         var offset: UInt64 = 0
         while offset < length! {
+            // Stored meanwhile: the peer may have dropped it already; sending it again would only take its space.
+            if isStored { return }
             let count = Int(min(UInt64(Self.catchUpChunkBytes), length! - offset))
             let at = offset
             let bytes = try await env.tasks.blocking { () throws(VDError) -> ByteBuffer in
@@ -356,26 +366,26 @@ final class DTLMirror: Sendable {
             }
             let now = env.clock.now()
             let live = state.withLock { state -> Bool in
-                guard state.connection == connection, state.client != nil else { return false }
+                guard state.connection == connection, state.connectionHandle != nil else { return false }
                 Self.send(
-                    &state, client, client.appendFrame(epoch: epoch, sco: journal.sco, offset: at, bytes: bytes), now)
+                    &state, handle, handle.appendFrame(epoch: epoch, sco: journal.sco, offset: at, bytes: bytes), now)
                 return true
             }
             guard live else { throw VDError(.io, "the DTL peer connection ended") }
             offset += UInt64(count)
             await wait { state in
-                state.unansweredBytes > Self.catchUpWindowBytes && state.client != nil ? state.sent : nil
+                state.unansweredBytes > Self.catchUpWindowBytes && state.connectionHandle != nil ? state.sent : nil
             } register: { state, waiter in
                 state.writeWaiters.append(waiter)
             }
         }
     }
 
-    private func readLoop(_ client: DTLClient, connection: UInt64) async {
+    private func readLoop(_ handle: any DTLConnection, connection: UInt64) async {
         while true {
             let frame: DTLFrame
             do {
-                frame = try await client.nextFrame()
+                frame = try await handle.nextFrame()
             } catch {
                 degrade(error.message, connection: connection)
                 return
@@ -419,7 +429,7 @@ final class DTLMirror: Sendable {
             await env.clock.sleep(for: .seconds(max(0.05, timeout / 4)))
             let now = env.clock.now()
             let late = state.withLock { state -> UInt64? in
-                guard state.client != nil else { return nil }
+                guard state.connectionHandle != nil else { return nil }
                 let oldest = [state.unanswered.first?.at, state.syncsSentAt.values.min()].compactMap { $0 }.min()
                 guard let oldest, oldest.duration(to: now) >= .seconds(timeout) else { return nil }
                 return state.connection
@@ -431,11 +441,13 @@ final class DTLMirror: Sendable {
     }
 
     /// The peer of `connection` is lost: record the degraded state on the backend, then let waiting writes and
-    /// flushes continue without it.
+    /// flushes continue without it. Writes and flushes arriving meanwhile wait too.
     private func degrade(_ reason: String, connection: UInt64) {
-        let client = state.withLock { state -> DTLClient? in
-            guard state.connection == connection, let client = state.client else { return nil }
-            state.client = nil
+        let outcome = state.withLock { state -> (handle: any DTLConnection, version: UInt64?)? in
+            guard state.connection == connection, let handle = state.connectionHandle, !state.stopped else {
+                return nil
+            }
+            state.connectionHandle = nil
             state.status = .degraded
             stateGauge.record(3)
             degradations.increment()
@@ -444,17 +456,20 @@ final class DTLMirror: Sendable {
             state.unanswered = []
             state.unansweredBytes = 0
             state.syncsSentAt = [:]
-            // Waiters of this connection wait for the record, like any write arriving meanwhile.
             state.held += state.writeWaiters.map(\.continuation) + state.syncWaiters.map(\.continuation)
             state.writeWaiters = []
             state.syncWaiters = []
-            return client
+            return (handle, state.retired ? nil : recorder.request(makeRecord(.degraded)))
         }
-        guard let client else { return }
+        guard let (handle, version) = outcome else { return }
         logger.warning("volume \(volumeName): DTL degraded (\(reason)); writes continue on local flash only")
-        let task = env.tasks.spawn { [self] in
-            await client.close()
-            await record(.degraded)
+        _ = env.tasks.spawn { [self] in
+            await handle.close()
+            if let version, !(await recorder.written(version)) {
+                logger.error(
+                    "volume \(volumeName): the degraded DTL state could not be recorded (the lease is not valid): its I/O fails"
+                )
+            }
             let released = state.withLock { state -> [UnsafeContinuation<Void, Never>] in
                 state.recordingDegraded = false
                 defer { state.held = [] }
@@ -462,6 +477,96 @@ final class DTLMirror: Sendable {
             }
             for continuation in released { continuation.resume() }
         }
-        tasks.withLock { $0.append(task) }
+    }
+}
+
+/// The one writer of a volume's DTL record (`NAME/dtl`): records are written in the order they were requested (the
+/// last request wins), each retried until it is on the backend or the volume may no longer write metadata (its lease
+/// ran out: its I/O fails then anyway).
+final class DTLRecorder: Sendable {
+    private struct State {
+        var wanted: DTLRecord?
+        var requested: UInt64 = 0
+        var written: UInt64 = 0
+        var running = false
+        var waiters: [(version: UInt64, continuation: UnsafeContinuation<Bool, Never>)] = []
+        var results: [UInt64: Bool] = [:]
+    }
+
+    private let write: @Sendable (DTLRecord) async throws(VDError) -> Void
+    private let mayWrite: @Sendable () -> Bool
+    private let env: Environment
+    private let logger: Logger
+    private let state = Mutex(State())
+
+    init(
+        env: Environment, logger: Logger, mayWrite: @escaping @Sendable () -> Bool,
+        write: @escaping @Sendable (DTLRecord) async throws(VDError) -> Void
+    ) {
+        self.env = env
+        self.logger = logger
+        self.mayWrite = mayWrite
+        self.write = write
+    }
+
+    /// Asks for `record` to be written after every earlier request; its version, for `written`.
+    func request(_ record: DTLRecord) -> UInt64 {
+        let (version, start) = state.withLock { state -> (UInt64, Bool) in
+            state.requested += 1
+            state.wanted = record
+            defer { state.running = true }
+            return (state.requested, !state.running)
+        }
+        if start { _ = env.tasks.spawn { [self] in await run() } }
+        return version
+    }
+
+    /// Whether request `version` (or a later one, which replaces it) reached the backend.
+    func written(_ version: UInt64) async -> Bool {
+        await withUnsafeContinuation { continuation in
+            let done = state.withLock { state -> Bool? in
+                if state.written >= version { return state.results[state.written] ?? false }
+                state.waiters.append((version, continuation))
+                return nil
+            }
+            if let done { continuation.resume(returning: done) }
+        }
+    }
+
+    private func run() async {
+        while true {
+            let next = state.withLock { state -> (DTLRecord, UInt64)? in
+                guard state.requested > state.written, let wanted = state.wanted else {
+                    state.running = false
+                    return nil
+                }
+                return (wanted, state.requested)
+            }
+            guard let (record, version) = next else { return }
+            var ok = false
+            var logged = false
+            while mayWrite() {
+                do throws(VDError) {
+                    try await write(record)
+                    ok = true
+                    break
+                } catch {
+                    if !logged {
+                        logger.warning(
+                            "cannot record the DTL state \(record.state.rawValue): \(error.message); retrying")
+                        logged = true
+                    }
+                    await env.clock.sleep(for: .milliseconds(500))
+                }
+            }
+            let released = state.withLock { state -> [UnsafeContinuation<Bool, Never>] in
+                state.written = version
+                state.results = [version: ok]
+                let ready = state.waiters.filter { $0.version <= version }
+                state.waiters.removeAll { $0.version <= version }
+                return ready.map(\.continuation)
+            }
+            for continuation in released { continuation.resume(returning: ok) }
+        }
     }
 }

@@ -84,9 +84,12 @@ package final class OwnerLease: Sendable {
 
     private init(
         record: SequencedRecord, identity: OwnerIdentity, clock: any VDClock, random: any RandomSource, version: UInt64,
-        written: OwnerRecord, since start: MonotonicInstant, servedElsewhereBefore: Bool
+        written: OwnerRecord, since start: MonotonicInstant, servedElsewhereBefore: Bool, tookRelease: Bool,
+        previousGeneration: UInt64?
     ) {
         self.servedElsewhereBefore = servedElsewhereBefore
+        self.tookRelease = tookRelease
+        self.previousGeneration = previousGeneration
         self.record = record
         self.identity = identity
         self.clock = clock
@@ -214,7 +217,8 @@ package final class OwnerLease: Sendable {
             record: record, identity: identity, clock: clock, random: random, version: version, written: written,
             since: start,
             servedElsewhereBefore: previous.map { $0.instance != identity.instance || $0.node != identity.node }
-                ?? false)
+                ?? false,
+            tookRelease: previous?.released ?? true, previousGeneration: previous?.generation)
     }
 
     private static func busy(_ owner: OwnerRecord, record: SequencedRecord) -> VDError {
@@ -229,6 +233,11 @@ package final class OwnerLease: Sendable {
     /// Another router owned the volume since this one last did (or never did): local state of an earlier life here
     /// is stale and must not be trusted. Set once, at acquisition.
     package let servedElsewhereBefore: Bool
+    /// The record was released by a clean, drained close (or there was none): nothing of the volume exists outside
+    /// the backend. Set once, at acquisition.
+    package let tookRelease: Bool
+    /// The generation of the record this lease replaced (nil: there was none).
+    package let previousGeneration: UInt64?
 
     package var generation: UInt64 { state.withLock { $0.record.generation } }
     package var leaseSeconds: Double { state.withLock { $0.record.leaseSeconds } }

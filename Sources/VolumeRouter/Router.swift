@@ -407,8 +407,12 @@ package final class Router: Sendable {
                     OwnerGeneration(generation: $0.generation, node: configuration.ownership!.node)
                 },
                 lease: lease,
-                peerJournals: taken.map {
-                    peerJournalSource(registration, backend: backend, generation: $0.generation, acceptLoss: acceptLoss)
+                // A takeover, or a lease that was not released by a drained close (this node lost its flash): what
+                // the backend lacks may be on the volume's DTL peer (used only when nothing of it is local).
+                peerJournals: lease.flatMap { lease in
+                    taken != nil || !lease.tookRelease
+                        ? peerJournalSource(registration, backend: backend, lease: lease, acceptLoss: acceptLoss)
+                        : nil
                 },
                 progress: progress)
         } catch {
@@ -416,40 +420,48 @@ package final class Router: Sendable {
             (parent as? BackendParentView)?.detach()
             throw error
         }
+        do throws(VDError) {
+            // Before the volume is served: no write is replied under an earlier life's DTL record.
+            try await startMirror(volume)
+        } catch {
+            _ = await volume.close()
+            lease?.stopRenewing()
+            (parent as? BackendParentView)?.detach()
+            throw error
+        }
         state.withLock { $0[registration.config.name] = volume }
-        await startMirror(volume)
         return volume
     }
 
     // MARK: the distributed transaction log
 
-    /// Starts the volume's DTL mirror as its record on the backend says (a failure is logged: the volume is served
-    /// without a mirror, `vd volume info` shows it).
-    private func startMirror(_ volume: Volume) async {
-        guard let network = dtlNetwork else { return }
-        do throws(VDError) {
-            guard var record = try await DTLRecord.load(layout: volume.layout, backend: volume.backend),
-                record.mode != .none
-            else { return }
-            if record.peer == nil || record.peer == configuration.ownership?.node {
-                // The owner cannot be its own peer (after a takeover by the peer, typically): choose another.
-                let chosen = try await network.choosePeer(configuration.ownership?.node ?? "")
-                guard let chosen else {
-                    logger.warning(
-                        "volume \(volume.name): no DTL peer other than this node is known; not mirrored (`vd volume dtl \(volume.name) --mode \(record.mode.rawValue) --peer NODE` once one runs)"
-                    )
-                    return
-                }
-                logger.info("volume \(volume.name): DTL peer \(record.peer ?? "none") replaced by \(chosen)")
-                record.peer = chosen
+    /// Starts the volume's DTL mirror as its record on the backend says, before the volume takes any I/O: the
+    /// record then names this generation, degraded until the peer is in sync (a failure to write it fails the open).
+    private func startMirror(_ volume: Volume) async throws(VDError) {
+        guard let network = dtlNetwork,
+            let record = try await DTLRecord.load(layout: volume.layout, backend: volume.backend), record.mode != .none
+        else { return }
+        var peer = record.peer
+        if peer == nil || peer == configuration.ownership?.node {
+            // The owner cannot be its own peer (after a takeover by the peer, typically): choose another.
+            do throws(VDError) {
+                peer = try await network.choosePeer(configuration.ownership?.node ?? "")
+            } catch {
+                logger.warning("volume \(volume.name): cannot list DTL peers: \(error.message)")
+                peer = nil
             }
-            try await setDTL(of: volume, mode: record.mode, peer: record.peer)
-        } catch {
-            logger.error("volume \(volume.name): cannot start its DTL mirror: \(error.message)")
+            if let peer {
+                logger.info("volume \(volume.name): DTL peer \(record.peer ?? "none") replaced by \(peer)")
+            } else {
+                logger.warning(
+                    "volume \(volume.name): no DTL peer other than this node is known; not mirrored, degraded (`vd volume dtl \(volume.name) --mode \(record.mode.rawValue) --peer NODE` once one runs)"
+                )
+            }
         }
+        try await volume.startDTL(mode: record.mode, peer: peer, network: network)
     }
 
-    /// Sets a volume's DTL mode and peer: the record on the backend first (a taker reads it), then the mirror.
+    /// Sets a volume's DTL mode and peer (recorded on the backend first: a taker reads it).
     package func setDTL(of volume: Volume, mode: DTLMode, peer: String?) async throws(VDError) {
         guard let network = dtlNetwork else {
             throw VDError(
@@ -460,55 +472,58 @@ package final class Router: Sendable {
         if mode != .none, peer == nil || peer == configuration.ownership?.node {
             throw VDError(.invalidArgument, "volume \(volume.name): the DTL peer must be another node than its owner")
         }
-        guard volume.mayWriteMetadata else {
-            throw VDError(.shutdown, "volume \(volume.name): this router's lease is not valid; the DTL is unchanged")
-        }
-        let record = DTLRecord(
-            mode: mode, peer: mode == .none ? nil : peer, state: mode == .none ? .off : .degraded,
-            generation: volume.ownerLease?.generation ?? 1, changedAt: env.clock.wallNow(),
-            storedThrough: volume.uploadStatus.storedThrough.rawValue)
-        try await record.write(layout: volume.layout, backend: volume.backend)
-        try await volume.startDTL(mode: mode, peer: record.peer, network: network)
+        try volume.checkOwnership()
+        try await volume.startDTL(mode: mode, peer: mode == .none ? nil : peer, network: network)
     }
 
-    /// At a takeover: fetches the journals the backend lacks from the volume's DTL peer (fencing the lost owner at the
-    /// peer). Refuses, unless `acceptLoss`, when the peer cannot be asked or its copy may be short.
+    /// When a volume opens with nothing of it on local flash (a takeover, or this node lost its flash): fetches the
+    /// journals its backend lacks from its DTL peer (fencing the lost owner there). Refuses, unless `acceptLoss`, when
+    /// the peer cannot be asked or its copy may be short: the record must say in sync, written by the generation
+    /// that owned the volume last.
     private func peerJournalSource(
-        _ registration: VolumeRegistration, backend: any ObjectStore, generation: UInt64, acceptLoss: Bool
+        _ registration: VolumeRegistration, backend: any ObjectStore, lease: OwnerLease, acceptLoss: Bool
     ) -> PeerJournalSource {
         let layout = self.layout(for: registration)
         let (network, logger) = (dtlNetwork, logger)
         let name = registration.config.name
-        return { (after) throws(VDError) in
-            guard let record = try await DTLRecord.load(layout: layout, backend: backend), record.mode != .none,
-                let peer = record.peer
-            else { return [] }
+        let (generation, previous) = (lease.generation, lease.previousGeneration)
+        return { (after) throws(VDError) -> FetchedJournals in
+            guard let record = try await DTLRecord.load(layout: layout, backend: backend), record.mode != .none
+            else { return FetchedJournals(journals: [], complete: false, peer: nil) }
             let window =
                 "writes replied after epoch \(after) was stored, and not yet on the backend, may exist only on the lost node"
             let advice =
-                "`vd volume takeover \(name) --accept-loss` takes it over with what the backend and the peer hold"
-            if record.state != .inSync {
+                "`vd volume takeover \(name) --accept-loss` serves it with what the backend and the peer hold"
+            let trusted = record.state == .inSync && record.generation == previous && record.peer != nil
+            if !trusted {
                 let message =
-                    "volume \(name): its DTL peer \(peer) was \(record.state.rawValue) since \(record.changedAt) (generation \(record.generation)): \(window)"
+                    record.generation == previous
+                    ? "volume \(name): its DTL peer \(record.peer ?? "(none)") was \(record.state.rawValue) since \(record.changedAt): \(window)"
+                    : "volume \(name): its DTL record was written by generation \(record.generation), not by its last owner's (\(previous.map(String.init) ?? "none")): \(window)"
                 guard acceptLoss else { throw VDError(.dataLoss, message + "; " + advice) }
-                logger.warning("\(message); taking it over anyway (--accept-loss)")
+                logger.warning("\(message); going on (--accept-loss)")
             }
+            guard let peer = record.peer else { return FetchedJournals(journals: [], complete: false, peer: nil) }
             do throws(VDError) {
                 guard let network else {
                     throw VDError(.configuration, "this router has no DTL network (node name and cluster token)")
                 }
-                let (host, port) = try await network.resolve(peer)
-                let client = try await DTLClient.connect(
-                    host: host, port: port, token: network.token, volumeID: registration.config.id,
-                    generation: generation, group: network.group)
-                defer { Task { await client.close() } }
-                return try await client.fetch(afterEpoch: after)
+                let connection = try await network.connect(peer, registration.config.id, generation)
+                let journals: [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)]
+                do throws(VDError) {
+                    journals = try await connection.fetch(afterEpoch: after)
+                } catch {
+                    await connection.close()
+                    throw error
+                }
+                await connection.close()
+                return FetchedJournals(journals: journals, complete: trusted && !acceptLoss, peer: peer)
             } catch {
                 let message =
                     "volume \(name): cannot fetch its journals from DTL peer \(peer) (\(error.message)): \(window)"
                 guard acceptLoss else { throw VDError(.dataLoss, message + "; " + advice) }
-                logger.warning("\(message); taking it over without them (--accept-loss)")
-                return []
+                logger.warning("\(message); going on without them (--accept-loss)")
+                return FetchedJournals(journals: [], complete: false, peer: peer)
             }
         }
     }

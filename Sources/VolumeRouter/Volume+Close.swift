@@ -36,6 +36,8 @@ extension Volume {
         } catch {
             logger.error("final sync of volume \(config.name) failed: \(error)")
         }
+        // ... and on the DTL peer (or the mirror degrades and records it), before anything can be lost with this node.
+        await flushAndStopMirror()
         var drained = false
         var sealed = false
         if let timeout = drainTimeoutSeconds {

@@ -2,6 +2,7 @@
 // the volume is mirrored and where it stands (so a router taking it over knows where to fetch and what it may have
 // lost), starting and stopping the mirror, and installing journals fetched from the peer at a takeover.
 
+package import DTL
 import FlashIO
 package import Foundation
 import Logging
@@ -30,12 +31,11 @@ package enum DTLState: String, Sendable, Codable {
     case off
 }
 
-/// How routers reach DTL peers (from the router's configuration).
+/// How routers reach DTL peers (from the router's configuration, or a simulation's links).
 package struct DTLNetwork: Sendable {
-    package var token: String
-    package var group: any EventLoopGroup
-    /// HOST and port of node NAME's DTL service (its node record).
-    package var resolve: @Sendable (String) async throws(VDError) -> (host: String, port: Int)
+    /// Connects to node NAME's DTL service for a volume, as its owner (or taker) of a generation.
+    package var connect:
+        @Sendable (_ node: String, _ volume: VolumeID, _ generation: UInt64) async throws(VDError) -> any DTLConnection
     /// A peer that does not answer an append or a sync within this is treated as lost (the volume degrades).
     package var timeoutSeconds: Double = 5
     /// In `async` mode, writes wait once this many bytes are unanswered.
@@ -46,12 +46,23 @@ package struct DTLNetwork: Sendable {
     package var choosePeer: @Sendable (_ excluding: String) async throws(VDError) -> String? = { _ in nil }
 
     package init(
+        connect:
+            @escaping @Sendable (_ node: String, _ volume: VolumeID, _ generation: UInt64) async throws(VDError) ->
+            any DTLConnection
+    ) {
+        self.connect = connect
+    }
+
+    /// Over TCP with the cluster token; `resolve` gives node NAME's DTL address (its node record).
+    package static func tcp(
         token: String, group: any EventLoopGroup,
         resolve: @escaping @Sendable (String) async throws(VDError) -> (host: String, port: Int)
-    ) {
-        self.token = token
-        self.group = group
-        self.resolve = resolve
+    ) -> DTLNetwork {
+        DTLNetwork { (node, volume, generation) throws(VDError) -> any DTLConnection in
+            let (host, port) = try await resolve(node)
+            return try await DTLClient.connect(
+                host: host, port: port, token: token, volumeID: volume, generation: generation, group: group)
+        }
     }
 }
 
@@ -108,67 +119,91 @@ package struct DTLRecord: Codable, Sendable, Equatable {
 }
 
 extension Volume {
-    /// The mirror's mode, peer and state (`off` without one).
-    package var dtlStatus: DTLStatus { journal.mirror?.status ?? .off }
+    /// The mirror's mode, peer and state (`off` without one; a mode without a known peer is degraded).
+    package var dtlStatus: DTLStatus {
+        journal.mirror?.status ?? dtlWithoutMirror.withLock { $0 } ?? .off
+    }
 
-    /// Mirrors the volume to `peer` in `mode` from now on (`none`: stops mirroring). The mirror is swapped with the
-    /// journal's leader rights: every range written from then on reaches the new mirror, and everything before it
-    /// that the backend lacks is in its catch-up.
+    /// The one writer of the volume's DTL record.
+    var dtlRecorder: DTLRecorder {
+        dtlRecorderBox.withLock { box in
+            if let recorder = box { return recorder }
+            let (layout, backend) = (self.layout, self.backend)
+            let recorder = DTLRecorder(
+                env: env, logger: logger, mayWrite: { [weak self] in self?.mayWriteMetadata ?? false },
+                write: { (record) throws(VDError) in try await record.write(layout: layout, backend: backend) })
+            box = recorder
+            return recorder
+        }
+    }
+
+    /// Mirrors the volume to `peer` in `mode` from now on (`none`: stops mirroring; a mode without a peer: recorded
+    /// as degraded, nothing mirrored). The new settings are on the backend before anything is replied under them;
+    /// the mirror is swapped with the journal's leader rights: every range written from then on reaches the new
+    /// mirror, and everything before it that the backend lacks is in its catch-up.
     package func startDTL(mode: DTLMode, peer: String?, network: DTLNetwork) async throws(VDError) {
+        let generation = ownerLease?.generation ?? 1
+        let (env, uploader) = (self.env, self.uploader)
+        let makeRecord: @Sendable (DTLState) -> DTLRecord = { state in
+            DTLRecord(
+                mode: mode, peer: mode == .none ? nil : peer, state: state, generation: generation,
+                changedAt: env.clock.wallNow(), storedThrough: uploader.storedThrough.rawValue)
+        }
+        let previous = journal.mirror
+        previous?.retire()
+        let version = dtlRecorder.request(makeRecord(mode == .none ? .off : .degraded))
+        guard await dtlRecorder.written(version) else {
+            throw VDError(
+                .shutdown, "volume \(config.name): the DTL settings cannot be recorded (the lease is not valid)")
+        }
         var created: DTLMirror?
-        if mode != .none {
-            guard let peer else { throw VDError(.invalidArgument, "a DTL mode other than none needs a peer") }
-            let generation = ownerLease?.generation ?? 1
-            let (layout, backend, env, logger, config) = (self.layout, self.backend, self.env, self.logger, self.config)
-            let uploader = self.uploader
-            let record: @Sendable (DTLState) async -> Void = { [weak self] state in
-                guard let self, self.mayWriteMetadata else { return }
-                let entry = DTLRecord(
-                    mode: mode, peer: peer, state: state, generation: generation, changedAt: env.clock.wallNow(),
-                    storedThrough: uploader.storedThrough.rawValue)
-                let written = await env.firstWithin(seconds: network.timeoutSeconds) { () async throws(VDError) in
-                    try await entry.write(layout: layout, backend: backend)
-                }
-                if !written {
-                    logger.warning(
-                        "volume \(config.name): could not record the DTL state \(state.rawValue) on the backend within \(network.timeoutSeconds) s"
-                    )
-                }
-            }
+        if mode != .none, let peer {
             created = DTLMirror(
                 mode: mode, peer: peer, volumeID: config.id, volumeName: config.name, generation: generation,
                 clusterSizeBytes: config.clusterSizeBytes, layout: layout, network: network, env: env, logger: logger,
-                storedThrough: uploader.storedThrough.rawValue, journals: [:], record: record)
+                storedThrough: uploader.storedThrough.rawValue, recorder: dtlRecorder, makeRecord: makeRecord)
+        }
+        dtlWithoutMirror.withLock {
+            $0 =
+                mode != .none && peer == nil
+                ? DTLStatus(
+                    mode: mode, peer: nil, state: .degraded, unansweredBytes: 0,
+                    lastError: "no DTL peer other than this node is known") : nil
         }
         let mirror = created
-        let previous = Mutex<DTLMirror?>(nil)
         try await journal.exclusive { [self] (_) throws(VDError) in
             if let mirror {
-                for (epoch, local) in try await localJournalsNotStored() {
-                    mirror.seed(epoch: epoch, local)
-                }
+                for (epoch, local) in try await localJournalsNotStored() { mirror.seed(epoch: epoch, local) }
             }
-            previous.withLock {
-                $0 = journal.mirrorBox.withLock { box in
-                    defer { box = mirror }
-                    return box
-                }
-            }
+            journal.mirrorBox.withLock { $0 = mirror }
         }
-        await previous.withLock { $0 }?.stop()
+        await previous?.stop()
         mirror?.start()
         logger.info("volume \(config.name): DTL mode \(mode.rawValue)\(peer.map { ", peer \($0)" } ?? "")")
     }
 
+    /// Stops the mirror without flushing (tests that lose the node).
     func stopMirror() async {
         let mirror = journal.mirrorBox.withLock { box in
             defer { box = nil }
             return box
         }
+        mirror?.retire()
         await mirror?.stop()
     }
 
-    /// The journal of every epoch the backend lacks (leader only: the open journal's length is exact).
+    /// At close, once every replied write is durable here: the peer makes everything durable too (or the mirror
+    /// degrades and records it), then the mirror stops.
+    func flushAndStopMirror() async {
+        guard let mirror = journal.mirror else { return }
+        await mirror.flush()
+        mirror.retire()
+        journal.mirrorBox.withLock { $0 = nil }
+        await mirror.stop()
+    }
+
+    /// The journal of every epoch the backend lacks (leader only: the open journal's length is exact). A journal
+    /// that cannot be found fails the start: a mirror must never be in sync without it.
     private func localJournalsNotStored() async throws(VDError) -> [UInt64: DTLMirror.LocalJournal] {
         journal.assertLeader()
         let stored = uploader.storedThrough.rawValue
@@ -194,45 +229,11 @@ extension Volume {
             if let sealed {
                 journals[epoch] = sealed
             } else if uploader.storedThrough.rawValue < epoch {
-                logger.warning("volume \(config.name): the journal of epoch \(epoch) was not found for the DTL peer")
+                throw VDError(
+                    .notFound, "volume \(config.name): the journal of epoch \(epoch) was not found for the DTL peer")
             }
         }
         return journals
-    }
-}
-
-extension Environment {
-    /// Runs `operation`; true if it succeeded within `seconds` (it is left running otherwise).
-    func firstWithin(
-        seconds: Double, _ operation: @escaping @Sendable () async throws(VDError) -> Void
-    ) async -> Bool {
-        let outcome = Mutex<(done: Bool, continuation: UnsafeContinuation<Bool, Never>?)>((false, nil))
-        let finish: @Sendable (Bool) -> Void = { value in
-            let continuation = outcome.withLock { state -> UnsafeContinuation<Bool, Never>? in
-                guard !state.done else { return nil }
-                state.done = true
-                defer { state.continuation = nil }
-                return state.continuation
-            }
-            continuation?.resume(returning: value)
-        }
-        return await withUnsafeContinuation { continuation in
-            outcome.withLock { $0.continuation = continuation }
-            let clock = self.clock
-            let work = tasks.spawn {
-                do throws(VDError) {
-                    try await operation()
-                    finish(true)
-                } catch {
-                    finish(false)
-                }
-            }
-            _ = work
-            _ = tasks.spawn {
-                await clock.sleep(for: .seconds(seconds))
-                finish(false)
-            }
-        }
     }
 }
 

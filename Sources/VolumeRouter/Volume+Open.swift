@@ -72,7 +72,7 @@ extension Volume {
         try fs.makeDirectories(layout.fetchedDirectory)
         let hadMap = env.keyValueStores.exists(path: layout.mapDirectory)
         var database = try env.keyValueStores.open(path: layout.mapDirectory)
-        do {
+        do throws(VDError) {
             var recovery = Recovery(
                 config: config, layout: layout, options: options, backend: backend, env: env, logger: logger,
                 progress: progress)
@@ -80,29 +80,45 @@ extension Volume {
             try await recovery.discover()
             if let peerJournals, let generation {
                 if recovery.scans.isEmpty && recovery.localTLogs.isSubset(of: recovery.backendTLogs) {
+                    // The fetch fences the lost owner at the peer (it can trim nothing more there); the history is
+                    // read again after it, so an epoch it stored (and trimmed) just before is in that history.
+                    let fetched = try await peerJournals(recovery.lastEpoch ?? 0)
+                    recovery = Recovery(
+                        config: config, layout: layout, options: options, backend: backend, env: env, logger: logger,
+                        progress: progress)
+                    recovery.parent = parent
+                    try await recovery.discover()
                     let stored = recovery.lastEpoch ?? 0
-                    let fetched = try await peerJournals(stored)
                     let firstNumber = max(
                         SCONumber(GenerationChain.numberBase(of: generation.generation)), recovery.highestSCO.next)
                     let installed = try await env.tasks.blocking { () throws(VDError) -> PeerJournals.Installed in
                         try PeerJournals.install(
-                            fetched, after: stored, firstNumber: firstNumber, config: config, layout: layout, fs: fs,
-                            logger: logger)
+                            fetched.journals, after: stored, firstNumber: firstNumber, config: config, layout: layout,
+                            fs: fs, logger: logger)
+                    }
+                    let beyond = Set(fetched.journals.map(\.epoch).filter { $0 > stored })
+                    if fetched.complete && (installed.epochs.isEmpty || installed.epochs.count != beyond.count) {
+                        throw VDError(
+                            .dataLoss,
+                            "volume \(config.name): its DTL peer \(fetched.peer ?? "") was in sync, yet holds \(installed.epochs.isEmpty ? "no journal" : "only epochs \(installed.epochs[0])-\(installed.epochs.last!)") of those after epoch \(stored) (\(beyond.sorted())): writes may be lost; `vd volume takeover \(config.name) --accept-loss` serves it with what could be recovered"
+                        )
                     }
                     if let last = installed.epochs.last {
                         progress(
-                            "recovered epochs \(installed.epochs[0])-\(last) (\(ByteSize.format(installed.bytes))) from the DTL peer\(installed.lastSealed ? "" : ", the last one open at the loss")"
+                            "recovered epochs \(installed.epochs[0])-\(last) (\(ByteSize.format(installed.bytes))) from the DTL peer \(fetched.peer ?? "")\(installed.lastSealed ? "" : ", the last one open at the loss")"
                         )
-                        // The history again, now with the installed journals; this generation starts right after
-                        // what the backend holds, so their TLogs carry its tag and their SCOs its numbers.
+                        // The history again, now with the installed journals. Only what the backend held at the
+                        // listing above counts from it: a TLog the lost owner uploads meanwhile for a later epoch is
+                        // not history (this generation starts right after `stored`, so its TLogs carry this tag).
                         recovery = Recovery(
                             config: config, layout: layout, options: options, backend: backend, env: env,
                             logger: logger, progress: progress)
                         recovery.parent = parent
+                        recovery.backendHistoryLimit = stored
                         try await recovery.discover()
                         recovery.generationFirstEpoch = stored + 1
-                    } else {
-                        progress("the DTL peer held nothing after epoch \(stored)")
+                    } else if fetched.peer != nil {
+                        progress("the DTL peer \(fetched.peer!) held nothing after epoch \(stored)")
                     }
                 } else {
                     logger.info(
@@ -155,11 +171,22 @@ extension Volume {
     }
 }
 
-/// Journals of the epochs after the given one, fetched from the volume's DTL peer at a takeover.
-package typealias PeerJournalSource =
-    @Sendable (_ afterEpoch: UInt64) async throws(VDError) -> [(
-        epoch: UInt64, sco: SCONumber, bytes: ByteBuffer
-    )]
+/// What a volume's DTL peer holds after a given epoch (fetched when the volume opens with nothing local).
+package struct FetchedJournals: Sendable {
+    package var journals: [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)]
+    /// The peer was in sync: every epoch after the backend's history must be there, without a gap, each verifying.
+    package var complete: Bool
+    package var peer: String?
+
+    package init(journals: [(epoch: UInt64, sco: SCONumber, bytes: ByteBuffer)], complete: Bool, peer: String?) {
+        self.journals = journals
+        self.complete = complete
+        self.peer = peer
+    }
+}
+
+/// Fetches the journals after the given epoch from the volume's DTL peer.
+package typealias PeerJournalSource = @Sendable (_ afterEpoch: UInt64) async throws(VDError) -> FetchedJournals
 
 /// The owner generation a volume is opened in (when routers share the backend) and the node serving it.
 package struct OwnerGeneration: Sendable {
@@ -207,6 +234,8 @@ struct Recovery {
     /// The first epoch of the generation being started, when not the one after the history (journals recovered
     /// from a DTL peer: they belong to the new generation).
     var generationFirstEpoch: UInt64?
+    /// Backend TLogs of later epochs are not history (journals recovered from a DTL peer continue it).
+    var backendHistoryLimit: UInt64?
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, env: Environment,
@@ -236,6 +265,7 @@ struct Recovery {
         let tlogNames = try await backend.list(prefix: layout.tlogPrefix).map(\.name)
         let scoNames = try await backend.list(prefix: layout.scoPrefix).map(\.name)
         backendTLogs = generations.historyTLogs(in: tlogNames, layout: layout)
+        if let limit = backendHistoryLimit { backendTLogs = backendTLogs.filter { $0 <= limit } }
         let foreign = generations.foreignTLogs(in: tlogNames, layout: layout)
         if !foreign.isEmpty {
             logger.info(

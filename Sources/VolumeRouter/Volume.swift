@@ -64,6 +64,10 @@ package final class Volume: BlockDevice {
     package let parent: ParentLink?
     /// Which owner generation wrote which epochs (names of backend TLogs); fixed once the volume is open.
     package let generations: GenerationChain
+    /// The writer of the volume's DTL record (Volume+DTL.swift), made on first use.
+    let dtlRecorderBox = Mutex<DTLRecorder?>(nil)
+    /// The DTL status while a mode is set but no peer is known (no mirror runs).
+    let dtlWithoutMirror = Mutex<DTLStatus?>(nil)
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore,
@@ -297,7 +301,11 @@ package final class Volume: BlockDevice {
             buffer = merged
         }
         try await journal.submit(.write(clusterWrite(first: first, buffer: buffer)))
-        await journal.mirror?.waitForWrites()
+        if let mirror = journal.mirror {
+            await mirror.waitForWrites()
+            // A degraded mirror that could not record it releases its writes once the lease ran out: they fail.
+            try checkOwnership()
+        }
         if fua { try await flush() }
     }
 
@@ -395,7 +403,10 @@ package final class Volume: BlockDevice {
                 address += n
             }
             try await journal.submit(.write(ClusterWrite(entries: entries, payloadIndex: [], buffer: ByteBuffer())))
-            await journal.mirror?.waitForWrites()
+            if let mirror = journal.mirror {
+                await mirror.waitForWrites()
+                try checkOwnership()
+            }
         }
         if fua { try await flush() }
     }

@@ -59,7 +59,7 @@ import VolumeCore
         try store.append(
             volume: Self.volume, generation: 2, epoch: 5, sco: a, offset: 4096, bytes: bytes(8192, seed: 2))
         try store.append(volume: Self.volume, generation: 2, epoch: 6, sco: b, offset: 0, bytes: bytes(4096, seed: 3))
-        try store.sync(volume: Self.volume)
+        try store.sync(volume: Self.volume, generation: 2)
         #expect(try store.usage(volume: Self.volume) == (bytes: 16384, generation: 2))
 
         // A restarted peer has the same journals and remembers the generation.
@@ -89,7 +89,7 @@ import VolumeCore
         }
 
         // Trimmed epochs are gone, durably.
-        try store.trim(volume: Self.volume, throughEpoch: 5)
+        try store.trim(volume: Self.volume, generation: 2, throughEpoch: 5)
         store.close()
         store = try DTLStore(directory: root, bytesPerVolumeMax: 1 << 20, fs: fs)
         #expect(try store.journals(volume: Self.volume, generation: 2, afterEpoch: 0).map(\.epoch) == [6])

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Benchmark: write throughput and latency with the distributed transaction log off, async and sync (docs/performance.md,
+# "DTL"), in one run: router a owns the volume, router b on the same machine is its DTL peer (loopback), one
+# local-directory backend. In the same run, qemu-nbd on a raw file on the same disk, for scale.
+#
+#   tools/bench/dtl.sh [--dir DIR] [--runtime 10] [--vd PATH] [--modes "none async sync"]
+#
+# Jobs (fio over NBD): randwrite 4k qd32; randwrite 4k qd1 with a flush after every write; seq write 1M qd8.
+# The target is sync >= 0.7x none on randwrite qd32 and seq write. Not a test.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")/../.." && pwd)"
+dir="${BENCH_DIR:-/var/tmp/vd-bench-dtl}"
+runtime=10
+modes="none async sync"
+vd=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dir) dir="$2"; shift 2 ;;
+    --runtime) runtime="$2"; shift 2 ;;
+    --vd) vd="$2"; shift 2 ;;
+    --modes) modes="$2"; shift 2 ;;
+    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+for tool in fio qemu-nbd python3; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install fio qemu-utils python3)" >&2; exit 1; }
+done
+if [ -z "$vd" ]; then
+  (cd "$here" && swift build -c release --product vd >&2)
+  vd="$here/.build/release/vd"
+fi
+export VD_CLUSTER_TOKEN="bench-cluster-token-0123456789"
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done; pids=(); }
+trap cleanup EXIT
+
+start() { # node [extra args...]
+  local node="$1"; shift
+  "$vd" serve --data-dir "$dir/$node" --nbd-socket "$dir/$node.sock" --config "$dir/vd.toml" --node "$node" \
+    --cluster-listen 127.0.0.1:0 --dtl-listen 127.0.0.1:0 "$@" >"$dir/$node.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 400); do grep -q '^ready' "$dir/$node.log" 2>/dev/null && return; sleep 0.05; done
+  echo "vd serve $node did not start:" >&2; cat "$dir/$node.log" >&2; exit 1
+}
+
+# fio JSON -> "IOPS MB/s p99-microseconds"
+summary='import json,sys
+j=json.loads(sys.stdin.read())["jobs"][0]["write"]
+p=j.get("clat_ns",{}).get("percentile",{}).get("99.000000",0)/1000
+print("%d %.0f %.0f" % (j["iops"], j["bw_bytes"]/1e6, p))'
+run_jobs() { # uri label
+  local uri="$1" label="$2" out
+  for job in "randwrite-qd32:--rw=randwrite --bs=4k --iodepth=32" \
+             "randwrite-qd1+flush:--rw=randwrite --bs=4k --iodepth=1 --fsync=1" \
+             "seqwrite-1M:--rw=write --bs=1M --iodepth=8"; do
+    name="${job%%:*}"; args="${job#*:}"
+    # shellcheck disable=SC2086
+    out=$(fio --name="$name" --ioengine=nbd --uri="$uri" $args --size=2G --runtime="$runtime" --time_based \
+      --output-format=json | sed -n '/^{/,$p' | python3 -c "$summary")
+    read -r iops mbs p99 <<<"$out"
+    printf '%-14s %-22s %9s IOPS %7s MB/s   p99 %8s us\n' "$label" "$name" "$iops" "$mbs" "$p99"
+  done
+}
+
+echo "fio over NBD, ${runtime} s per job; DTL peer on loopback (same machine)"
+for mode in $modes; do
+  cleanup
+  rm -rf "$dir"
+  mkdir -p "$dir/shared"
+  printf '[backends.local]\nurl = "file://%s/shared"\n' "$dir" > "$dir/vd.toml"
+  "$vd" volume create vol --size 4G --data-dir "$dir/a" --config "$dir/vd.toml" >/dev/null
+  start a
+  start b
+  "$vd" volume dtl vol --mode "$mode" --peer b --data-dir "$dir/a" --config "$dir/vd.toml" >/dev/null
+  if [ "$mode" != none ]; then
+    for _ in $(seq 200); do
+      "$vd" volume info vol --data-dir "$dir/a" --config "$dir/vd.toml" | grep -q "in sync" && break
+      sleep 0.05
+    done
+  fi
+  run_jobs "nbd+unix:///vol?socket=$dir/a.sock" "vd dtl=$mode"
+  "$vd" volume info vol --data-dir "$dir/a" --config "$dir/vd.toml" | grep "DTL" || true
+done
+cleanup
+
+rm -rf "$dir"
+mkdir -p "$dir"
+truncate -s 4G "$dir/raw.img"
+qemu-nbd --persistent --shared=8 --format=raw --cache=none --aio=native --socket="$dir/qemu.sock" "$dir/raw.img" &
+pids+=($!)
+for _ in $(seq 100); do [ -S "$dir/qemu.sock" ] && break; sleep 0.05; done
+run_jobs "nbd+unix:///?socket=$dir/qemu.sock" "qemu-nbd raw"
+cleanup
+rm -rf "$dir"
