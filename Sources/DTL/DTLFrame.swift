@@ -79,6 +79,23 @@ public struct DTLFrame: Sendable, Hashable {
             payload: payload)
     }
 
+    /// An append whose payload already starts with the journal offset (8 bytes, little-endian): no copy.
+    public static func append(
+        volumeID: VolumeID, generation: UInt64, epoch: UInt64, sco: SCONumber, prefixedPayload: ByteBuffer
+    ) -> DTLFrame {
+        precondition(prefixedPayload.readableBytes >= 8, "an append payload starts with its offset")
+        return DTLFrame(
+            kind: .append, volumeID: volumeID, generation: generation, epoch: epoch, value: sco.rawValue,
+            payload: prefixedPayload)
+    }
+
+    /// A buffer for an append's payload: the offset, then `capacity` bytes to be written after it.
+    public static func appendPayload(offset: UInt64, capacity: Int) -> ByteBuffer {
+        var payload = ByteBufferAllocator().buffer(capacity: 8 + capacity)
+        payload.writeInteger(offset, endianness: .little)
+        return payload
+    }
+
     /// For an append: the journal offset and the bytes.
     public func appended() throws(VDError) -> (offset: UInt64, bytes: ByteBuffer) {
         guard kind == .append, payload.readableBytes >= 8,
@@ -87,7 +104,8 @@ public struct DTLFrame: Sendable, Hashable {
         return (offset, payload.getSlice(at: payload.readerIndex + 8, length: payload.readableBytes - 8)!)
     }
 
-    public func encode(into out: inout ByteBuffer) {
+    /// The 64-byte header of this frame (its payload CRC included).
+    public func encodedHeader() -> ByteBuffer {
         var header = ByteBuffer.zeroes(Self.headerBytes)
         header.setBytes(Self.magic, at: 0)
         header.setLE(Self.version, at: 8)
@@ -100,7 +118,11 @@ public struct DTLFrame: Sendable, Hashable {
         header.setLE(value, at: 48)
         header.setLE(payload.crc32c(0, payload.readableBytes), at: 56)
         header.setLE(header.crc32c(0, 60), at: 60)
-        out.writeImmutableBuffer(header)
+        return header
+    }
+
+    public func encode(into out: inout ByteBuffer) {
+        out.writeImmutableBuffer(encodedHeader())
         out.writeImmutableBuffer(payload)
     }
 

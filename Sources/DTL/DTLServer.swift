@@ -26,16 +26,27 @@ struct DTLFrameDecoder: ByteToMessageDecoder {
     }
 }
 
-struct DTLFrameEncoder: MessageToByteEncoder {
+/// Writes a frame as its header and its payload, two buffers (the payload is not copied).
+final class DTLFrameEncoder: ChannelOutboundHandler, Sendable {
     typealias OutboundIn = DTLFrame
-    func encode(data: DTLFrame, out: inout ByteBuffer) throws { data.encode(into: &out) }
+    typealias OutboundOut = ByteBuffer
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let frame = unwrapOutboundIn(data)
+        guard frame.payload.readableBytes > 0 else {
+            context.write(wrapOutboundOut(frame.encodedHeader()), promise: promise)
+            return
+        }
+        context.write(wrapOutboundOut(frame.encodedHeader()), promise: nil)
+        context.write(wrapOutboundOut(frame.payload), promise: promise)
+    }
 }
 
 extension Channel {
     /// Frames in, frames out.
     func addDTLCodec() throws {
         try pipeline.syncOperations.addHandler(ByteToMessageHandler(DTLFrameDecoder()))
-        try pipeline.syncOperations.addHandler(MessageToByteHandler(DTLFrameEncoder()))
+        try pipeline.syncOperations.addHandler(DTLFrameEncoder())
     }
 }
 
@@ -315,6 +326,11 @@ extension DTLConnection {
         .append(volumeID: volumeID, generation: generation, epoch: epoch, sco: sco, offset: offset, bytes: bytes)
     }
 
+    /// An append whose payload starts with the offset (`DTLFrame.appendPayload`).
+    package func appendFrame(epoch: UInt64, sco: SCONumber, prefixedPayload: ByteBuffer) -> DTLFrame {
+        .append(volumeID: volumeID, generation: generation, epoch: epoch, sco: sco, prefixedPayload: prefixedPayload)
+    }
+
     /// The journals of every epoch after `epoch` the peer holds (for a taker: from then on the peer refuses the
     /// older generations).
     package func fetch(
@@ -339,7 +355,7 @@ extension DTLConnection {
 }
 
 /// One connection to a DTL peer, used in order: appends go out at once; `sync` waits for the peer's `synced` and
-/// fails with the first refusal the peer sent since the previous sync; `fetch` collects journals until `fetchDone`.
+/// fails with the first refusal the peer sent (after which the connection is not to be used); `fetch` collects journals until `fetchDone`.
 package final class DTLClient: DTLConnection {
     private let channel: any Channel
     private let inbox: DTLInbox
@@ -413,15 +429,13 @@ package final class DTLClient: DTLConnection {
     /// Everything appended so far is durable on the peer (or the first refusal since the last sync).
     package func sync() async throws(VDError) {
         try await send(DTLFrame(kind: .sync, volumeID: volumeID, generation: generation))
-        var refused: VDError?
         while true {
             let frame = try await next()
             switch frame.kind {
-            case .synced:
-                if let refused { throw refused }
-                return
+            case .synced: return
             case .received: continue
-            case .refused: refused = refused ?? Self.refusal(frame)
+            // A refusal (of this sync or of an earlier append): the connection is not to be trusted any more.
+            case .refused: throw Self.refusal(frame)
             default: throw VDError(.corrupt, "the DTL peer answered a sync with \(frame.kind)")
             }
         }

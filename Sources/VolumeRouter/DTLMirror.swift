@@ -157,9 +157,13 @@ final class DTLMirror: Sendable {
         }
     }
 
-    /// `bytes` were written at `offset` of the journal of `epoch` (SCO `sco`).
-    func appended(epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: ByteBuffer) {
-        let end = offset + UInt64(bytes.readableBytes)
+    /// The bytes of `payload` after its 8-byte offset prefix (`DTLFrame.appendPayload`) were written at that offset
+    /// of the journal of `epoch` (SCO `sco`).
+    func appended(epoch: UInt64, sco: SCONumber, offset: UInt64, prefixedPayload payload: ByteBuffer) {
+        precondition(
+            payload.getInteger(at: payload.readerIndex, endianness: .little, as: UInt64.self) == offset,
+            "a mirrored range with another offset")
+        let end = offset + UInt64(payload.readableBytes - 8)
         let now = env.clock.now()
         state.withLock { state in
             var journal = state.journals[epoch] ?? LocalJournal(sco: sco, lengthBytes: 0)
@@ -167,9 +171,15 @@ final class DTLMirror: Sendable {
             journal.lengthBytes = max(journal.lengthBytes ?? 0, end)
             state.journals[epoch] = journal
             guard let connection = state.connectionHandle else { return }
-            Self.send(
-                &state, connection, connection.appendFrame(epoch: epoch, sco: sco, offset: offset, bytes: bytes), now)
+            Self.send(&state, connection, connection.appendFrame(epoch: epoch, sco: sco, prefixedPayload: payload), now)
         }
+    }
+
+    /// `bytes` were written at `offset` of the journal of `epoch` (SCO `sco`) (small ranges: copied once).
+    func appended(epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: ByteBuffer) {
+        var payload = DTLFrame.appendPayload(offset: offset, capacity: bytes.readableBytes)
+        payload.writeImmutableBuffer(bytes)
+        appended(epoch: epoch, sco: sco, offset: offset, prefixedPayload: payload)
     }
 
     private static func send(

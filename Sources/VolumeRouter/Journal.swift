@@ -13,6 +13,7 @@
 // leader-only path checks that it runs as the leader.
 
 import BlockMap
+import DTL
 import Collections
 import FlashIO
 import Logging
@@ -353,7 +354,7 @@ final class Journal: Sendable {
             throw failure
         }
         if let mirror {
-            var bytes = ByteBufferAllocator().buffer(capacity: Int(written))
+            var bytes = DTLFrame.appendPayload(offset: pending.startOffset, capacity: Int(written))
             for (index, batch) in pending.batches.enumerated() {
                 bytes.writeImmutableBuffer(
                     headers.getSlice(
@@ -363,8 +364,8 @@ final class Journal: Sendable {
                     bytes.writeImmutableBuffer(source.getSlice(at: source.readerIndex + run.start, length: run.length)!)
                 }
             }
-            precondition(bytes.readableBytes == Int(written), "a mirrored range differs from what was written")
-            mirror.appended(epoch: state.epoch, sco: state.sco, offset: pending.startOffset, bytes: bytes)
+            precondition(bytes.readableBytes == 8 + Int(written), "a mirrored range differs from what was written")
+            mirror.appended(epoch: state.epoch, sco: state.sco, offset: pending.startOffset, prefixedPayload: bytes)
         }
         let now = env.clock.now()
         let openBytes = state.writeOffset
