@@ -200,7 +200,7 @@ let package = Package(
         .target(
             name: "VolumeSimulation",
             dependencies: [
-                "VolumeCore", "FlashIO", "ObjectStore", "VolumeRouter", "Scrubber", "VolumeTesting",
+                "VolumeCore", "FlashIO", "ObjectStore", "VolumeRouter", "Scrubber", "VolumeTesting", "DTL",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "HeapModule", package: "swift-collections"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs VolumeDriver's deterministic simulation (Sources/VolumeSimulation) for many seeds, or replays one.
 #
-#   tools/sim.sh --seeds N [--first S] [--ops M] [--jobs J] [--ownership on|off|by-seed]
+#   tools/sim.sh --seeds N [--first S] [--ops M] [--jobs J] [--ownership on|off|by-seed] [--dtl on|off|by-seed]
 #                                                  prints every failing seed with its trace; exit 1 if any
 #   tools/sim.sh --replay SEED [--ops M] [--ownership on|off|by-seed]   reruns one seed printing its whole trace
 #

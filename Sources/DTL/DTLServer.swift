@@ -246,7 +246,7 @@ package final class DTLPeerLogic: Sendable {
 }
 
 /// Frames (or the connection's end) as they arrive, for one reader at a time.
-final class DTLInbox: Sendable {
+package final class DTLInbox: Sendable {
     private struct State {
         var arrived: [Result<DTLFrame, VDError>] = []
         var waiter: CheckedContinuation<Result<DTLFrame, VDError>, Never>?
@@ -254,7 +254,9 @@ final class DTLInbox: Sendable {
     }
     private let state = Mutex(State())
 
-    func deliver(_ result: Result<DTLFrame, VDError>) {
+    package init() {}
+
+    package func deliver(_ result: Result<DTLFrame, VDError>) {
         let waiter = state.withLock { state -> CheckedContinuation<Result<DTLFrame, VDError>, Never>? in
             if case .failure(let error) = result {
                 guard state.ended == nil else { return nil }
@@ -270,7 +272,7 @@ final class DTLInbox: Sendable {
         waiter?.resume(returning: result)
     }
 
-    func next() async -> Result<DTLFrame, VDError> {
+    package func next() async -> Result<DTLFrame, VDError> {
         await withCheckedContinuation { continuation in
             let ready = state.withLock { state -> Result<DTLFrame, VDError>? in
                 if !state.arrived.isEmpty { return state.arrived.removeFirst() }

@@ -8,6 +8,7 @@ package import Foundation
 import Logging
 package import NIOCore
 package import ObjectStore
+import Scrubber
 import Synchronization
 import TransactionLog
 package import VolumeCore
@@ -105,9 +106,11 @@ package struct DTLRecord: Codable, Sendable, Equatable {
 
     package static func load(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) -> DTLRecord? {
         do {
-            return try MetadataRecord.decode(
-                DTLRecord.self, from: try await backend.get(layout.dtlObject), kind: .dtlRecord,
-                what: layout.dtlObject)
+            // Bytes damaged on the way are read again (NamespaceObjects.getVerified).
+            return try await NamespaceObjects.getVerified(layout.dtlObject, backend: backend) {
+                (data) throws(VDError) -> DTLRecord in
+                try MetadataRecord.decode(DTLRecord.self, from: data, kind: .dtlRecord, what: layout.dtlObject)
+            }
         } catch  where error.code == .notFound {
             return nil
         }

@@ -117,6 +117,7 @@ extension Volume {
                         recovery.backendHistoryLimit = stored
                         try await recovery.discover()
                         recovery.generationFirstEpoch = stored + 1
+                        recovery.epochsFromPeer = installed.epochs
                     } else if fetched.peer != nil {
                         progress("the DTL peer \(fetched.peer!) held nothing after epoch \(stored)")
                     }
@@ -126,6 +127,7 @@ extension Volume {
                 }
             }
             try await recovery.loadSnapshots()
+            try recovery.applyRollbacksFromPeer()
             if let generation { try await recovery.startGeneration(generation) }
             var map = BlockMap(database: database, cacheEntries: options.mapCacheEntries)
             if try !recovery.checkpointIsTrustworthy(map: map, hadMap: hadMap) {
@@ -236,6 +238,8 @@ struct Recovery {
     var generationFirstEpoch: UInt64?
     /// Backend TLogs of later epochs are not history (journals recovered from a DTL peer continue it).
     var backendHistoryLimit: UInt64?
+    /// Epochs whose journals were recovered from a DTL peer.
+    var epochsFromPeer: [UInt64] = []
 
     init(
         config: VolumeConfig, layout: VolumeLayout, options: VolumeOptions, backend: any ObjectStore, env: Environment,
@@ -353,6 +357,36 @@ struct Recovery {
             snapshots.snapshots.removeAll { snapshot in beyond.contains { $0.id == snapshot.id } }
             snapshots.version += 1
         }
+        try SnapshotCatalog.save(snapshots, layout: layout, fs: env.fs)
+    }
+
+    /// A rollback in a journal recovered from a DTL peer whose table change never reached the backend (the table is
+    /// uploaded after the rollback's reply): the table is changed as the lost owner changed it (the snapshots after
+    /// the target, up to the rollback, go; the rollback is recorded), or those snapshots would read versions the
+    /// rollback no longer keeps.
+    mutating func applyRollbacksFromPeer() throws(VDError) {
+        var applied: [RollbackRecord] = []
+        for epoch in epochsFromPeer.sorted() {
+            guard let scan = scans[epoch]?.scan else { continue }
+            for batch in scan.batches {
+                for entry in batch.header.entries {
+                    guard case .rollback(let target) = entry else { continue }
+                    let record = RollbackRecord(atEpoch: epoch, toEpoch: target)
+                    if snapshots.rollbacks.contains(record) { continue }
+                    let gone = snapshots.snapshots.filter { $0.epoch > target && $0.epoch <= epoch }
+                    if !gone.isEmpty {
+                        logger.warning(
+                            "volume \(config.name): the rollback to epoch \(target) recovered from the DTL peer deletes snapshots \(gone.map(\.name).joined(separator: ", ")) (its table never reached the backend)"
+                        )
+                    }
+                    snapshots.snapshots.removeAll { $0.epoch > target && $0.epoch <= epoch }
+                    snapshots.rollbacks.append(record)
+                    applied.append(record)
+                }
+            }
+        }
+        guard !applied.isEmpty else { return }
+        snapshots.version += 1
         try SnapshotCatalog.save(snapshots, layout: layout, fs: env.fs)
     }
 

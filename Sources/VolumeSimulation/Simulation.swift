@@ -12,6 +12,7 @@
 // and goes away; process crashes; power losses; a clean stop then the local flash lost then a restart from the
 // backend; the local flash lost without a stop.
 
+import DTL
 import FlashIO
 import Foundation
 import Logging
@@ -41,6 +42,10 @@ package struct SimulationConfig: Sendable {
     /// Routers serve volumes under owner leases (`vd serve --node`), and some moves are takeovers from a router
     /// partitioned from the backend that comes back and uploads late (nil: one seed in four).
     package var ownership: Bool?
+    /// With ownership: volumes are mirrored in sync mode to a DTL peer machine; the link is cut and the peer loses
+    /// its disk now and then; a flash loss or takeover while in sync must keep every replied write (nil: half of the
+    /// ownership seeds).
+    package var dtl: Bool?
     /// Print the trace as it happens.
     package var verbose = false
     package init(seed: UInt64) { self.seed = seed }
@@ -212,6 +217,11 @@ final class Simulation: @unchecked Sendable {
     /// Armed failpoints that stand for a power loss, and whether one fired since the last recovery.
     var powerLossFailpoints: Set<String> = []
     var powerLossPending = false
+    /// The DTL peer machine (DTL seeds), and the devices whose mirror was in sync when the loss being verified came
+    /// (every replied write of theirs must have survived it).
+    let dtl: Bool
+    var dtlPeer: SimDTLPeer?
+    var dtlProtected: Set<String> = []
 
     init(config: SimulationConfig) {
         self.config = config
@@ -232,6 +242,8 @@ final class Simulation: @unchecked Sendable {
         node.maps.autoFlushProbability = [0.05, 0.3, 1.0][scheduler.below(3)]
         report = SimulationReport(seed: config.seed)
         ownership = config.ownership ?? (config.seed % 4 == 1)
+        dtl = ownership && (config.dtl ?? ((config.seed / 4) % 2 == 0))
+        if dtl { dtlPeer = SimDTLPeer(scheduler: scheduler, logger: logger) }
         scheduler.failpointFired = { [unowned self] name in
             if self.powerLossFailpoints.contains(name) { self.powerLossPending = true }
         }
@@ -370,6 +382,7 @@ final class Simulation: @unchecked Sendable {
     /// `afterFlashLoss`: a clone whose parent's snapshot never reached the backend cannot be rebuilt (its base is
     /// gone with the flash): it may fail to open, and leaves the model.
     func boot(afterFlashLoss: Bool = false) throws {
+        let network = dtlNetwork
         let (process, env) = makeProcess("router", role: "router", on: node)
         node.routerProcess = process
         let configuration = routerConfiguration
@@ -378,6 +391,7 @@ final class Simulation: @unchecked Sendable {
         let outcome = try runIn(process, "router start") {
             () async throws(VDError) -> (Router, [(VolumeName, VDError)]) in
             let router = try Router(configuration: configuration, backends: backends, logger: logger, environment: env)
+            if let network { router.enableDTL(network) }
             let failures = await router.openAll { _ in }
             return (router, failures)
         }
@@ -397,6 +411,31 @@ final class Simulation: @unchecked Sendable {
                     lostClones.insert(name.rawValue)
                     continue
                 }
+                // The DTL peer's copy may be short (it was not in sync): what `vd volume takeover --accept-loss`
+                // does.
+                func acceptLoss(_ error: VDError) throws -> Bool {
+                    trace.add("volume \(name) did not open (\(error)); taking it over accepting the loss")
+                    count("dtl-accept-loss")
+                    let taken = try runIn(process, "take \(name) accepting loss") {
+                        () async throws(VDError) -> Volume in
+                        let registration = try VolumeRegistry.read(
+                            dataDirectory: router.configuration.dataDirectory, name: name, fs: env.fs)!
+                        let lease = try await router.takeOver(registration)
+                        return try await router.open(registration, taken: lease, acceptLoss: true) { _ in }
+                    }
+                    if case .failure(let error) = taken {
+                        if !process.isAlive { return false }
+                        throw fail("volume \(name) does not open accepting the loss: \(error)")
+                    }
+                    return true
+                }
+                if error.code == .dataLoss {
+                    guard try acceptLoss(error) else {
+                        node.router = nil
+                        return try boot(afterFlashLoss: afterFlashLoss)
+                    }
+                    continue
+                }
                 // A backend that is down when the router starts: the volume opens once it is back.
                 guard store.outage || error.code == .backend else {
                     throw fail("volume \(name) does not open after a restart: \(error)")
@@ -406,6 +445,13 @@ final class Simulation: @unchecked Sendable {
                 outageUntilOperation = nil
                 let reopened = try runIn(process, "reopen \(name)") { () async throws(VDError) -> Volume in
                     try await router.openVolume(named: name)
+                }
+                if case .failure(let error) = reopened, error.code == .dataLoss {
+                    guard try acceptLoss(error) else {
+                        node.router = nil
+                        return try boot(afterFlashLoss: afterFlashLoss)
+                    }
+                    continue
                 }
                 if case .failure(let error) = reopened {
                     if !process.isAlive {
@@ -439,15 +485,56 @@ final class Simulation: @unchecked Sendable {
     }
 
     var router: Router { node.router! }
+
+    /// How routers reach the DTL peer (DTL seeds).
+    var dtlNetwork: DTLNetwork? {
+        guard let peer = dtlPeer else { return nil }
+        var network = DTLNetwork { (_, volume, generation) throws(VDError) -> any DTLConnection in
+            peer.connect(volume: volume, generation: generation)
+        }
+        network.timeoutSeconds = 2
+        network.retrySeconds = 1
+        network.choosePeer = { _ in SimDTLPeer.node }
+        return network
+    }
+
+    /// The DTL link fails, or the peer loses its disk: the owner degrades and catches it up later.
+    func dtlFault() {
+        guard let peer = dtlPeer, !store.outage else { return }
+        if scheduler.chance(0.7) {
+            trace.add("DTL: the links to the peer are cut")
+            count("dtl-cut")
+            peer.cutLinks("the DTL link was cut")
+        } else {
+            trace.add("DTL: the peer loses its disk")
+            count("dtl-peer-disk-lost")
+            peer.loseDisk()
+        }
+    }
+
+    /// Devices of the main node whose mirror is in sync now (sync mode): a loss now keeps every replied write.
+    func devicesInSync() -> Set<String> {
+        guard dtl, pendingLoss == nil else { return [] }
+        var result: Set<String> = []
+        for name in devices.keys where !peerDevices.contains(name) {
+            if let volume = volume(name), volume.dtlStatus.mode == .sync, volume.dtlStatus.state == .inSync {
+                result.insert(name)
+            }
+        }
+        return result
+    }
     var routerProcess: SimProcess { node.routerProcess! }
 
     func createVolume(_ name: String) throws {
         let volumeName = try VolumeName(validating: name)
         let size = config.volumeBytes
         let router = self.router
+        let dtl = self.dtl
         let result = try runIn(routerProcess, "create \(name)") { () async throws(VDError) -> Volume in
-            try await router.createVolume(
+            let volume = try await router.createVolume(
                 named: volumeName, sizeBytes: size, clusterSizeBytes: 4096, backendName: "sim")
+            if dtl { try await router.setDTL(of: volume, mode: .sync, peer: SimDTLPeer.node) }
+            return volume
         }
         if case .failure(let error) = result { throw fail("cannot create \(name): \(error)") }
         devices[name] = DeviceModel(name: name, sectorCount: Int(size / 512))
@@ -506,6 +593,7 @@ final class Simulation: @unchecked Sendable {
         case 770..<780: if config.backendFaults { startOutage(index) }
         case 780..<786 where ownership && config.clones: try moveCloneToPeer()
         case 786..<788 where ownership && config.clones && config.crashes: try crashPeer()
+        case 788..<794 where dtl: dtlFault()
         case 780..<860: try wait(.milliseconds(Int64(scheduler.between(1...3000))))
         case 860..<875: if config.crashes { armFailpoint() }
         case 875..<890: try checkDiff()
@@ -554,6 +642,12 @@ final class Simulation: @unchecked Sendable {
 
     func startOutage(_ index: Int) {
         guard !store.outage else { return }
+        // A backend outage while a DTL mirror is degraded holds the volume's writes until the degraded state can be
+        // recorded (by design); the workload's synchronous operations cannot wait that out: the two faults do not
+        // overlap.
+        if dtl, router.volumes.contains(where: { $0.dtlStatus.mode != .none && $0.dtlStatus.state != .inSync }) {
+            return
+        }
         store.outage = true
         outageUntilOperation = index + scheduler.between(1...20)
         trace.add("backend outage starts")
@@ -1234,6 +1328,7 @@ final class Simulation: @unchecked Sendable {
         // The peer does not crash: what it has in flight finishes first (its replies are checked as usual).
         for device in peerDevices.sorted() { try quiesce(device) }
         let stored = storedEpochs()
+        let inSync = kind == .flashLost ? devicesInSync() : []
         routerProcess.kill()
         if kind == .power || kind == .flashLost {
             for scrubber in scrubbers { scrubber.kill() }
@@ -1261,6 +1356,11 @@ final class Simulation: @unchecked Sendable {
             verifyKind = pending.kind
             verifyStored = pending.stored.merging(stored) { min($0, $1) }
         }
+        dtlProtected = verifyKind == .flashLost && pendingLoss == nil ? inSync : []
+        if !dtlProtected.isEmpty {
+            trace.add("DTL in sync at the loss: \(dtlProtected.sorted()) keep every replied write")
+            count("flash-lost-dtl-in-sync")
+        }
         try boot(afterFlashLoss: verifyKind == .flashLost)
         try verifyAfterLoss(verifyKind, stored: verifyStored)
     }
@@ -1279,6 +1379,7 @@ final class Simulation: @unchecked Sendable {
         if Self.rank(kind) >= 2 { pendingLoss = (kind, stored) }
         try verifyEverything(after: kind, stored: stored)
         pendingLoss = nil
+        dtlProtected = []
     }
 
     /// A clean stop (drain), then the local flash is lost, then a restart from the backend alone.
@@ -1543,6 +1644,7 @@ final class Simulation: @unchecked Sendable {
         count("takeover")
         try quiesce()
         let stored = storedEpochs()
+        let inSync = devicesInSync()
         let old = node
         let oldLink = links[old.name]!
         oldLink.cut = true
@@ -1566,6 +1668,11 @@ final class Simulation: @unchecked Sendable {
         old.routerProcess?.kill()
         old.router = nil
         if !routerProcess.isAlive { throw RouterKilled() }
+        dtlProtected = inSync
+        if !inSync.isEmpty {
+            trace.add("DTL in sync at the takeover: \(inSync.sorted()) keep every replied write")
+            count("takeover-dtl-in-sync")
+        }
         try verifyAfterLoss(.flashLost, stored: stored)
     }
 
@@ -1607,8 +1714,12 @@ final class Simulation: @unchecked Sendable {
             let configuration = routerConfiguration
             let backends = SimBackends(store: nextStore, compress: compress)
             let logger = self.logger
+            let network = dtlNetwork
             let started = try runIn(process, "router start") { () async throws(VDError) -> Router in
-                try Router(configuration: configuration, backends: backends, logger: logger, environment: env)
+                let router = try Router(
+                    configuration: configuration, backends: backends, logger: logger, environment: env)
+                if let network { router.enableDTL(network) }
+                return router
             }
             guard case .success(let router) = started else {
                 throw fail("the taking router does not start: \(started)")
@@ -1622,7 +1733,13 @@ final class Simulation: @unchecked Sendable {
                 let taken = try runIn(process, "take over \(name)", timeout: .seconds(Self.leaseSeconds * 2 + 600)) {
                     () async throws(VDError) -> Volume in
                     let lease = try await router.takeOver(registration)
-                    return try await router.open(registration, taken: lease) { _ in }
+                    do throws(VDError) {
+                        return try await router.open(registration, taken: lease) { _ in }
+                    } catch  where error.code == .dataLoss {
+                        // The DTL peer was not in sync: `vd volume takeover --accept-loss`.
+                        let again = try await router.takeOver(registration)
+                        return try await router.open(registration, taken: again, acceptLoss: true) { _ in }
+                    }
                 }
                 guard case .failure(let error) = taken else { continue }
                 if !process.isAlive {
@@ -1799,7 +1916,9 @@ final class Simulation: @unchecked Sendable {
     }
 
     /// Checks what a restart gave against what `kind` allows, then makes it the model.
-    func accept(_ name: String, observed: [UInt32], after kind: CrashKind, stored: UInt64?) throws {
+    func accept(_ name: String, observed: [UInt32], after requested: CrashKind, stored: UInt64?) throws {
+        // A flash loss of a device whose DTL mirror was in sync: the peer held every replied write.
+        let kind = requested == .flashLost && dtlProtected.contains(name) ? CrashKind.process : requested
         var model = devices[name]!
         let covered = coveredSeq[name] ?? 0
         var mismatches: [String] = []

@@ -26,6 +26,11 @@ struct SimCommand: ParsableCommand {
     @Option(
         help: "Owner leases and takeovers: on, off, or by seed (one seed in four; the default).")
     var ownership: String = "by-seed"
+    @Option(
+        help:
+            "A DTL peer mirroring volumes in sync mode (with ownership): on, off, or by seed (half of the ownership seeds; the default)."
+    )
+    var dtl: String = "by-seed"
 
     func config(_ seed: UInt64, verbose: Bool) -> SimulationConfig {
         var config = SimulationConfig(seed: seed)
@@ -35,6 +40,7 @@ struct SimCommand: ParsableCommand {
         config.backendFaults = !noFaults
         config.scrubs = !noScrubs
         config.ownership = ownership == "on" ? true : ownership == "off" ? false : nil
+        config.dtl = dtl == "on" ? true : dtl == "off" ? false : nil
         return config
     }
 
