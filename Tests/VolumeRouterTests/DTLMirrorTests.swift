@@ -205,6 +205,43 @@ import VolumeTesting
         await peer.shutdown()
     }
 
+    /// S13 (docs/simulation.md): a rollback recovered from the peer whose table change never reached the backend.
+    /// The snapshots it deleted must not come back: they would read versions the rollback no longer keeps.
+    @Test func aRollbackRecoveredFromThePeerDeletesTheSnapshotsItDeleted() async throws {
+        let backend = FaultyObjectStore(wrapping: MemoryStore())
+        let harness = try await VolumeHarness(scoSizeBytes: 1 << 20, backend: backend) {
+            $0.uploadAgeSecondsMax = 3600
+        }
+        let peer = try await Peer(directory: harness.root + "/peer")
+        try await harness.volume.startDTL(mode: .sync, peer: "p", network: peer.network)
+        try await Self.waitFor("in sync") { harness.volume.dtlStatus.state == .inSync }
+        let first = pattern(65536, seed: 1)
+        try await harness.volume.write(offset: 0, data: first, fua: true)
+        _ = try await harness.volume.createSnapshot(named: "s1")
+        try await harness.waitUntilStored()
+        try await Self.waitFor("table stored") { !harness.volume.catalog.needsUpload }
+        // From here on no TLog reaches the backend; the table with s2 does, the rollback's does not.
+        backend.inject(.fail(VDError(.backend, "held back")), count: 100_000, on: [.put], namePrefix: "vol1/tlog/")
+        let second = pattern(65536, seed: 2)
+        try await harness.volume.write(offset: 0, data: second, fua: true)
+        let s2 = try await harness.volume.createSnapshot(named: "s2")
+        try await Self.waitFor("table with s2 stored") { !harness.volume.catalog.needsUpload }
+        backend.inject(
+            .fail(VDError(.backend, "held back")), count: 100_000, on: [.put], namePrefix: "vol1/snapshots/")
+        _ = try await harness.volume.rollback(toSnapshot: "s1")
+        try await harness.volume.write(offset: 65536, data: pattern(65536, seed: 3), fua: true)
+        #expect(harness.volume.snapshotTable.snapshot(named: "s2") == nil)
+
+        backend.clearFaults()
+        let volume = try await Self.loseOwnerAndTakeOver(harness, peer: peer, generation: 2)
+        #expect(volume.snapshotTable.snapshot(named: "s2") == nil, "s2 (epoch \(s2.epoch)) came back")
+        #expect(
+            volume.snapshotTable.rollbacks.contains { $0.toEpoch == volume.snapshotTable.snapshot(named: "s1")?.epoch })
+        #expect(try await volume.read(offset: 0, length: 65536) == first)
+        await harness.shutdown()
+        await peer.shutdown()
+    }
+
     @Test func withoutThePeerTheTakeoverHasOnlyTheBackend() async throws {
         // The control of the two tests above: the same loss without a mirror loses what was not uploaded.
         let harness = try await VolumeHarness(scoSizeBytes: 1 << 20) { $0.uploadAgeSecondsMax = 3600 }
