@@ -198,8 +198,6 @@ package final class DTLPeerLogic: Sendable {
                 if let current, current != connection {
                     throw VDError(.busy, "volume \(frame.volumeID): a newer connection of its owner replaced this one")
                 }
-            case .reset:
-                sessions.withLock { $0.current[frame.volumeID] = connection }
             default:
                 break
             }
@@ -213,7 +211,9 @@ package final class DTLPeerLogic: Sendable {
                     DTLFrame(kind: .received, volumeID: frame.volumeID, generation: frame.generation, value: appends)
                 ]
             case .reset:
+                // Only a reset the store admits (not of a fenced generation) makes this connection the current one.
                 try store.reset(volume: frame.volumeID, generation: frame.generation)
+                sessions.withLock { $0.current[frame.volumeID] = connection }
                 return []
             case .sync:
                 try store.sync(volume: frame.volumeID, generation: frame.generation)
@@ -251,25 +251,46 @@ package final class DTLInbox: Sendable {
         var arrived: [Result<DTLFrame, VDError>] = []
         var waiter: CheckedContinuation<Result<DTLFrame, VDError>, Never>?
         var ended: VDError?
+        var listener: (@Sendable (Result<DTLFrame, VDError>) -> Void)?
     }
     private let state = Mutex(State())
 
     package init() {}
 
     package func deliver(_ result: Result<DTLFrame, VDError>) {
-        let waiter = state.withLock { state -> CheckedContinuation<Result<DTLFrame, VDError>, Never>? in
+        enum Target {
+            case waiter(CheckedContinuation<Result<DTLFrame, VDError>, Never>)
+            case listener(@Sendable (Result<DTLFrame, VDError>) -> Void)
+        }
+        let target = state.withLock { state -> Target? in
             if case .failure(let error) = result {
                 guard state.ended == nil else { return nil }
                 state.ended = error
             }
+            if let listener = state.listener { return .listener(listener) }
             if let waiter = state.waiter {
                 state.waiter = nil
-                return waiter
+                return .waiter(waiter)
             }
             state.arrived.append(result)
             return nil
         }
-        waiter?.resume(returning: result)
+        switch target {
+        case .waiter(let waiter): waiter.resume(returning: result)
+        case .listener(let listener): listener(result)
+        case nil: break
+        }
+    }
+
+    /// From now on every frame (and the end) goes to `handler` as it arrives, on the deliverer's thread (an event
+    /// loop: it must not block), instead of to `next`. Nothing may have arrived before.
+    package func listen(_ handler: @escaping @Sendable (Result<DTLFrame, VDError>) -> Void) {
+        let ended = state.withLock { state -> VDError? in
+            precondition(state.arrived.isEmpty && state.waiter == nil, "a DTL inbox is listened to from its start")
+            state.listener = handler
+            return state.ended
+        }
+        if let ended { handler(.failure(ended)) }
     }
 
     package func next() async -> Result<DTLFrame, VDError> {
@@ -316,6 +337,8 @@ package protocol DTLConnection: Sendable {
     func post(_ frame: DTLFrame)
     /// The next frame from the peer (one reader at a time); an error once the connection ended.
     func nextFrame() async throws(VDError) -> DTLFrame
+    /// Instead of `nextFrame`: every frame (and the end) to `handler` as it arrives, on the connection's thread.
+    func listen(_ handler: @escaping @Sendable (Result<DTLFrame, VDError>) -> Void)
     func close() async
 }
 
@@ -409,6 +432,8 @@ package final class DTLClient: DTLConnection {
 
     /// The next frame from the peer (for an owner's mirror, the only reader of its connection).
     package func nextFrame() async throws(VDError) -> DTLFrame { try await next() }
+
+    package func listen(_ handler: @escaping @Sendable (Result<DTLFrame, VDError>) -> Void) { inbox.listen(handler) }
 
     /// Sends `frame` without waiting: frames posted one after another (by one caller at a time, in a
     /// happens-before order) leave in that order. A failure shows as the connection's end to `nextFrame`.

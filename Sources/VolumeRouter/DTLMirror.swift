@@ -81,6 +81,9 @@ final class DTLMirror: Sendable {
     private let recorder: DTLRecorder
     /// The record of `state` for this mirror's settings.
     private let makeRecord: @Sendable (DTLState) -> DTLRecord
+    /// This router may still serve the volume (its lease is valid): a fenced owner must never reset the peer, whose
+    /// journals a taker is about to fetch.
+    private let mayServe: @Sendable () -> Bool
     private let state: Mutex<State>
     private let tasks = Mutex<[Task<Void, Never>]>([])
     /// vd_volume_dtl_state{volume}: 0 off, 1 in sync, 2 catching up, 3 degraded; vd_volume_dtl_degraded_total.
@@ -94,7 +97,8 @@ final class DTLMirror: Sendable {
     init(
         mode: DTLMode, peer: String, volumeID: VolumeID, volumeName: VolumeName, generation: UInt64,
         clusterSizeBytes: UInt32, layout: VolumeLayout, network: DTLNetwork, env: Environment, logger: Logger,
-        storedThrough: UInt64, recorder: DTLRecorder, makeRecord: @escaping @Sendable (DTLState) -> DTLRecord
+        storedThrough: UInt64, recorder: DTLRecorder, makeRecord: @escaping @Sendable (DTLState) -> DTLRecord,
+        mayServe: @escaping @Sendable () -> Bool
     ) {
         precondition(mode != .none, "a DTL mirror of mode none")
         self.mode = mode
@@ -109,6 +113,7 @@ final class DTLMirror: Sendable {
         self.logger = logger
         self.recorder = recorder
         self.makeRecord = makeRecord
+        self.mayServe = mayServe
         stateGauge = Gauge(label: "vd_volume_dtl_state", dimensions: [("volume", volumeName.rawValue)])
         degradations = Counter(label: "vd_volume_dtl_degraded_total", dimensions: [("volume", volumeName.rawValue)])
         stateGauge.record(3)
@@ -269,7 +274,7 @@ final class DTLMirror: Sendable {
                 ($0.stopped, $0.connectionHandle != nil || $0.recordingDegraded)
             }
             if stopped { return }
-            if !connected {
+            if !connected && mayServe() {
                 do throws(VDError) {
                     let connection = try await network.connect(peer, volumeID, generation)
                     await catchUp(connection)
@@ -293,7 +298,8 @@ final class DTLMirror: Sendable {
     /// them durable the mirror is in sync.
     private func catchUp(_ handle: any DTLConnection) async {
         let started = state.withLock { state -> (UInt64, [(UInt64, LocalJournal)], UInt64)? in
-            guard !state.stopped else { return nil }
+            // Checked again right before the reset goes out (a taker waits at least a second beyond the lease).
+            guard !state.stopped, mayServe() else { return nil }
             state.connection += 1
             state.connectionHandle = handle
             state.sent = 0
@@ -313,7 +319,7 @@ final class DTLMirror: Sendable {
             await handle.close()
             return
         }
-        _ = env.tasks.spawn { [self] in await readLoop(handle, connection: connection) }
+        handle.listen { [self] result in answered(result, connection: connection) }
         logger.info("volume \(volumeName): DTL peer \(peer) connected; catching up \(journals.count) journal(s)")
         do throws(VDError) {
             for (epoch, journal) in journals {
@@ -391,45 +397,44 @@ final class DTLMirror: Sendable {
         }
     }
 
-    private func readLoop(_ handle: any DTLConnection, connection: UInt64) async {
-        while true {
-            let frame: DTLFrame
-            do {
-                frame = try await handle.nextFrame()
-            } catch {
-                degrade(error.message, connection: connection)
-                return
-            }
-            switch frame.kind {
-            case .received:
-                let released = state.withLock { state -> [UnsafeContinuation<Void, Never>] in
-                    guard state.connection == connection else { return [] }
-                    state.received = max(state.received, frame.value)
-                    while let first = state.unanswered.first, first.count <= state.received {
-                        state.unansweredBytes -= first.bytes
-                        state.unanswered.removeFirst()
-                    }
-                    let ready = state.writeWaiters.filter { $0.target <= state.received }
-                    state.writeWaiters.removeAll { $0.target <= state.received }
-                    return ready.map(\.continuation)
+    /// A frame (or the end) of `connection`, on its thread (an event loop): answers release waiters; anything else
+    /// degrades.
+    private func answered(_ result: Result<DTLFrame, VDError>, connection: UInt64) {
+        let frame: DTLFrame
+        switch result {
+        case .failure(let error):
+            degrade(error.message, connection: connection)
+            return
+        case .success(let arrived): frame = arrived
+        }
+        switch frame.kind {
+        case .received:
+            let released = state.withLock { state -> [UnsafeContinuation<Void, Never>] in
+                guard state.connection == connection else { return [] }
+                state.received = max(state.received, frame.value)
+                while let first = state.unanswered.first, first.count <= state.received {
+                    state.unansweredBytes -= first.bytes
+                    state.unanswered.removeFirst()
                 }
-                for continuation in released { continuation.resume() }
-            case .synced:
-                let released = state.withLock { state -> [UnsafeContinuation<Void, Never>] in
-                    guard state.connection == connection else { return [] }
-                    state.syncsSentAt = state.syncsSentAt.filter { $0.key > frame.value }
-                    let ready = state.syncWaiters.filter { $0.target <= frame.value }
-                    state.syncWaiters.removeAll { $0.target <= frame.value }
-                    return ready.map(\.continuation)
-                }
-                for continuation in released { continuation.resume() }
-            case .refused:
-                degrade(DTLClient.refusal(frame).message, connection: connection)
-                return
-            default:
-                degrade("the DTL peer sent an unexpected \(frame.kind) frame", connection: connection)
-                return
+                guard state.writeWaiters.contains(where: { $0.target <= state.received }) else { return [] }
+                let ready = state.writeWaiters.filter { $0.target <= state.received }
+                state.writeWaiters.removeAll { $0.target <= state.received }
+                return ready.map(\.continuation)
             }
+            for continuation in released { continuation.resume() }
+        case .synced:
+            let released = state.withLock { state -> [UnsafeContinuation<Void, Never>] in
+                guard state.connection == connection else { return [] }
+                state.syncsSentAt = state.syncsSentAt.filter { $0.key > frame.value }
+                let ready = state.syncWaiters.filter { $0.target <= frame.value }
+                state.syncWaiters.removeAll { $0.target <= frame.value }
+                return ready.map(\.continuation)
+            }
+            for continuation in released { continuation.resume() }
+        case .refused:
+            degrade(DTLClient.refusal(frame).message, connection: connection)
+        default:
+            degrade("the DTL peer sent an unexpected \(frame.kind) frame", connection: connection)
         }
     }
 

@@ -164,7 +164,8 @@ extension Volume {
             created = DTLMirror(
                 mode: mode, peer: peer, volumeID: config.id, volumeName: config.name, generation: generation,
                 clusterSizeBytes: config.clusterSizeBytes, layout: layout, network: network, env: env, logger: logger,
-                storedThrough: uploader.storedThrough.rawValue, recorder: dtlRecorder, makeRecord: makeRecord)
+                storedThrough: uploader.storedThrough.rawValue, recorder: dtlRecorder, makeRecord: makeRecord,
+                mayServe: { [weak self] in self?.mayWriteMetadata ?? false })
         }
         dtlWithoutMirror.withLock {
             $0 =

@@ -115,6 +115,8 @@ final class SimDTLLink: DTLConnection, @unchecked Sendable {
 
     func nextFrame() async throws(VDError) -> DTLFrame { try await inbox.next().get() }
 
+    func listen(_ handler: @escaping @Sendable (Result<DTLFrame, VDError>) -> Void) { inbox.listen(handler) }
+
     func close() async { end("the DTL link was closed") }
 
     func end(_ reason: String) {
