@@ -1,5 +1,5 @@
-// The DTL peer's TCP service and its client (issue 14, in progress). Frames (DTLFrame.swift) over one connection
-// per owner volume, in order. The first frame must be `hello` with the cluster token; anything else closes the
+// The DTL peer's TCP service and its client. Frames (DTLFrame.swift) over one connection per owner volume, in order,
+// under TLS when the cluster's is configured (the cluster API's certificates: a CA-verified client certificate). The first frame must be `hello` with the cluster token; anything else closes the
 // connection. The peer answers `sync` with `synced` once every earlier append is durable, streams `journal` frames
 // then `fetchDone` for a `fetch`, and answers a request it cannot take (a fenced generation, a full store, a
 // damaged append) with `refused` naming why. Store work runs on a thread pool, never on the event loop.
@@ -7,6 +7,7 @@
 package import Logging
 package import NIOCore
 package import NIOPosix
+package import NIOSSL
 import Synchronization
 package import VolumeCore
 
@@ -60,11 +61,13 @@ package final class DTLServer: Sendable {
     private let logger: Logger
     private let state = Mutex<(channel: (any Channel)?, task: Task<Void, Never>?)>((nil, nil))
     private let logic: DTLPeerLogic
+    private let tls: NIOSSLContext?
 
     package init(
         host: String, port: Int, token: String, store: DTLStore, pool: NIOThreadPool, group: any EventLoopGroup,
-        logger: Logger
+        logger: Logger, tls: NIOSSLContext? = nil
     ) {
+        self.tls = tls
         self.host = host
         self.port = port
         self.token = token
@@ -84,8 +87,9 @@ package final class DTLServer: Sendable {
                 .serverChannelOption(.backlog, value: 64)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-                .bind(host: host, port: port) { channel in
+                .bind(host: host, port: port) { [tls] channel in
                     channel.eventLoop.makeCompletedFuture {
+                        if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls)) }
                         try channel.addDTLCodec()
                         return try NIOAsyncChannel<DTLFrame, DTLFrame>(wrappingChannelSynchronously: channel)
                     }
@@ -395,7 +399,8 @@ package final class DTLClient: DTLConnection {
     }
 
     package static func connect(
-        host: String, port: Int, token: String, volumeID: VolumeID, generation: UInt64, group: any EventLoopGroup
+        host: String, port: Int, token: String, volumeID: VolumeID, generation: UInt64, group: any EventLoopGroup,
+        tls: NIOSSLContext? = nil
     ) async throws(VDError) -> DTLClient {
         let inbox = DTLInbox()
         let channel: any Channel
@@ -405,6 +410,10 @@ package final class DTLClient: DTLConnection {
                 .connectTimeout(.seconds(5))
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        if let tls {
+                            try channel.pipeline.syncOperations.addHandler(
+                                try NIOSSLClientHandler(context: tls, serverHostname: nil))
+                        }
                         try channel.addDTLCodec()
                         try channel.pipeline.syncOperations.addHandler(DTLClientHandler(inbox))
                     }

@@ -68,12 +68,19 @@ extension RouterService {
     /// How this router's volumes reach their DTL peers: node records in the default backend.
     static func dtlNetwork(
         configuration: VDConfiguration, backends: ConfiguredBackends, token: String, group: any EventLoopGroup
-    ) -> DTLNetwork {
-        var network = DTLNetwork.tcp(token: token, group: group) {
+    ) throws(VDError) -> DTLNetwork {
+        // With a cluster CA, always TLS (like the cluster API: never the token in clear because a record says so).
+        let tls = configuration.clusterClientUsesTLS ? try configuration.clusterTLS.makeClientContext() : nil
+        var network = DTLNetwork.tcp(token: token, group: group, tls: tls) {
             (node) throws(VDError) -> (host: String, port: Int) in
             let store = try backends.store(named: configuration.defaultBackend)
-            guard let address = try await NodeRecords.read(node, store: store).dtl else {
+            let record = try await NodeRecords.read(node, store: store)
+            guard let address = record.dtl else {
                 throw VDError(.notFound, "node \(node) serves no DTL (its node record names no DTL address)")
+            }
+            if record.tls == true && tls == nil {
+                throw VDError(
+                    .configuration, "node \(node) serves its DTL over TLS: set [cluster] tls_ca here to verify it")
             }
             return try VDConfiguration.parseHostPort(address)
         }
@@ -105,12 +112,14 @@ struct DTLPeerService {
         let store = try DTLStore(
             directory: configuration.effectiveDTLDirectory, bytesPerVolumeMax: configuration.dtlBytesPerVolumeMax,
             fs: PosixFileSystem())
+        // The cluster API's certificate (and, with a CA, client certificates required), when it has one.
+        let tls =
+            configuration.clusterTLS.certificatePath == nil ? nil : try configuration.clusterTLS.makeServerContext()
         let pool = NIOThreadPool(numberOfThreads: 2)
         pool.start()
         let server = DTLServer(
             host: host, port: port, token: token, store: store, pool: pool,
-            group: MultiThreadedEventLoopGroup.singleton,
-            logger: logger)
+            group: MultiThreadedEventLoopGroup.singleton, logger: logger, tls: tls)
         do throws(VDError) {
             try await server.start()
         } catch {

@@ -136,7 +136,9 @@ struct ServeCommand: AsyncParsableCommand {
                 configuration: configuration, listen: listen, token: token, logger: logger)
             dtlPeer = service
             dtlAddress = address
-            logger.info("DTL peer service at \(address) (journals in \(configuration.effectiveDTLDirectory))")
+            logger.info(
+                "DTL peer service at \(address)\(configuration.clusterTLS.certificatePath != nil ? " (TLS)" : "") (journals in \(configuration.effectiveDTLDirectory))"
+            )
         }
         let router: Router
         do {
@@ -148,10 +150,16 @@ struct ServeCommand: AsyncParsableCommand {
         // Clones whose parent another router owns ask that router to record them (docs/design.md).
         router.remoteCloneRegistrar = RouterService.cloneRegistrar(configuration: configuration, backends: backends)
         if configuration.clusterNode != nil, let token = clusterToken, token.count >= 16 {
-            router.enableDTL(
-                RouterService.dtlNetwork(
-                    configuration: configuration, backends: backends, token: token,
-                    group: MultiThreadedEventLoopGroup.singleton))
+            do {
+                router.enableDTL(
+                    try RouterService.dtlNetwork(
+                        configuration: configuration, backends: backends, token: token,
+                        group: MultiThreadedEventLoopGroup.singleton))
+            } catch {
+                await dtlPeer?.stop()
+                _ = await router.stop(drainTimeoutSeconds: nil)
+                throw error
+            }
         }
         let failures = await router.openAll { message in logger.info("\(message)") }
         for (name, error) in failures { printError("volume \(name) is not served: \(error.message)") }

@@ -7,6 +7,7 @@ import FlashIO
 package import Foundation
 import Logging
 package import NIOCore
+package import NIOSSL
 package import ObjectStore
 import Scrubber
 import Synchronization
@@ -54,15 +55,17 @@ package struct DTLNetwork: Sendable {
         self.connect = connect
     }
 
-    /// Over TCP with the cluster token; `resolve` gives node NAME's DTL address (its node record).
+    /// Over TCP with the cluster token (under TLS with `tls`); `resolve` gives node NAME's DTL address (its node
+    /// record).
     package static func tcp(
-        token: String, group: any EventLoopGroup,
+        token: String, group: any EventLoopGroup, tls: NIOSSLContext? = nil,
         resolve: @escaping @Sendable (String) async throws(VDError) -> (host: String, port: Int)
     ) -> DTLNetwork {
         DTLNetwork { (node, volume, generation) throws(VDError) -> any DTLConnection in
             let (host, port) = try await resolve(node)
             return try await DTLClient.connect(
-                host: host, port: port, token: token, volumeID: volume, generation: generation, group: group)
+                host: host, port: port, token: token, volumeID: volume, generation: generation, group: group,
+                tls: tls)
         }
     }
 }

@@ -10,6 +10,7 @@
 // - A stopped peer (SIGSTOP: no answers, the connection open): A's writes wait at most the DTL timeout, then A is
 //   degraded; the slowest write is reported.
 // - Owner and peer both lost: the takeover names the window that may be lost and refuses without --accept-loss.
+// - With the cluster's TLS configured, the mirror runs over TLS (client certificates of the cluster CA).
 
 import Foundation
 import Testing
@@ -23,17 +24,27 @@ import VolumeTesting
         let shared: String
         let config: String
 
-        init(_ label: String, scoSize: String) throws {
+        init(_ label: String, scoSize: String, tls: Bool = false) throws {
             directory = try TemporaryDirectory(label)
             shared = directory.path + "/shared"
             try FileManager.default.createDirectory(atPath: shared, withIntermediateDirectories: true)
             config = directory.path + "/vd.toml"
+            var tlsLines = ""
+            if tls {
+                let pki = directory.path + "/pki"
+                try FileManager.default.createDirectory(atPath: pki, withIntermediateDirectories: true)
+                let made = try TestCertificates.make(in: pki)
+                #expect(made.succeeded, "\(made.error)")
+                tlsLines =
+                    "tls_certificate = \"\(pki)/router-cert.pem\"\ntls_key = \"\(pki)/router-key.pem\"\ntls_ca = \"\(pki)/ca-cert.pem\""
+            }
             try """
             [backends.local]
             url = "file://\(shared)"
 
             [cluster]
             lease_seconds = 3
+            \(tlsLines)
 
             [sco]
             size = "\(scoSize)"
@@ -140,6 +151,31 @@ import VolumeTesting
 
     @Test func aLostOwnersFlushedWritesAreRecoveredFromThePeerAndTheBackend() throws {
         try nodeLoss(scoSize: "4M", seed: 12)
+    }
+
+    @Test func theMirrorRunsOverTLSWhenTheClusterDoes() throws {
+        let cluster = try Cluster("vd-dtl-tls", scoSize: "64M", tls: true)
+        defer { cluster.remove() }
+        let a = try cluster.router("node-a")
+        let b = try cluster.router("node-b")
+        defer {
+            _ = try? a.stop()
+            _ = try? b.stop()
+        }
+        #expect(try cluster.vd(a, ["volume", "create", "vol1", "--size", "64M"]).succeeded)
+        try a.start()
+        try b.start()
+        #expect(b.output.contains("DTL peer service at") && b.output.contains("(TLS)"), "\(b.output)")
+        let set = try cluster.vd(a, ["volume", "dtl", "vol1", "--mode", "sync", "--peer", "node-b"])
+        #expect(set.succeeded && set.output.contains("sync to node-b"), "\(set.output)\(set.error)")
+        try cluster.waitForDTL(a, "vol1", state: "in_sync")
+        let write = try Self.qemuIO(a.uri("vol1"), ["write -P 0x66 0 4M", "flush"])
+        #expect(write.succeeded && !write.output.contains("failed"), "\(write.output)")
+        cluster.lose(a)
+        let takeover = try cluster.vd(b, ["volume", "takeover", "vol1"])
+        #expect(takeover.succeeded, "\(takeover.output)\(takeover.error)\(b.output)")
+        let read = try Self.qemuIO(b.uri("vol1"), ["read -P 0x66 0 4M"])
+        #expect(read.succeeded && !read.output.contains("Pattern verification failed"), "\(read.output)")
     }
 
     @Test func aLostPeerIsCaughtUpWhenItReturnsAndProtectsAgain() throws {
