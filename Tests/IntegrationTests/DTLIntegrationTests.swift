@@ -9,6 +9,9 @@
 //   B returns empty, A catches it up; then A is lost: everything flushed is on the new owner.
 // - A stopped peer (SIGSTOP: no answers, the connection open): A's writes wait at most the DTL timeout, then A is
 //   degraded; the slowest write is reported.
+// - A peer in a network namespace behind a veth pair: A's p99 write latency is reported (and with a 5 ms `tc netem`
+//   delay, where the kernel has netem); with the link down A's writes wait at most the timeout, then A is degraded;
+//   with the link back it catches up.
 // - Owner and peer both lost: the takeover names the window that may be lost and refuses without --accept-loss.
 // - With the cluster's TLS configured, the mirror runs over TLS (client certificates of the cluster CA).
 
@@ -176,6 +179,98 @@ import VolumeTesting
         #expect(takeover.succeeded, "\(takeover.output)\(takeover.error)\(b.output)")
         let read = try Self.qemuIO(b.uri("vol1"), ["read -P 0x66 0 4M"])
         #expect(read.succeeded && !read.output.contains("Pattern verification failed"), "\(read.output)")
+    }
+
+    static func ip(_ arguments: [String]) throws {
+        let result = try ProcessRunner.run("/usr/sbin/ip", arguments)
+        #expect(result.succeeded, "ip \(arguments.joined(separator: " ")): \(result.error)")
+    }
+
+    /// The p99 completion latency (microseconds) of fio randwrite 4k qd1 for `seconds` on `uri`.
+    static func p99(_ uri: String, seconds: Int, in directory: String) throws -> Double? {
+        let run = try fio(
+            uri,
+            [
+                "--name=lat", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=1", "--size=16M",
+                "--runtime=\(seconds)", "--time_based", "--output-format=json",
+            ], in: directory)
+        guard run.succeeded, let start = run.output.firstIndex(of: "{"),
+            let object = try? JSONSerialization.jsonObject(with: Data(run.output[start...].utf8)) as? [String: Any],
+            let jobs = object["jobs"] as? [[String: Any]], let write = jobs.first?["write"] as? [String: Any],
+            let clat = write["clat_ns"] as? [String: Any], let percentiles = clat["percentile"] as? [String: Any],
+            let p99 = percentiles["99.000000"] as? NSNumber
+        else { return nil }
+        return p99.doubleValue / 1000
+    }
+
+    /// The peer in a network namespace, reached through a veth pair: a 5 ms delay (`tc netem`, if the kernel has it)
+    /// shows in the owner's write latency, and a cut link degrades the owner within the timeout; the link back, it
+    /// catches up.
+    @Test func aPeerInANetworkNamespaceCutOffDegradesTheOwnerWithinTheTimeout() throws {
+        let cluster = try Cluster("vd-dtl-netns", scoSize: "64M")
+        defer { cluster.remove() }
+        let tag = String(UInt32.random(in: 0...UInt32.max) % 200 + 20)
+        let namespace = "vddtl\(tag)"
+        let hostSide = "vdth\(tag)"
+        let nsSide = "vdtn\(tag)"
+        let hostAddress = "10.214.\(tag).1"
+        let nsAddress = "10.214.\(tag).2"
+        try Self.ip(["netns", "add", namespace])
+        defer {
+            _ = try? ProcessRunner.run("/usr/sbin/ip", ["link", "del", hostSide])
+            _ = try? ProcessRunner.run("/usr/sbin/ip", ["netns", "del", namespace])
+        }
+        try Self.ip(["link", "add", hostSide, "type", "veth", "peer", "name", nsSide])
+        try Self.ip(["link", "set", nsSide, "netns", namespace])
+        try Self.ip(["addr", "add", hostAddress + "/30", "dev", hostSide])
+        try Self.ip(["link", "set", hostSide, "up"])
+        try Self.ip(["netns", "exec", namespace, "ip", "addr", "add", nsAddress + "/30", "dev", nsSide])
+        try Self.ip(["netns", "exec", namespace, "ip", "link", "set", nsSide, "up"])
+        try Self.ip(["netns", "exec", namespace, "ip", "link", "set", "lo", "up"])
+
+        let a = try cluster.router("node-a")
+        let b = try VDServer(
+            dataDirectory: cluster.directory.path + "/node-b",
+            extraArguments: [
+                "--config", cluster.config, "--node", "node-b", "--cluster-listen", "\(nsAddress):0", "--dtl-listen",
+                "\(nsAddress):0",
+            ], environment: ["VD_CLUSTER_TOKEN": Self.token])
+        b.launcher = ["/usr/sbin/ip", "netns", "exec", namespace]
+        defer {
+            _ = try? a.stop()
+            _ = try? b.stop()
+        }
+        #expect(try cluster.vd(a, ["volume", "create", "vol1", "--size", "64M"]).succeeded)
+        try a.start()
+        try b.start()
+        #expect(try cluster.vd(a, ["volume", "dtl", "vol1", "--mode", "sync", "--peer", "node-b"]).succeeded)
+        try cluster.waitForDTL(a, "vol1", state: "in_sync")
+
+        let near = try #require(try Self.p99(a.uri("vol1"), seconds: 3, in: cluster.directory.path))
+        let delayed = try ProcessRunner.run(
+            "/usr/sbin/tc", ["qdisc", "add", "dev", hostSide, "root", "netem", "delay", "5ms"])
+        if delayed.succeeded {
+            let far = try #require(try Self.p99(a.uri("vol1"), seconds: 3, in: cluster.directory.path))
+            print("DTL sync, randwrite 4k qd1 p99: \(Int(near)) us on the veth pair, \(Int(far)) us with 5 ms added")
+            #expect(far >= 5000, "every write waits for the peer's answer")
+        } else {
+            // `tc netem` needs the sch_netem kernel module, which this machine's kernel lacks.
+            print(
+                "DTL sync, randwrite 4k qd1 p99: \(Int(near)) us on the veth pair; no delay added (tc netem: \(delayed.error.trimmingCharacters(in: .whitespacesAndNewlines)))"
+            )
+        }
+
+        // Partitioned: the peer stops answering; writes wait at most the 2 s timeout, then A is degraded.
+        try Self.ip(["link", "set", hostSide, "down"])
+        let started = Date()
+        let write = try Self.qemuIO(a.uri("vol1"), ["write -P 0x77 0 64k", "flush", "write -P 0x78 64k 64k", "flush"])
+        let seconds = Date().timeIntervalSince(started)
+        #expect(write.succeeded && !write.output.contains("failed"), "\(write.output)")
+        print("writes while the peer was partitioned: \(String(format: "%.2f", seconds)) s (DTL timeout 2 s)")
+        #expect(seconds < 2 * 2 + 3)
+        #expect(try cluster.dtlState(a, "vol1") == "degraded")
+        try Self.ip(["link", "set", hostSide, "up"])
+        try cluster.waitForDTL(a, "vol1", state: "in_sync")
     }
 
     @Test func aLostPeerIsCaughtUpWhenItReturnsAndProtectsAgain() throws {
