@@ -1,4 +1,4 @@
-// The distributed transaction log's wire format (issue 14, in progress): frames between a volume's owner and its DTL
+// The distributed transaction log's wire format: frames between a volume's owner and its DTL
 // peer. The owner mirrors its journal (the open SCO of each epoch) byte for byte: a frame carries a range of one
 // journal file at its offset, so the peer's copy is the journal itself, and the batches in it verify with the same
 // checks recovery applies to local journals (magic, CRC, chain, own offset, SCO number, volume).

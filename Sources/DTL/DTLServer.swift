@@ -1,8 +1,10 @@
 // The DTL peer's TCP service and its client. Frames (DTLFrame.swift) over one connection per owner volume, in order,
-// under TLS when the cluster's is configured (the cluster API's certificates: a CA-verified client certificate). The first frame must be `hello` with the cluster token; anything else closes the
-// connection. The peer answers `sync` with `synced` once every earlier append is durable, streams `journal` frames
-// then `fetchDone` for a `fetch`, and answers a request it cannot take (a fenced generation, a full store, a
-// damaged append) with `refused` naming why. Store work runs on a thread pool, never on the event loop.
+// under TLS when the cluster's is configured (the cluster API's certificates: a CA-verified client certificate). The
+// first frame must be `hello` with the cluster token; anything else closes the connection. The peer answers each
+// `append` with `received`, `sync` with `synced` once every earlier append is durable, streams `journal` frames then
+// `fetchDone` for a `fetch`, and answers a request it cannot take (a fenced generation, a full store, a damaged
+// append, an owner connection replaced by a newer one) with `refused` naming why (DTLPeerLogic). Store work runs on a
+// thread pool, never on the event loop.
 
 package import Logging
 package import NIOCore
@@ -384,7 +386,8 @@ extension DTLConnection {
 }
 
 /// One connection to a DTL peer, used in order: appends go out at once; `sync` waits for the peer's `synced` and
-/// fails with the first refusal the peer sent (after which the connection is not to be used); `fetch` collects journals until `fetchDone`.
+/// fails with the first refusal the peer sent (after which the connection is not to be used); `fetch` collects
+/// journals until `fetchDone`.
 package final class DTLClient: DTLConnection {
     private let channel: any Channel
     private let inbox: DTLInbox

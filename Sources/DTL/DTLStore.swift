@@ -1,4 +1,4 @@
-// A DTL peer's copy of the journals of the volumes it mirrors (issue 14, in progress). One file per journal:
+// A DTL peer's copy of the journals of the volumes it mirrors. One file per journal:
 // DIR/<volume id>/<epoch, 16 hex>.<SCO, 16 hex>.jrn, written at the offsets the owner's journal has, so the copy is
 // the journal itself (its batches verify as they do in recovery). Per volume:
 //
