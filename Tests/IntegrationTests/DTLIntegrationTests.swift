@@ -88,6 +88,16 @@ import VolumeTesting
             Issue.record("the DTL of \(volume) did not reach \(state) (last: \(last ?? "none")): \(server.output)")
         }
 
+        /// Creates vol1 on the first router, starts them all, mirrors vol1 in sync mode to node-b and waits until it
+        /// is in sync.
+        func startMirrored(_ routers: [VDServer]) throws {
+            #expect(try vd(routers[0], ["volume", "create", "vol1", "--size", "64M"]).succeeded)
+            for router in routers { try router.start() }
+            let set = try vd(routers[0], ["volume", "dtl", "vol1", "--mode", "sync", "--peer", "node-b"])
+            #expect(set.succeeded && set.output.contains("sync to node-b"), "\(set.output)\(set.error)")
+            try waitForDTL(routers[0], "vol1", state: "in_sync")
+        }
+
         /// The node is lost with its disk.
         func lose(_ server: VDServer) {
             server.kill9()
@@ -115,12 +125,7 @@ import VolumeTesting
             _ = try? a.stop()
             _ = try? b.stop()
         }
-        #expect(try cluster.vd(a, ["volume", "create", "vol1", "--size", "64M"]).succeeded)
-        try a.start()
-        try b.start()
-        let set = try cluster.vd(a, ["volume", "dtl", "vol1", "--mode", "sync", "--peer", "node-b"])
-        #expect(set.succeeded && set.output.contains("sync to node-b"), "\(set.output)\(set.error)")
-        try cluster.waitForDTL(a, "vol1", state: "in_sync")
+        try cluster.startMirrored([a, b])
 
         let job = [
             "--name=dtl\(seed)", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=32M", "--io_size=12M",
@@ -165,13 +170,8 @@ import VolumeTesting
             _ = try? a.stop()
             _ = try? b.stop()
         }
-        #expect(try cluster.vd(a, ["volume", "create", "vol1", "--size", "64M"]).succeeded)
-        try a.start()
-        try b.start()
+        try cluster.startMirrored([a, b])
         #expect(b.output.contains("DTL peer service at") && b.output.contains("(TLS)"), "\(b.output)")
-        let set = try cluster.vd(a, ["volume", "dtl", "vol1", "--mode", "sync", "--peer", "node-b"])
-        #expect(set.succeeded && set.output.contains("sync to node-b"), "\(set.output)\(set.error)")
-        try cluster.waitForDTL(a, "vol1", state: "in_sync")
         let write = try Self.qemuIO(a.uri("vol1"), ["write -P 0x66 0 4M", "flush"])
         #expect(write.succeeded && !write.output.contains("failed"), "\(write.output)")
         cluster.lose(a)
@@ -179,11 +179,6 @@ import VolumeTesting
         #expect(takeover.succeeded, "\(takeover.output)\(takeover.error)\(b.output)")
         let read = try Self.qemuIO(b.uri("vol1"), ["read -P 0x66 0 4M"])
         #expect(read.succeeded && !read.output.contains("Pattern verification failed"), "\(read.output)")
-    }
-
-    static func ip(_ arguments: [String]) throws {
-        let result = try ProcessRunner.run("/usr/sbin/ip", arguments)
-        #expect(result.succeeded, "ip \(arguments.joined(separator: " ")): \(result.error)")
     }
 
     /// The p99 completion latency (microseconds) of fio randwrite 4k qd1 for `seconds` on `uri`.
@@ -209,46 +204,27 @@ import VolumeTesting
     @Test func aPeerInANetworkNamespaceCutOffDegradesTheOwnerWithinTheTimeout() throws {
         let cluster = try Cluster("vd-dtl-netns", scoSize: "64M")
         defer { cluster.remove() }
-        let tag = String(UInt32.random(in: 0...UInt32.max) % 200 + 20)
-        let namespace = "vddtl\(tag)"
-        let hostSide = "vdth\(tag)"
-        let nsSide = "vdtn\(tag)"
-        let hostAddress = "10.214.\(tag).1"
-        let nsAddress = "10.214.\(tag).2"
-        try Self.ip(["netns", "add", namespace])
-        defer {
-            _ = try? ProcessRunner.run("/usr/sbin/ip", ["link", "del", hostSide])
-            _ = try? ProcessRunner.run("/usr/sbin/ip", ["netns", "del", namespace])
-        }
-        try Self.ip(["link", "add", hostSide, "type", "veth", "peer", "name", nsSide])
-        try Self.ip(["link", "set", nsSide, "netns", namespace])
-        try Self.ip(["addr", "add", hostAddress + "/30", "dev", hostSide])
-        try Self.ip(["link", "set", hostSide, "up"])
-        try Self.ip(["netns", "exec", namespace, "ip", "addr", "add", nsAddress + "/30", "dev", nsSide])
-        try Self.ip(["netns", "exec", namespace, "ip", "link", "set", nsSide, "up"])
-        try Self.ip(["netns", "exec", namespace, "ip", "link", "set", "lo", "up"])
+        let network = try VethNamespace(prefix: "vdd", subnet: 214)
+        defer { network.remove() }
 
         let a = try cluster.router("node-a")
         let b = try VDServer(
             dataDirectory: cluster.directory.path + "/node-b",
             extraArguments: [
-                "--config", cluster.config, "--node", "node-b", "--cluster-listen", "\(nsAddress):0", "--dtl-listen",
-                "\(nsAddress):0",
+                "--config", cluster.config, "--node", "node-b", "--cluster-listen", "\(network.namespaceAddress):0",
+                "--dtl-listen",
+                "\(network.namespaceAddress):0",
             ], environment: ["VD_CLUSTER_TOKEN": Self.token])
-        b.launcher = ["/usr/sbin/ip", "netns", "exec", namespace]
+        b.launcher = network.launcher
         defer {
             _ = try? a.stop()
             _ = try? b.stop()
         }
-        #expect(try cluster.vd(a, ["volume", "create", "vol1", "--size", "64M"]).succeeded)
-        try a.start()
-        try b.start()
-        #expect(try cluster.vd(a, ["volume", "dtl", "vol1", "--mode", "sync", "--peer", "node-b"]).succeeded)
-        try cluster.waitForDTL(a, "vol1", state: "in_sync")
+        try cluster.startMirrored([a, b])
 
         let near = try #require(try Self.p99(a.uri("vol1"), seconds: 3, in: cluster.directory.path))
         let delayed = try ProcessRunner.run(
-            "/usr/sbin/tc", ["qdisc", "add", "dev", hostSide, "root", "netem", "delay", "5ms"])
+            "/usr/sbin/tc", ["qdisc", "add", "dev", network.hostSide, "root", "netem", "delay", "5ms"])
         if delayed.succeeded {
             let far = try #require(try Self.p99(a.uri("vol1"), seconds: 3, in: cluster.directory.path))
             print("DTL sync, randwrite 4k qd1 p99: \(Int(near)) us on the veth pair, \(Int(far)) us with 5 ms added")
@@ -261,7 +237,7 @@ import VolumeTesting
         }
 
         // Partitioned: the peer stops answering; writes wait at most the 2 s timeout, then A is degraded.
-        try Self.ip(["link", "set", hostSide, "down"])
+        try network.setLink(up: false)
         let started = Date()
         let write = try Self.qemuIO(a.uri("vol1"), ["write -P 0x77 0 64k", "flush", "write -P 0x78 64k 64k", "flush"])
         let seconds = Date().timeIntervalSince(started)
@@ -269,7 +245,7 @@ import VolumeTesting
         print("writes while the peer was partitioned: \(String(format: "%.2f", seconds)) s (DTL timeout 2 s)")
         #expect(seconds < 2 * 2 + 3)
         #expect(try cluster.dtlState(a, "vol1") == "degraded")
-        try Self.ip(["link", "set", hostSide, "up"])
+        try network.setLink(up: true)
         try cluster.waitForDTL(a, "vol1", state: "in_sync")
     }
 
@@ -284,12 +260,7 @@ import VolumeTesting
             _ = try? b.stop()
             _ = try? c.stop()
         }
-        #expect(try cluster.vd(a, ["volume", "create", "vol1", "--size", "64M"]).succeeded)
-        try a.start()
-        try b.start()
-        try c.start()
-        #expect(try cluster.vd(a, ["volume", "dtl", "vol1", "--mode", "sync", "--peer", "node-b"]).succeeded)
-        try cluster.waitForDTL(a, "vol1", state: "in_sync")
+        try cluster.startMirrored([a, b, c])
         let first = try Self.qemuIO(a.uri("vol1"), ["write -P 0x11 0 6M", "flush"])
         #expect(first.succeeded && !first.output.contains("failed"), "\(first.output)")
 
@@ -335,11 +306,7 @@ import VolumeTesting
             _ = try? a.stop()
             _ = try? b.stop()
         }
-        #expect(try cluster.vd(a, ["volume", "create", "vol1", "--size", "64M"]).succeeded)
-        try a.start()
-        try b.start()
-        #expect(try cluster.vd(a, ["volume", "dtl", "vol1", "--mode", "sync", "--peer", "node-b"]).succeeded)
-        try cluster.waitForDTL(a, "vol1", state: "in_sync")
+        try cluster.startMirrored([a, b])
         // The peer stops answering (its connection stays open): each write waits, up to the 2 s timeout.
         kill(b.pid, SIGSTOP)
         let started = Date()
@@ -364,12 +331,7 @@ import VolumeTesting
             _ = try? b.stop()
             _ = try? c.stop()
         }
-        #expect(try cluster.vd(a, ["volume", "create", "vol1", "--size", "64M"]).succeeded)
-        try a.start()
-        try b.start()
-        try c.start()
-        #expect(try cluster.vd(a, ["volume", "dtl", "vol1", "--mode", "sync", "--peer", "node-b"]).succeeded)
-        try cluster.waitForDTL(a, "vol1", state: "in_sync")
+        try cluster.startMirrored([a, b, c])
         #expect(try Self.qemuIO(a.uri("vol1"), ["write -P 0x55 0 1M", "flush"]).succeeded)
         cluster.lose(a)
         cluster.lose(b)

@@ -9,39 +9,15 @@ import Testing
 import VolumeTesting
 
 @Suite(.serialized, .disabled(if: S3Server.isSkipped, "VD_SKIP_S3=1")) struct PartitionIntegrationTests {
-    /// `ip` with arguments; the test fails on error.
-    @discardableResult
-    static func ip(_ arguments: [String]) throws -> ProcessResult {
-        let result = try ProcessRunner.run("/usr/sbin/ip", arguments)
-        #expect(result.succeeded, "ip \(arguments.joined(separator: " ")): \(result.error)")
-        return result
-    }
-
     @Test func aRouterPartitionedFromTheBucketStopsAcknowledgingWithinItsLease() async throws {
         let s3 = try S3Server.require()
         let directory = try TemporaryDirectory("vd-netns")
         defer { directory.remove() }
-        let tag = String(UInt32.random(in: 0...UInt32.max) % 200 + 20)
-        let namespace = "vdpart\(tag)"
-        let hostSide = "vdh\(tag)"
-        let nsSide = "vdn\(tag)"
-        let hostAddress = "10.213.\(tag).1"
-        let nsAddress = "10.213.\(tag).2"
-        try Self.ip(["netns", "add", namespace])
-        defer {
-            _ = try? ProcessRunner.run("/usr/sbin/ip", ["link", "del", hostSide])
-            _ = try? ProcessRunner.run("/usr/sbin/ip", ["netns", "del", namespace])
-        }
-        try Self.ip(["link", "add", hostSide, "type", "veth", "peer", "name", nsSide])
-        try Self.ip(["link", "set", nsSide, "netns", namespace])
-        try Self.ip(["addr", "add", hostAddress + "/30", "dev", hostSide])
-        try Self.ip(["link", "set", hostSide, "up"])
-        try Self.ip(["netns", "exec", namespace, "ip", "addr", "add", nsAddress + "/30", "dev", nsSide])
-        try Self.ip(["netns", "exec", namespace, "ip", "link", "set", nsSide, "up"])
-        try Self.ip(["netns", "exec", namespace, "ip", "link", "set", "lo", "up"])
+        let network = try VethNamespace(prefix: "vdp", subnet: 213)
+        defer { network.remove() }
 
         // The bucket as the namespace sees it: a proxy on the host's end of the veth pair.
-        let proxy = try await S3FaultProxy.start(upstream: s3.endpoint, listenHost: hostAddress)
+        let proxy = try await S3FaultProxy.start(upstream: s3.endpoint, listenHost: network.hostAddress)
         defer { Task { await proxy.stop() } }
         let bucket = try await s3.makeBucket()
         let config = directory.path + "/vd.toml"
@@ -55,7 +31,7 @@ import VolumeTesting
         """.write(toFile: config, atomically: true, encoding: .utf8)
         let a = try VDServer(
             dataDirectory: directory.path + "/a", extraArguments: ["--config", config], environment: s3.vdEnvironment)
-        a.launcher = ["/usr/sbin/ip", "netns", "exec", namespace]
+        a.launcher = network.launcher
         defer { _ = try? a.stop() }
         let created = try a.cli(["volume", "create", "vol1", "--size", "64M", "--config", config])
         #expect(created.succeeded, "\(created.output)\(created.error)")
@@ -69,7 +45,7 @@ import VolumeTesting
         #expect(try write("0x11", at: "0"), "\(a.output)")
 
         // Partition: the router's link to the bucket goes down; its client (Unix socket) is not affected.
-        try Self.ip(["link", "set", hostSide, "down"])
+        try network.setLink(up: false)
         let cut = Date()
         var refusedAfter: Double?
         while Date().timeIntervalSince(cut) < 20 {
@@ -86,7 +62,7 @@ import VolumeTesting
         // clock, not by a failed request.)
 
         // The link comes back: renewals go through and the router serves the volume again.
-        try Self.ip(["link", "set", hostSide, "up"])
+        try network.setLink(up: true)
         var back = false
         let healed = Date()
         while Date().timeIntervalSince(healed) < 30 {

@@ -111,14 +111,20 @@ import VolumeTesting
         return volume
     }
 
+    /// A peer for the harness's volume, mirrored in sync mode and in sync.
+    static func mirrored(_ harness: VolumeHarness) async throws -> Peer {
+        let peer = try await Peer(directory: harness.root + "/peer")
+        try await harness.volume.startDTL(mode: .sync, peer: "p", network: peer.network)
+        try await waitFor("in sync") { harness.volume.dtlStatus.state == .inSync }
+        return peer
+    }
+
     @Test func flushedWritesSurviveTheOwnersLossThroughThePeer() async throws {
         let backend = FaultyObjectStore(wrapping: MemoryStore())
         let harness = try await VolumeHarness(scoSizeBytes: 1 << 20, backend: backend) {
             $0.uploadAgeSecondsMax = 3600
         }
-        let peer = try await Peer(directory: harness.root + "/peer")
-        try await harness.volume.startDTL(mode: .sync, peer: "p", network: peer.network)
-        try await Self.waitFor("in sync") { harness.volume.dtlStatus.state == .inSync }
+        let peer = try await Self.mirrored(harness)
 
         // Enough to roll twice (1 MiB SCOs), so epochs are stored, sealed-not-stored and open at the loss.
         var expected: [UInt64: ByteBuffer] = [:]
@@ -165,9 +171,7 @@ import VolumeTesting
 
     @Test func aLostPeerDegradesThenCatchesUpAndProtectsAgain() async throws {
         let harness = try await VolumeHarness(scoSizeBytes: 1 << 20) { $0.uploadAgeSecondsMax = 3600 }
-        let peer = try await Peer(directory: harness.root + "/peer")
-        try await harness.volume.startDTL(mode: .sync, peer: "p", network: peer.network)
-        try await Self.waitFor("in sync") { harness.volume.dtlStatus.state == .inSync }
+        let peer = try await Self.mirrored(harness)
         var expected: [UInt64: ByteBuffer] = [:]
         for index in 0..<8 {
             let data = pattern(65536, seed: 100 + UInt64(index))
@@ -212,9 +216,7 @@ import VolumeTesting
         let harness = try await VolumeHarness(scoSizeBytes: 1 << 20, backend: backend) {
             $0.uploadAgeSecondsMax = 3600
         }
-        let peer = try await Peer(directory: harness.root + "/peer")
-        try await harness.volume.startDTL(mode: .sync, peer: "p", network: peer.network)
-        try await Self.waitFor("in sync") { harness.volume.dtlStatus.state == .inSync }
+        let peer = try await Self.mirrored(harness)
         let first = pattern(65536, seed: 1)
         try await harness.volume.write(offset: 0, data: first, fua: true)
         _ = try await harness.volume.createSnapshot(named: "s1")
