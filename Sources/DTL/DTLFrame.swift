@@ -132,6 +132,13 @@ public struct DTLFrame: Sendable, Hashable {
         return out
     }
 
+    /// The whole length (header and payload) of the frame whose header starts `buffer`, if the header arrived
+    /// (unverified: only for sizing a buffer).
+    public static func length(ofFrameAt buffer: ByteBuffer) -> Int? {
+        guard buffer.readableBytes >= headerBytes else { return nil }
+        return headerBytes + Int(buffer.getLE(UInt32.self, at: 12))
+    }
+
     /// Takes one whole frame from the front of `buffer` (nil: not all of it arrived yet). A frame that does not
     /// verify is an error: the stream cannot be trusted after it.
     public static func decode(from buffer: inout ByteBuffer) throws(VDError) -> DTLFrame? {

@@ -4,7 +4,8 @@
 // `append` with `received`, `sync` with `synced` once every earlier append is durable, streams `journal` frames then
 // `fetchDone` for a `fetch`, and answers a request it cannot take (a fenced generation, a full store, a damaged
 // append, an owner connection replaced by a newer one) with `refused` naming why (DTLPeerLogic). Store work runs on a
-// thread pool, never on the event loop.
+// thread pool, never on the event loop: a connection's frames queue as they arrive and are handled in order, a burst
+// per job (DTLPeerConnection), with at most `DTLServer.queuedBytesMax` queued.
 
 package import Logging
 package import NIOCore
@@ -16,8 +17,19 @@ package import VolumeCore
 struct DTLFrameDecoder: ByteToMessageDecoder {
     typealias InboundOut = DTLFrame
 
+    /// Room for a frame of up to this size is made once its header arrived, so its payload is not copied again
+    /// and again as the buffer grows.
+    static let reserveBytesMax = 64 << 20
+
     mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard let frame = try DTLFrame.decode(from: &buffer) else { return .needMoreData }
+        guard let frame = try DTLFrame.decode(from: &buffer) else {
+            if let total = DTLFrame.length(ofFrameAt: buffer), total <= Self.reserveBytesMax,
+                buffer.writableBytes < total - buffer.readableBytes
+            {
+                buffer.reserveCapacity(minimumWritableBytes: total - buffer.readableBytes)
+            }
+            return .needMoreData
+        }
         context.fireChannelRead(wrapInboundOut(frame))
         return .continue
     }
@@ -61,9 +73,17 @@ package final class DTLServer: Sendable {
     private let pool: NIOThreadPool
     private let group: any EventLoopGroup
     private let logger: Logger
-    private let state = Mutex<(channel: (any Channel)?, task: Task<Void, Never>?)>((nil, nil))
+    private let state = Mutex<
+        (channel: (any Channel)?, connections: [ObjectIdentifier: (any Channel, DTLPeerConnection)])
+    >(
+        (nil, [:]))
     private let logic: DTLPeerLogic
     private let tls: NIOSSLContext?
+
+    /// A connection stops reading while this much of what arrived is not handled yet (bounded memory per owner).
+    package static let queuedBytesMax = 64 << 20
+    /// Reads of up to this much at once: a journal range of a large write arrives in a few reads.
+    static let readBytesMax = 1 << 20
 
     package init(
         host: String, port: Int, token: String, store: DTLStore, pool: NIOThreadPool, group: any EventLoopGroup,
@@ -83,84 +103,180 @@ package final class DTLServer: Sendable {
     package var localPort: Int? { state.withLock { $0.channel?.localAddress?.port } }
 
     package func start() async throws(VDError) {
-        let listener: NIOAsyncChannel<NIOAsyncChannel<DTLFrame, DTLFrame>, Never>
+        let listener: any Channel
         do {
             listener = try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 64)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-                .bind(host: host, port: port) { [tls] channel in
-                    channel.eventLoop.makeCompletedFuture {
+                .childChannelOption(
+                    .recvAllocator,
+                    value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 64 << 10, maximum: Self.readBytesMax)
+                )
+                .childChannelInitializer { [self] channel in
+                    channel.eventLoop.makeCompletedFuture { [self] in
                         if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls)) }
                         try channel.addDTLCodec()
-                        return try NIOAsyncChannel<DTLFrame, DTLFrame>(wrappingChannelSynchronously: channel)
+                        let handler = DTLPeerConnection(
+                            token: token, session: logic.newConnection(), logic: logic, pool: pool, logger: logger)
+                        try channel.pipeline.syncOperations.addHandler(handler)
+                        let key = ObjectIdentifier(channel)
+                        state.withLock { $0.connections[key] = (channel, handler) }
+                        channel.closeFuture.whenComplete { [self] _ in
+                            state.withLock { _ = $0.connections.removeValue(forKey: key) }
+                        }
                     }
                 }
+                .bind(host: host, port: port).get()
         } catch {
             throw VDError(.io, "cannot listen for DTL peers on \(host):\(port): \(error)")
         }
-        let task = Task { [self] in
-            do {
-                try await listener.executeThenClose { connections in
-                    try await withThrowingDiscardingTaskGroup { group in
-                        for try await connection in connections {
-                            group.addTask { await self.serve(connection) }
-                        }
-                    }
-                }
-            } catch {
-                logger.debug("DTL listener ended: \(error)")
-            }
-        }
-        state.withLock { $0 = (listener.channel, task) }
+        state.withLock { $0.channel = listener }
     }
 
     package func stop() async {
-        let (channel, task) = state.withLock { state in
-            defer { state = (nil, nil) }
-            return state
+        let (channel, connections) = state.withLock { state in
+            defer { state = (nil, [:]) }
+            return (state.channel, Array(state.connections.values))
         }
         try? await channel?.close()
-        task?.cancel()
-        await task?.value
+        for (connection, handler) in connections {
+            try? await connection.close()
+            await handler.stop()
+        }
+    }
+}
+
+/// One owner's (or taker's) connection at the peer, on its event loop: the first frame must be `hello` with the
+/// cluster token. Frames are queued as they arrive and handled in order on the thread pool, every frame queued
+/// meanwhile in the same job (one hop per burst, not per frame); the answers of a burst leave with one flush, and of
+/// consecutive `received` answers only the last (each counts every append before it). Past
+/// `DTLServer.queuedBytesMax` queued, the connection stops reading until the queue drains.
+final class DTLPeerConnection: ChannelInboundHandler, Sendable {
+    typealias InboundIn = DTLFrame
+    typealias OutboundOut = DTLFrame
+
+    private struct Queue {
+        var frames: [DTLFrame] = []
+        var bytes = 0
+        var running = false
+        var paused = false
+        /// The server stops: frames still queued are refused, and `stop` waits for the job that handles them.
+        var stopped = false
+        var stopWaiters: [CheckedContinuation<Void, Never>] = []
+        /// Appends handled so far (the value of a `received` answer).
+        var appends: UInt64 = 0
     }
 
-    private func serve(_ connection: NIOAsyncChannel<DTLFrame, DTLFrame>) async {
-        let session = logic.newConnection()
-        let logic = self.logic
-        do {
-            try await connection.executeThenClose { inbound, outbound in
-                var authenticated = false
-                var appends: UInt64 = 0
-                for try await frame in inbound {
-                    guard authenticated else {
-                        guard frame.kind == .hello,
-                            Secrets.equal(String(buffer: frame.payload), token)
-                        else {
-                            logger.warning("DTL connection refused: no hello with the cluster token")
-                            try await outbound.write(
-                                DTLPeerLogic.refusal(
-                                    frame, VDError(.authentication, "a DTL connection starts with the token")))
-                            return
-                        }
-                        authenticated = true
-                        continue
+    private let token: String
+    private let session: UInt64
+    private let logic: DTLPeerLogic
+    private let pool: NIOThreadPool
+    private let logger: Logger
+    /// Set (on the event loop) once the `hello` arrived.
+    private let authenticated = Mutex(false)
+    private let queue = Mutex(Queue())
+
+    init(token: String, session: UInt64, logic: DTLPeerLogic, pool: NIOThreadPool, logger: Logger) {
+        self.token = token
+        self.session = session
+        self.logic = logic
+        self.pool = pool
+        self.logger = logger
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        guard authenticated.withLock({ $0 }) else {
+            guard frame.kind == .hello, Secrets.equal(String(buffer: frame.payload), token) else {
+                logger.warning("DTL connection refused: no hello with the cluster token")
+                context.writeAndFlush(
+                    wrapOutboundOut(
+                        DTLPeerLogic.refusal(frame, VDError(.authentication, "a DTL connection starts with the token"))),
+                    promise: nil)
+                context.close(promise: nil)
+                return
+            }
+            authenticated.withLock { $0 = true }
+            return
+        }
+        let (start, pause) = queue.withLock { queue -> (Bool, Bool) in
+            queue.frames.append(frame)
+            queue.bytes += frame.payload.readableBytes
+            let pause = !queue.paused && queue.bytes > DTLServer.queuedBytesMax
+            if pause { queue.paused = true }
+            defer { queue.running = true }
+            return (!queue.running, pause)
+        }
+        let channel = context.channel
+        if pause { try? channel.syncOptions?.setOption(.autoRead, value: false) }
+        if start { pool.submit { [self] poolState in drain(channel, cancelled: poolState == .cancelled) } }
+    }
+
+    /// Once this returns, no frame of this connection touches the store any more.
+    func stop() async {
+        await withCheckedContinuation { continuation in
+            let idle = queue.withLock { queue -> Bool in
+                queue.stopped = true
+                if queue.running { queue.stopWaiters.append(continuation) }
+                return !queue.running
+            }
+            if idle { continuation.resume() }
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        logger.debug("DTL connection ended: \(error)")
+        context.close(promise: nil)
+    }
+
+    /// Handles queued frames until none is left (on the thread pool).
+    private func drain(_ channel: any Channel, cancelled: Bool) {
+        while true {
+            let (frames, resume, stopped, waiters) = queue.withLock {
+                queue -> ([DTLFrame], Bool, Bool, [CheckedContinuation<Void, Never>]) in
+                let frames = queue.frames
+                queue.frames = []
+                queue.bytes = 0
+                var waiters: [CheckedContinuation<Void, Never>] = []
+                if frames.isEmpty {
+                    queue.running = false
+                    swap(&waiters, &queue.stopWaiters)
+                }
+                defer { queue.paused = false }
+                return (frames, queue.paused, queue.stopped, waiters)
+            }
+            if resume {
+                channel.eventLoop.execute { try? channel.syncOptions?.setOption(.autoRead, value: true) }
+            }
+            if frames.isEmpty {
+                for waiter in waiters { waiter.resume() }
+                return
+            }
+            var replies: [DTLFrame] = []
+            for frame in frames {
+                let appends = queue.withLock { queue -> UInt64 in
+                    if frame.kind == .append { queue.appends += 1 }
+                    return queue.appends
+                }
+                let answers =
+                    cancelled || stopped
+                    ? [DTLPeerLogic.refusal(frame, VDError(.shutdown, "the DTL peer is stopping"))]
+                    : logic.handle(frame, connection: session, appends: appends)
+                for answer in answers {
+                    // A `received` counts every append before it: the next one replaces it.
+                    if answer.kind == .received, let last = replies.last, last.kind == .received {
+                        replies[replies.count - 1] = answer
+                    } else {
+                        replies.append(answer)
                     }
-                    if frame.kind == .append { appends += 1 }
-                    let count = appends
-                    let replies: [DTLFrame]
-                    do {
-                        replies = try await pool.runIfActive {
-                            logic.handle(frame, connection: session, appends: count)
-                        }
-                    } catch {
-                        replies = [DTLPeerLogic.refusal(frame, VDError(.shutdown, "the DTL peer is stopping"))]
-                    }
-                    for reply in replies { try await outbound.write(reply) }
                 }
             }
-        } catch {
-            logger.debug("DTL connection ended: \(error)")
+            guard !replies.isEmpty else { continue }
+            channel.eventLoop.execute { [replies] in
+                for reply in replies { channel.write(reply, promise: nil) }
+                channel.flush()
+            }
         }
     }
 }

@@ -65,6 +65,11 @@ extension RouterService {
         try await NodeRecords.all(store: store).filter { $0.node != excluding && $0.dtl != nil }.map(\.node).sorted()
     }
 
+    /// The event loop of this process's DTL connections, as owner and as peer: apart from the NBD and API loops, so
+    /// a mirrored append or its answer never waits behind NBD traffic (a write in `sync` mode waits for the round
+    /// trip; on the shared loops it took half again as long under load, docs/performance.md "DTL").
+    static let dtlGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+
     /// How this router's volumes reach their DTL peers: node records in the default backend.
     static func dtlNetwork(
         configuration: VDConfiguration, backends: ConfiguredBackends, token: String, group: any EventLoopGroup
@@ -119,7 +124,7 @@ struct DTLPeerService {
         pool.start()
         let server = DTLServer(
             host: host, port: port, token: token, store: store, pool: pool,
-            group: MultiThreadedEventLoopGroup.singleton, logger: logger, tls: tls)
+            group: RouterService.dtlGroup, logger: logger, tls: tls)
         do throws(VDError) {
             try await server.start()
         } catch {

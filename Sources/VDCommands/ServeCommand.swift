@@ -154,7 +154,7 @@ struct ServeCommand: AsyncParsableCommand {
                 router.enableDTL(
                     try RouterService.dtlNetwork(
                         configuration: configuration, backends: backends, token: token,
-                        group: MultiThreadedEventLoopGroup.singleton))
+                        group: RouterService.dtlGroup))
             } catch {
                 await dtlPeer?.stop()
                 _ = await router.stop(drainTimeoutSeconds: nil)

@@ -31,6 +31,12 @@ import TransactionLog
 import VolumeCore
 
 final class DTLMirror: Sendable {
+    /// Which append of which connection carried a journal range: a write waits for that one only.
+    struct Ticket: Sendable, Equatable {
+        var connection: UInt64
+        var sequence: UInt64
+    }
+
     struct LocalJournal {
         var sco: SCONumber
         /// Bytes written so far; nil: a journal rolled before the mirror started (its length is found by a scan).
@@ -46,7 +52,8 @@ final class DTLMirror: Sendable {
     private struct State {
         var status: DTLState = .degraded
         var connectionHandle: (any DTLConnection)?
-        /// Bumped at every connection: answers and waiters belong to one.
+        /// Changes at every connection (unique among all mirrors: a ticket of another mirror never matches): answers,
+        /// waiters and tickets belong to one.
         var connection: UInt64 = 0
         var sent: UInt64 = 0
         var received: UInt64 = 0
@@ -89,6 +96,9 @@ final class DTLMirror: Sendable {
     /// vd_volume_dtl_state{volume}: 0 off, 1 in sync, 2 catching up, 3 degraded; vd_volume_dtl_degraded_total.
     private let stateGauge: Gauge
     private let degradations: Counter
+
+    /// Connections of every mirror so far.
+    private static let connections = Atomic<UInt64>(0)
 
     /// Catch-up sends at most this much before waiting for answers.
     static let catchUpWindowBytes: UInt64 = 32 << 20
@@ -162,29 +172,32 @@ final class DTLMirror: Sendable {
         }
     }
 
-    /// The bytes of `payload` after its 8-byte offset prefix (`DTLFrame.appendPayload`) were written at that offset
-    /// of the journal of `epoch` (SCO `sco`).
-    func appended(epoch: UInt64, sco: SCONumber, offset: UInt64, prefixedPayload payload: ByteBuffer) {
+    /// The bytes of `payload` after its 8-byte offset prefix (`DTLFrame.appendPayload`) are written at that offset
+    /// of the journal of `epoch` (SCO `sco`). Returns the append's ticket (nil: no peer connected).
+    @discardableResult
+    func appended(epoch: UInt64, sco: SCONumber, offset: UInt64, prefixedPayload payload: ByteBuffer) -> Ticket? {
         precondition(
             payload.getInteger(at: payload.readerIndex, endianness: .little, as: UInt64.self) == offset,
             "a mirrored range with another offset")
         let end = offset + UInt64(payload.readableBytes - 8)
         let now = env.clock.now()
-        state.withLock { state in
+        return state.withLock { state -> Ticket? in
             var journal = state.journals[epoch] ?? LocalJournal(sco: sco, lengthBytes: 0)
             precondition(journal.sco == sco, "epoch \(epoch) is in two journals")
             journal.lengthBytes = max(journal.lengthBytes ?? 0, end)
             state.journals[epoch] = journal
-            guard let connection = state.connectionHandle else { return }
+            guard let connection = state.connectionHandle else { return nil }
             Self.send(&state, connection, connection.appendFrame(epoch: epoch, sco: sco, prefixedPayload: payload), now)
+            return Ticket(connection: state.connection, sequence: state.sent)
         }
     }
 
-    /// `bytes` were written at `offset` of the journal of `epoch` (SCO `sco`) (small ranges: copied once).
-    func appended(epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: ByteBuffer) {
+    /// `bytes` are written at `offset` of the journal of `epoch` (SCO `sco`) (small ranges: copied once).
+    @discardableResult
+    func appended(epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: ByteBuffer) -> Ticket? {
         var payload = DTLFrame.appendPayload(offset: offset, capacity: bytes.readableBytes)
         payload.writeImmutableBuffer(bytes)
-        appended(epoch: epoch, sco: sco, offset: offset, prefixedPayload: payload)
+        return appended(epoch: epoch, sco: sco, offset: offset, prefixedPayload: payload)
     }
 
     private static func send(
@@ -209,13 +222,17 @@ final class DTLMirror: Sendable {
 
     // MARK: the write path
 
-    /// Waits, in `sync` mode, until the peer received every append sent so far (in `async` mode only while too much
-    /// is unanswered). Never fails: without a peer the volume continues degraded (once that is recorded).
-    func waitForWrites() async {
+    /// Waits, in `sync` mode, until the peer received the append of `ticket` (the journal range of a write; nil: it
+    /// went out on no connection), in `async` mode only while too much is unanswered. Never fails: without a peer
+    /// the volume continues degraded (once that is recorded). An append of a connection since replaced is covered
+    /// by the degradation that ended it.
+    func waitForWrites(_ ticket: Ticket?) async {
         await wait { state in
             guard state.connectionHandle != nil else { return nil }
             switch mode {
-            case .sync: return state.received >= state.sent ? nil : state.sent
+            case .sync:
+                guard let ticket, ticket.connection == state.connection else { return nil }
+                return state.received >= ticket.sequence ? nil : ticket.sequence
             case .async: return state.unansweredBytes > network.asyncLagBytesMax ? state.sent : nil
             case .none: return nil
             }
@@ -300,7 +317,7 @@ final class DTLMirror: Sendable {
         let started = state.withLock { state -> (UInt64, [(UInt64, LocalJournal)], UInt64)? in
             // Checked again right before the reset goes out (a taker waits at least a second beyond the lease).
             guard !state.stopped, mayServe() else { return nil }
-            state.connection += 1
+            state.connection = Self.connections.add(1, ordering: .relaxed).newValue
             state.connectionHandle = handle
             state.sent = 0
             state.received = 0

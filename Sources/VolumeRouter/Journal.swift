@@ -13,8 +13,8 @@
 // leader-only path checks that it runs as the leader.
 
 import BlockMap
-import DTL
 import Collections
+import DTL
 import FlashIO
 import Logging
 import NIOCore
@@ -69,6 +69,8 @@ final class JournalState: @unchecked Sendable {
     var writeOffset: UInt64
     /// CRC the next batch must chain to.
     var chainCRC: UInt32
+    /// The DTL mirror's ticket for the last range handed to it (what a write of this round waits for).
+    var mirrored: DTLMirror.Ticket?
 
     init(epoch: UInt64, sco: SCONumber, highestSCO: SCONumber, file: FlashFile, writeOffset: UInt64, chainCRC: UInt32) {
         precondition(
@@ -83,7 +85,8 @@ final class JournalState: @unchecked Sendable {
 }
 
 enum LeaderSignal: Sendable {
-    case done(Result<Void, VDError>)
+    /// The round's outcome, and the DTL mirror's ticket for its last mirrored range.
+    case done(Result<DTLMirror.Ticket?, VDError>)
     case lead
 }
 
@@ -184,7 +187,9 @@ final class Journal: Sendable {
 
     /// Appends a request to the journal, as leader or as a follower of the current leader. `whileClosing`: the
     /// volume's own requests at close (the final roll), accepted after client writes are refused.
-    func submit(_ request: JournalRequest, whileClosing: Bool = false) async throws(VDError) {
+    /// Returns the DTL mirror's ticket for the request's journal range (nil: not mirrored), for `DTLMirror.waitForWrites`.
+    @discardableResult
+    func submit(_ request: JournalRequest, whileClosing: Bool = false) async throws(VDError) -> DTLMirror.Ticket? {
         let signal: LeaderSignal = await withUnsafeContinuation { continuation in
             let outcome = shared.withLock { state -> LeaderSignal? in
                 if let failure = state.failure, !(whileClosing && failure.code == .shutdown) {
@@ -201,12 +206,12 @@ final class Journal: Sendable {
         }
         switch signal {
         case .done(let result):
-            try result.get()
+            return try result.get()
         case .lead:
             // Let requests that are already runnable (typically the rest of what the NBD server decoded from the
             // same socket read, on the same event loop) queue behind this one, so one pwritev carries them all.
             await Task.yield()
-            try await lead(own: request)
+            return try await lead(own: request)
         }
     }
 
@@ -224,7 +229,7 @@ final class Journal: Sendable {
         precondition(shared.withLock { $0.leaderActive }, "the journal was touched outside the leader")
     }
 
-    private func lead(own: JournalRequest) async throws(VDError) {
+    private func lead(own: JournalRequest) async throws(VDError) -> DTLMirror.Ticket? {
         let followers = shared.withLock { state -> [QueuedRequest] in
             var taken: [QueuedRequest] = []
             var bytes = 0
@@ -234,10 +239,11 @@ final class Journal: Sendable {
             }
             return taken
         }
-        let result: Result<Void, VDError>
+        let result: Result<DTLMirror.Ticket?, VDError>
         do {
+            state.mirrored = nil
             try await perform([own] + followers.map(\.request))
-            result = .success(())
+            result = .success(state.mirrored)
         } catch {
             result = .failure(error)
         }
@@ -250,7 +256,7 @@ final class Journal: Sendable {
             return state.queue.removeFirst()
         }
         next?.continuation.resume(returning: .lead)
-        try result.get()
+        return try result.get()
     }
 
     /// Writes requests to the journal in order (leader only).
@@ -353,6 +359,7 @@ final class Journal: Sendable {
             markFailed(failure)
             throw failure
         }
+        // Mirrored only once written here: a catch-up resends from the local file the ranges `appended` recorded.
         if let mirror {
             var bytes = DTLFrame.appendPayload(offset: pending.startOffset, capacity: Int(written))
             for (index, batch) in pending.batches.enumerated() {
@@ -365,7 +372,8 @@ final class Journal: Sendable {
                 }
             }
             precondition(bytes.readableBytes == 8 + Int(written), "a mirrored range differs from what was written")
-            mirror.appended(epoch: state.epoch, sco: state.sco, offset: pending.startOffset, prefixedPayload: bytes)
+            state.mirrored = mirror.appended(
+                epoch: state.epoch, sco: state.sco, offset: pending.startOffset, prefixedPayload: bytes)
         }
         let now = env.clock.now()
         let openBytes = state.writeOffset
@@ -441,7 +449,7 @@ final class Journal: Sendable {
         }
         if let mirror {
             mirror.appended(epoch: oldEpoch, sco: old, offset: state.writeOffset, bytes: marker.encode())
-            mirror.appended(
+            state.mirrored = mirror.appended(
                 epoch: nextEpoch, sco: next, offset: 0,
                 bytes: SCOHeader(volumeID: volumeID, sco: next, clusterSizeBytes: clusterSizeBytes, epoch: nextEpoch)
                     .encode())

@@ -300,9 +300,9 @@ package final class Volume: BlockDevice {
             merged.setBuffer(data, at: Int(offset - first * cs))
             buffer = merged
         }
-        try await journal.submit(.write(clusterWrite(first: first, buffer: buffer)))
+        let ticket = try await journal.submit(.write(clusterWrite(first: first, buffer: buffer)))
         if let mirror = journal.mirror {
-            await mirror.waitForWrites()
+            await mirror.waitForWrites(ticket)
             // A degraded mirror that could not record it releases its writes once the lease ran out: they fail.
             try checkOwnership()
         }
@@ -402,9 +402,10 @@ package final class Volume: BlockDevice {
                 entries.append(.unmap(address: address, count: UInt32(n)))
                 address += n
             }
-            try await journal.submit(.write(ClusterWrite(entries: entries, payloadIndex: [], buffer: ByteBuffer())))
+            let ticket = try await journal.submit(
+                .write(ClusterWrite(entries: entries, payloadIndex: [], buffer: ByteBuffer())))
             if let mirror = journal.mirror {
-                await mirror.waitForWrites()
+                await mirror.waitForWrites(ticket)
                 try checkOwnership()
             }
         }

@@ -3,9 +3,11 @@
 # "DTL"), in one run: router a owns the volume, router b on the same machine is its DTL peer (loopback), one
 # local-directory backend. In the same run, qemu-nbd on a raw file on the same disk, for scale.
 #
-#   tools/bench/dtl.sh [--dir DIR] [--runtime 10] [--vd PATH] [--modes "none async sync"]
+#   tools/bench/dtl.sh [--dir DIR] [--runtime 10] [--vd PATH] [--modes "none async sync"] [--rounds 1]
 #
 # Jobs (fio over NBD): randwrite 4k qd32; randwrite 4k qd1 with a flush after every write; seq write 1M qd8.
+# With --rounds N the modes run N times in turn (each mode from an empty directory, after the previous one's data
+# was written back: `sync`), and the median of each job and the ratio of each mode to `none` close the run.
 # The target is sync >= 0.7x none on randwrite qd32 and seq write. Not a test.
 set -euo pipefail
 
@@ -13,6 +15,7 @@ here="$(cd "$(dirname "$0")/../.." && pwd)"
 dir="${BENCH_DIR:-/var/tmp/vd-bench-dtl}"
 runtime=10
 modes="none async sync"
+rounds=1
 vd=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -20,7 +23,8 @@ while [ $# -gt 0 ]; do
     --runtime) runtime="$2"; shift 2 ;;
     --vd) vd="$2"; shift 2 ;;
     --modes) modes="$2"; shift 2 ;;
-    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+    --rounds) rounds="$2"; shift 2 ;;
+    -h|--help) sed -n 2,12p "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -61,13 +65,18 @@ run_jobs() { # uri label
       --output-format=json | sed -n '/^{/,$p' | python3 -c "$summary")
     read -r iops mbs p99 <<<"$out"
     printf '%-14s %-22s %9s IOPS %7s MB/s   p99 %8s us\n' "$label" "$name" "$iops" "$mbs" "$p99"
+    echo "$label|$name|$iops|$mbs" >>"$results"
   done
 }
+results="$(mktemp)"
+trap 'cleanup; rm -f "$results"' EXIT
 
-echo "fio over NBD, ${runtime} s per job; DTL peer on loopback (same machine)"
+echo "fio over NBD, ${runtime} s per job; DTL peer on loopback (same machine); $rounds round(s)"
+for round in $(seq "$rounds"); do
 for mode in $modes; do
   cleanup
   rm -rf "$dir"
+  sync
   mkdir -p "$dir/shared"
   printf '[backends.local]\nurl = "file://%s/shared"\n' "$dir" > "$dir/vd.toml"
   "$vd" volume create vol --size 4G --data-dir "$dir/a" --config "$dir/vd.toml" >/dev/null
@@ -83,6 +92,7 @@ for mode in $modes; do
   run_jobs "nbd+unix:///vol?socket=$dir/a.sock" "vd dtl=$mode"
   "$vd" volume info vol --data-dir "$dir/a" --config "$dir/vd.toml" | grep "DTL" || true
 done
+done
 cleanup
 
 rm -rf "$dir"
@@ -94,3 +104,18 @@ for _ in $(seq 100); do [ -S "$dir/qemu.sock" ] && break; sleep 0.05; done
 run_jobs "nbd+unix:///?socket=$dir/qemu.sock" "qemu-nbd raw"
 cleanup
 rm -rf "$dir"
+
+# Medians per mode and job (IOPS for random writes, MB/s for the sequential one), and each mode against `none`.
+python3 - "$results" <<'PY'
+import statistics, sys
+rows = [line.strip().split("|") for line in open(sys.argv[1]) if line.strip()]
+med = {}
+for label, job in dict.fromkeys((r[0], r[1]) for r in rows):
+    values = [float(r[3] if job.startswith("seq") else r[2]) for r in rows if r[0] == label and r[1] == job]
+    med[(label, job)] = (statistics.median(values), len(values))
+print("\nmedians (IOPS; MB/s for seqwrite), and against dtl=none:")
+for (label, job), (value, n) in med.items():
+    base = med.get(("vd dtl=none", job))
+    ratio = "  %.2fx" % (value / base[0]) if base and base[0] and label.startswith("vd dtl=") else ""
+    print("%-14s %-22s %9.0f  (%d run%s)%s" % (label, job, value, n, "" if n == 1 else "s", ratio))
+PY
