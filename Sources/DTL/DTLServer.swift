@@ -73,10 +73,9 @@ package final class DTLServer: Sendable {
     private let pool: NIOThreadPool
     private let group: any EventLoopGroup
     private let logger: Logger
-    private let state = Mutex<
-        (channel: (any Channel)?, connections: [ObjectIdentifier: (any Channel, DTLPeerConnection)])
-    >(
-        (nil, [:]))
+    private typealias Connections = [ObjectIdentifier: (channel: any Channel, handler: DTLPeerConnection)]
+    /// The listener, and the open connections with their handlers.
+    private let state = Mutex<(channel: (any Channel)?, connections: Connections)>((nil, [:]))
     private let logic: DTLPeerLogic
     private let tls: NIOSSLContext?
 

@@ -152,4 +152,60 @@ import VolumeCore
         store.close()
         try await pool.shutdownGracefully()
     }
+
+    /// A burst of appends (small ones and a 3 MiB one, which arrives in many reads) is answered in order: each
+    /// `received` counts every append before it, consecutive answers may be merged, and the last counts them all. Once
+    /// the server stopped, nothing of a connection touches the store any more.
+    @Test func aBurstOfAppendsIsAnsweredInOrderAndStopWaitsForTheQueue() async throws {
+        let root = NSTemporaryDirectory() + "vd-dtl-" + UUID().uuidString
+        defer { try? Syscall.removeTree(root) }
+        let pool = NIOThreadPool(numberOfThreads: 2)
+        pool.start()
+        let store = try DTLStore(directory: root, bytesPerVolumeMax: 64 << 20, fs: PosixFileSystem())
+        let token = "dtl-test-token-0123456789"
+        let server = DTLServer(
+            host: "127.0.0.1", port: 0, token: token, store: store, pool: pool,
+            group: MultiThreadedEventLoopGroup.singleton, logger: Logger(label: "dtl"))
+        try await server.start()
+        let port = try #require(server.localPort)
+        let owner = try await DTLClient.connect(
+            host: "127.0.0.1", port: port, token: token, volumeID: Self.volume, generation: 1,
+            group: MultiThreadedEventLoopGroup.singleton)
+        let sco = SCONumber(0x40_0000_0000)
+        let big = ByteBuffer(repeating: 0xA5, count: 3 << 20)
+        var offset: UInt64 = 0
+        for index in 0..<300 {
+            let payload = index == 150 ? big : bytes(4096, seed: UInt8(truncatingIfNeeded: index))
+            owner.post(owner.appendFrame(epoch: 1, sco: sco, offset: offset, bytes: payload))
+            offset += UInt64(payload.readableBytes)
+        }
+        owner.post(owner.frame(.sync, value: 1))
+        var counts: [UInt64] = []
+        while true {
+            let frame = try await owner.nextFrame()
+            if frame.kind == .synced { break }
+            #expect(frame.kind == .received)
+            counts.append(frame.value)
+        }
+        #expect(counts == counts.sorted() && Set(counts).count == counts.count && counts.last == 300)
+        #expect(try store.usage(volume: Self.volume).bytes == offset)
+        let journal = try #require(try store.journals(volume: Self.volume, generation: 1, afterEpoch: 0).first)
+        #expect(journal.bytes.getSlice(at: journal.bytes.readerIndex + 150 * 4096, length: big.readableBytes) == big)
+
+        // Appends still arriving when the server stops: once `stop` returned, the store no longer changes.
+        for index in 0..<200 {
+            owner.post(
+                owner.appendFrame(
+                    epoch: 1, sco: sco, offset: offset,
+                    bytes: ByteBuffer(repeating: UInt8(truncatingIfNeeded: index), count: 65536)))
+            offset += 65536
+        }
+        await server.stop()
+        let held = try store.usage(volume: Self.volume).bytes
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(try store.usage(volume: Self.volume).bytes == held)
+        await owner.close()
+        store.close()
+        try await pool.shutdownGracefully()
+    }
 }
