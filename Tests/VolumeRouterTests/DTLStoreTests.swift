@@ -7,7 +7,7 @@ import NIOPosix
 import Testing
 import VolumeCore
 
-/// The DTL peer's pieces that exist so far (issue 14, in progress): the frame codec and the peer's journal store.
+/// The DTL peer's pieces: the frame codec, the peer's journal store, and the peer service over TCP.
 @Suite struct DTLStoreTests {
     static let volume = VolumeID(high: 0x1234, low: 0x5678)
 
@@ -15,6 +15,41 @@ import VolumeCore
         var b = ByteBufferAllocator().buffer(capacity: count)
         for i in 0..<count { b.writeInteger(UInt8(truncatingIfNeeded: Int(seed) &* 31 &+ i)) }
         return b
+    }
+
+    static let token = "dtl-test-token-0123456789"
+
+    /// A DTL peer on loopback (its store in a temporary directory): `body` gets the server, its port and the store.
+    /// The server, the store and the thread pool are stopped afterwards (stopping the server again is harmless).
+    func withPeer(
+        bytesPerVolumeMax: UInt64, _ body: (DTLServer, Int, DTLStore) async throws -> Void
+    ) async throws {
+        let root = NSTemporaryDirectory() + "vd-dtl-" + UUID().uuidString
+        defer { try? Syscall.removeTree(root) }
+        let pool = NIOThreadPool(numberOfThreads: 2)
+        pool.start()
+        let store = try DTLStore(directory: root, bytesPerVolumeMax: bytesPerVolumeMax, fs: PosixFileSystem())
+        let server = DTLServer(
+            host: "127.0.0.1", port: 0, token: Self.token, store: store, pool: pool,
+            group: MultiThreadedEventLoopGroup.singleton, logger: Logger(label: "dtl"))
+        try await server.start()
+        do {
+            try await body(server, try #require(server.localPort), store)
+        } catch {
+            await server.stop()
+            store.close()
+            try? await pool.shutdownGracefully()
+            throw error
+        }
+        await server.stop()
+        store.close()
+        try await pool.shutdownGracefully()
+    }
+
+    func connect(port: Int, generation: UInt64, token: String = Self.token) async throws -> DTLClient {
+        try await DTLClient.connect(
+            host: "127.0.0.1", port: port, token: token, volumeID: Self.volume, generation: generation,
+            group: MultiThreadedEventLoopGroup.singleton)
     }
 
     @Test func framesRoundTripInPiecesAndRejectDamage() throws {
@@ -98,114 +133,83 @@ import VolumeCore
     }
 
     @Test func aPeerOverTCPStoresSyncsTrimsAndHandsJournalsToATaker() async throws {
-        let root = NSTemporaryDirectory() + "vd-dtl-" + UUID().uuidString
-        defer { try? Syscall.removeTree(root) }
-        let pool = NIOThreadPool(numberOfThreads: 2)
-        pool.start()
-        let store = try DTLStore(directory: root, bytesPerVolumeMax: 4 << 20, fs: PosixFileSystem())
-        let token = "dtl-test-token-0123456789"
-        let server = DTLServer(
-            host: "127.0.0.1", port: 0, token: token, store: store, pool: pool,
-            group: MultiThreadedEventLoopGroup.singleton, logger: Logger(label: "dtl"))
-        try await server.start()
-        let port = try #require(server.localPort)
+        try await withPeer(bytesPerVolumeMax: 4 << 20) { _, port, store in
+            let owner = try await connect(port: port, generation: 4)
+            let a = SCONumber(0x40_0000_0000)
+            let b = SCONumber(0x40_0000_0001)
+            try await owner.append(epoch: 9, sco: a, offset: 0, bytes: bytes(4096, seed: 1))
+            try await owner.append(epoch: 9, sco: a, offset: 4096, bytes: bytes(65536, seed: 2))
+            try await owner.append(epoch: 10, sco: b, offset: 0, bytes: bytes(4096, seed: 3))
+            try await owner.sync()
+            #expect(try store.usage(volume: Self.volume) == (bytes: 4096 + 65536 + 4096, generation: 4))
 
-        let owner = try await DTLClient.connect(
-            host: "127.0.0.1", port: port, token: token, volumeID: Self.volume, generation: 4,
-            group: MultiThreadedEventLoopGroup.singleton)
-        let a = SCONumber(0x40_0000_0000)
-        let b = SCONumber(0x40_0000_0001)
-        try await owner.append(epoch: 9, sco: a, offset: 0, bytes: bytes(4096, seed: 1))
-        try await owner.append(epoch: 9, sco: a, offset: 4096, bytes: bytes(65536, seed: 2))
-        try await owner.append(epoch: 10, sco: b, offset: 0, bytes: bytes(4096, seed: 3))
-        try await owner.sync()
-        #expect(try store.usage(volume: Self.volume) == (bytes: 4096 + 65536 + 4096, generation: 4))
+            // The backend holds epoch 9: the peer drops it; a taker gets epoch 10 only.
+            try await owner.trim(throughEpoch: 9)
+            try await owner.sync()
+            let taker = try await connect(port: port, generation: 5)
+            let journals = try await taker.fetch(afterEpoch: 8)
+            #expect(journals.map(\.epoch) == [10] && journals.map(\.sco) == [b])
+            #expect(journals.first?.bytes == bytes(4096, seed: 3))
 
-        // The backend holds epoch 9: the peer drops it; a taker gets epoch 10 only.
-        try await owner.trim(throughEpoch: 9)
-        try await owner.sync()
-        let taker = try await DTLClient.connect(
-            host: "127.0.0.1", port: port, token: token, volumeID: Self.volume, generation: 5,
-            group: MultiThreadedEventLoopGroup.singleton)
-        let journals = try await taker.fetch(afterEpoch: 8)
-        #expect(journals.map(\.epoch) == [10] && journals.map(\.sco) == [b])
-        #expect(journals.first?.bytes == bytes(4096, seed: 3))
+            // Once a newer generation wrote, the old owner's appends are refused, and its sync says so.
+            try await taker.append(epoch: 11, sco: SCONumber(0x50_0000_0000), offset: 0, bytes: bytes(4096, seed: 4))
+            try await taker.sync()
+            try await owner.append(epoch: 10, sco: b, offset: 4096, bytes: bytes(4096, seed: 5))
+            await #expect(throws: VDError.self) { try await owner.sync() }
+            #expect(try await taker.fetch(afterEpoch: 9).first?.bytes == bytes(4096, seed: 3))
 
-        // Once a newer generation wrote, the old owner's appends are refused, and its sync says so.
-        try await taker.append(epoch: 11, sco: SCONumber(0x50_0000_0000), offset: 0, bytes: bytes(4096, seed: 4))
-        try await taker.sync()
-        try await owner.append(epoch: 10, sco: b, offset: 4096, bytes: bytes(4096, seed: 5))
-        await #expect(throws: VDError.self) { try await owner.sync() }
-        #expect(try await taker.fetch(afterEpoch: 9).first?.bytes == bytes(4096, seed: 3))
+            // Without the token nothing is taken.
+            let stranger = try await connect(port: port, generation: 9, token: "wrong-token-wrong-token")
+            await #expect(throws: VDError.self) { try await stranger.sync() }
+            #expect(try store.usage(volume: Self.volume).generation == 5)
 
-        // Without the token nothing is taken.
-        let stranger = try await DTLClient.connect(
-            host: "127.0.0.1", port: port, token: "wrong-token-wrong-token", volumeID: Self.volume, generation: 9,
-            group: MultiThreadedEventLoopGroup.singleton)
-        await #expect(throws: VDError.self) { try await stranger.sync() }
-        #expect(try store.usage(volume: Self.volume).generation == 5)
-
-        await owner.close()
-        await taker.close()
-        await stranger.close()
-        await server.stop()
-        store.close()
-        try await pool.shutdownGracefully()
+            await owner.close()
+            await taker.close()
+            await stranger.close()
+        }
     }
 
     /// A burst of appends (small ones and a 3 MiB one, which arrives in many reads) is answered in order: each
     /// `received` counts every append before it, consecutive answers may be merged, and the last counts them all. Once
     /// the server stopped, nothing of a connection touches the store any more.
     @Test func aBurstOfAppendsIsAnsweredInOrderAndStopWaitsForTheQueue() async throws {
-        let root = NSTemporaryDirectory() + "vd-dtl-" + UUID().uuidString
-        defer { try? Syscall.removeTree(root) }
-        let pool = NIOThreadPool(numberOfThreads: 2)
-        pool.start()
-        let store = try DTLStore(directory: root, bytesPerVolumeMax: 64 << 20, fs: PosixFileSystem())
-        let token = "dtl-test-token-0123456789"
-        let server = DTLServer(
-            host: "127.0.0.1", port: 0, token: token, store: store, pool: pool,
-            group: MultiThreadedEventLoopGroup.singleton, logger: Logger(label: "dtl"))
-        try await server.start()
-        let port = try #require(server.localPort)
-        let owner = try await DTLClient.connect(
-            host: "127.0.0.1", port: port, token: token, volumeID: Self.volume, generation: 1,
-            group: MultiThreadedEventLoopGroup.singleton)
-        let sco = SCONumber(0x40_0000_0000)
-        let big = ByteBuffer(repeating: 0xA5, count: 3 << 20)
-        var offset: UInt64 = 0
-        for index in 0..<300 {
-            let payload = index == 150 ? big : bytes(4096, seed: UInt8(truncatingIfNeeded: index))
-            owner.post(owner.appendFrame(epoch: 1, sco: sco, offset: offset, bytes: payload))
-            offset += UInt64(payload.readableBytes)
-        }
-        owner.post(owner.frame(.sync, value: 1))
-        var counts: [UInt64] = []
-        while true {
-            let frame = try await owner.nextFrame()
-            if frame.kind == .synced { break }
-            #expect(frame.kind == .received)
-            counts.append(frame.value)
-        }
-        #expect(counts == counts.sorted() && Set(counts).count == counts.count && counts.last == 300)
-        #expect(try store.usage(volume: Self.volume).bytes == offset)
-        let journal = try #require(try store.journals(volume: Self.volume, generation: 1, afterEpoch: 0).first)
-        #expect(journal.bytes.getSlice(at: journal.bytes.readerIndex + 150 * 4096, length: big.readableBytes) == big)
+        try await withPeer(bytesPerVolumeMax: 64 << 20) { server, port, store in
+            let owner = try await connect(port: port, generation: 1)
+            let sco = SCONumber(0x40_0000_0000)
+            let big = ByteBuffer(repeating: 0xA5, count: 3 << 20)
+            var offset: UInt64 = 0
+            for index in 0..<300 {
+                let payload = index == 150 ? big : bytes(4096, seed: UInt8(truncatingIfNeeded: index))
+                owner.post(owner.appendFrame(epoch: 1, sco: sco, offset: offset, bytes: payload))
+                offset += UInt64(payload.readableBytes)
+            }
+            owner.post(owner.frame(.sync, value: 1))
+            var counts: [UInt64] = []
+            while true {
+                let frame = try await owner.nextFrame()
+                if frame.kind == .synced { break }
+                #expect(frame.kind == .received)
+                counts.append(frame.value)
+            }
+            #expect(counts == counts.sorted() && Set(counts).count == counts.count && counts.last == 300)
+            #expect(try store.usage(volume: Self.volume).bytes == offset)
+            let journal = try #require(try store.journals(volume: Self.volume, generation: 1, afterEpoch: 0).first)
+            #expect(
+                journal.bytes.getSlice(at: journal.bytes.readerIndex + 150 * 4096, length: big.readableBytes) == big)
 
-        // Appends still arriving when the server stops: once `stop` returned, the store no longer changes.
-        for index in 0..<200 {
-            owner.post(
-                owner.appendFrame(
-                    epoch: 1, sco: sco, offset: offset,
-                    bytes: ByteBuffer(repeating: UInt8(truncatingIfNeeded: index), count: 65536)))
-            offset += 65536
+            // Appends still arriving when the server stops: once `stop` returned, the store no longer changes.
+            for index in 0..<200 {
+                owner.post(
+                    owner.appendFrame(
+                        epoch: 1, sco: sco, offset: offset,
+                        bytes: ByteBuffer(repeating: UInt8(truncatingIfNeeded: index), count: 65536)))
+                offset += 65536
+            }
+            await server.stop()
+            let held = try store.usage(volume: Self.volume).bytes
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(try store.usage(volume: Self.volume).bytes == held)
+            await owner.close()
         }
-        await server.stop()
-        let held = try store.usage(volume: Self.volume).bytes
-        try await Task.sleep(for: .milliseconds(200))
-        #expect(try store.usage(volume: Self.volume).bytes == held)
-        await owner.close()
-        store.close()
-        try await pool.shutdownGracefully()
     }
 }
