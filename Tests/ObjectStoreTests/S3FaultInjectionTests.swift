@@ -26,7 +26,10 @@ func withProxiedS3(
             bucket: direct.configuration.bucket, endpoint: proxy.endpoint
         ) {
             $0.requestTimeoutSeconds = 10
-            $0.stallTimeoutSeconds = 1
+            // Generous: on a loaded 2-core CI machine RGW itself can pause for over a second, and a stall retry
+            // would hide a fault the test injected (CI once saw a flipped range GET abandoned and retried clean).
+            // Tests of stalls set their own, shorter timeout.
+            $0.stallTimeoutSeconds = 8
             $0.operationDeadlineSeconds = 20
             $0.retry = S3RetryPolicy(baseDelaySeconds: 0.01, maxDelaySeconds: 0.1, attemptsMax: 10)
             adjust(&$0)
@@ -81,7 +84,7 @@ struct S3FaultInjectionTests {
     }
 
     @Test func stallsPastTheTimeoutAreAbortedAndRetried() async throws {
-        try await withProxiedS3 { s3 in
+        try await withProxiedS3({ $0.stallTimeoutSeconds = 1 }) { s3 in
             let data = testBytes(100_000, seed: 12)
             try await s3.store.put("stall/object", data: data)
             s3.proxy.inject(.stall(seconds: 8), count: 1, method: "GET")
@@ -127,8 +130,7 @@ struct S3FaultInjectionTests {
     }
 
     @Test func flippedByteInAWholeGetIsCaughtByTheETag() async throws {
-        // A generous stall timeout: a loaded CI machine must not add stall retries to the count.
-        try await withProxiedS3({ $0.stallTimeoutSeconds = 15 }) { s3 in
+        try await withProxiedS3 { s3 in
             let data = testBytes(500_000, seed: 15)
             try await s3.store.put("flip/object", data: data)
             s3.proxy.inject(.flipResponseBodyByte(offset: 12345), count: 1, method: "GET")
@@ -145,6 +147,9 @@ struct S3FaultInjectionTests {
             try await s3.store.put("flip/range", data: data)
             s3.proxy.inject(.flipResponseBodyByte(offset: 10), count: 1, method: "GET")
             let part = try await s3.store.get("flip/range", range: 0..<4096)
+            #expect(s3.proxy.appliedFaults == [.flipResponseBodyByte(offset: 10)])
+            let gets = s3.proxy.requestLines.filter { $0.hasPrefix("GET ") && $0.contains("flip/range") }
+            #expect(gets.count == 1, "the corrupted range reached the caller without a retry: \(gets)")
             #expect(part.readableBytes == 4096)
             #expect(part != data.getSlice(at: 0, length: 4096)!)
             #expect(try await s3.store.get("flip/range", range: 0..<4096) == data.getSlice(at: 0, length: 4096)!)
@@ -152,7 +157,7 @@ struct S3FaultInjectionTests {
     }
 
     @Test func corruptedUploadIsRejectedByContentMD5AndRetried() async throws {
-        try await withProxiedS3({ $0.stallTimeoutSeconds = 15 }) { s3 in
+        try await withProxiedS3 { s3 in
             let data = testBytes(3 << 20, seed: 17)
             // The first PUT of a V4 store probes which payload check the store verifies: settle it first, so the
             // faults meet the object's uploads, not the probe (CI once saw the count off by the probe).
