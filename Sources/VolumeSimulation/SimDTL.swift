@@ -37,9 +37,11 @@ final class SimDTLPeer: @unchecked Sendable {
         return DTLPeerLogic(store: store, logger: logger)
     }
 
-    /// A new link of an owner (or taker) of `generation` for `volume`.
-    func connect(volume: VolumeID, generation: UInt64) -> SimDTLLink {
-        let link = SimDTLLink(peer: self, volumeID: volume, generation: generation, session: logic.newConnection())
+    /// A new link of an owner (or taker) of `generation` for `volume`, on `node` (whose journals its appends must
+    /// match).
+    func connect(volume: VolumeID, generation: UInt64, from node: SimNode) -> SimDTLLink {
+        let link = SimDTLLink(
+            peer: self, volumeID: volume, generation: generation, session: logic.newConnection(), owner: node)
         links.removeAll { $0.isEnded }
         links.append(link)
         return link
@@ -65,6 +67,7 @@ final class SimDTLLink: DTLConnection, @unchecked Sendable {
     let generation: UInt64
     private let session: UInt64
     private unowned let peer: SimDTLPeer
+    private let owner: SimNode
     private let inbox = DTLInbox()
     private struct State {
         var queue: [DTLFrame] = []
@@ -74,8 +77,9 @@ final class SimDTLLink: DTLConnection, @unchecked Sendable {
     }
     private let state = Mutex(State())
 
-    init(peer: SimDTLPeer, volumeID: VolumeID, generation: UInt64, session: UInt64) {
+    init(peer: SimDTLPeer, volumeID: VolumeID, generation: UInt64, session: UInt64, owner: SimNode) {
         self.peer = peer
+        self.owner = owner
         self.volumeID = volumeID
         self.generation = generation
         self.session = session
@@ -84,6 +88,7 @@ final class SimDTLLink: DTLConnection, @unchecked Sendable {
     var isEnded: Bool { state.withLock { $0.ended } }
 
     func post(_ frame: DTLFrame) {
+        if frame.kind == .append { checkHeldLocally(frame) }
         let start = state.withLock { state -> Bool in
             guard !state.ended else { return false }
             state.queue.append(frame)
@@ -111,6 +116,31 @@ final class SimDTLLink: DTLConnection, @unchecked Sendable {
             guard !isEnded else { return }
             for reply in replies { inbox.deliver(.success(reply)) }
         }
+    }
+
+    /// The owner's journal file must hold what it mirrors already: a catch-up resends from that file the ranges the
+    /// mirror recorded, so a range mirrored before its local write could put on the peer bytes the file does not hold
+    /// yet (see `Journal.commit`). Both copies are in this process's memory here, so every append is compared (with
+    /// the journal of that volume and SCO in any of the node's volume directories: a moved volume's stays renamed).
+    private func checkHeldLocally(_ frame: DTLFrame) {
+        guard peer.scheduler.currentProcess?.isAlive != false, let (offset, bytes) = try? frame.appended() else {
+            return
+        }
+        let sco = SCONumber(rawValue: frame.value)
+        let end = Int(offset) + bytes.readableBytes
+        var journals: [String] = []
+        for volume in (try? owner.fs.listDirectory(owner.flashDirectory)) ?? [] {
+            let path = VolumeLayout(flashDirectory: owner.flashDirectory + "/" + volume, namespace: "").scoPath(sco)
+            guard let file = owner.fs.contents(path), file.count >= SCOFormat.blockBytes,
+                let header = try? SCOHeader.decode(ByteBuffer(bytes: file[0..<SCOFormat.blockBytes]), what: path),
+                header.volumeID == volumeID, header.sco == sco
+            else { continue }
+            if end <= file.count && file[Int(offset)..<end].elementsEqual(bytes.readableBytesView) { return }
+            journals.append(path)
+        }
+        guard let path = journals.first else { return }
+        peer.scheduler.reportInvariantFailure(
+            "\(owner.name) mirrored bytes \(offset)..<\(end) of \(path) that its journal file does not hold")
     }
 
     func nextFrame() async throws(VDError) -> DTLFrame { try await inbox.next().get() }

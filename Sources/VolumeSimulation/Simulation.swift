@@ -382,7 +382,7 @@ final class Simulation: @unchecked Sendable {
     /// `afterFlashLoss`: a clone whose parent's snapshot never reached the backend cannot be rebuilt (its base is
     /// gone with the flash): it may fail to open, and leaves the model.
     func boot(afterFlashLoss: Bool = false) throws {
-        let network = dtlNetwork
+        let network = dtlNetwork(from: node)
         let (process, env) = makeProcess("router", role: "router", on: node)
         node.routerProcess = process
         let configuration = routerConfiguration
@@ -486,11 +486,11 @@ final class Simulation: @unchecked Sendable {
 
     var router: Router { node.router! }
 
-    /// How routers reach the DTL peer (DTL seeds).
-    var dtlNetwork: DTLNetwork? {
+    /// How the router on `node` reaches the DTL peer (DTL seeds).
+    func dtlNetwork(from node: SimNode) -> DTLNetwork? {
         guard let peer = dtlPeer else { return nil }
         var network = DTLNetwork { (_, volume, generation) throws(VDError) -> any DTLConnection in
-            peer.connect(volume: volume, generation: generation)
+            peer.connect(volume: volume, generation: generation, from: node)
         }
         network.timeoutSeconds = 2
         network.retrySeconds = 1
@@ -1714,7 +1714,7 @@ final class Simulation: @unchecked Sendable {
             let configuration = routerConfiguration
             let backends = SimBackends(store: nextStore, compress: compress)
             let logger = self.logger
-            let network = dtlNetwork
+            let network = dtlNetwork(from: next)
             let started = try runIn(process, "router start") { () async throws(VDError) -> Router in
                 let router = try Router(
                     configuration: configuration, backends: backends, logger: logger, environment: env)

@@ -143,6 +143,18 @@ elif m == "M20":
                 // Sealed before a process crash, maybe only in the page cache: durable before a TLog claims it.
                 try file.dataSync()
             }""", "            }")
+elif m == "M21":
+    # The journal's mirror block moves ahead of the pwritev (the overlap docs/performance.md tried and dropped).
+    p = S + "VolumeRouter/Journal.swift"
+    t = open(p).read()
+    start = t.index("        // Mirrored only once written here:")
+    end = t.index("        let now = env.clock.now()\n        let openBytes")
+    block = t[start:end]
+    open(p, "w").write(t[:start] + t[end:])
+    sub("VolumeRouter/Journal.swift", "        let written = pending.endOffset - pending.startOffset\n", "")
+    sub("VolumeRouter/Journal.swift", "        await reserveJournal(start, pending.endOffset)\n",
+        "        await reserveJournal(start, pending.endOffset)\n"
+        "        let written = pending.endOffset - pending.startOffset\n" + block)
 else:
     sys.exit("unknown " + m)
 print("applied", m)
