@@ -13,7 +13,9 @@
 // continue on local flash alone). A peer that refuses, fails or does not answer within `timeoutSeconds` makes the
 // mirror degraded. Nothing is replied without the peer before the degraded state is on the backend (the volume's DTL
 // record, written by its one `DTLRecorder`, in request order): a taker then knows the peer's copy may be short; if
-// the record cannot be written the volume's lease runs out and its I/O fails instead. Every `retrySeconds` a degraded
+// the record cannot be written the volume's lease runs out and its I/O fails instead, and goes on failing, even once
+// the lease is renewed, until the degraded record is on the backend (before that the backend may still say in sync
+// for a peer that lacks what is written now). Every `retrySeconds` a degraded
 // mirror reconnects, tells the peer to drop what it held (`reset`), resends the journal of every epoch the backend
 // lacks from the local files, and is in sync again (recorded) once the peer has made all of it durable.
 //
@@ -67,11 +69,16 @@ final class DTLMirror: Sendable {
         /// Waiting until the degraded state is on the backend.
         var held: [UnsafeContinuation<Void, Never>] = []
         var recordingDegraded = false
+        /// Degraded, but the record of it could not be written (the lease ran out): I/O fails (`checkRecorded`) and
+        /// no catch-up starts until it is written, since the backend may still say in sync.
+        var degradedUnrecorded = false
         var journals: [UInt64: LocalJournal] = [:]
         var storedThrough: UInt64
         var stopped = false
-        /// Another mirror takes over: this one records nothing more (its successor's settings are recorded).
+        /// Another mirror takes over: this one records nothing more (its successor's settings are recorded, by
+        /// request `retiredBy`: a degradation meanwhile waits for that one).
         var retired = false
+        var retiredBy: UInt64?
         var lastError: String?
     }
 
@@ -144,8 +151,35 @@ final class DTLMirror: Sendable {
         tasks.withLock { $0 = [connector, watchdog] }
     }
 
-    /// From now on this mirror records nothing: the settings of its successor are being recorded.
-    func retire() { state.withLock { $0.retired = true } }
+    /// From now on this mirror records nothing: the settings of its successor are being recorded, by the request
+    /// `record` makes (nil: none, the mirror is stopping with the volume). The request is made under the mirror's lock,
+    /// so no record of this mirror can be requested after it.
+    @discardableResult
+    func retire(recording record: (() -> UInt64)? = nil) -> UInt64? {
+        state.withLock { state in
+            state.retired = true
+            state.retiredBy = record?()
+            return state.retiredBy
+        }
+    }
+
+    /// The successor's settings could not be recorded: this mirror goes on recording its own states.
+    func unretire() {
+        state.withLock { state in
+            state.retired = false
+            state.retiredBy = nil
+        }
+    }
+
+    /// Throws while the volume is degraded without that on the backend: a write or flush released then must fail
+    /// (the backend may say in sync for a peer that lacks it).
+    func checkRecorded() throws(VDError) {
+        guard state.withLock({ $0.degradedUnrecorded && !$0.stopped }) else { return }
+        throw VDError(
+            .shutdown,
+            "volume \(volumeName): the DTL peer was lost and the degraded state is not on the backend yet (the lease ran out); I/O is refused until it is recorded"
+        )
+    }
 
     /// Stops for good (after `retire`, or at close once everything was flushed to the peer): waiting writes and
     /// flushes continue without the peer.
@@ -262,7 +296,8 @@ final class DTLMirror: Sendable {
         await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
             let ready = state.withLock { state -> Bool in
                 if state.stopped { return true }
-                if state.recordingDegraded {
+                // Held until the degraded state is on the backend (or the lease runs out: then released, they fail).
+                if state.recordingDegraded || (state.degradedUnrecorded && mayServe()) {
                     state.held.append(continuation)
                     return false
                 }
@@ -272,6 +307,11 @@ final class DTLMirror: Sendable {
             }
             if ready { continuation.resume() }
         }
+    }
+
+    private static func takeHeld(_ state: inout State) -> [UnsafeContinuation<Void, Never>] {
+        defer { state.held = [] }
+        return state.held
     }
 
     private static func takeAllWaiters(_ state: inout State) -> [UnsafeContinuation<Void, Never>] {
@@ -287,11 +327,19 @@ final class DTLMirror: Sendable {
 
     private func connectLoop() async {
         while !Task.isCancelled {
-            let (stopped, connected) = state.withLock {
-                ($0.stopped, $0.connectionHandle != nil || $0.recordingDegraded)
+            let (stopped, connected, unrecorded) = state.withLock {
+                ($0.stopped, $0.connectionHandle != nil || $0.recordingDegraded, $0.degradedUnrecorded)
             }
             if stopped { return }
-            if !connected && mayServe() {
+            if unrecorded && !connected {
+                // Once the lease is valid again: first the degraded record, then a catch-up (which resets the peer,
+                // while the backend may still say in sync). Without it, what waits for the record fails.
+                if mayServe() {
+                    await recordDegradedAgain()
+                } else {
+                    for continuation in state.withLock({ Self.takeHeld(&$0) }) { continuation.resume() }
+                }
+            } else if !connected && !unrecorded && mayServe() {
                 do throws(VDError) {
                     let connection = try await network.connect(peer, volumeID, generation)
                     await catchUp(connection)
@@ -301,6 +349,29 @@ final class DTLMirror: Sendable {
             }
             await env.clock.sleep(for: .seconds(network.retrySeconds))
         }
+    }
+
+    /// Requests the degraded record again (the last attempt failed with the lease) and waits for it, holding writes
+    /// and flushes meanwhile; once it is written they go on, degraded.
+    private func recordDegradedAgain() async {
+        let (version, notRecording) = state.withLock { state -> (UInt64?, [UnsafeContinuation<Void, Never>]) in
+            // Retired: only the successor's record may be requested; what waits fails (`checkRecorded`).
+            guard state.degradedUnrecorded, !state.recordingDegraded, !state.stopped, !state.retired else {
+                return (nil, state.recordingDegraded ? [] : Self.takeHeld(&state))
+            }
+            state.recordingDegraded = true
+            return (recorder.request(makeRecord(.degraded)), [])
+        }
+        for continuation in notRecording { continuation.resume() }
+        guard let version else { return }
+        let written = await recorder.written(version)
+        let released = state.withLock { state -> [UnsafeContinuation<Void, Never>] in
+            state.recordingDegraded = false
+            if written { state.degradedUnrecorded = false }
+            return Self.takeHeld(&state)
+        }
+        if written { logger.info("volume \(volumeName): the degraded DTL state is recorded; I/O continues degraded") }
+        for continuation in released { continuation.resume() }
     }
 
     private func noteFailure(_ message: String) {
@@ -315,8 +386,10 @@ final class DTLMirror: Sendable {
     /// them durable the mirror is in sync.
     private func catchUp(_ handle: any DTLConnection) async {
         let started = state.withLock { state -> (UInt64, [(UInt64, LocalJournal)], UInt64)? in
-            // Checked again right before the reset goes out (a taker waits at least a second beyond the lease).
-            guard !state.stopped, mayServe() else { return nil }
+            // Checked again right before the reset goes out (a taker waits at least a second beyond the lease). Not
+            // while the backend may still say in sync from before an unrecorded degradation: the reset empties the
+            // peer a taker would trust.
+            guard !state.stopped, !state.degradedUnrecorded, mayServe() else { return nil }
             state.connection = Self.connections.add(1, ordering: .relaxed).newValue
             state.connectionHandle = handle
             state.sent = 0
@@ -491,19 +564,23 @@ final class DTLMirror: Sendable {
             state.held += state.writeWaiters.map(\.continuation) + state.syncWaiters.map(\.continuation)
             state.writeWaiters = []
             state.syncWaiters = []
-            return (handle, state.retired ? nil : recorder.request(makeRecord(.degraded)))
+            // Retired: the successor's settings (not in sync) are being recorded; stopping with the volume: nothing.
+            return (handle, state.retired ? state.retiredBy : recorder.request(makeRecord(.degraded)))
         }
         guard let (handle, version) = outcome else { return }
         logger.warning("volume \(volumeName): DTL degraded (\(reason)); writes continue on local flash only")
         _ = env.tasks.spawn { [self] in
             await handle.close()
+            var recorded = true
             if let version, !(await recorder.written(version)) {
+                recorded = false
                 logger.error(
-                    "volume \(volumeName): the degraded DTL state could not be recorded (the lease is not valid): its I/O fails"
+                    "volume \(volumeName): the degraded DTL state could not be recorded (the lease is not valid): its I/O fails until it is"
                 )
             }
             let released = state.withLock { state -> [UnsafeContinuation<Void, Never>] in
                 state.recordingDegraded = false
+                if !recorded { state.degradedUnrecorded = true }
                 defer { state.held = [] }
                 return state.held
             }

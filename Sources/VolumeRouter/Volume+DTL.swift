@@ -156,9 +156,12 @@ extension Volume {
                 changedAt: env.clock.wallNow(), storedThrough: uploader.storedThrough.rawValue)
         }
         let previous = journal.mirror
-        previous?.retire()
-        let version = dtlRecorder.request(makeRecord(mode == .none ? .off : .degraded))
-        guard await dtlRecorder.written(version) else {
+        // Retired in the same step as the request: a degradation of the previous mirror meanwhile waits for this
+        // record (not in sync) before it lets writes go on without its peer.
+        let (recorder, record) = (dtlRecorder, makeRecord(mode == .none ? .off : .degraded))
+        let version = previous?.retire { recorder.request(record) } ?? recorder.request(record)
+        guard await recorder.written(version) else {
+            previous?.unretire()
             throw VDError(
                 .shutdown, "volume \(config.name): the DTL settings cannot be recorded (the lease is not valid)")
         }

@@ -52,6 +52,7 @@ extension Volume {
                 async let peer: Void = mirror.flush()
                 try await flusher.flush()
                 await peer
+                try mirror.checkRecorded()
             } else {
                 try await flusher.flush()
             }

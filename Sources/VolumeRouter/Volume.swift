@@ -303,8 +303,10 @@ package final class Volume: BlockDevice {
         let ticket = try await journal.submit(.write(clusterWrite(first: first, buffer: buffer)))
         if let mirror = journal.mirror {
             await mirror.waitForWrites(ticket)
-            // A degraded mirror that could not record it releases its writes once the lease ran out: they fail.
+            // A degraded mirror that could not record it releases its writes once the lease ran out: they fail, and
+            // go on failing after a renewal until the record is written.
             try checkOwnership()
+            try mirror.checkRecorded()
         }
         if fua { try await flush() }
     }
@@ -407,6 +409,7 @@ package final class Volume: BlockDevice {
             if let mirror = journal.mirror {
                 await mirror.waitForWrites(ticket)
                 try checkOwnership()
+                try mirror.checkRecorded()
             }
         }
         if fua { try await flush() }
