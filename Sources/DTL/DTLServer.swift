@@ -312,36 +312,43 @@ package final class DTLPeerLogic: Sendable {
 
     /// The answers to `frame`, the `appends`-th append of session `connection` (counting this one, if it is one).
     package func handle(_ frame: DTLFrame, connection: UInt64, appends: UInt64) -> [DTLFrame] {
-        do throws(VDError) {
-            switch frame.kind {
-            case .append, .sync, .trim:
-                let current = sessions.withLock { $0.current[frame.volumeID] }
-                if let current, current != connection {
-                    throw VDError(.busy, "volume \(frame.volumeID): a newer connection of its owner replaced this one")
-                }
-            default:
-                break
+        /// Refuses a frame of a connection a newer one of the same owner replaced.
+        func checkCurrent(_ current: [VolumeID: UInt64]) throws(VDError) {
+            if let newer = current[frame.volumeID], newer != connection {
+                throw VDError(.busy, "volume \(frame.volumeID): a newer connection of its owner replaced this one")
             }
+        }
+        do throws(VDError) {
             switch frame.kind {
             case .append:
                 let (offset, bytes) = try frame.appended()
-                try store.append(
-                    volume: frame.volumeID, generation: frame.generation, epoch: frame.epoch,
-                    sco: SCONumber(frame.value), offset: offset, bytes: bytes)
+                // Checked and written in one step with resets: an append of a replaced connection never lands after
+                // the reset of the one that replaced it.
+                try sessions.withLock { (sessions) throws(VDError) in
+                    try checkCurrent(sessions.current)
+                    try store.append(
+                        volume: frame.volumeID, generation: frame.generation, epoch: frame.epoch,
+                        sco: SCONumber(frame.value), offset: offset, bytes: bytes)
+                }
                 return [
                     DTLFrame(kind: .received, volumeID: frame.volumeID, generation: frame.generation, value: appends)
                 ]
             case .reset:
                 // Only a reset the store admits (not of a fenced generation) makes this connection the current one.
-                try store.reset(volume: frame.volumeID, generation: frame.generation)
-                sessions.withLock { $0.current[frame.volumeID] = connection }
+                try sessions.withLock { (sessions) throws(VDError) in
+                    try store.reset(volume: frame.volumeID, generation: frame.generation)
+                    sessions.current[frame.volumeID] = connection
+                }
                 return []
             case .sync:
+                try checkCurrent(sessions.withLock { $0.current })
                 try store.sync(volume: frame.volumeID, generation: frame.generation)
                 return [
                     DTLFrame(kind: .synced, volumeID: frame.volumeID, generation: frame.generation, value: frame.value)
                 ]
             case .trim:
+                // A replaced connection's trim may still land after a reset: it only drops epochs the backend holds.
+                try checkCurrent(sessions.withLock { $0.current })
                 try store.trim(volume: frame.volumeID, generation: frame.generation, throughEpoch: frame.value)
                 return []
             case .fetch:

@@ -385,12 +385,16 @@ final class DTLMirror: Sendable {
     /// A new connection: the peer drops what it held, gets every journal the backend lacks again, and once it made
     /// them durable the mirror is in sync.
     private func catchUp(_ handle: any DTLConnection) async {
-        let started = state.withLock { state -> (UInt64, [(UInt64, LocalJournal)], UInt64)? in
+        // Listened to before anything is posted: the leader may post an append as soon as the connection is live, and
+        // its answer may arrive before this task goes on. Until then it is nobody's current connection (ignored).
+        let connection = Self.connections.add(1, ordering: .relaxed).newValue
+        handle.listen { [self] result in answered(result, connection: connection) }
+        let started = state.withLock { state -> [(UInt64, LocalJournal)]? in
             // Checked again right before the reset goes out (a taker waits at least a second beyond the lease). Not
             // while the backend may still say in sync from before an unrecorded degradation: the reset empties the
             // peer a taker would trust.
             guard !state.stopped, !state.degradedUnrecorded, mayServe() else { return nil }
-            state.connection = Self.connections.add(1, ordering: .relaxed).newValue
+            state.connection = connection
             state.connectionHandle = handle
             state.sent = 0
             state.received = 0
@@ -403,13 +407,12 @@ final class DTLMirror: Sendable {
             // Reset first, in the same step as going live: every append after this one is sent too.
             handle.post(handle.frame(.reset))
             handle.post(handle.frame(.trim, value: state.storedThrough))
-            return (state.connection, state.journals.sorted { $0.key < $1.key }, state.storedThrough)
+            return state.journals.sorted { $0.key < $1.key }
         }
-        guard let (connection, journals, _) = started else {
+        guard let journals = started else {
             await handle.close()
             return
         }
-        handle.listen { [self] result in answered(result, connection: connection) }
         logger.info("volume \(volumeName): DTL peer \(peer) connected; catching up \(journals.count) journal(s)")
         do throws(VDError) {
             for (epoch, journal) in journals {

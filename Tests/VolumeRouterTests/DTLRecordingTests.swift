@@ -15,16 +15,20 @@ import VolumeCore
 /// answers at once, a backend that can refuse the DTL record, and an owner lease that can run out and be renewed.
 @Suite(.serialized) struct DTLRecordingTests {
     /// A peer link that answers every append (`received`) and sync (`synced`), off the caller's thread (the mirror
-    /// posts under its lock).
+    /// posts under its lock). It counts frames posted before anyone listened: over TCP an answer to one of them can
+    /// arrive first, and a listener attached after that is a crash (`DTLInbox.listen`).
     final class AnsweringLink: DTLConnection, @unchecked Sendable {
         let volumeID: VolumeID
         let generation: UInt64 = 1
         let inbox = DTLInbox()
         private let appends = Mutex<UInt64>(0)
+        let listening = Atomic<Bool>(false)
+        let postedBeforeListening = Atomic<Int>(0)
 
         init(volumeID: VolumeID) { self.volumeID = volumeID }
 
         func post(_ frame: DTLFrame) {
+            if !listening.load(ordering: .relaxed) { postedBeforeListening.add(1, ordering: .relaxed) }
             let answer: DTLFrame
             switch frame.kind {
             case .append:
@@ -41,7 +45,10 @@ import VolumeCore
         }
 
         func nextFrame() async throws(VDError) -> DTLFrame { try await inbox.next().get() }
-        func listen(_ handler: @escaping @Sendable (Result<DTLFrame, VDError>) -> Void) { inbox.listen(handler) }
+        func listen(_ handler: @escaping @Sendable (Result<DTLFrame, VDError>) -> Void) {
+            listening.store(true, ordering: .relaxed)
+            inbox.listen(handler)
+        }
         func close() async { inbox.deliver(.failure(VDError(.io, "closed"))) }
         /// The network between owner and peer fails.
         func cut() { inbox.deliver(.failure(VDError(.io, "the link was cut"))) }
@@ -105,6 +112,11 @@ import VolumeCore
         /// The network to the peer fails.
         func cutLink() { world.links.withLock { $0.last! }.cut() }
 
+        /// Frames posted on a link before the mirror listened to it (must be none).
+        var postedBeforeListening: Int {
+            world.links.withLock { $0.reduce(0) { $0 + $1.postedBeforeListening.load(ordering: .relaxed) } }
+        }
+
         var recorded: [String] { world.events.withLock { $0 } }
 
         func inSync() async throws {
@@ -163,6 +175,7 @@ import VolumeCore
         try await rig.inSync()
         try mirror.checkRecorded()
         #expect(rig.recorded == ["connect", "in_sync", "degraded", "connect", "in_sync"])
+        #expect(rig.postedBeforeListening == 0, "a reset or an append went out before the mirror listened")
         await rig.shutdown()
     }
 
