@@ -134,12 +134,11 @@ import VolumeCore
     /// Whether `task` is still running after `seconds`.
     static func stillWaiting(_ task: Task<Void, Never>, seconds: Double) async -> Bool {
         let finished = Atomic<Bool>(false)
-        let watcher = Task {
+        Task {
             await task.value
             finished.store(true, ordering: .relaxed)
         }
         try? await Task.sleep(for: .seconds(seconds))
-        _ = watcher
         return !finished.load(ordering: .relaxed)
     }
 
