@@ -341,25 +341,10 @@ final class Journal: Sendable {
             logger.error("journal write to \(file.path) failed: \(error)")
             throw error
         }
-        let startCheckpoint = MapCheckpoint(
-            epoch: state.epoch, offset: pending.startOffset, chainCRC: pending.startChainCRC)
         let written = pending.endOffset - pending.startOffset
-        state.writeOffset = pending.endOffset
-        state.chainCRC = pending.chainCRC
-        unstoredBytes.add(written, ordering: .relaxed)
-        do throws(VDError) {
-            try delegate.journalCommitted(
-                pending.batches, epoch: state.epoch, sco: state.sco, start: startCheckpoint,
-                end: MapCheckpoint(epoch: state.epoch, offset: state.writeOffset, chainCRC: state.chainCRC))
-        } catch {
-            // The journal holds the batch but the map does not: reads would no longer match what a replay gives.
-            // Fail-stop: no more writes; a restart replays the journal into the map.
-            let failure = VDError(
-                error.code, "volume \(volumeName): the map could not take a journal batch: \(error.message)")
-            markFailed(failure)
-            throw failure
-        }
-        // Mirrored only once written here: a catch-up resends from the local file the ranges `appended` recorded.
+        // Mirrored only once written here (a catch-up resends from the local file the ranges `appended` recorded),
+        // and before the map takes the batch: the round trip to the peer overlaps the map update (a failed update
+        // stops the journal, and the peer then holds a batch the local journal holds too, never replied).
         if let mirror {
             var bytes = DTLFrame.appendPayload(offset: pending.startOffset, capacity: Int(written))
             for (index, batch) in pending.batches.enumerated() {
@@ -374,6 +359,23 @@ final class Journal: Sendable {
             precondition(bytes.readableBytes == 8 + Int(written), "a mirrored range differs from what was written")
             state.mirrored = mirror.appended(
                 epoch: state.epoch, sco: state.sco, offset: pending.startOffset, prefixedPayload: bytes)
+        }
+        let startCheckpoint = MapCheckpoint(
+            epoch: state.epoch, offset: pending.startOffset, chainCRC: pending.startChainCRC)
+        state.writeOffset = pending.endOffset
+        state.chainCRC = pending.chainCRC
+        unstoredBytes.add(written, ordering: .relaxed)
+        do throws(VDError) {
+            try delegate.journalCommitted(
+                pending.batches, epoch: state.epoch, sco: state.sco, start: startCheckpoint,
+                end: MapCheckpoint(epoch: state.epoch, offset: state.writeOffset, chainCRC: state.chainCRC))
+        } catch {
+            // The journal holds the batch but the map does not: reads would no longer match what a replay gives.
+            // Fail-stop: no more writes; a restart replays the journal into the map.
+            let failure = VDError(
+                error.code, "volume \(volumeName): the map could not take a journal batch: \(error.message)")
+            markFailed(failure)
+            throw failure
         }
         let now = env.clock.now()
         let openBytes = state.writeOffset
