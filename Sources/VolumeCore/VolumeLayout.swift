@@ -52,8 +52,12 @@ package struct VolumeLayout: Sendable {
         return (epoch.rawValue, tag.rawValue)
     }
     package var generationsPrefix: String { namespace + "/generations/" }
-    /// The volume's DTL mode, peer and state (read by a taker).
-    package var dtlObject: String { namespace + "/dtl" }
+    /// The volume's DTL mode, peer and state (read by a taker): versions NAME/dtl-state/N, each written create-only
+    /// after the newest (a `SequencedRecord`), so a delayed PUT of an older state never replaces a newer one.
+    package var dtlRecordPrefix: String { namespace + "/dtl-state/" }
+    /// The single, overwritten DTL record of volumes written before the versioned one: read only while no version
+    /// exists, deleted once the first version is written.
+    package var legacyDTLObject: String { namespace + "/dtl" }
     package func generationObject(_ generation: UInt64) -> String { generationsPrefix + SCONumber(generation).hex }
 
     /// Parses the numbers of objects named PREFIX + 16 hex digits.

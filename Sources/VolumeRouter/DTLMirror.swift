@@ -592,9 +592,9 @@ final class DTLMirror: Sendable {
     }
 }
 
-/// The one writer of a volume's DTL record (`NAME/dtl`): records are written in the order they were requested (the
-/// last request wins), each retried until it is on the backend or the volume may no longer write metadata (its lease
-/// ran out: its I/O fails then anyway).
+/// The one writer of a volume's DTL record (`NAME/dtl-state/N`, `DTLRecord.write`): records are written in the order
+/// they were requested (the last request wins), each retried until it is on the backend or the volume may no longer
+/// write metadata (its lease ran out: its I/O fails then anyway).
 final class DTLRecorder: Sendable {
     private struct State {
         var wanted: DTLRecord?

@@ -83,7 +83,8 @@ package struct DTLStatus: Sendable, Codable, Equatable {
     package static let off = DTLStatus(mode: .none, peer: nil, state: .off, unansweredBytes: 0, lastError: nil)
 }
 
-/// `NAME/dtl` on the backend: the volume's mirror mode, its peer, and its last recorded state.
+/// `NAME/dtl-state/N` on the backend (the newest version counts): the volume's mirror mode, its peer, and its last
+/// recorded state.
 package struct DTLRecord: Codable, Sendable, Equatable {
     package var mode: DTLMode
     /// The peer's node name (nil with mode `none`).
@@ -107,20 +108,43 @@ package struct DTLRecord: Codable, Sendable, Equatable {
         self.storedThrough = storedThrough
     }
 
+    /// The newest version of the volume's record (nil: never written). A version damaged on the way is read again
+    /// a few times, never replaced by an older one.
     package static func load(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) -> DTLRecord? {
+        let versions = SequencedRecord(store: backend, prefix: layout.dtlRecordPrefix)
+        var attempt = 0
+        while true {
+            attempt += 1
+            guard let (version, data) = try await versions.read() else { break }
+            do {
+                return try MetadataRecord.decode(
+                    DTLRecord.self, from: data, kind: .dtlRecord, what: versions.name(of: version))
+            } catch  where error.code == .corrupt && attempt < 4 {
+                continue
+            }
+        }
         do {
-            // Bytes damaged on the way are read again (NamespaceObjects.getVerified).
-            return try await NamespaceObjects.getVerified(layout.dtlObject, backend: backend) {
+            // A volume whose record predates the versions. Bytes damaged on the way are read again
+            // (NamespaceObjects.getVerified).
+            return try await NamespaceObjects.getVerified(layout.legacyDTLObject, backend: backend) {
                 (data) throws(VDError) -> DTLRecord in
-                try MetadataRecord.decode(DTLRecord.self, from: data, kind: .dtlRecord, what: layout.dtlObject)
+                try MetadataRecord.decode(DTLRecord.self, from: data, kind: .dtlRecord, what: layout.legacyDTLObject)
             }
         } catch  where error.code == .notFound {
             return nil
         }
     }
 
+    /// Writes this record as the version after the newest (create-only: `.conflict` when another writer created
+    /// that version first; the caller retries). A PUT the client gave up on that the store applies later can only
+    /// create an old version number, which readers never take over a newer one.
     package func write(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) {
-        try await backend.replace(layout.dtlObject, data: try MetadataRecord.encode(self, kind: .dtlRecord))
+        let versions = SequencedRecord(store: backend, prefix: layout.dtlRecordPrefix)
+        let written = try await versions.write(
+            try MetadataRecord.encode(self, kind: .dtlRecord), after: try await versions.versions().last)
+        // Clean-up only (what is left is deleted by a later write, or with the volume).
+        if written == 1 { try? await backend.delete(layout.legacyDTLObject) }
+        try? await versions.prune(newest: written)
     }
 }
 
