@@ -2000,8 +2000,9 @@ final class Simulation: @unchecked Sendable {
             model.inFlight = [:]
         }
         devices[name] = model
-        // A restart syncs what it recovered: everything now read is durable.
-        coveredSeq[name] = events
+        // A restart syncs what it recovered: everything now read is durable. A device the crash did not touch (the
+        // peer's, read again after the main node's crash) synced nothing: its replied writes stay unflushed.
+        if kind != .none { coveredSeq[name] = events }
     }
 }
 
