@@ -1,7 +1,8 @@
 // The simulated backend: an in-memory object store shared by every simulated node, reached with virtual-time
 // latency (so requests complete out of order) and seeded faults: a request that fails before it is performed, one
 // that is performed and then reported failed (an unknown outcome: a PUT that landed, a DELETE that happened), a GET
-// whose bytes come back corrupted or cut short, and outages during which every request fails.
+// whose bytes come back corrupted or cut short, outages during which every request fails, and (for the names a
+// simulation selects) a write that times out for the client and that the store performs later.
 //
 // Like S3Store, it retries failed attempts itself (up to 10, exponential backoff with full jitter, in virtual time)
 // and reports an error only when they are used up: callers see what they would see over S3.
@@ -19,6 +20,9 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
         /// Upper bound of the usual latency; one request in 50 takes up to `slowLatency`.
         package var latency: Duration = .milliseconds(20)
         package var slowLatency: Duration = .seconds(3)
+        /// A write to a name `lateWrites` selects times out for the client, and the store performs it up to
+        /// `slowLatency` later (a request held in the network or the server): a retry may land before it.
+        package var lateWrite = 0.0
         package init() {}
     }
 
@@ -33,6 +37,10 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
     /// Names where several writers race to create the same name on purpose (compare-and-swap records): a refused
     /// create there is the expected outcome, not a broken invariant.
     package var contendedPrefixes: Set<String> = []
+    /// Which writes may arrive late (`Faults.lateWrite`): records that change, whose late copy must never win.
+    package var lateWrites: @Sendable (String) -> Bool = { _ in false }
+    /// Performs the writes that arrive late (the store itself: never killed).
+    private lazy var backend = scheduler.makeProcess("backend")
     private var objects: [String: ByteBuffer] = [:]
     package private(set) var requests = 0
     package private(set) var injectedFaults = 0
@@ -59,13 +67,13 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
 
     /// Runs a request with S3Store's retry policy: attempts that fail with `.backend` are repeated.
     private func request<T>(
-        _ what: String, _ name: String, _ perform: () throws(VDError) -> T
+        _ what: String, _ name: String, late: (() -> Void)? = nil, _ perform: () throws(VDError) -> T
     ) async throws(VDError) -> T {
         var attempt = 0
         while true {
             attempt += 1
             do throws(VDError) {
-                return try await self.attempt(what, name, perform)
+                return try await self.attempt(what, name, late: late, perform)
             } catch  where error.code == .backend && attempt < Self.attemptsMax {
                 let cap = min(2.0, 0.05 * Double(1 << min(attempt - 1, 20)))
                 await scheduler.sleep(
@@ -78,7 +86,7 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
 
     /// One attempt: latency, maybe a failure before, the effect, latency, maybe a failure after.
     private func attempt<T>(
-        _ what: String, _ name: String, _ perform: () throws(VDError) -> T
+        _ what: String, _ name: String, late: (() -> Void)?, _ perform: () throws(VDError) -> T
     ) async throws(VDError) -> T {
         requests += 1
         await delay()
@@ -97,6 +105,14 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
         if let process = scheduler.currentProcess, !process.isAlive {
             throw VDError(.io, "\(process.name) is gone")
         }
+        if let late, lateWrites(name), scheduler.chance(faults.lateWrite) {
+            injectedFaults += 1
+            let held = Duration.nanoseconds(
+                Int64(scheduler.below(Int(faults.slowLatency.components.seconds) * 1_000_000_000 + 1)))
+            scheduler.addTimer(after: held, process: backend, late)
+            await delay()
+            throw VDError(.backend, "simulated store: \(what) \(name): timed out (the store may still perform it)")
+        }
         let result = try perform()
         await delay()
         if scheduler.chance(faults.failAfter) {
@@ -111,7 +127,9 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
     /// reuses a name).
     package func put(_ name: String, data: ByteBuffer) async throws(VDError) {
         try ObjectName.validate(name)
-        try await request("PUT", name) { () throws(VDError) in
+        // Arriving late, a create that finds the name taken is refused with nobody to tell.
+        try await request("PUT", name, late: { [self] in if objects[name] == nil { objects[name] = data } }) {
+            () throws(VDError) in
             if let existing = objects[name], existing != data {
                 if !contendedPrefixes.contains(where: { name.hasPrefix($0) }) {
                     scheduler.reportInvariantFailure(
@@ -125,7 +143,9 @@ package final class SimObjectStore: ObjectStore, @unchecked Sendable {
 
     package func replace(_ name: String, data: ByteBuffer) async throws(VDError) {
         try ObjectName.validate(name)
-        try await request("PUT", name) { () throws(VDError) in objects[name] = data }
+        try await request("PUT", name, late: { [self] in objects[name] = data }) { () throws(VDError) in
+            objects[name] = data
+        }
     }
 
     package func get(_ name: String) async throws(VDError) -> ByteBuffer {

@@ -251,6 +251,10 @@ final class Simulation: @unchecked Sendable {
             store.faults.failBefore = 0.03
             store.faults.failAfter = 0.02
             store.faults.corruptRead = 0.01
+            // The DTL record (the versions, and the single object before them): a late `in_sync` must never
+            // replace a later `degraded`, or a taker would trust a peer that lacks replied writes.
+            store.faults.lateWrite = 0.2
+            store.lateWrites = { $0.contains("/dtl-state/") || $0.hasSuffix("/dtl") }
         }
     }
 
