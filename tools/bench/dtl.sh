@@ -4,11 +4,16 @@
 # local-directory backend. In the same run, qemu-nbd on a raw file on the same disk, for scale.
 #
 #   tools/bench/dtl.sh [--dir DIR] [--runtime 10] [--vd PATH] [--modes "none async sync"] [--rounds 1]
+#                      [--peer-dir DIR]
 #
 # Jobs (fio over NBD): randwrite 4k qd32; randwrite 4k qd1 with a flush after every write; seq write 1M qd8.
 # With --rounds N the modes run N times in turn (each mode from an empty directory, after the previous one's data
 # was written back: `sync`), and the median of each job and the ratio of each mode to `none` close the run.
 # The target is sync >= 0.7x none on randwrite qd32 and seq write. Not a test.
+# By default both routers and the local-directory backend share one disk, so with a mode the disk writes every byte
+# three times (owner journal, peer journal, backend) instead of twice: seq write is bound by that. --peer-dir puts the
+# peer router's data directory elsewhere (another disk; /dev/shm stands in for the peer machine's own disk, with an
+# fdatasync that costs nothing there).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -17,6 +22,7 @@ runtime=10
 modes="none async sync"
 rounds=1
 vd=""
+peer_dir=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dir) dir="$2"; shift 2 ;;
@@ -24,7 +30,8 @@ while [ $# -gt 0 ]; do
     --vd) vd="$2"; shift 2 ;;
     --modes) modes="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
-    -h|--help) sed -n 2,12p "$0"; exit 0 ;;
+    --peer-dir) peer_dir="$2"; shift 2 ;;
+    -h|--help) sed -n 2,17p "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -42,7 +49,9 @@ trap cleanup EXIT
 
 start() { # node [extra args...]
   local node="$1"; shift
-  "$vd" serve --data-dir "$dir/$node" --nbd-socket "$dir/$node.sock" --config "$dir/vd.toml" --node "$node" \
+  local data="$dir/$node"
+  if [ "$node" = b ] && [ -n "$peer_dir" ]; then data="$peer_dir/b"; fi
+  "$vd" serve --data-dir "$data" --nbd-socket "$dir/$node.sock" --config "$dir/vd.toml" --node "$node" \
     --cluster-listen 127.0.0.1:0 --dtl-listen 127.0.0.1:0 "$@" >"$dir/$node.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 400); do grep -q '^ready' "$dir/$node.log" 2>/dev/null && return; sleep 0.05; done
@@ -71,11 +80,12 @@ run_jobs() { # uri label
 results="$(mktemp)"
 trap 'cleanup; rm -f "$results"' EXIT
 
-echo "fio over NBD, ${runtime} s per job; DTL peer on loopback (same machine); $rounds round(s)"
+echo "fio over NBD, ${runtime} s per job; DTL peer on loopback (same machine, data in ${peer_dir:-the same directory}); $rounds round(s)"
 for round in $(seq "$rounds"); do
 for mode in $modes; do
   cleanup
   rm -rf "$dir"
+  if [ -n "$peer_dir" ]; then rm -rf "$peer_dir/b"; fi
   sync
   mkdir -p "$dir/shared"
   printf '[backends.local]\nurl = "file://%s/shared"\n' "$dir" > "$dir/vd.toml"
@@ -94,6 +104,7 @@ for mode in $modes; do
 done
 done
 cleanup
+if [ -n "$peer_dir" ]; then rm -rf "$peer_dir/b"; fi
 
 rm -rf "$dir"
 mkdir -p "$dir"
