@@ -53,6 +53,24 @@ public struct SequencedRecord: Sendable {
         throw VDError(.busy, "record \(prefix) changes faster than it can be read")
     }
 
+    /// The newest version, decoded by `decode` (given its version and bytes); nil when the record was never written.
+    /// Bytes damaged on the way (`decode` throws `.corrupt`) are read again, `attempts` times in all; an older version
+    /// is never taken instead.
+    public func readVerified<T>(
+        attempts: Int = 4, _ decode: (UInt64, ByteBuffer) throws(VDError) -> T
+    ) async throws(VDError) -> (version: UInt64, value: T)? {
+        var attempt = 0
+        while true {
+            attempt += 1
+            guard let (version, data) = try await read() else { return nil }
+            do {
+                return (version, try decode(version, data))
+            } catch  where error.code == .corrupt && attempt < attempts {
+                continue
+            }
+        }
+    }
+
     /// Writes version `after + 1` (version 1 when `after` is nil: the record must not exist yet). `.conflict` when
     /// another writer created that version first; `.unsupported` on a store that does not enforce create-only.
     @discardableResult

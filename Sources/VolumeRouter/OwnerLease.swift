@@ -112,19 +112,13 @@ package final class OwnerLease: Sendable {
         version: UInt64, record: OwnerRecord
     )? {
         // Bytes damaged on the way fail verification: read again a few times (never fall back to another version).
-        var attempt = 0
-        while true {
-            attempt += 1
-            guard let (version, bytes) = try await record.read() else { return nil }
-            let what = record.name(of: version)
-            do {
-                return (
-                    version, try MetadataRecord.decode(OwnerRecord.self, from: bytes, kind: .ownerRecord, what: what)
-                )
-            } catch  where error.code == .corrupt && attempt < 4 {
-                continue
-            }
-        }
+        guard
+            let (version, value) = try await record.readVerified({ (version, bytes) throws(VDError) in
+                try MetadataRecord.decode(
+                    OwnerRecord.self, from: bytes, kind: .ownerRecord, what: record.name(of: version))
+            })
+        else { return nil }
+        return (version, value)
     }
 
     /// Takes the volume without waiting: it has no owner yet, or its record names this instance (an earlier process

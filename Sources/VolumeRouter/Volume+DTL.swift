@@ -112,16 +112,10 @@ package struct DTLRecord: Codable, Sendable, Equatable {
     /// a few times, never replaced by an older one.
     package static func load(layout: VolumeLayout, backend: any ObjectStore) async throws(VDError) -> DTLRecord? {
         let versions = SequencedRecord(store: backend, prefix: layout.dtlRecordPrefix)
-        var attempt = 0
-        while true {
-            attempt += 1
-            guard let (version, data) = try await versions.read() else { break }
-            do {
-                return try MetadataRecord.decode(
-                    DTLRecord.self, from: data, kind: .dtlRecord, what: versions.name(of: version))
-            } catch  where error.code == .corrupt && attempt < 4 {
-                continue
-            }
+        if let (_, record) = try await versions.readVerified({ (version, data) throws(VDError) in
+            try MetadataRecord.decode(DTLRecord.self, from: data, kind: .dtlRecord, what: versions.name(of: version))
+        }) {
+            return record
         }
         do {
             // A volume whose record predates the versions. Bytes damaged on the way are read again
