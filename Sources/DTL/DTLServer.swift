@@ -14,53 +14,52 @@ package import NIOSSL
 import Synchronization
 package import VolumeCore
 
-struct DTLFrameDecoder: ByteToMessageDecoder {
+/// Frames from a connection's reads (`DTLFrameReader`: a payload is kept as the slices it arrived in, not gathered
+/// into one buffer). A frame that does not verify closes the connection: the stream cannot be trusted after it.
+final class DTLFrameDecoder: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
     typealias InboundOut = DTLFrame
 
-    /// Room for a frame of up to this size is made once its header arrived, so its payload is not copied again
-    /// and again as the buffer grows.
-    static let reserveBytesMax = 64 << 20
+    private var reader = DTLFrameReader()
+    private var failed = false
 
-    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard let frame = try DTLFrame.decode(from: &buffer) else {
-            if let total = DTLFrame.length(ofFrameAt: buffer), total <= Self.reserveBytesMax,
-                buffer.writableBytes < total - buffer.readableBytes
-            {
-                buffer.reserveCapacity(minimumWritableBytes: total - buffer.readableBytes)
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !failed else { return }
+        var piece = unwrapInboundIn(data)
+        do throws(VDError) {
+            while true {
+                guard let frame = try reader.next(from: &piece) else {
+                    precondition(piece.readableBytes == 0, "a DTL frame reader stops only at the end of a read")
+                    break
+                }
+                context.fireChannelRead(wrapInboundOut(frame))
             }
-            return .needMoreData
+        } catch {
+            failed = true
+            context.fireErrorCaught(error)
         }
-        context.fireChannelRead(wrapInboundOut(frame))
-        return .continue
-    }
-
-    mutating func decodeLast(
-        context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool
-    ) throws -> DecodingState {
-        try decode(context: context, buffer: &buffer)
     }
 }
 
-/// Writes a frame as its header and its payload, two buffers (the payload is not copied).
+/// Writes a frame as its header and then its payload's buffers (the payload is not copied).
 final class DTLFrameEncoder: ChannelOutboundHandler, Sendable {
     typealias OutboundIn = DTLFrame
     typealias OutboundOut = ByteBuffer
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         let frame = unwrapOutboundIn(data)
-        guard frame.payload.readableBytes > 0 else {
-            context.write(wrapOutboundOut(frame.encodedHeader()), promise: promise)
-            return
+        let parts = frame.payloadParts.parts
+        context.write(wrapOutboundOut(frame.encodedHeader()), promise: parts.isEmpty ? promise : nil)
+        for (index, part) in parts.enumerated() {
+            context.write(wrapOutboundOut(part), promise: index == parts.count - 1 ? promise : nil)
         }
-        context.write(wrapOutboundOut(frame.encodedHeader()), promise: nil)
-        context.write(wrapOutboundOut(frame.payload), promise: promise)
     }
 }
 
 extension Channel {
     /// Frames in, frames out.
     func addDTLCodec() throws {
-        try pipeline.syncOperations.addHandler(ByteToMessageHandler(DTLFrameDecoder()))
+        try pipeline.syncOperations.addHandler(DTLFrameDecoder())
         try pipeline.syncOperations.addHandler(DTLFrameEncoder())
     }
 }
@@ -83,6 +82,8 @@ package final class DTLServer: Sendable {
     package static let queuedBytesMax = 64 << 20
     /// Reads of up to this much at once: a journal range of a large write arrives in a few reads.
     static let readBytesMax = 1 << 20
+    /// Read buffers a connection keeps for reuse.
+    static let readBuffersPooled: UInt = 16
 
     package init(
         host: String, port: Int, token: String, store: DTLStore, pool: NIOThreadPool, group: any EventLoopGroup,
@@ -108,6 +109,10 @@ package final class DTLServer: Sendable {
                 .serverChannelOption(.backlog, value: 64)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                // Up to this many reads per wake-up, and as many read buffers kept for reuse: a frame's payload is
+                // kept as slices of the reads until the store wrote it (DTLFrameReader), so with NIO's default of 4
+                // every read under load took a freshly allocated (and page-faulted) buffer.
+                .childChannelOption(.maxMessagesPerRead, value: Self.readBuffersPooled)
                 .childChannelOption(
                     .recvAllocator,
                     value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 64 << 10, maximum: Self.readBytesMax)
@@ -201,7 +206,7 @@ final class DTLPeerConnection: ChannelInboundHandler, Sendable {
         }
         let (start, pause) = queue.withLock { queue -> (Bool, Bool) in
             queue.frames.append(frame)
-            queue.bytes += frame.payload.readableBytes
+            queue.bytes += DTLFrame.headerBytes + frame.payloadParts.readableBytes
             let pause = !queue.paused && queue.bytes > DTLServer.queuedBytesMax
             if pause { queue.paused = true }
             defer { queue.running = true }
@@ -479,9 +484,12 @@ extension DTLConnection {
         .append(volumeID: volumeID, generation: generation, epoch: epoch, sco: sco, offset: offset, bytes: bytes)
     }
 
-    /// An append whose payload starts with the offset (`DTLFrame.appendPayload`).
-    package func appendFrame(epoch: UInt64, sco: SCONumber, prefixedPayload: ByteBuffer) -> DTLFrame {
-        .append(volumeID: volumeID, generation: generation, epoch: epoch, sco: sco, prefixedPayload: prefixedPayload)
+    /// An append of `bytes` (its buffers not copied), whose CRC32C is `crc` when known.
+    package func appendFrame(
+        epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: DTLPayload, crc: UInt32?
+    ) -> DTLFrame {
+        .append(
+            volumeID: volumeID, generation: generation, epoch: epoch, sco: sco, offset: offset, bytes: bytes, crc: crc)
     }
 
     /// The journals of every epoch after `epoch` the peer holds (for a taker: from then on the peer refuses the

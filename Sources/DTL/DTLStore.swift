@@ -119,6 +119,14 @@ package final class DTLStore: Sendable {
     package func append(
         volume id: VolumeID, generation: UInt64, epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: ByteBuffer
     ) throws(VDError) {
+        try append(volume: id, generation: generation, epoch: epoch, sco: sco, offset: offset, bytes: DTLPayload(bytes))
+    }
+
+    /// Appends the bytes of `bytes` (one pwritev of its parts) at `offset` of the journal of `epoch` (SCO `sco`) of
+    /// volume `id`, written by an owner of `generation`.
+    package func append(
+        volume id: VolumeID, generation: UInt64, epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: DTLPayload
+    ) throws(VDError) {
         let path = volumeDirectory(id)
         try volumes.withLock { (all) throws(VDError) in
             var volume = try loaded(id, &all)
@@ -148,7 +156,7 @@ package final class DTLStore: Sendable {
                 journal = Journal(file: file, epoch: epoch, sco: sco, lengthBytes: 0)
                 volume.namesCreated += 1
             }
-            try bytes.withUnsafeReadableBytes { (raw) throws(VDError) in try journal.file.write(raw, at: offset) }
+            try bytes.withUnsafeReadableParts { (parts) throws(VDError) in try journal.file.writev(parts, at: offset) }
             journal.lengthBytes = max(journal.lengthBytes, end)
             volume.journals[sco] = journal
             volume.appends += 1

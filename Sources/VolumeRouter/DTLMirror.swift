@@ -206,14 +206,13 @@ final class DTLMirror: Sendable {
         }
     }
 
-    /// The bytes of `payload` after its 8-byte offset prefix (`DTLFrame.appendPayload`) are written at that offset
-    /// of the journal of `epoch` (SCO `sco`). Returns the append's ticket (nil: no peer connected).
+    /// `bytes` are written at `offset` of the journal of `epoch` (SCO `sco`); `crc`, when known, is their CRC32C.
+    /// Their buffers are sent as they are (not copied). Returns the append's ticket (nil: no peer connected).
     @discardableResult
-    func appended(epoch: UInt64, sco: SCONumber, offset: UInt64, prefixedPayload payload: ByteBuffer) -> Ticket? {
-        precondition(
-            payload.getInteger(at: payload.readerIndex, endianness: .little, as: UInt64.self) == offset,
-            "a mirrored range with another offset")
-        let end = offset + UInt64(payload.readableBytes - 8)
+    func appended(
+        epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: DTLPayload, crc: UInt32? = nil
+    ) -> Ticket? {
+        let end = offset + UInt64(bytes.readableBytes)
         let now = env.clock.now()
         return state.withLock { state -> Ticket? in
             var journal = state.journals[epoch] ?? LocalJournal(sco: sco, lengthBytes: 0)
@@ -221,24 +220,24 @@ final class DTLMirror: Sendable {
             journal.lengthBytes = max(journal.lengthBytes ?? 0, end)
             state.journals[epoch] = journal
             guard let connection = state.connectionHandle else { return nil }
-            Self.send(&state, connection, connection.appendFrame(epoch: epoch, sco: sco, prefixedPayload: payload), now)
+            Self.send(
+                &state, connection,
+                connection.appendFrame(epoch: epoch, sco: sco, offset: offset, bytes: bytes, crc: crc), now)
             return Ticket(connection: state.connection, sequence: state.sent)
         }
     }
 
-    /// `bytes` are written at `offset` of the journal of `epoch` (SCO `sco`) (small ranges: copied once).
+    /// `bytes` are written at `offset` of the journal of `epoch` (SCO `sco`).
     @discardableResult
     func appended(epoch: UInt64, sco: SCONumber, offset: UInt64, bytes: ByteBuffer) -> Ticket? {
-        var payload = DTLFrame.appendPayload(offset: offset, capacity: bytes.readableBytes)
-        payload.writeImmutableBuffer(bytes)
-        return appended(epoch: epoch, sco: sco, offset: offset, prefixedPayload: payload)
+        appended(epoch: epoch, sco: sco, offset: offset, bytes: DTLPayload(bytes))
     }
 
     private static func send(
         _ state: inout State, _ connection: any DTLConnection, _ frame: DTLFrame, _ now: MonotonicInstant
     ) {
         state.sent += 1
-        let bytes = UInt64(frame.payload.readableBytes)
+        let bytes = UInt64(frame.payloadParts.readableBytes)
         state.unanswered.append((state.sent, bytes, now))
         state.unansweredBytes += bytes
         connection.post(frame)

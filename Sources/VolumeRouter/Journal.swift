@@ -344,21 +344,32 @@ final class Journal: Sendable {
         let written = pending.endOffset - pending.startOffset
         // Mirrored only once written here (a catch-up resends from the local file the ranges `appended` recorded),
         // and before the map takes the batch: the round trip to the peer overlaps the map update (a failed update
-        // stops the journal, and the peer then holds a batch the local journal holds too, never replied).
+        // stops the journal, and the peer then holds a batch the local journal holds too, never replied). The range
+        // goes as the buffers just written (large guest writes not copied: `append(compacting:)`), its CRC combined
+        // from the batches' own: each header block's, then each data entry's (its cluster's, in payload order). The
+        // peer checks that CRC against the bytes.
         if let mirror {
-            var bytes = DTLFrame.appendPayload(offset: pending.startOffset, capacity: Int(written))
+            var bytes = DTLPayload()
+            var crc: UInt32 = 0
             for (index, batch) in pending.batches.enumerated() {
-                bytes.writeImmutableBuffer(
-                    headers.getSlice(
-                        at: headers.readerIndex + index * SCOFormat.blockBytes, length: SCOFormat.blockBytes)!)
+                let header = headers.getSlice(
+                    at: headers.readerIndex + index * SCOFormat.blockBytes, length: SCOFormat.blockBytes)!
+                bytes.append(compacting: header, remaining: Int(written) - bytes.readableBytes)
+                crc = CRC32C.combine(crc, CRC32C.checksum(header), lengthB: UInt64(SCOFormat.blockBytes))
                 for run in batch.payloadRuns {
                     let source = pending.buffers[run.buffer]
-                    bytes.writeImmutableBuffer(source.getSlice(at: source.readerIndex + run.start, length: run.length)!)
+                    bytes.append(
+                        compacting: source.getSlice(at: source.readerIndex + run.start, length: run.length)!,
+                        remaining: Int(written) - bytes.readableBytes)
+                }
+                for case .data(_, let clusterCRC) in batch.header.entries {
+                    crc = CRC32C.combine(crc, clusterCRC, lengthB: UInt64(pending.clusterBytes))
                 }
             }
-            precondition(bytes.readableBytes == 8 + Int(written), "a mirrored range differs from what was written")
+            bytes.finishCopying()
+            precondition(bytes.readableBytes == Int(written), "a mirrored range differs from what was written")
             state.mirrored = mirror.appended(
-                epoch: state.epoch, sco: state.sco, offset: pending.startOffset, prefixedPayload: bytes)
+                epoch: state.epoch, sco: state.sco, offset: pending.startOffset, bytes: bytes, crc: crc)
         }
         let startCheckpoint = MapCheckpoint(
             epoch: state.epoch, offset: pending.startOffset, chainCRC: pending.startChainCRC)

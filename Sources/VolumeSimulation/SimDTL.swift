@@ -123,9 +123,15 @@ final class SimDTLLink: DTLConnection, @unchecked Sendable {
     /// yet (see `Journal.commit`). Both copies are in this process's memory here, so every append is compared (with
     /// the journal of that volume and SCO in any of the node's volume directories: a moved volume's stays renamed).
     private func checkHeldLocally(_ frame: DTLFrame) {
-        guard peer.scheduler.currentProcess?.isAlive != false, let (offset, bytes) = try? frame.appended() else {
+        guard peer.scheduler.currentProcess?.isAlive != false, let (offset, payload) = try? frame.appended() else {
             return
         }
+        // Frames pass this link unencoded: the CRC a journal derived from its batches is checked here instead.
+        if let known = frame.payloadCRC, known != frame.payloadParts.crc32c() {
+            peer.scheduler.reportInvariantFailure(
+                "\(owner.name) sent an append whose derived payload CRC does not match its bytes")
+        }
+        let bytes = payload.joined
         let sco = SCONumber(rawValue: frame.value)
         let end = Int(offset) + bytes.readableBytes
         var journals: [String] = []

@@ -72,7 +72,7 @@ import VolumeCore
         }
         #expect(decoded == frames)
         let (offset, payload) = try decoded[0].appended()
-        #expect(offset == 8192 && payload == bytes(10_000, seed: 1))
+        #expect(offset == 8192 && payload.joined == bytes(10_000, seed: 1))
 
         // Any flipped byte (header or payload) is an error, never a different frame.
         let whole = frames[0].encode()
@@ -81,6 +81,111 @@ import VolumeCore
             damaged.setInteger(damaged.getInteger(at: index, as: UInt8.self)! ^ 0x40, at: index)
             #expect(throws: VDError.self, "byte \(index)") { _ = try DTLFrame.decode(from: &damaged) }
         }
+    }
+
+    /// The reader of a connection's stream (`DTLFrameReader`): frames come out whole and equal to those sent for any
+    /// split of the stream into reads, a large payload is kept as slices of the reads (not gathered), a slice that
+    /// would pin a much larger read buffer is copied, and damage anywhere is an error.
+    @Test func theReaderTakesFramesFromReadsOfAnySizeWithoutGatheringThem() throws {
+        let frames = [
+            DTLFrame(kind: .hello, volumeID: Self.volume, generation: 0, payload: bytes(25, seed: 9)),
+            DTLFrame.append(
+                volumeID: Self.volume, generation: 3, epoch: 7, sco: SCONumber(0x30_0000_0001), offset: 4096,
+                bytes: DTLPayload(parts: [bytes(4096, seed: 1), bytes(300_000, seed: 2)])),
+            DTLFrame(kind: .sync, volumeID: Self.volume, generation: 3, value: 1),
+            DTLFrame.append(
+                volumeID: Self.volume, generation: 3, epoch: 7, sco: SCONumber(0x30_0000_0001), offset: 308_288,
+                bytes: bytes(5000, seed: 3)),
+            DTLFrame(kind: .trim, volumeID: Self.volume, generation: 3, value: 6),
+        ]
+        var stream = ByteBufferAllocator().buffer(capacity: 0)
+        for frame in frames { frame.encode(into: &stream) }
+        for pieceBytes in [1, 63, 64, 65, 4097, 65_536, 1 << 20] {
+            var reader = DTLFrameReader()
+            var rest = stream
+            var decoded: [DTLFrame] = []
+            while rest.readableBytes > 0 {
+                // Each read in a buffer of its own, as a socket's reads arrive.
+                var piece = ByteBufferAllocator().buffer(capacity: min(pieceBytes, rest.readableBytes))
+                piece.writeImmutableBuffer(rest.readSlice(length: min(pieceBytes, rest.readableBytes))!)
+                while let frame = try reader.next(from: &piece) { decoded.append(frame) }
+                #expect(piece.readableBytes == 0)
+            }
+            #expect(decoded == frames, "reads of \(pieceBytes) bytes")
+            #expect(reader.pendingBytes == 0)
+            let (offset, payload) = try decoded[1].appended()
+            #expect(offset == 4096 && payload.readableBytes == 304_096)
+            if pieceBytes == 65_536 {
+                // The large payload stays in the reads' buffers: no part is a copy of more than one read.
+                #expect(decoded[1].payloadParts.parts.count >= 304_104 / 65_536)
+                #expect(decoded[1].payloadParts.parts.allSatisfy { $0.readableBytes <= 65_536 })
+            }
+        }
+        // A read of a few bytes in a large buffer is copied, not kept (it would pin the whole buffer).
+        var reader = DTLFrameReader()
+        var whole = frames[1].encode()
+        var first = ByteBufferAllocator().buffer(capacity: 1 << 20)
+        first.writeImmutableBuffer(whole.readSlice(length: 70_000)!)
+        #expect(try reader.next(from: &first) == nil)
+        var small = ByteBufferAllocator().buffer(capacity: 1 << 20)
+        small.writeImmutableBuffer(whole.readSlice(length: 100)!)
+        #expect(try reader.next(from: &small) == nil)
+        var last = whole
+        let frame = try #require(try reader.next(from: &last))
+        #expect(frame == frames[1])
+        #expect(frame.payloadParts.parts.allSatisfy { $0.readableBytes * 2 >= $0.storageCapacity })
+
+        // Damage in the header or the payload: an error, never a frame.
+        for index in [3, 30, 61, 64, 100_000, stream.readableBytes - 1] {
+            var damaged = frames[1].encode()
+            guard index < damaged.readableBytes else { continue }
+            damaged.setInteger(damaged.getInteger(at: index, as: UInt8.self)! ^ 0x01, at: index)
+            var reader = DTLFrameReader()
+            #expect(throws: VDError.self, "byte \(index)") {
+                while damaged.readableBytes > 0 {
+                    var piece = damaged.readSlice(length: min(4096, damaged.readableBytes))!
+                    while try reader.next(from: &piece) != nil {}
+                }
+            }
+        }
+    }
+
+    /// A payload built from slices keeps the large ones that fill their storage, and copies the rest into buffers of
+    /// its own (few parts, memory within about twice its bytes), in order.
+    @Test func aCompactedPayloadKeepsLargeSlicesAndCopiesTheRest() throws {
+        let big = bytes(1 << 20, seed: 7)
+        var payload = DTLPayload()
+        var expected = ByteBufferAllocator().buffer(capacity: 0)
+        func add(_ slice: ByteBuffer, _ remaining: Int) {
+            payload.append(compacting: slice, remaining: remaining)
+            expected.writeImmutableBuffer(slice)
+        }
+        add(big.getSlice(at: 0, length: 4096)!, 600_000)  // small: copied
+        add(big.getSlice(at: 8192, length: 4096)!, 600_000)  // copied into the same buffer
+        add(big.getSlice(at: 16384, length: 400_000)!, 400_000)  // large, but under half of its storage: copied
+        add(big, 1 << 20)  // kept
+        add(big.getSlice(at: 100, length: 12)!, 12)  // copied, into a buffer of its size
+        payload.finishCopying()
+        #expect(payload.joined == expected)
+        #expect(payload.readableBytes == expected.readableBytes)
+        #expect(payload.parts.count == 4)
+        #expect(payload.parts[2].storageCapacity == big.storageCapacity)
+        let held = payload.parts.reduce(0) { $0 + ($1.storageCapacity == big.storageCapacity ? 0 : $1.capacity) }
+        #expect(held <= 2 * (expected.readableBytes - big.readableBytes))
+        #expect(payload.crc32c() == CRC32C.checksum(expected))
+    }
+
+    /// An append whose CRC the sender derived (a journal combines its batches' CRCs) carries it in the header, and it
+    /// is the CRC of the payload (the offset prefix included).
+    @Test func aDerivedPayloadCRCIsTheCRCOfTheBytes() throws {
+        let parts = [bytes(4096, seed: 4), bytes(8192, seed: 5), bytes(12, seed: 6)]
+        let crc = parts.reduce(UInt32(0)) { CRC32C.checksum($1, seed: $0) }
+        let frame = DTLFrame.append(
+            volumeID: Self.volume, generation: 1, epoch: 2, sco: SCONumber(0x20_0000_0001), offset: 12_288,
+            bytes: DTLPayload(parts: parts), crc: crc)
+        #expect(frame.payloadCRC == frame.payloadParts.crc32c())
+        var encoded = frame.encode()
+        #expect(try DTLFrame.decode(from: &encoded) == frame)
     }
 
     @Test func theStoreKeepsJournalsAcrossARestartTrimsAndFencesOldGenerations() throws {

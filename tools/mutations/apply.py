@@ -147,14 +147,17 @@ elif m == "M21":
     # The journal's mirror block moves ahead of the pwritev (the overlap docs/performance.md tried and dropped).
     p = S + "VolumeRouter/Journal.swift"
     t = open(p).read()
-    start = t.index("        // Mirrored only once written here:")
-    end = t.index("        let now = env.clock.now()\n        let openBytes")
+    start = t.index("        // Mirrored only once written here")
+    end = t.index("        let startCheckpoint = MapCheckpoint(")
     block = t[start:end]
     open(p, "w").write(t[:start] + t[end:])
     sub("VolumeRouter/Journal.swift", "        let written = pending.endOffset - pending.startOffset\n", "")
     sub("VolumeRouter/Journal.swift", "        await reserveJournal(start, pending.endOffset)\n",
         "        await reserveJournal(start, pending.endOffset)\n"
         "        let written = pending.endOffset - pending.startOffset\n" + block)
+elif m == "M22":
+    # The CRC the journal derives for a mirrored range from its batches' CRCs is wrong (one cluster's is off).
+    sub("VolumeRouter/Journal.swift", "crc = CRC32C.combine(crc, clusterCRC, lengthB:", "crc = CRC32C.combine(crc, clusterCRC ^ 1, lengthB:")
 else:
     sys.exit("unknown " + m)
 print("applied", m)
