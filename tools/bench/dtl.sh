@@ -4,9 +4,10 @@
 # local-directory backend. In the same run, qemu-nbd on a raw file on the same disk, for scale.
 #
 #   tools/bench/dtl.sh [--dir DIR] [--runtime 10] [--vd PATH] [--modes "none async sync"] [--rounds 1]
-#                      [--peer-dir DIR]
+#                      [--peer-dir DIR] [--jobs "randwrite-qd32 randwrite-qd1+flush seqwrite-1M"]
 #
-# Jobs (fio over NBD): randwrite 4k qd32; randwrite 4k qd1 with a flush after every write; seq write 1M qd8.
+# Jobs (fio over NBD): randwrite 4k qd32; randwrite 4k qd1 with a flush after every write; seq write 1M qd8 (--jobs
+# runs some of them only, by name: more rounds of one job in the same time).
 # With --rounds N the modes run N times in turn (each mode from an empty directory, after the previous one's data
 # was written back: `sync`), and the median of each job and the ratio of each mode to `none` close the run.
 # The target is sync >= 0.7x none on randwrite qd32 and seq write. Not a test.
@@ -23,6 +24,7 @@ modes="none async sync"
 rounds=1
 vd=""
 peer_dir=""
+jobs="randwrite-qd32 randwrite-qd1+flush seqwrite-1M"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dir) dir="$2"; shift 2 ;;
@@ -31,7 +33,8 @@ while [ $# -gt 0 ]; do
     --modes) modes="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
     --peer-dir) peer_dir="$2"; shift 2 ;;
-    -h|--help) sed -n 2,17p "$0"; exit 0 ;;
+    --jobs) jobs="$2"; shift 2 ;;
+    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -69,6 +72,7 @@ run_jobs() { # uri label
              "randwrite-qd1+flush:--rw=randwrite --bs=4k --iodepth=1 --fsync=1" \
              "seqwrite-1M:--rw=write --bs=1M --iodepth=8"; do
     name="${job%%:*}"; args="${job#*:}"
+    case " $jobs " in *" $name "*) ;; *) continue ;; esac
     # shellcheck disable=SC2086
     out=$(fio --name="$name" --ioengine=nbd --uri="$uri" $args --size=2G --runtime="$runtime" --time_based \
       --output-format=json | sed -n '/^{/,$p' | python3 -c "$summary")
