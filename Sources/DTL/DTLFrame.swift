@@ -130,20 +130,7 @@ public struct DTLPayload: Sendable {
     public func withUnsafeReadableParts<R>(
         _ body: ([UnsafeRawBufferPointer]) throws(VDError) -> R
     ) throws(VDError) -> R {
-        var pointers: [UnsafeRawBufferPointer] = []
-        pointers.reserveCapacity(parts.count)
-        return try Self.nest(parts[...], &pointers, body)
-    }
-
-    private static func nest<R>(
-        _ rest: ArraySlice<ByteBuffer>, _ pointers: inout [UnsafeRawBufferPointer],
-        _ body: ([UnsafeRawBufferPointer]) throws(VDError) -> R
-    ) throws(VDError) -> R {
-        guard let first = rest.first else { return try body(pointers) }
-        return try first.withUnsafeReadableBytes { (raw) throws(VDError) -> R in
-            pointers.append(raw)
-            return try nest(rest.dropFirst(), &pointers, body)
-        }
+        try withReadablePointers(parts, body)
     }
 }
 

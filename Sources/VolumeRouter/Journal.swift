@@ -319,7 +319,7 @@ final class Journal: Sendable {
         let start = pending.startOffset
         await reserveJournal(start, pending.endOffset)
         do {
-            try withPointers(pending.buffers) { (pointers) throws(VDError) in
+            try withReadablePointers(pending.buffers) { (pointers) throws(VDError) in
                 var iovecs: [UnsafeRawBufferPointer] = []
                 try headers.withUnsafeReadableBytes { (headerBytes) throws(VDError) in
                     for (index, batch) in pending.batches.enumerated() {
@@ -778,25 +778,5 @@ struct PendingBatches {
         var all = ByteBufferAllocator().buffer(capacity: encodedHeaders.count * SCOFormat.blockBytes)
         for header in encodedHeaders { all.writeImmutableBuffer(header) }
         return all
-    }
-}
-
-/// Calls `body` with stable pointers to the readable bytes of every buffer.
-func withPointers(
-    _ buffers: [ByteBuffer], _ body: ([UnsafeRawBufferPointer]) throws(VDError) -> Void
-) throws(VDError) {
-    var pointers: [UnsafeRawBufferPointer] = []
-    pointers.reserveCapacity(buffers.count)
-    try nest(buffers[...], &pointers, body)
-}
-
-private func nest(
-    _ rest: ArraySlice<ByteBuffer>, _ pointers: inout [UnsafeRawBufferPointer],
-    _ body: ([UnsafeRawBufferPointer]) throws(VDError) -> Void
-) throws(VDError) {
-    guard let first = rest.first else { return try body(pointers) }
-    try first.withUnsafeReadableBytes { (raw) throws(VDError) in
-        pointers.append(raw)
-        try nest(rest.dropFirst(), &pointers, body)
     }
 }

@@ -42,6 +42,26 @@ extension ByteBuffer {
     }
 }
 
+/// Calls `body` with the readable bytes of every buffer of `buffers`, in order (for one pwritev or writev).
+package func withReadablePointers<R>(
+    _ buffers: [ByteBuffer], _ body: ([UnsafeRawBufferPointer]) throws(VDError) -> R
+) throws(VDError) -> R {
+    var pointers: [UnsafeRawBufferPointer] = []
+    pointers.reserveCapacity(buffers.count)
+    return try nestReadablePointers(buffers[...], &pointers, body)
+}
+
+private func nestReadablePointers<R>(
+    _ rest: ArraySlice<ByteBuffer>, _ pointers: inout [UnsafeRawBufferPointer],
+    _ body: ([UnsafeRawBufferPointer]) throws(VDError) -> R
+) throws(VDError) -> R {
+    guard let first = rest.first else { return try body(pointers) }
+    return try first.withUnsafeReadableBytes { (raw) throws(VDError) -> R in
+        pointers.append(raw)
+        return try nestReadablePointers(rest.dropFirst(), &pointers, body)
+    }
+}
+
 /// A 128-bit volume identity (a random UUID), stored in every record so that data of one volume can never be
 /// mistaken for another's (for example in a recycled cache file).
 public struct VolumeID: Hashable, Sendable, Codable, CustomStringConvertible {
